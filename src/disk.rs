@@ -1,0 +1,269 @@
+//! The merged view over a chain: reads fall through the layers top to base, writes go
+//! to the top layer only.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::cache::BlockCache;
+use crate::chain::Chain;
+use crate::error::{Error, Result};
+use crate::layer::{Layer, Run};
+
+/// Cache settings for the parent layers.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskOptions {
+    /// Bytes of parent data to cache; 0 turns the cache off.
+    pub cache_bytes: u64,
+    /// Cache granularity (power of two, at least 4 KiB).
+    pub cache_block: u64,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        DiskOptions {
+            cache_bytes: 256 << 20,
+            cache_block: 64 << 10,
+        }
+    }
+}
+
+pub struct Disk {
+    chain: Chain,
+    size: u64,
+    sector: u64,
+    cache: Option<BlockCache>,
+    /// Bytes read from each layer's file (index = chain level).
+    layer_bytes: Vec<AtomicU64>,
+    zero_bytes: AtomicU64,
+    written_bytes: AtomicU64,
+    /// Serialises read-modify-write of partial sectors.
+    rmw: Mutex<()>,
+}
+
+impl Disk {
+    pub fn new(chain: Chain, opts: DiskOptions) -> Self {
+        let size = chain.top().virtual_size();
+        let sector = chain.top().logical_sector_size() as u64;
+        let cache = if chain.layers.len() > 1 {
+            BlockCache::new(opts.cache_bytes, opts.cache_block.max(4096))
+        } else {
+            None
+        };
+        let layer_bytes = chain.layers.iter().map(|_| AtomicU64::new(0)).collect();
+        Disk {
+            chain,
+            size,
+            sector,
+            cache,
+            layer_bytes,
+            zero_bytes: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(0),
+            rmw: Mutex::new(()),
+        }
+    }
+
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    pub fn len(&self) -> u64 {
+        self.size
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.chain.top().writable().is_some()
+    }
+
+    /// Read at `offset`; returns the number of bytes read, short only at the end of the disk.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.size - offset) as usize;
+        self.read_level(0, offset, &mut buf[..n])?;
+        Ok(n)
+    }
+
+    /// Fill `buf` with the merged view of `layers[level..]` at `offset`.
+    fn read_level(&self, level: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(layer) = self.chain.layers.get(level) else {
+            // Below the base: zeros.
+            buf.fill(0);
+            return Ok(());
+        };
+        let lsize = layer.virtual_size();
+        if offset >= lsize {
+            // A child larger than its parent reads zeros past the parent's end.
+            buf.fill(0);
+            return Ok(());
+        }
+        let n = (buf.len() as u64).min(lsize - offset) as usize;
+        buf[n..].fill(0);
+        let mut runs = Vec::new();
+        layer.map(offset, n as u64, &mut runs)?;
+        let total: u64 = runs.iter().map(Run::len).sum();
+        if total != n as u64 {
+            return Err(Error::corrupt(
+                layer.path(),
+                format!(
+                    "internal: map of {n} bytes at {offset} described {total} bytes (damaged allocation tables?)"
+                ),
+            ));
+        }
+        let mut pos = 0usize;
+        for run in runs {
+            let len = run.len() as usize;
+            let dst = &mut buf[pos..pos + len];
+            let voff = offset + pos as u64;
+            match run {
+                Run::Held { file_offset, .. } => {
+                    layer.read_held(file_offset, dst)?;
+                    self.layer_bytes[level].fetch_add(len as u64, Ordering::Relaxed);
+                }
+                Run::Zero { .. } => {
+                    dst.fill(0);
+                    self.zero_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                }
+                Run::Absent { .. } => {
+                    if level == 0 && self.cache.is_some() {
+                        self.read_parents_cached(voff, dst)?;
+                    } else {
+                        self.read_level(level + 1, voff, dst)?;
+                    }
+                }
+            }
+            pos += len;
+        }
+        Ok(())
+    }
+
+    /// Read the merged view of the parents (`layers[1..]`) through the block cache.
+    fn read_parents_cached(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cache = self.cache.as_ref().expect("caller checked");
+        let cb = cache.block_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let index = pos / cb;
+            let start = index * cb;
+            let in_block = (pos - start) as usize;
+            let n = (cb as usize - in_block).min(buf.len() - done);
+            let block = match cache.get(index) {
+                Some(b) => b,
+                None => {
+                    let blen = cb.min(self.size - start) as usize;
+                    let mut v = vec![0u8; blen];
+                    self.read_level(1, start, &mut v)?;
+                    let b: Arc<[u8]> = v.into();
+                    cache.insert(index, b.clone());
+                    b
+                }
+            };
+            buf[done..done + n].copy_from_slice(&block[in_block..in_block + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write at `offset` into the top layer; returns bytes written (short at the end of
+    /// the disk). Unaligned edges are read-modify-written from the merged view.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<usize> {
+        let top = self.chain.top();
+        let Some(w) = top.writable() else {
+            return Err(Error::io(
+                top.path(),
+                "write",
+                offset,
+                io::Error::from_raw_os_error(libc::EROFS),
+            ));
+        };
+        if data.is_empty() {
+            return Ok(0);
+        }
+        if offset >= self.size {
+            return Err(Error::io(
+                top.path(),
+                "write past the end of the virtual disk",
+                offset,
+                io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
+        }
+        let n = (data.len() as u64).min(self.size - offset) as usize;
+        let data = &data[..n];
+        let s = self.sector;
+        let end = offset + n as u64;
+        if offset % s == 0 && end % s == 0 {
+            w.write(offset, data)?;
+        } else {
+            // Widen to whole sectors, filling the edges from the current merged view.
+            let _guard = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
+            let a_start = offset - offset % s;
+            let a_end = end.div_ceil(s) * s;
+            let mut buf = vec![0u8; (a_end - a_start) as usize];
+            let head = (offset - a_start) as usize;
+            if head != 0 {
+                self.read_level(0, a_start, &mut buf[..s as usize])?;
+            }
+            if a_end != end {
+                let last = buf.len() - s as usize;
+                self.read_level(0, a_end - s, &mut buf[last..])?;
+            }
+            buf[head..head + n].copy_from_slice(data);
+            w.write(a_start, &buf)?;
+        }
+        self.written_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Make all writes durable.
+    pub fn flush(&self) -> Result<()> {
+        match self.chain.top().writable() {
+            Some(w) => w.flush(),
+            None => Ok(()),
+        }
+    }
+
+    /// Counters as text (the `.stats` file and the `-v` exit log).
+    pub fn stats_text(&self) -> String {
+        let mut s = String::new();
+        if let Some(c) = &self.cache {
+            s.push_str(&format!(
+                "cache_hits {}\ncache_misses {}\ncache_block {}\n",
+                c.hits.load(Ordering::Relaxed),
+                c.misses.load(Ordering::Relaxed),
+                c.block_size()
+            ));
+        } else {
+            s.push_str("cache off\n");
+        }
+        for (i, (l, b)) in self
+            .chain
+            .layers
+            .iter()
+            .zip(&self.layer_bytes)
+            .enumerate()
+        {
+            s.push_str(&format!(
+                "layer{i}_bytes {} {}\n",
+                b.load(Ordering::Relaxed),
+                l.path().display()
+            ));
+        }
+        s.push_str(&format!(
+            "zero_bytes {}\nwritten_bytes {}\n",
+            self.zero_bytes.load(Ordering::Relaxed),
+            self.written_bytes.load(Ordering::Relaxed)
+        ));
+        s
+    }
+
+    /// The layers, top first.
+    pub fn layers(&self) -> &[Arc<dyn Layer>] {
+        &self.chain.layers
+    }
+}

@@ -1,0 +1,100 @@
+//! The one error type of vdiskfs. Every variant names the file it is about, so the
+//! command line can print a single line that tells the user which file is wrong and why.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file is not a valid image of its format, or a structure in it is damaged.
+    #[error("{}: {msg}", path.display())]
+    Corrupt { path: PathBuf, msg: String },
+
+    /// The file is valid but uses a feature vdiskfs does not implement.
+    #[error("{}: unsupported: {msg}", path.display())]
+    Unsupported { path: PathBuf, msg: String },
+
+    /// An I/O error on a backing file, with the operation and offset.
+    #[error("{}: {op} at offset {offset}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+
+    /// An I/O error that is not tied to an offset (open, stat, rename...).
+    #[error("{}: {op}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A differencing disk's parent could not be found.
+    #[error("{}: parent not found; tried: {}", child.display(), tried.join(", "))]
+    ParentNotFound { child: PathBuf, tried: Vec<String> },
+
+    /// A parent exists but is not the file the child was made from.
+    #[error("{}: parent {} does not match: {msg}; the parent was changed after the child was made, so the merged view would be garbage (use --ignore-linkage to read it anyway)", child.display(), parent.display())]
+    Linkage {
+        child: PathBuf,
+        parent: PathBuf,
+        msg: String,
+    },
+
+    /// A problem with what the user asked for (bad option combination, chain rule broken).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    pub fn corrupt(path: &Path, msg: impl Into<String>) -> Self {
+        Error::Corrupt {
+            path: path.to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn unsupported(path: &Path, msg: impl Into<String>) -> Self {
+        Error::Unsupported {
+            path: path.to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn io(path: &Path, op: &'static str, offset: u64, source: io::Error) -> Self {
+        Error::Io {
+            path: path.to_path_buf(),
+            op,
+            offset,
+            source,
+        }
+    }
+
+    pub fn file(path: &Path, op: &'static str, source: io::Error) -> Self {
+        Error::File {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+
+    /// The errno a FUSE reply should carry for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } | Error::File { source, .. } => {
+                match source.raw_os_error() {
+                    Some(libc::ENOSPC) => libc::ENOSPC,
+                    Some(libc::EDQUOT) => libc::EDQUOT,
+                    _ => libc::EIO,
+                }
+            }
+            _ => libc::EIO,
+        }
+    }
+}

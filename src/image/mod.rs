@@ -1,0 +1,217 @@
+//! Opening image files: format detection by signature, and positioned I/O on a backing
+//! file with an optional in-memory overlay (a VHDX log replayed without touching the file).
+
+pub mod raw;
+pub mod vhd;
+pub mod vhdx;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::layer::{Format, Layer, OpenOptions};
+
+/// Size of an overlay page. VHDX log entries write whole 4 KiB sectors at 4 KiB-aligned
+/// file offsets, so an overlay keyed by 4 KiB page represents a replayed log exactly.
+pub const OVERLAY_PAGE: u64 = 4096;
+
+/// A backing file read with positioned I/O. When a VHDX log is replayed into memory
+/// (read-only open), `overlay` holds the replayed pages and shadows the file; reads past
+/// the end of the file inside `logical_len` return zeros (a log may extend the file).
+#[derive(Debug)]
+pub struct ImageFile {
+    pub path: PathBuf,
+    pub file: File,
+    overlay: BTreeMap<u64, Box<[u8]>>,
+    /// The file length as the image sees it (real length, or longer after in-memory replay).
+    logical_len: u64,
+    real_len: u64,
+}
+
+impl ImageFile {
+    pub fn new(path: &Path, file: File) -> Result<Self> {
+        let real_len = file
+            .metadata()
+            .map_err(|e| Error::file(path, "stat", e))?
+            .len();
+        Ok(ImageFile {
+            path: path.to_path_buf(),
+            file,
+            overlay: BTreeMap::new(),
+            logical_len: real_len,
+            real_len,
+        })
+    }
+
+    /// Open `path` read-only or read-write.
+    pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::file(path, "open", e))?;
+        Self::new(path, file)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.logical_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.logical_len == 0
+    }
+
+    pub fn has_overlay(&self) -> bool {
+        !self.overlay.is_empty() || self.logical_len != self.real_len
+    }
+
+    /// Record a replayed page (in-memory replay). `offset` is 4 KiB aligned and
+    /// `data` is 4 KiB long.
+    pub fn overlay_page(&mut self, offset: u64, data: &[u8]) {
+        debug_assert_eq!(offset % OVERLAY_PAGE, 0);
+        debug_assert_eq!(data.len() as u64, OVERLAY_PAGE);
+        self.overlay.insert(offset, data.into());
+        self.logical_len = self.logical_len.max(offset + OVERLAY_PAGE);
+    }
+
+    /// Make the logical length at least `len` (in-memory replay of LastFileOffset).
+    pub fn extend_logical(&mut self, len: u64) {
+        self.logical_len = self.logical_len.max(len);
+    }
+
+    /// After a replay written to the file itself, re-read the real length.
+    pub fn refresh_len(&mut self) -> Result<()> {
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::file(&self.path, "stat", e))?
+            .len();
+        self.real_len = len;
+        self.logical_len = self.logical_len.max(len);
+        Ok(())
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset`. Reading past the logical end is an error
+    /// (a structure that points outside the file is corrupt).
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.logical_len)
+            .ok_or_else(|| {
+                Error::corrupt(
+                    &self.path,
+                    format!(
+                        "read of {} bytes at offset {offset} is past the end of the file ({} bytes)",
+                        buf.len(),
+                        self.logical_len
+                    ),
+                )
+            })?;
+        if self.overlay.is_empty() && end <= self.real_len {
+            return self.pread(buf, offset);
+        }
+        self.read_slow(buf, offset)
+    }
+
+    fn pread(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                // The file shrank under us (truncated while open): never return wrong bytes.
+                Error::io(
+                    &self.path,
+                    "read",
+                    offset,
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                )
+            } else {
+                Error::io(&self.path, "read", offset, e)
+            }
+        })
+    }
+
+    /// Page by page: overlay pages win, then the real file, then zeros past its end.
+    fn read_slow(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let page = pos - pos % OVERLAY_PAGE;
+            let in_page = (pos - page) as usize;
+            let n = (OVERLAY_PAGE as usize - in_page).min(buf.len() - done);
+            let dst = &mut buf[done..done + n];
+            if let Some(p) = self.overlay.get(&page) {
+                dst.copy_from_slice(&p[in_page..in_page + n]);
+            } else if pos >= self.real_len {
+                dst.fill(0);
+            } else {
+                let real = ((self.real_len - pos) as usize).min(n);
+                self.pread(&mut dst[..real], pos)?;
+                dst[real..].fill(0);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Positioned write to the real file (writable opens only).
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io(&self.path, "write", offset, e))
+    }
+
+    /// fdatasync the file.
+    pub fn sync_data(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::file(&self.path, "fdatasync", e))
+    }
+}
+
+/// What the first bytes of a file say it is.
+pub fn detect_format(path: &Path) -> Result<Option<Format>> {
+    let file = File::open(path).map_err(|e| Error::file(path, "open", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::file(path, "stat", e))?
+        .len();
+    let mut sig = [0u8; 8];
+    if len >= 8 {
+        file.read_exact_at(&mut sig, 0)
+            .map_err(|e| Error::io(path, "read", 0, e))?;
+        if &sig == b"vhdxfile" {
+            return Ok(Some(Format::Vhdx));
+        }
+        if &sig == b"conectix" {
+            return Ok(Some(Format::Vhd));
+        }
+    }
+    // A VHD footer at the end (fixed disks have no copy at offset 0); older tools wrote
+    // a 511-byte footer.
+    for back in [512u64, 511] {
+        if len >= back {
+            file.read_exact_at(&mut sig, len - back)
+                .map_err(|e| Error::io(path, "read", len - back, e))?;
+            if &sig == b"conectix" {
+                return Ok(Some(Format::Vhd));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Open one image file as a layer, detecting its format. A file that is neither VHDX nor
+/// VHD is an error unless `allow_raw` (an explicit `--parent` base may be raw).
+pub fn open_layer(path: &Path, opts: OpenOptions, allow_raw: bool) -> Result<Arc<dyn Layer>> {
+    match detect_format(path)? {
+        Some(Format::Vhdx) => Ok(Arc::new(vhdx::Vhdx::open(path, opts)?)),
+        Some(Format::Vhd) => Ok(Arc::new(vhd::Vhd::open(path, opts)?)),
+        _ if allow_raw => Ok(Arc::new(raw::Raw::open(path, opts)?)),
+        _ => Err(Error::corrupt(
+            path,
+            "not a VHDX or VHD image (no \"vhdxfile\" signature at offset 0 and no \"conectix\" footer)",
+        )),
+    }
+}

@@ -1,0 +1,169 @@
+//! The layer abstraction: one image file of a chain, seen as "which bytes of the
+//! virtual disk do I hold, and where in my file are they".
+//!
+//! `map` never reads payload data, so the merge logic lives in one place (`disk.rs`),
+//! the block cache sits only over parents, and `info` can count allocation cheaply.
+
+use std::path::Path;
+
+use uuid::Uuid;
+
+use crate::error::Result;
+
+/// One stretch of a layer's view of the virtual disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Run {
+    /// This layer holds `len` bytes, stored at `file_offset` in its file.
+    Held { len: u64, file_offset: u64 },
+    /// This layer defines `len` bytes as zeros (zero block, or unallocated in a base).
+    Zero { len: u64 },
+    /// This layer does not hold these bytes; ask the next layer down.
+    Absent { len: u64 },
+}
+
+impl Run {
+    pub fn len(&self) -> u64 {
+        match *self {
+            Run::Held { len, .. } | Run::Zero { len } | Run::Absent { len } => len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Push a run, merging it with the previous one when they are contiguous.
+pub fn push_run(runs: &mut Vec<Run>, run: Run) {
+    if run.is_empty() {
+        return;
+    }
+    if let Some(last) = runs.last_mut() {
+        match (last, run) {
+            (
+                Run::Held { len, file_offset },
+                Run::Held {
+                    len: l2,
+                    file_offset: f2,
+                },
+            ) if *file_offset + *len == f2 => {
+                *len += l2;
+                return;
+            }
+            (Run::Zero { len }, Run::Zero { len: l2 }) => {
+                *len += l2;
+                return;
+            }
+            (Run::Absent { len }, Run::Absent { len: l2 }) => {
+                *len += l2;
+                return;
+            }
+            _ => {}
+        }
+    }
+    runs.push(run);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Vhdx,
+    Vhd,
+    Raw,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Vhdx => "VHDX",
+            Format::Vhd => "VHD",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+/// Where a differencing layer says its parent is, and how to recognise it.
+#[derive(Debug, Clone, Default)]
+pub struct ParentRef {
+    /// Candidate paths in the order they must be tried: (locator name, path as recorded
+    /// in the file, still in Windows form when the file has a Windows path).
+    pub candidates: Vec<(String, String)>,
+    /// Ids the parent's `linkage_id()` may equal (VHDX parent_linkage and
+    /// parent_linkage2; VHD parent unique id). Empty means "not recorded".
+    pub linkage: Vec<Uuid>,
+    /// VHD only: the parent's footer time stamp as recorded by the child.
+    pub timestamp: Option<u32>,
+}
+
+/// What `vdiskfs info` shows for one layer. Formats fill what applies.
+#[derive(Debug, Clone, Default)]
+pub struct LayerInfo {
+    /// "fixed", "dynamic", "differencing" or "raw".
+    pub disk_type: String,
+    pub virtual_size: u64,
+    pub block_size: u64,
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
+    /// Named identifiers (e.g. "virtual_disk_id", "data_write_guid", "unique_id").
+    pub ids: Vec<(String, String)>,
+    pub has_parent: bool,
+    /// Parent locator entries as stored (key, value).
+    pub parent_locator: Vec<(String, String)>,
+    /// VHDX: "clean", or a description of the pending log that was replayed.
+    pub log_state: Option<String>,
+    /// Blocks with data in this file (fully or partially present).
+    pub allocated_blocks: u64,
+    pub total_blocks: u64,
+    /// Bytes of the virtual disk this layer answers itself (held or zero).
+    pub bytes_held: u64,
+    /// Anything else worth showing (creator, version, ...).
+    pub extra: Vec<(String, String)>,
+    /// Problems that did not stop the open (checksum mismatches in read-only use...).
+    pub warnings: Vec<String>,
+}
+
+/// One opened image file.
+pub trait Layer: Send + Sync {
+    fn path(&self) -> &Path;
+    fn format(&self) -> Format;
+    fn virtual_size(&self) -> u64;
+    fn logical_sector_size(&self) -> u32;
+    /// Describe `[offset, offset + len)` as consecutive runs appended to `runs`.
+    /// The range lies inside the virtual size and is sector-aligned or not: callers
+    /// may ask for any byte range. Never reads payload data.
+    fn map(&self, offset: u64, len: u64, runs: &mut Vec<Run>) -> Result<()>;
+    /// Read bytes this layer holds, at a file offset that `map` returned.
+    fn read_held(&self, file_offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Where the parent is, for differencing layers; None for bases.
+    fn parent(&self) -> Option<&ParentRef>;
+    /// The id a child's linkage must equal: VHDX DataWriteGuid, VHD unique id.
+    fn linkage_id(&self) -> Option<Uuid>;
+    /// VHD only: the footer time stamp a child records for its parent.
+    fn timestamp(&self) -> Option<u32> {
+        None
+    }
+    /// Everything `info` shows; may walk the BAT.
+    fn info(&self) -> Result<LayerInfo>;
+    /// The writable side, when this layer was opened for writing.
+    fn writable(&self) -> Option<&dyn WritableLayer> {
+        None
+    }
+}
+
+/// Only the top image of a writable chain gets this.
+pub trait WritableLayer: Layer {
+    /// Write `data` at virtual offset `offset`, making the written sectors present in
+    /// this layer. `offset` and `data.len()` are multiples of the logical sector size
+    /// and the range lies inside the virtual size (`disk.rs` does read-modify-write for
+    /// unaligned requests). Other sectors of a newly allocated block
+    /// keep falling through to the parent (differencing) or read as zeros (base).
+    fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Make every write so far durable.
+    fn flush(&self) -> Result<()>;
+}
+
+/// How to open an image.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Open for writing (only ever the top of a chain).
+    pub writable: bool,
+}

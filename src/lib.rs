@@ -1,0 +1,17 @@
+//! vdiskfs: Hyper-V VHDX and Virtual PC VHD differencing-disk chains on Linux.
+//!
+//! The library holds all the logic (format readers and writers, chain resolution, the
+//! merged view, the FUSE file system) so tests and fuzz targets can call it; `main.rs`
+//! is only the command line.
+
+pub mod cache;
+pub mod chain;
+pub mod disk;
+pub mod error;
+pub mod image;
+pub mod layer;
+
+pub use chain::{Chain, ChainOptions};
+pub use disk::{Disk, DiskOptions};
+pub use error::{Error, Result};
+pub use layer::{Format, Layer, OpenOptions, Run, WritableLayer};
