@@ -6,6 +6,8 @@
 
 pub mod cache;
 pub mod chain;
+pub mod cli;
+pub mod commands;
 pub mod disk;
 pub mod error;
 pub mod image;

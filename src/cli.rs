@@ -1,0 +1,189 @@
+//! Command-line definitions (clap derive), one struct per subcommand.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::chain::ChainOptions;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vdiskfs",
+    version,
+    about = "Open Hyper-V VHDX and Virtual PC VHD differencing-disk chains on Linux",
+    long_about = "vdiskfs reads (and writes) chains of differencing virtual disks: a child \
+                  .vhdx/.avhdx/.vhd/.avhd, its parent, and so on down to a base. It shows \
+                  the chain (info), streams the merged raw view (cat), makes new children and \
+                  bases (create), checks files (check), and mounts the merged view as a raw \
+                  image file over FUSE (mount)."
+)]
+pub struct Cli {
+    /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show the chain, top to base: format, type, sizes, IDs, how each parent was found.
+    Info(InfoArgs),
+    /// Stream the merged raw view of the chain to stdout or a file.
+    Cat(CatArgs),
+    /// Make a differencing child of a parent, or an empty dynamic base.
+    Create(CreateArgs),
+    /// Check an image's structures (headers, checksums, BAT bounds, overlaps, bitmaps).
+    Check(CheckArgs),
+    /// Mount the merged view of a chain as a raw image file over FUSE.
+    Mount(MountArgs),
+    /// Unmount a vdiskfs mount point.
+    Umount(UmountArgs),
+}
+
+/// Options for finding and checking parents; every command that opens an image takes them.
+#[derive(Debug, Clone, Args)]
+pub struct ChainArgs {
+    /// Also look for parents by file name in DIR (repeatable).
+    #[arg(long = "search-dir", value_name = "DIR")]
+    pub search_dirs: Vec<PathBuf>,
+    /// Use PATH as the parent (repeatable: the first is the top image's parent, the next
+    /// that parent's parent, ...). A raw file may be given as the base.
+    #[arg(long = "parent", value_name = "PATH")]
+    pub parents: Vec<PathBuf>,
+    /// Open even when a parent's id does not match the child's record of it.
+    #[arg(long)]
+    pub ignore_linkage: bool,
+    /// Allow block devices, FIFOs and other non-regular files as parents.
+    #[arg(long)]
+    pub allow_device_parent: bool,
+}
+
+impl ChainArgs {
+    pub fn options(&self, writable: bool) -> ChainOptions {
+        ChainOptions {
+            search_dirs: self.search_dirs.clone(),
+            parents: self.parents.clone(),
+            ignore_linkage: self.ignore_linkage,
+            writable,
+            allow_device_parent: self.allow_device_parent,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    pub image: PathBuf,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CatArgs {
+    pub image: PathBuf,
+    /// Write to FILE instead of stdout (never overwrites an existing file's other data:
+    /// the file is created or truncated).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    Vhdx,
+    Vhd,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The file to create (never overwritten). Format follows the extension:
+    /// .vhdx/.avhdx -> VHDX, .vhd/.avhd -> VHD.
+    pub image: PathBuf,
+    /// Make a differencing child of PARENT.
+    #[arg(long, value_name = "PARENT", conflicts_with = "size")]
+    pub parent: Option<PathBuf>,
+    /// Make an empty dynamic base of SIZE bytes (suffixes K, M, G, T: powers of 1024).
+    #[arg(long, value_name = "SIZE", required_unless_present = "parent")]
+    pub size: Option<String>,
+    /// Block size (suffixes K, M); default 2M.
+    #[arg(long, value_name = "N")]
+    pub block_size: Option<String>,
+    /// Logical sector size of a new base (512 or 4096; VHD is always 512).
+    #[arg(long, value_name = "N")]
+    pub logical_sector_size: Option<u32>,
+    /// Override the format the extension implies.
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    pub image: PathBuf,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    pub image: PathBuf,
+    pub mountpoint: PathBuf,
+    /// Name of the exported raw file.
+    #[arg(long, default_value = "disk.raw")]
+    pub name: String,
+    /// Mount read-only: no file is modified, not even to replay a log.
+    #[arg(short = 'r', long)]
+    pub read_only: bool,
+    /// Stay in the foreground (do not detach).
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// FUSE mount options, comma separated (e.g. allow_other).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Parent block cache size in MiB (0 turns it off).
+    #[arg(long, default_value_t = 256)]
+    pub cache_size: u64,
+    /// Parent block cache granularity (suffixes K, M).
+    #[arg(long, default_value = "64K")]
+    pub cache_block: String,
+    /// Worker threads serving requests.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    pub mountpoint: PathBuf,
+}
+
+/// Parse "64K", "2M", "1G", "1T" or plain bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("bad size {s:?}: unknown suffix {c:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: not a number"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("bad size {s:?}: too large"))
+}
