@@ -1,11 +1,31 @@
 //! Resolving a chain: the top image, its parent, the parent's parent... down to a base.
+//!
+//! For every differencing layer the parent is found in this order:
+//! 1. an explicit `--parent` for that level (replaces everything else);
+//! 2. the paths the child records, in the format's order (VHDX: `relative_path`, then
+//!    `absolute_win32_path`, then `volume_path`; VHD: W2ru, W2ku, Wi2r, Wi2k, Mac, MacX,
+//!    then the parent Unicode name), each turned from Windows form into a Linux path;
+//! 3. the file name alone of each of those, in the child's directory;
+//! 4. the file name in each `--search-dir`.
+//!
+//! Every path is first tried exactly, then component by component case-insensitively
+//! (images come from case-insensitive file systems). A path only counts when it is an
+//! existing regular file (or a device/FIFO with `--allow-device-parent`) and is not the
+//! child itself. Then the parent is opened read-only and checked against the child:
+//! linkage id, sector size, format.
 
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::image::open_layer;
-use crate::layer::{Layer, OpenOptions};
+use crate::layer::{Format, Layer, OpenOptions, ParentRef};
+
+/// The deepest chain vdiskfs opens (top and base included).
+pub const MAX_CHAIN_DEPTH: usize = 256;
 
 /// Chain options every command that opens an image takes.
 #[derive(Debug, Clone, Default)]
@@ -23,11 +43,13 @@ pub struct ChainOptions {
 }
 
 /// How a parent was found.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParentFound {
-    /// Which locator (or "--parent", "--search-dir") gave the path.
+    /// Which locator gave the path: the format's locator name (e.g. "relative_path",
+    /// "W2ku"), that name followed by " file name" when only the file name was used in
+    /// the child's directory, "--search-dir", or "--parent".
     pub locator: String,
-    /// The path as recorded in the child.
+    /// The path as recorded in the child (for "--parent": the path given).
     pub recorded: String,
     /// The path that was opened.
     pub path: PathBuf,
@@ -49,23 +71,1244 @@ impl Chain {
 
     /// Open `path` and every parent it names.
     pub fn open(path: &Path, opts: &ChainOptions) -> Result<Chain> {
-        let top = open_layer(
+        Self::open_with(path, opts, open_layer)
+    }
+
+    /// `open` with the function that opens one file as a layer passed in (tests use
+    /// fake layers). `opener(path, options, allow_raw)`.
+    pub(crate) fn open_with<F>(path: &Path, opts: &ChainOptions, opener: F) -> Result<Chain>
+    where
+        F: Fn(&Path, OpenOptions, bool) -> Result<Arc<dyn Layer>>,
+    {
+        let top = opener(
             path,
             OpenOptions {
                 writable: opts.writable,
             },
             false,
         )?;
-        if top.parent().is_some() {
-            return Err(Error::Invalid(format!(
-                "{}: differencing disks are not supported yet",
-                path.display()
-            )));
-        }
-        Ok(Chain {
+        let mut ids = vec![file_id(path)?];
+        let mut chain = Chain {
             layers: vec![top],
             found: vec![None],
             warnings: Vec::new(),
-        })
+        };
+        loop {
+            let child = chain.layers.last().expect("chain has a top").clone();
+            let Some(pref) = child.parent() else { break };
+            let level = chain.layers.len() - 1;
+            if chain.layers.len() >= MAX_CHAIN_DEPTH {
+                return Err(Error::Invalid(format!(
+                    "{}: the chain is deeper than {MAX_CHAIN_DEPTH} layers ({} is layer {} and \
+                     still names a parent); vdiskfs refuses deeper chains",
+                    path.display(),
+                    child.path().display(),
+                    chain.layers.len()
+                )));
+            }
+            let found = resolve_parent(child.path(), pref, level, opts)?;
+            let id = file_id(&found.path)?;
+            if let Some(k) = ids.iter().position(|&x| x == id) {
+                return Err(Error::Invalid(format!(
+                    "{}: parent cycle: its parent {} is the same file as {} (layer {k} of the \
+                     chain), so the chain never reaches a base",
+                    child.path().display(),
+                    found.path.display(),
+                    chain.layers[k].path().display()
+                )));
+            }
+            let via_override = found.locator == LOCATOR_OVERRIDE;
+            let parent = opener(&found.path, OpenOptions { writable: false }, via_override)?;
+            check_link(
+                child.as_ref(),
+                parent.as_ref(),
+                pref,
+                opts,
+                via_override,
+                &mut chain.warnings,
+            )?;
+            log::info!(
+                "{}: parent {} (found by {} from {:?})",
+                child.path().display(),
+                found.path.display(),
+                found.locator,
+                found.recorded
+            );
+            ids.push(id);
+            chain.layers.push(parent);
+            chain.found.push(Some(found));
+        }
+        let parents_found = chain.layers.len() - 1;
+        if let Some(extra) = opts.parents.get(parents_found) {
+            return Err(Error::Invalid(format!(
+                "--parent {} was given for level {}, but {} is not a differencing disk (it has \
+                 no parent); give one --parent per parent, top image's parent first",
+                extra.display(),
+                parents_found + 1,
+                chain.layers[parents_found].path().display()
+            )));
+        }
+        Ok(chain)
+    }
+}
+
+const LOCATOR_OVERRIDE: &str = "--parent";
+const LOCATOR_SEARCH_DIR: &str = "--search-dir";
+
+/// The device and inode of a file: two paths name the same file when these agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// Stat `path` (following symlinks) for its device and inode.
+pub fn file_id(path: &Path) -> Result<FileId> {
+    let md = fs::metadata(path).map_err(|e| Error::file(path, "stat", e))?;
+    Ok(FileId {
+        dev: md.dev(),
+        ino: md.ino(),
+    })
+}
+
+/// The order a locator is tried in; unknown names keep their place after known ones.
+fn locator_rank(name: &str) -> u32 {
+    match name {
+        "relative_path" => 0,
+        "absolute_win32_path" => 1,
+        "volume_path" => 2,
+        "W2ru" => 10,
+        "W2ku" => 11,
+        "Wi2r" => 12,
+        "Wi2k" => 13,
+        "Mac" => 14,
+        "MacX" => 15,
+        "parent_unicode_name" => 16,
+        _ => 100,
+    }
+}
+
+/// The child's recorded candidates in the order to try, without empty entries.
+fn ordered_candidates(parent: &ParentRef) -> Vec<(String, String)> {
+    let mut c: Vec<(String, String)> = parent
+        .candidates
+        .iter()
+        .map(|(n, r)| (n.clone(), r.trim_end_matches('\0').to_string()))
+        .filter(|(_, r)| !r.trim().is_empty())
+        .collect();
+    c.sort_by_key(|(n, _)| locator_rank(n)); // stable: equal ranks keep the file's order
+    c
+}
+
+/// Decode `%XX` escapes of a URL path (invalid escapes are kept as they are).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The path of a `file:` URL (`file://localhost/Users/x/a%20b.vhd` -> `/Users/x/a b.vhd`),
+/// or None when `s` is not a file URL.
+fn file_url_path(s: &str) -> Option<String> {
+    let lower = s.get(..5)?.to_ascii_lowercase();
+    if lower != "file:" {
+        return None;
+    }
+    let rest = &s[5..];
+    let path = if let Some(after) = rest.strip_prefix("//") {
+        // Skip the host ("localhost" or empty).
+        match after.find('/') {
+            Some(i) => &after[i..],
+            None => "/",
+        }
+    } else {
+        rest
+    };
+    Some(percent_decode(path))
+}
+
+/// Split a slash-separated Windows path into (is absolute, the rest after any drive,
+/// volume or UNC prefix).
+fn strip_windows_prefix(s: &str) -> (bool, &str) {
+    fn after_drive(s: &str) -> Option<&str> {
+        let b = s.as_bytes();
+        if b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':' {
+            Some(&s[2..])
+        } else {
+            None
+        }
+    }
+    // Skip the component of `s` up to the first '/', returning what follows it.
+    fn skip_component(s: &str) -> &str {
+        match s.find('/') {
+            Some(i) => &s[i + 1..],
+            None => "",
+        }
+    }
+    if let Some(dev) = s.strip_prefix("//?/").or_else(|| s.strip_prefix("//./")) {
+        if let Some(rest) = after_drive(dev) {
+            return (true, rest);
+        }
+        if dev.len() >= 4 && dev[..4].eq_ignore_ascii_case("UNC/") {
+            // \\?\UNC\server\share\rest
+            return (true, skip_component(skip_component(&dev[4..])));
+        }
+        // \\?\Volume{GUID}\rest (or any other device name)
+        return (true, skip_component(dev));
+    }
+    if let Some(unc) = s.strip_prefix("//") {
+        // \\server\share\rest
+        return (true, skip_component(skip_component(unc)));
+    }
+    if let Some(rest) = after_drive(s) {
+        // "C:/dir" is absolute; "C:dir" is relative to the drive's current directory,
+        // which means nothing here: take it as relative to the child.
+        return match rest.strip_prefix('/') {
+            Some(r) => (true, r),
+            None => (false, rest),
+        };
+    }
+    match s.strip_prefix('/') {
+        Some(r) => (true, r),
+        None => (false, s),
+    }
+}
+
+/// Join `rel` (slash-separated) onto `base`, resolving "." and ".." lexically, as Windows
+/// does.
+fn join_lexical(base: &Path, rel: &str) -> PathBuf {
+    let mut out = base.to_path_buf();
+    for part in rel.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                if out.file_name().is_some() {
+                    out.pop();
+                } else if !out.has_root() {
+                    // A relative start, or already above it: keep the "..".
+                    out.push("..");
+                } // at the root: ".." is the root itself
+            }
+            p => out.push(p),
+        }
+    }
+    out
+}
+
+/// Turn a path recorded in a child (Windows form, a file URL, or a plain name) into the
+/// Linux path to try. Backslashes become slashes; a drive letter (`C:`), `\\?\C:\`,
+/// `\\?\Volume{GUID}\` or UNC `\\server\share\` prefix is dropped and the rest is taken
+/// as absolute from `/`; a relative path is relative to `child_dir`.
+pub fn windows_to_linux(recorded: &str, child_dir: &Path) -> PathBuf {
+    let recorded = recorded.trim_end_matches('\0');
+    if let Some(p) = file_url_path(recorded) {
+        return join_lexical(Path::new("/"), &p);
+    }
+    let s = recorded.replace('\\', "/");
+    let (absolute, rest) = strip_windows_prefix(&s);
+    if absolute {
+        join_lexical(Path::new("/"), rest)
+    } else {
+        join_lexical(child_dir, rest)
+    }
+}
+
+/// The file name alone of a recorded path (Windows form, file URL or plain name).
+pub fn file_name_of(recorded: &str) -> Option<String> {
+    let recorded = recorded.trim_end_matches('\0');
+    let s = match file_url_path(recorded) {
+        Some(p) => p,
+        None => recorded.replace('\\', "/"),
+    };
+    let (_, rest) = strip_windows_prefix(&s);
+    rest.rsplit('/')
+        .find(|p| !p.is_empty())
+        .filter(|p| *p != "." && *p != "..")
+        .map(str::to_string)
+}
+
+/// `path` itself when it exists; otherwise the existing path whose components match
+/// `path`'s case-insensitively (the first in sorted order when several do), or None.
+pub fn find_case_insensitive(path: &Path) -> Option<PathBuf> {
+    if fs::symlink_metadata(path).is_ok() {
+        return Some(path.to_path_buf());
+    }
+    let mut cur = PathBuf::new();
+    for comp in path.components() {
+        match comp {
+            Component::Normal(name) => {
+                let exact = cur.join(name);
+                if fs::symlink_metadata(&exact).is_ok() {
+                    cur = exact;
+                    continue;
+                }
+                let want = name.to_string_lossy().to_lowercase();
+                let dir = if cur.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    cur.as_path()
+                };
+                let mut matches: Vec<_> = fs::read_dir(dir)
+                    .ok()?
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name())
+                    .filter(|n| n.to_string_lossy().to_lowercase() == want)
+                    .collect();
+                matches.sort();
+                cur.push(matches.first()?);
+            }
+            other => cur.push(other.as_os_str()),
+        }
+    }
+    Some(cur)
+}
+
+/// Why `path` cannot be a parent of the file `child`, or Ok when it can.
+fn check_candidate(
+    path: &Path,
+    child: FileId,
+    allow_device: bool,
+) -> std::result::Result<(), String> {
+    let md = match fs::metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err("no such file".to_string())
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let ft = md.file_type();
+    if ft.is_dir() {
+        return Err("is a directory".to_string());
+    }
+    if !ft.is_file() && !allow_device {
+        let what = if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!(
+            "is {what}, not a regular file (--allow-device-parent allows it)"
+        ));
+    }
+    if (FileId {
+        dev: md.dev(),
+        ino: md.ino(),
+    }) == child
+    {
+        return Err("is the child itself".to_string());
+    }
+    Ok(())
+}
+
+/// Find the parent of the layer at `level` (0 = the top), whose file is `child_path` and
+/// which records `parent`. Returns how it was found; does not open it. Fails with
+/// `Error::ParentNotFound` listing every path tried, in order.
+pub fn resolve_parent(
+    child_path: &Path,
+    parent: &ParentRef,
+    level: usize,
+    opts: &ChainOptions,
+) -> Result<ParentFound> {
+    let child_id = file_id(child_path)?;
+    let not_found = |tried: Vec<String>| Error::ParentNotFound {
+        child: child_path.to_path_buf(),
+        tried,
+    };
+
+    if let Some(p) = opts.parents.get(level) {
+        return match check_candidate(p, child_id, opts.allow_device_parent) {
+            Ok(()) => Ok(ParentFound {
+                locator: LOCATOR_OVERRIDE.to_string(),
+                recorded: p.display().to_string(),
+                path: p.clone(),
+            }),
+            Err(why) => Err(not_found(vec![format!(
+                "{LOCATOR_OVERRIDE} {}: {why}",
+                p.display()
+            )])),
+        };
+    }
+
+    let parent_of_child = child_path.parent().filter(|p| !p.as_os_str().is_empty());
+    // The directory the child really is in (symlinks and ".." resolved), so that a
+    // recorded "..\\x" means what it meant next to the child.
+    let child_dir = fs::canonicalize(parent_of_child.unwrap_or(Path::new(".")))
+        .map_err(|e| Error::file(child_path, "find the directory of", e))?;
+
+    let candidates = ordered_candidates(parent);
+    let mut attempts: Vec<(String, &str, PathBuf)> = Vec::new();
+    for (name, rec) in &candidates {
+        attempts.push((name.clone(), rec, windows_to_linux(rec, &child_dir)));
+    }
+    for (name, rec) in &candidates {
+        if let Some(f) = file_name_of(rec) {
+            attempts.push((format!("{name} file name"), rec, child_dir.join(f)));
+        }
+    }
+    for dir in &opts.search_dirs {
+        for (_, rec) in &candidates {
+            if let Some(f) = file_name_of(rec) {
+                attempts.push((LOCATOR_SEARCH_DIR.to_string(), rec, dir.join(f)));
+            }
+        }
+    }
+
+    let mut tried = Vec::new();
+    let mut seen = HashSet::new();
+    for (locator, rec, path) in attempts {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        let what = format!("{locator} {rec:?} -> {}", path.display());
+        let Some(actual) = find_case_insensitive(&path) else {
+            tried.push(format!("{what}: no such file"));
+            continue;
+        };
+        match check_candidate(&actual, child_id, opts.allow_device_parent) {
+            Ok(()) => {
+                return Ok(ParentFound {
+                    locator,
+                    recorded: rec.to_string(),
+                    path: actual,
+                })
+            }
+            Err(why) if actual == path => tried.push(format!("{what}: {why}")),
+            Err(why) => tried.push(format!("{what} (matched {}): {why}", actual.display())),
+        }
+    }
+    if candidates.is_empty() {
+        tried.push("nothing: the child records no parent path (use --parent)".to_string());
+    }
+    Err(not_found(tried))
+}
+
+/// What the linkage id is called in a format, for messages.
+fn id_name(format: Format) -> &'static str {
+    match format {
+        Format::Vhdx => "DataWriteGuid",
+        Format::Vhd => "unique id",
+        Format::Raw => "id",
+    }
+}
+
+fn warn(warnings: &mut Vec<String>, msg: String) {
+    log::warn!("{msg}");
+    warnings.push(msg);
+}
+
+/// Check that `parent` may sit under `child`: formats, sector sizes, linkage id, time
+/// stamp. Non-fatal findings go to `warnings` (and the log).
+pub(crate) fn check_link(
+    child: &dyn Layer,
+    parent: &dyn Layer,
+    pref: &ParentRef,
+    opts: &ChainOptions,
+    via_override: bool,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let (cf, pf) = (child.format(), parent.format());
+    if pf != Format::Raw && pf != cf {
+        return Err(Error::Invalid(format!(
+            "{} is {} but its parent {} is {}: a chain must be all VHDX or all VHD (a raw \
+             base is allowed under either)",
+            child.path().display(),
+            cf.name(),
+            parent.path().display(),
+            pf.name()
+        )));
+    }
+    // A raw file has no sector size of its own: it takes the chain's.
+    if pf != Format::Raw && child.logical_sector_size() != parent.logical_sector_size() {
+        return Err(Error::Invalid(format!(
+            "{} has {}-byte logical sectors but its parent {} has {}-byte sectors: the \
+             layers of a chain must agree",
+            child.path().display(),
+            child.logical_sector_size(),
+            parent.path().display(),
+            parent.logical_sector_size()
+        )));
+    }
+    if !pref.linkage.is_empty() {
+        let expected = pref
+            .linkage
+            .iter()
+            .map(|u| u.to_string())
+            .collect::<Vec<_>>()
+            .join(" or ");
+        match parent.linkage_id() {
+            None => {
+                let how = if via_override && pf == Format::Raw {
+                    "a raw parent given with --parent"
+                } else {
+                    "the parent"
+                };
+                warn(
+                    warnings,
+                    format!(
+                        "{}: {how} {} has no id to check against the recorded parent id {expected}; \
+                         trusting it",
+                        child.path().display(),
+                        parent.path().display()
+                    ),
+                );
+            }
+            Some(id) if pref.linkage.contains(&id) => {}
+            Some(id) => {
+                let msg = format!(
+                    "the child records parent id {expected}, the parent's {} is {id}",
+                    id_name(pf)
+                );
+                if opts.ignore_linkage {
+                    warn(
+                        warnings,
+                        format!(
+                            "{}: parent {} does not match ({msg}); reading anyway because of \
+                             --ignore-linkage: the merged view may be garbage",
+                            child.path().display(),
+                            parent.path().display()
+                        ),
+                    );
+                } else {
+                    return Err(Error::Linkage {
+                        child: child.path().to_path_buf(),
+                        parent: parent.path().to_path_buf(),
+                        msg,
+                    });
+                }
+            }
+        }
+    }
+    if let (Some(rec), Some(actual)) = (pref.timestamp, parent.timestamp()) {
+        if rec != actual {
+            warn(
+                warnings,
+                format!(
+                    "{}: parent {} time stamp is {actual} but the child recorded {rec} (the \
+                     parent was touched after the child was made; this alone does not stop the open)",
+                    child.path().display(),
+                    parent.path().display()
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{LayerInfo, Run};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use uuid::Uuid;
+
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+    /// A temporary directory removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> TempDir {
+            let p = std::env::temp_dir().join(format!(
+                "vdiskfs-chain-test-{}-{}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::SeqCst)
+            ));
+            fs::create_dir_all(&p).unwrap();
+            // Canonical, so paths compare equal to what resolution returns.
+            TempDir(p.canonicalize().unwrap())
+        }
+        fn path(&self) -> &Path {
+            &self.0
+        }
+        /// Create a file (and its directories) with `text`, returning its path.
+        fn file(&self, rel: &str, text: &str) -> PathBuf {
+            let p = self.0.join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, text).unwrap();
+            p
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// `path` in Windows form on drive C: (`/tmp/x/a` -> `C:\tmp\x\a`).
+    fn win(p: &Path) -> String {
+        format!("C:{}", p.display().to_string().replace('/', "\\"))
+    }
+
+    fn pref(cands: &[(&str, &str)]) -> ParentRef {
+        ParentRef {
+            candidates: cands
+                .iter()
+                .map(|(n, r)| (n.to_string(), r.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn not_found_tried(r: Result<ParentFound>) -> Vec<String> {
+        match r {
+            Err(Error::ParentNotFound { tried, .. }) => tried,
+            Err(e) => panic!("expected ParentNotFound, got {e}"),
+            Ok(f) => panic!("expected ParentNotFound, found {f:?}"),
+        }
+    }
+
+    #[test]
+    fn windows_paths_become_linux_paths() {
+        let dir = Path::new("/data/vms/child");
+        let cases = [
+            ("..\\base.vhdx", "/data/vms/base.vhdx"),
+            (".\\base.vhdx", "/data/vms/child/base.vhdx"),
+            ("base.vhdx", "/data/vms/child/base.vhdx"),
+            ("sub\\Base.VHDX", "/data/vms/child/sub/Base.VHDX"),
+            ("..\\..\\..\\..\\x.vhd", "/x.vhd"),
+            ("C:\\dir\\base.vhdx", "/dir/base.vhdx"),
+            ("c:/dir/base.vhdx", "/dir/base.vhdx"),
+            ("C:base.vhdx", "/data/vms/child/base.vhdx"),
+            (
+                "\\\\?\\Volume{26a21bda-a627-11d7-9931-806e6f6e6963}\\dir\\base.vhdx",
+                "/dir/base.vhdx",
+            ),
+            ("\\\\?\\C:\\dir\\base.vhdx", "/dir/base.vhdx"),
+            ("\\\\?\\UNC\\server\\share\\dir\\b.vhd", "/dir/b.vhd"),
+            ("\\\\server\\share\\dir\\b.vhd", "/dir/b.vhd"),
+            ("\\dir\\base.vhd", "/dir/base.vhd"),
+            ("/home/u/base.vhdx", "/home/u/base.vhdx"),
+            (
+                "file://localhost/Users/x/my%20base.vhd",
+                "/Users/x/my base.vhd",
+            ),
+            ("file:///Users/x/b%C3%A4se.vhd", "/Users/x/b\u{e4}se.vhd"),
+            ("file:///Users/x/100%.vhd", "/Users/x/100%.vhd"),
+            ("C:\\dir\\base.vhdx\0\0", "/dir/base.vhdx"),
+        ];
+        for (rec, want) in cases {
+            assert_eq!(windows_to_linux(rec, dir), PathBuf::from(want), "{rec:?}");
+        }
+    }
+
+    #[test]
+    fn file_name_alone() {
+        let cases = [
+            ("..\\base.vhdx", Some("base.vhdx")),
+            ("C:\\dir\\Base.vhdx", Some("Base.vhdx")),
+            ("\\\\?\\Volume{x}\\dir\\base.vhdx", Some("base.vhdx")),
+            (
+                "file://localhost/Users/x/my%20base.vhd",
+                Some("my base.vhd"),
+            ),
+            ("base.vhd", Some("base.vhd")),
+            ("C:\\", None),
+            ("..", None),
+            ("dir\\..", None),
+        ];
+        for (rec, want) in cases {
+            assert_eq!(file_name_of(rec).as_deref(), want, "{rec:?}");
+        }
+    }
+
+    #[test]
+    fn case_insensitive_lookup() {
+        let t = TempDir::new();
+        let f = t.file("Images/Parent Disks/Base.VHDX", "");
+        // Exact path exists: returned as is.
+        assert_eq!(find_case_insensitive(&f), Some(f.clone()));
+        let asked = t.path().join("images/PARENT DISKS/base.vhdx");
+        assert_eq!(find_case_insensitive(&asked), Some(f.clone()));
+        // A ".." inside the path still works.
+        let asked = t.path().join("IMAGES/x/../parent disks/BASE.vhdx");
+        fs::create_dir(t.path().join("Images/X")).unwrap();
+        assert_eq!(
+            find_case_insensitive(&asked).map(|p| p.canonicalize().unwrap()),
+            Some(f.clone())
+        );
+        assert_eq!(
+            find_case_insensitive(&t.path().join("images/parent disks/other.vhdx")),
+            None
+        );
+        assert_eq!(
+            find_case_insensitive(&t.path().join("nothing/base.vhdx")),
+            None
+        );
+    }
+
+    #[test]
+    fn relative_locator_is_relative_to_child_dir_not_cwd() {
+        let t = TempDir::new();
+        let base = t.file("vms/Base.vhdx", "base");
+        let child = t.file("vms/diffs/child.avhdx", "child");
+        // The child named by a path relative to the current directory.
+        let cwd = std::env::current_dir().unwrap();
+        let mut rel = PathBuf::new();
+        for _ in cwd.components().skip(1) {
+            rel.push("..");
+        }
+        rel.push(child.strip_prefix("/").unwrap());
+        assert!(rel.is_relative());
+        let r = pref(&[("relative_path", "..\\base.vhdx")]);
+        let f = resolve_parent(&rel, &r, 0, &ChainOptions::default()).unwrap();
+        assert_eq!(f.path, base);
+        assert_eq!(f.locator, "relative_path");
+        assert_eq!(f.recorded, "..\\base.vhdx");
+
+        // A bare name is looked up next to the child, not in the current directory.
+        let r = pref(&[("parent_unicode_name", "Cargo.toml")]);
+        let tried = not_found_tried(resolve_parent(&rel, &r, 0, &ChainOptions::default()));
+        let want = t.path().join("vms/diffs/Cargo.toml");
+        assert!(tried[0].contains(&want.display().to_string()), "{tried:?}");
+    }
+
+    #[test]
+    fn vhdx_locator_order() {
+        let t = TempDir::new();
+        let child = t.file("c/child.avhdx", "");
+        let rel = t.file("c/rel.vhdx", "");
+        let abs = t.file("abs/abs.vhdx", "");
+        let vol = t.file("vol/vol.vhdx", "");
+        let vol_rec = format!(
+            "\\\\?\\Volume{{26a21bda-a627-11d7-9931-806e6f6e6963}}{}",
+            vol.display().to_string().replace('/', "\\")
+        );
+        // The file lists them in its own order; relative comes first, then absolute,
+        // then volume.
+        let r = pref(&[
+            ("volume_path", vol_rec.as_str()),
+            ("absolute_win32_path", &win(&abs)),
+            ("relative_path", "rel.vhdx"),
+        ]);
+        let opts = ChainOptions::default();
+        assert_eq!(resolve_parent(&child, &r, 0, &opts).unwrap().path, rel);
+        fs::remove_file(&rel).unwrap();
+        let f = resolve_parent(&child, &r, 0, &opts).unwrap();
+        assert_eq!(
+            (f.path, f.locator.as_str()),
+            (abs.clone(), "absolute_win32_path")
+        );
+        fs::remove_file(&abs).unwrap();
+        let f = resolve_parent(&child, &r, 0, &opts).unwrap();
+        assert_eq!((f.path, f.locator.as_str()), (vol, "volume_path"));
+        assert_eq!(f.recorded, vol_rec);
+    }
+
+    #[test]
+    fn file_name_in_child_dir_then_search_dirs() {
+        let t = TempDir::new();
+        let child = t.file("c/child.vhd", "");
+        let rec = "C:\\Nowhere\\At\\All\\Parent.vhd";
+        let r = pref(&[("W2ku", rec)]);
+        let opts = ChainOptions {
+            search_dirs: vec![t.path().join("s1"), t.path().join("s2")],
+            ..Default::default()
+        };
+        // Only in the second search dir, under a different case.
+        let in_s2 = t.file("s2/PARENT.VHD", "");
+        fs::create_dir(t.path().join("s1")).unwrap();
+        let f = resolve_parent(&child, &r, 0, &opts).unwrap();
+        assert_eq!(f.path, in_s2);
+        assert_eq!(f.locator, "--search-dir");
+        assert_eq!(f.recorded, rec);
+        // Next to the child wins over the search dirs.
+        let next = t.file("c/parent.vhd", "");
+        let f = resolve_parent(&child, &r, 0, &opts).unwrap();
+        assert_eq!(f.path, next);
+        assert_eq!(f.locator, "W2ku file name");
+    }
+
+    #[test]
+    fn unusable_candidates_are_skipped_and_all_listed() {
+        let t = TempDir::new();
+        let child = t.file("c/child.vhdx", "");
+        fs::create_dir_all(t.path().join("c/dir.vhdx")).unwrap();
+        let fifo = t.path().join("c/fifo.vhdx");
+        let cpath = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(cpath.as_ptr(), 0o600) }, 0);
+        let link = t.path().join("c/link-to-child.vhdx");
+        std::os::unix::fs::symlink(&child, &link).unwrap();
+        let r = pref(&[
+            ("relative_path", "DIR.vhdx"),
+            ("absolute_win32_path", "C:\\x\\child.vhdx"),
+            ("volume_path", "\\\\?\\Volume{x}\\y\\link-to-child.vhdx"),
+            ("unknown", "fifo.vhdx"),
+        ]);
+        let opts = ChainOptions {
+            search_dirs: vec![t.path().join("nowhere")],
+            ..Default::default()
+        };
+        let tried = not_found_tried(resolve_parent(&child, &r, 0, &opts));
+        let c = t.path().join("c");
+        let expect = [
+            format!(
+                "relative_path \"DIR.vhdx\" -> {}/DIR.vhdx (matched {}/dir.vhdx): is a directory",
+                c.display(),
+                c.display()
+            ),
+            "absolute_win32_path \"C:\\\\x\\\\child.vhdx\" -> /x/child.vhdx: no such file".into(),
+            "volume_path \"\\\\\\\\?\\\\Volume{x}\\\\y\\\\link-to-child.vhdx\" -> /y/link-to-child.vhdx: no such file".into(),
+            format!(
+                "unknown \"fifo.vhdx\" -> {}/fifo.vhdx: is a FIFO, not a regular file (--allow-device-parent allows it)",
+                c.display()
+            ),
+            // relative_path's file name is the same path as above: not tried twice.
+            format!(
+                "absolute_win32_path file name \"C:\\\\x\\\\child.vhdx\" -> {}/child.vhdx: is the child itself",
+                c.display()
+            ),
+            format!(
+                "volume_path file name \"\\\\\\\\?\\\\Volume{{x}}\\\\y\\\\link-to-child.vhdx\" -> {}/link-to-child.vhdx: is the child itself",
+                c.display()
+            ),
+            format!(
+                "--search-dir \"DIR.vhdx\" -> {}/nowhere/DIR.vhdx: no such file",
+                t.path().display()
+            ),
+            format!(
+                "--search-dir \"C:\\\\x\\\\child.vhdx\" -> {}/nowhere/child.vhdx: no such file",
+                t.path().display()
+            ),
+            format!(
+                "--search-dir \"\\\\\\\\?\\\\Volume{{x}}\\\\y\\\\link-to-child.vhdx\" -> {}/nowhere/link-to-child.vhdx: no such file",
+                t.path().display()
+            ),
+            format!(
+                "--search-dir \"fifo.vhdx\" -> {}/nowhere/fifo.vhdx: no such file",
+                t.path().display()
+            ),
+        ];
+        assert_eq!(tried, expect);
+        // The whole message names the child.
+        let msg = resolve_parent(&child, &r, 0, &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with(&format!("{}: parent not found; tried: ", child.display())));
+
+        // With --allow-device-parent the FIFO is accepted.
+        let opts = ChainOptions {
+            allow_device_parent: true,
+            ..opts
+        };
+        assert_eq!(resolve_parent(&child, &r, 0, &opts).unwrap().path, fifo);
+    }
+
+    #[test]
+    fn no_locator_at_all() {
+        let t = TempDir::new();
+        let child = t.file("child.vhd", "");
+        let r = pref(&[("W2ru", ""), ("W2ku", "\0\0")]);
+        let tried = not_found_tried(resolve_parent(&child, &r, 0, &ChainOptions::default()));
+        assert_eq!(tried.len(), 1);
+        assert!(tried[0].contains("no parent path"), "{tried:?}");
+    }
+
+    #[test]
+    fn parent_override_replaces_resolution_for_its_level() {
+        let t = TempDir::new();
+        let child = t.file("child.vhdx", "");
+        let recorded = t.file("base.vhdx", "");
+        let other = t.file("elsewhere/other.img", "");
+        let r = pref(&[("relative_path", "base.vhdx")]);
+        let opts = ChainOptions {
+            parents: vec![other.clone()],
+            ..Default::default()
+        };
+        let f = resolve_parent(&child, &r, 0, &opts).unwrap();
+        assert_eq!(
+            f,
+            ParentFound {
+                locator: "--parent".into(),
+                recorded: other.display().to_string(),
+                path: other.clone(),
+            }
+        );
+        // Level 1 has no override: the recorded path is used.
+        assert_eq!(resolve_parent(&child, &r, 1, &opts).unwrap().path, recorded);
+        // A bad override is not silently replaced by the recorded path.
+        let opts = ChainOptions {
+            parents: vec![t.path().join("missing.vhdx")],
+            ..Default::default()
+        };
+        let tried = not_found_tried(resolve_parent(&child, &r, 0, &opts));
+        assert_eq!(
+            tried,
+            vec![format!(
+                "--parent {}/missing.vhdx: no such file",
+                t.path().display()
+            )]
+        );
+        let opts = ChainOptions {
+            parents: vec![child.clone()],
+            ..Default::default()
+        };
+        let tried = not_found_tried(resolve_parent(&child, &r, 0, &opts));
+        assert!(tried[0].ends_with("is the child itself"), "{tried:?}");
+    }
+
+    // ---- Fake layers: chain rules without real image files ----
+
+    struct Fake {
+        path: PathBuf,
+        format: Format,
+        sector: u32,
+        id: Option<Uuid>,
+        parent: Option<ParentRef>,
+        ts: Option<u32>,
+    }
+
+    impl Layer for Fake {
+        fn path(&self) -> &Path {
+            &self.path
+        }
+        fn format(&self) -> Format {
+            self.format
+        }
+        fn virtual_size(&self) -> u64 {
+            1 << 20
+        }
+        fn logical_sector_size(&self) -> u32 {
+            self.sector
+        }
+        fn map(&self, _offset: u64, len: u64, runs: &mut Vec<Run>) -> Result<()> {
+            runs.push(Run::Absent { len });
+            Ok(())
+        }
+        fn read_held(&self, _file_offset: u64, _buf: &mut [u8]) -> Result<()> {
+            Ok(())
+        }
+        fn parent(&self) -> Option<&ParentRef> {
+            self.parent.as_ref()
+        }
+        fn linkage_id(&self) -> Option<Uuid> {
+            self.id
+        }
+        fn timestamp(&self) -> Option<u32> {
+            self.ts
+        }
+        fn info(&self) -> Result<LayerInfo> {
+            Ok(LayerInfo::default())
+        }
+    }
+
+    fn fake(format: Format, sector: u32, id: Option<u128>) -> Fake {
+        Fake {
+            path: PathBuf::from(format!("/x/{}-{sector}", format.name())),
+            format,
+            sector,
+            id: id.map(Uuid::from_u128),
+            parent: None,
+            ts: None,
+        }
+    }
+
+    /// Opens a text file describing a fake layer: lines `format=vhdx|vhd|raw`,
+    /// `sector=N`, `id=N`, `linkage=N`, `ts=N`, `loc=NAME|RECORDED`.
+    fn fake_open(path: &Path, _o: OpenOptions, allow_raw: bool) -> Result<Arc<dyn Layer>> {
+        let text = fs::read_to_string(path).map_err(|e| Error::file(path, "open", e))?;
+        let mut l = Fake {
+            path: path.to_path_buf(),
+            format: Format::Vhdx,
+            sector: 512,
+            id: None,
+            parent: None,
+            ts: None,
+        };
+        for line in text.lines() {
+            let (k, v) = line.split_once('=').unwrap();
+            match k {
+                "format" => {
+                    l.format = match v {
+                        "vhdx" => Format::Vhdx,
+                        "vhd" => Format::Vhd,
+                        _ => Format::Raw,
+                    }
+                }
+                "sector" => l.sector = v.parse().unwrap(),
+                "id" => l.id = Some(Uuid::from_u128(v.parse().unwrap())),
+                "ts" => l.ts = Some(v.parse().unwrap()),
+                "linkage" => l
+                    .parent
+                    .get_or_insert_with(Default::default)
+                    .linkage
+                    .push(Uuid::from_u128(v.parse().unwrap())),
+                "loc" => {
+                    let (n, r) = v.split_once('|').unwrap();
+                    l.parent
+                        .get_or_insert_with(Default::default)
+                        .candidates
+                        .push((n.into(), r.into()));
+                }
+                _ => panic!("bad fake line {line}"),
+            }
+        }
+        if l.format == Format::Raw && !allow_raw {
+            return Err(Error::corrupt(path, "not a VHDX or VHD image"));
+        }
+        Ok(Arc::new(l))
+    }
+
+    fn open_fake(path: &Path, opts: &ChainOptions) -> Result<Chain> {
+        Chain::open_with(path, opts, fake_open)
+    }
+
+    #[test]
+    fn linkage_mismatch_refused_unless_ignored() {
+        let mut child = fake(Format::Vhdx, 512, Some(1));
+        let parent = fake(Format::Vhdx, 512, Some(7));
+        let r = ParentRef {
+            linkage: vec![Uuid::from_u128(5), Uuid::from_u128(6)],
+            ..Default::default()
+        };
+        child.parent = Some(r.clone());
+        let mut w = Vec::new();
+        let e =
+            check_link(&child, &parent, &r, &ChainOptions::default(), false, &mut w).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, Error::Linkage { .. }));
+        assert!(msg.contains(&Uuid::from_u128(5).to_string()), "{msg}");
+        assert!(msg.contains(&Uuid::from_u128(6).to_string()), "{msg}");
+        assert!(msg.contains(&Uuid::from_u128(7).to_string()), "{msg}");
+        assert!(msg.contains("DataWriteGuid"), "{msg}");
+        assert!(msg.contains("--ignore-linkage"), "{msg}");
+        assert!(w.is_empty());
+
+        let opts = ChainOptions {
+            ignore_linkage: true,
+            ..Default::default()
+        };
+        check_link(&child, &parent, &r, &opts, false, &mut w).unwrap();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("--ignore-linkage"), "{w:?}");
+
+        // parent_linkage2 matches: fine, no warning.
+        let parent6 = fake(Format::Vhdx, 512, Some(6));
+        let mut w = Vec::new();
+        check_link(
+            &child,
+            &parent6,
+            &r,
+            &ChainOptions::default(),
+            false,
+            &mut w,
+        )
+        .unwrap();
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn vhd_unique_id_and_time_stamp() {
+        let child = fake(Format::Vhd, 512, Some(1));
+        let mut parent = fake(Format::Vhd, 512, Some(2));
+        parent.ts = Some(100);
+        let r = ParentRef {
+            linkage: vec![Uuid::from_u128(2)],
+            timestamp: Some(99),
+            ..Default::default()
+        };
+        let mut w = Vec::new();
+        check_link(&child, &parent, &r, &ChainOptions::default(), false, &mut w).unwrap();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("time stamp"), "{w:?}");
+        let wrong = fake(Format::Vhd, 512, Some(3));
+        let msg = check_link(&child, &wrong, &r, &ChainOptions::default(), false, &mut w)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("unique id"), "{msg}");
+    }
+
+    #[test]
+    fn formats_and_sector_sizes_must_agree() {
+        let r = ParentRef::default();
+        let o = ChainOptions::default();
+        let mut w = Vec::new();
+        let vhdx = fake(Format::Vhdx, 512, Some(1));
+        let vhd = fake(Format::Vhd, 512, Some(1));
+        let msg = check_link(&vhdx, &vhd, &r, &o, false, &mut w)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("/x/VHDX-512") && msg.contains("/x/VHD-512"),
+            "{msg}"
+        );
+        assert!(check_link(&vhd, &vhdx, &r, &o, false, &mut w).is_err());
+        let vhdx4k = fake(Format::Vhdx, 4096, Some(1));
+        let msg = check_link(&vhdx4k, &vhdx, &r, &o, false, &mut w)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("/x/VHDX-4096") && msg.contains("/x/VHDX-512"),
+            "{msg}"
+        );
+        // A raw base fits under either format, whatever the sector size.
+        let raw = fake(Format::Raw, 512, None);
+        check_link(&vhdx4k, &raw, &r, &o, true, &mut w).unwrap();
+        check_link(&vhd, &raw, &r, &o, true, &mut w).unwrap();
+        assert!(w.is_empty());
+        // ...with a warning when the child records an id it cannot be checked against.
+        let r = ParentRef {
+            linkage: vec![Uuid::from_u128(9)],
+            ..Default::default()
+        };
+        check_link(&vhd, &raw, &r, &o, true, &mut w).unwrap();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("raw parent given with --parent"), "{w:?}");
+    }
+
+    #[test]
+    fn fake_chain_of_three() {
+        let t = TempDir::new();
+        let top = t.file(
+            "top/top.avhdx",
+            "id=3\nloc=relative_path|..\\MID\\mid.avhdx\nlinkage=2",
+        );
+        t.file(
+            "mid/mid.avhdx",
+            &format!(
+                "id=2\nloc=absolute_win32_path|{}\nlinkage=1",
+                win(&t.path().join("base/base.vhdx"))
+            ),
+        );
+        t.file("base/base.vhdx", "id=1");
+        let c = open_fake(&top, &ChainOptions::default()).unwrap();
+        assert_eq!(c.layers.len(), 3);
+        assert_eq!(c.found.len(), 3);
+        assert!(c.found[0].is_none());
+        let f1 = c.found[1].as_ref().unwrap();
+        assert_eq!(f1.locator, "relative_path");
+        assert_eq!(f1.path, t.path().join("mid/mid.avhdx"));
+        let f2 = c.found[2].as_ref().unwrap();
+        assert_eq!(f2.locator, "absolute_win32_path");
+        assert_eq!(c.layers[2].path(), t.path().join("base/base.vhdx"));
+        assert!(c.warnings.is_empty());
+
+        // A raw base may replace the base with --parent at level 1.
+        let raw = t.file("raw.img", "format=raw");
+        let opts = ChainOptions {
+            parents: vec![t.path().join("mid/mid.avhdx"), raw.clone()],
+            ..Default::default()
+        };
+        let c = open_fake(&top, &opts).unwrap();
+        assert_eq!(c.layers[2].path(), raw);
+        assert_eq!(c.found[2].as_ref().unwrap().locator, "--parent");
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        // ...but a raw file found through a locator is not an image.
+        let raw_by_locator = t.file("rawtop.avhdx", "loc=relative_path|raw.img");
+        assert!(open_fake(&raw_by_locator, &ChainOptions::default()).is_err());
+
+        // One --parent too many is an error naming the base.
+        let opts = ChainOptions {
+            parents: vec![
+                t.path().join("mid/mid.avhdx"),
+                t.path().join("base/base.vhdx"),
+                raw,
+            ],
+            ..Default::default()
+        };
+        let msg = open_fake(&top, &opts).err().unwrap().to_string();
+        assert!(
+            msg.contains("base.vhdx") && msg.contains("not a differencing"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn parent_cycles_are_refused() {
+        let t = TempDir::new();
+        let a = t.file("a.vhdx", "loc=relative_path|b.vhdx");
+        t.file("b.vhdx", "loc=relative_path|c.vhdx");
+        t.file("c.vhdx", "loc=relative_path|A.VHDX");
+        let msg = open_fake(&a, &ChainOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains("cycle"), "{msg}");
+        assert!(msg.contains("c.vhdx") && msg.contains("a.vhdx"), "{msg}");
+
+        // A hard link to an ancestor is the same file.
+        let t = TempDir::new();
+        let a = t.file("a.vhdx", "loc=relative_path|b.vhdx");
+        t.file("b.vhdx", "loc=relative_path|alias.vhdx");
+        fs::hard_link(&a, t.path().join("alias.vhdx")).unwrap();
+        let msg = open_fake(&a, &ChainOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains("cycle") && msg.contains("alias.vhdx"), "{msg}");
+
+        // A layer naming itself is "parent not found" (the child itself is skipped).
+        let s = t.file("self.vhdx", "loc=relative_path|self.vhdx");
+        let e = open_fake(&s, &ChainOptions::default()).err().unwrap();
+        assert!(matches!(e, Error::ParentNotFound { .. }), "{e}");
+    }
+
+    #[test]
+    fn depth_limit() {
+        let t = TempDir::new();
+        let n = 300;
+        for i in 0..n {
+            let body = if i + 1 < n {
+                format!("loc=relative_path|l{}.vhdx", i + 1)
+            } else {
+                String::new()
+            };
+            t.file(&format!("l{i}.vhdx"), &body);
+        }
+        let opens = AtomicUsize::new(0);
+        let opener = |p: &Path, o: OpenOptions, r: bool| {
+            opens.fetch_add(1, Ordering::SeqCst);
+            fake_open(p, o, r)
+        };
+        let top = t.path().join("l0.vhdx");
+        let msg = Chain::open_with(&top, &ChainOptions::default(), opener)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains("deeper than 256"), "{msg}");
+        assert_eq!(opens.load(Ordering::SeqCst), MAX_CHAIN_DEPTH);
+
+        // Exactly 256 layers is fine.
+        let top = t.path().join(format!("l{}.vhdx", n - MAX_CHAIN_DEPTH));
+        let c = open_fake(&top, &ChainOptions::default()).unwrap();
+        assert_eq!(c.layers.len(), MAX_CHAIN_DEPTH);
+    }
+
+    #[test]
+    fn linkage_checked_along_the_chain() {
+        let t = TempDir::new();
+        let top = t.file(
+            "top.vhd",
+            "format=vhd\nid=3\nloc=W2ru|.\\base.vhd\nlinkage=2",
+        );
+        t.file("base.vhd", "format=vhd\nid=9");
+        let e = open_fake(&top, &ChainOptions::default()).err().unwrap();
+        assert!(matches!(e, Error::Linkage { .. }), "{e}");
+        let opts = ChainOptions {
+            ignore_linkage: true,
+            ..Default::default()
+        };
+        let c = open_fake(&top, &opts).unwrap();
+        assert_eq!(c.layers.len(), 2);
+        assert_eq!(c.warnings.len(), 1);
     }
 }
