@@ -215,3 +215,56 @@ pub fn open_layer(path: &Path, opts: OpenOptions, allow_raw: bool) -> Result<Arc
         )),
     }
 }
+
+/// Create `path` atomically and never over an existing file: `fill` writes the content into
+/// a temporary file in the same directory, which is fsynced and then linked into place
+/// (link(2) fails if the target exists, so a file that appeared meanwhile is never
+/// replaced). On any error the temporary file is removed. The directory is created when
+/// missing, as the Virtual PC API did.
+pub fn create_new_file(path: &Path, fill: impl FnOnce(&File) -> Result<()>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if path.symlink_metadata().is_ok() {
+        return Err(Error::Invalid(format!(
+            "{}: already exists (vdiskfs never overwrites a file)",
+            path.display()
+        )));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, "create directory", e))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.vdiskfs-tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::file(&tmp, "create", e))?;
+        fill(&f)?;
+        f.sync_all().map_err(|e| Error::file(&tmp, "fsync", e))?;
+        std::fs::hard_link(&tmp, path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                Error::Invalid(format!(
+                    "{}: already exists (vdiskfs never overwrites a file)",
+                    path.display()
+                ))
+            } else {
+                Error::file(path, "link into place", e)
+            }
+        })
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result?;
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

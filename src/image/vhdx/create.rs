@@ -1,0 +1,210 @@
+//! Making new VHDX files: an empty dynamic base, or a differencing child of a VHDX parent.
+//!
+//! Layout (the one Hyper-V uses for new files): header section in the first MiB, a 1 MiB
+//! log at 1 MiB, the metadata region at 2 MiB, the BAT at 3 MiB; payload blocks are
+//! appended after the BAT as they are written.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use uuid::Uuid;
+
+use super::bat::SECTORS_PER_BITMAP;
+use super::header::{Header, HEADER_OFFSETS};
+use super::metadata::{
+    FILE_PARAMETERS, LOGICAL_SECTOR_SIZE, MAX_VIRTUAL_SIZE, PARENT_LOCATOR, PHYSICAL_SECTOR_SIZE,
+    TABLE_SIZE, VHDX_LOCATOR_TYPE, VIRTUAL_DISK_ID, VIRTUAL_DISK_SIZE,
+};
+use super::region::{BAT_GUID, METADATA_GUID, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE};
+use crate::error::{Error, Result};
+
+const MIB: u64 = 1 << 20;
+const LOG_OFFSET: u64 = MIB;
+const LOG_LENGTH: u64 = MIB;
+const METADATA_OFFSET: u64 = 2 * MIB;
+const METADATA_LENGTH: u64 = MIB;
+const BAT_OFFSET: u64 = 3 * MIB;
+
+/// What a new VHDX file looks like.
+#[derive(Debug, Clone)]
+pub struct NewVhdx {
+    pub virtual_size: u64,
+    pub block_size: u32,
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
+    /// Parent locator key/value pairs; Some makes a differencing disk.
+    pub parent_locator: Option<Vec<(String, String)>>,
+    /// Defaults to a new random id.
+    pub virtual_disk_id: Option<Uuid>,
+}
+
+impl NewVhdx {
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(format!("{}: {m}", path.display())));
+        if !self.block_size.is_power_of_two() || !(1 << 20..=256 << 20).contains(&self.block_size) {
+            return bad(format!(
+                "block size {} is invalid for VHDX (a power of two from 1 MiB to 256 MiB)",
+                self.block_size
+            ));
+        }
+        for v in [self.logical_sector_size, self.physical_sector_size] {
+            if v != 512 && v != 4096 {
+                return bad(format!("sector size {v} is invalid (512 or 4096)"));
+            }
+        }
+        let lss = self.logical_sector_size as u64;
+        if self.virtual_size == 0 || self.virtual_size > MAX_VIRTUAL_SIZE || self.virtual_size % lss != 0 {
+            return bad(format!(
+                "size {} is invalid for VHDX (a non-zero multiple of the {lss}-byte sector size, at most 64 TiB)",
+                self.virtual_size
+            ));
+        }
+        Ok(())
+    }
+
+    fn bat_entries(&self) -> u64 {
+        let bs = self.block_size as u64;
+        let chunk_ratio = SECTORS_PER_BITMAP * self.logical_sector_size as u64 / bs;
+        let data_blocks = self.virtual_size.div_ceil(bs);
+        if self.parent_locator.is_some() {
+            data_blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
+        } else {
+            data_blocks + (data_blocks - 1) / chunk_ratio
+        }
+    }
+}
+
+fn utf16le(s: &str) -> Vec<u8> {
+    s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect()
+}
+
+fn put_guid(b: &mut [u8], o: usize, g: Uuid) {
+    b[o..o + 16].copy_from_slice(&g.to_bytes_le());
+}
+
+fn region_table() -> Vec<u8> {
+    let mut t = vec![0u8; REGION_TABLE_SIZE];
+    t[0..4].copy_from_slice(b"regi");
+    t[8..12].copy_from_slice(&2u32.to_le_bytes());
+    // Regions: BAT and metadata, both required.
+    for (i, (g, off, len)) in [
+        (BAT_GUID, BAT_OFFSET, 0u64),
+        (METADATA_GUID, METADATA_OFFSET, METADATA_LENGTH),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let e = 16 + i * 32;
+        put_guid(&mut t, e, g);
+        t[e + 16..e + 24].copy_from_slice(&off.to_le_bytes());
+        t[e + 24..e + 28].copy_from_slice(&(len as u32).to_le_bytes());
+        t[e + 28..e + 32].copy_from_slice(&1u32.to_le_bytes());
+    }
+    t
+}
+
+/// Serialise a parent locator item.
+pub fn locator_item(entries: &[(String, String)]) -> Vec<u8> {
+    let mut head = vec![0u8; 20];
+    put_guid(&mut head, 0, VHDX_LOCATOR_TYPE);
+    head[18..20].copy_from_slice(&(entries.len() as u16).to_le_bytes());
+    let mut table = Vec::new();
+    let mut data = Vec::new();
+    let base = 20 + entries.len() * 12;
+    for (k, v) in entries {
+        let (kb, vb) = (utf16le(k), utf16le(v));
+        let ko = base + data.len();
+        data.extend_from_slice(&kb);
+        let vo = base + data.len();
+        data.extend_from_slice(&vb);
+        table.extend_from_slice(&(ko as u32).to_le_bytes());
+        table.extend_from_slice(&(vo as u32).to_le_bytes());
+        table.extend_from_slice(&(kb.len() as u16).to_le_bytes());
+        table.extend_from_slice(&(vb.len() as u16).to_le_bytes());
+    }
+    [head, table, data].concat()
+}
+
+fn metadata_region(n: &NewVhdx, disk_id: Uuid) -> Result<Vec<u8>> {
+    let mut region = vec![0u8; METADATA_LENGTH as usize];
+    let mut items: Vec<(Uuid, u32, Vec<u8>)> = Vec::new();
+    // Flags: bit 0 IsUser, bit 1 IsVirtualDisk, bit 2 IsRequired.
+    let mut fp = (n.block_size as u64).to_le_bytes().to_vec();
+    let has_parent = n.parent_locator.is_some();
+    let flags: u32 = if has_parent { 2 } else { 0 };
+    fp[4..8].copy_from_slice(&flags.to_le_bytes());
+    items.push((FILE_PARAMETERS, 4, fp));
+    items.push((VIRTUAL_DISK_SIZE, 6, n.virtual_size.to_le_bytes().to_vec()));
+    items.push((VIRTUAL_DISK_ID, 6, disk_id.to_bytes_le().to_vec()));
+    items.push((LOGICAL_SECTOR_SIZE, 6, n.logical_sector_size.to_le_bytes().to_vec()));
+    items.push((PHYSICAL_SECTOR_SIZE, 6, n.physical_sector_size.to_le_bytes().to_vec()));
+    if let Some(loc) = &n.parent_locator {
+        items.push((PARENT_LOCATOR, 4, locator_item(loc)));
+    }
+    region[0..8].copy_from_slice(b"metadata");
+    region[10..12].copy_from_slice(&(items.len() as u16).to_le_bytes());
+    let mut off = TABLE_SIZE;
+    for (i, (g, flags, data)) in items.iter().enumerate() {
+        let e = 32 + i * 32;
+        if off + data.len() > region.len() {
+            return Err(Error::Invalid("parent locator too large".into()));
+        }
+        put_guid(&mut region, e, *g);
+        region[e + 16..e + 20].copy_from_slice(&(off as u32).to_le_bytes());
+        region[e + 20..e + 24].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        region[e + 24..e + 28].copy_from_slice(&flags.to_le_bytes());
+        region[off..off + data.len()].copy_from_slice(data);
+        // Keep items 8-byte aligned, as other implementations do.
+        off += data.len().div_ceil(8) * 8;
+    }
+    Ok(region)
+}
+
+/// Write a complete new VHDX into `file` (empty, freshly created).
+pub fn write_new(file: &File, path: &Path, n: &NewVhdx, creator: &str) -> Result<()> {
+    n.validate(path)?;
+    let w = |buf: &[u8], off: u64| {
+        file.write_all_at(buf, off)
+            .map_err(|e| Error::io(path, "write", off, e))
+    };
+    // File type identifier.
+    let mut ident = vec![0u8; 8 + 512];
+    ident[0..8].copy_from_slice(b"vhdxfile");
+    let c = utf16le(creator);
+    let c = &c[..c.len().min(510)];
+    ident[8..8 + c.len()].copy_from_slice(c);
+    w(&ident, 0)?;
+    // Region tables: the BAT length is filled in here.
+    let bat_len = (n.bat_entries() * 8).div_ceil(MIB) * MIB;
+    let mut rt = region_table();
+    rt[16 + 24..16 + 28].copy_from_slice(&(bat_len as u32).to_le_bytes());
+    let crc = crc32c::crc32c(&rt);
+    rt[4..8].copy_from_slice(&crc.to_le_bytes());
+    for off in REGION_TABLE_OFFSETS {
+        w(&rt, off)?;
+    }
+    // Metadata.
+    w(
+        &metadata_region(n, n.virtual_disk_id.unwrap_or_else(Uuid::new_v4))?,
+        METADATA_OFFSET,
+    )?;
+    // The BAT is all zeros (every block NOT_PRESENT): extending the file gives that.
+    file.set_len(BAT_OFFSET + bat_len)
+        .map_err(|e| Error::file(path, "extend", e))?;
+    // Headers last, both valid, the second current.
+    let mut h = Header {
+        sequence_number: 1,
+        file_write_guid: Uuid::new_v4(),
+        data_write_guid: Uuid::new_v4(),
+        log_guid: Uuid::nil(),
+        log_version: 0,
+        version: 1,
+        log_length: LOG_LENGTH as u32,
+        log_offset: LOG_OFFSET,
+    };
+    w(&h.to_bytes(), HEADER_OFFSETS[0])?;
+    h.sequence_number = 2;
+    w(&h.to_bytes(), HEADER_OFFSETS[1])?;
+    Ok(())
+}
