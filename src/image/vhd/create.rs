@@ -1,0 +1,325 @@
+//! Creating VHD files: an empty dynamic base, or a differencing child of a VHD parent.
+//!
+//! Layout written: footer copy (0), dynamic disk header (512), BAT (1536, all
+//! unallocated), parent locator data (differencing: W2ru then W2ku, each in whole
+//! sectors), footer. The file is written under a temporary name in the target's
+//! directory, fsynced, and moved into place without ever replacing an existing file
+//! (renameat2 RENAME_NOREPLACE, or link + unlink where that is not supported); on any
+//! error the temporary file is removed.
+//!
+//! Parent paths on Linux: W2ru holds the parent relative to the child's directory in
+//! Windows form (".\\base.vhd", "..\\img\\base.vhd"). W2ku must be an absolute Windows
+//! path, which a Linux path cannot be; it holds the canonical Linux path with
+//! backslashes ("\\srv\\img\\base.vhd"), a rooted path without drive letter that Windows
+//! resolves against the current drive and that turns back into the Linux path when the
+//! backslashes are made slashes (what vdiskfs's resolver does). The parent Unicode name
+//! holds the same absolute path, as Windows writes it; libvhdi resolves a parent by the
+//! last `\`-separated component of that name in the child's directory.
+//!
+//! Creator application "vdfs". qemu older than 10.0 sizes VHDs from unknown creators
+//! by their CHS geometry (rounded down), newer qemu, libvhdi and Hyper-V by the current
+//! size; the current size written is exactly the size asked for.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
+
+use uuid::Uuid;
+
+use super::dynamic::{DynamicHeader, HEADER_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+use super::footer::{now_time_stamp, DiskType, Footer, Geometry, FOOTER_SIZE};
+use super::locator::{encode_utf16le, LocatorEntry};
+use super::Vhd;
+use crate::error::{Error, Result};
+use crate::layer::Layer;
+
+/// Default block size for new VHDs (2 MiB, as Hyper-V and qemu use).
+pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
+/// Largest virtual size a VHD can describe (2040 GiB, the specification's limit).
+pub const MAX_SIZE: u64 = 2040 << 30;
+
+const CREATOR: [u8; 4] = *b"vdfs";
+const CREATOR_VERSION: u32 = 0x0001_0000;
+const TABLE_OFFSET: u64 = (FOOTER_SIZE + HEADER_SIZE) as u64;
+
+/// Create an empty dynamic VHD of `size` bytes (a multiple of 512, at most 2040 GiB)
+/// with `block_size`-byte blocks (a power of two, 512 B .. 256 MiB; use
+/// [`DEFAULT_BLOCK_SIZE`]). Fails if `path` exists.
+pub fn create_dynamic(path: &Path, size: u64, block_size: u32) -> Result<()> {
+    check_params(path, size, block_size)?;
+    let footer = new_footer(DiskType::Dynamic, size, Geometry::for_sectors(size / 512));
+    let header = new_header(size, block_size);
+    write_new_file(path, &footer, &header, &[])
+}
+
+/// Create a differencing VHD at `child` whose parent is the opened VHD `parent` (which
+/// may itself be differencing). The child takes the parent's current size and
+/// geometry, records the parent's unique id and time stamp, and gets W2ru (relative)
+/// and W2ku (absolute) locators computed from `parent.path()` and `child`. The child's
+/// directory must exist. Fails if `child` exists.
+pub fn create_differencing(child: &Path, parent: &Vhd, block_size: u32) -> Result<()> {
+    let pf = parent.footer();
+    let size = pf.current_size;
+    check_params(child, size, block_size)?;
+    let parent_abs = std::fs::canonicalize(parent.path())
+        .map_err(|e| Error::file(parent.path(), "resolve the parent's path", e))?;
+    let child_dir = child
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let child_dir_abs = std::fs::canonicalize(child_dir)
+        .map_err(|e| Error::file(child_dir, "resolve the child's directory", e))?;
+    let relative = windows_relative_path(&child_dir_abs, &parent_abs);
+    let absolute = windows_absolute_path(&parent_abs);
+
+    let mut footer = new_footer(DiskType::Differencing, size, pf.disk_geometry);
+    footer.original_size = size;
+    let mut header = new_header(size, block_size);
+    header.parent_unique_id = pf.unique_id;
+    header.parent_time_stamp = pf.time_stamp;
+    header.parent_unicode_name = absolute.clone();
+    let locators = [
+        (*b"W2ru", encode_utf16le(&relative)),
+        (*b"W2ku", encode_utf16le(&absolute)),
+    ];
+    write_new_file(child, &footer, &header, &locators)
+}
+
+fn check_params(path: &Path, size: u64, block_size: u32) -> Result<()> {
+    if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
+    {
+        return Err(Error::Invalid(format!(
+            "{}: VHD block size {block_size} must be a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}",
+            path.display()
+        )));
+    }
+    if size == 0 || size % 512 != 0 || size > MAX_SIZE {
+        return Err(Error::Invalid(format!(
+            "{}: VHD size {size} must be a non-zero multiple of 512 bytes, at most {MAX_SIZE} (2040 GiB)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+fn new_footer(disk_type: DiskType, size: u64, geometry: Geometry) -> Footer {
+    Footer {
+        features: 2,
+        file_format_version: 0x0001_0000,
+        data_offset: FOOTER_SIZE as u64,
+        time_stamp: now_time_stamp(),
+        creator_application: CREATOR,
+        creator_version: CREATOR_VERSION,
+        creator_host_os: *b"Wi2k",
+        original_size: size,
+        current_size: size,
+        disk_geometry: geometry,
+        disk_type,
+        checksum: 0,
+        unique_id: *Uuid::new_v4().as_bytes(),
+        saved_state: 0,
+    }
+}
+
+fn new_header(size: u64, block_size: u32) -> DynamicHeader {
+    DynamicHeader {
+        data_offset: u64::MAX,
+        table_offset: TABLE_OFFSET,
+        header_version: 0x0001_0000,
+        // size <= 2040 GiB and block_size >= 512, so this fits in u32.
+        max_table_entries: size.div_ceil(block_size as u64) as u32,
+        block_size,
+        checksum: 0,
+        parent_unique_id: [0; 16],
+        parent_time_stamp: 0,
+        parent_unicode_name: String::new(),
+        parent_locators: Default::default(),
+    }
+}
+
+/// `parent` relative to `from_dir`, both absolute and canonical, in Windows form with a
+/// leading ".\" when it does not start with "..".
+pub fn windows_relative_path(from_dir: &Path, parent: &Path) -> String {
+    let a: Vec<Component> = from_dir.components().collect();
+    let b: Vec<Component> = parent.components().collect();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut parts: Vec<String> = Vec::new();
+    for _ in common..a.len() {
+        parts.push("..".into());
+    }
+    for c in &b[common..] {
+        parts.push(c.as_os_str().to_string_lossy().into_owned());
+    }
+    let joined = parts.join("\\");
+    if joined.starts_with("..") {
+        joined
+    } else {
+        format!(".\\{joined}")
+    }
+}
+
+/// An absolute Linux path in the rooted Windows form described at the top of this file.
+pub fn windows_absolute_path(p: &Path) -> String {
+    p.to_string_lossy().replace('/', "\\")
+}
+
+/// Serialise the whole file into memory (it is small: headers, BAT, locators).
+fn build(
+    footer: &Footer,
+    header: &DynamicHeader,
+    locators: &[([u8; 4], Vec<u8>)],
+) -> Vec<u8> {
+    let mut header = header.clone();
+    let bat_len = (header.max_table_entries as u64 * 4).div_ceil(512) * 512;
+    let mut pos = TABLE_OFFSET + bat_len;
+    let mut datas = Vec::new();
+    for (i, (code, data)) in locators.iter().enumerate() {
+        let space = (data.len() as u64).div_ceil(512).max(1) * 512;
+        header.parent_locators[i] = LocatorEntry {
+            platform_code: *code,
+            // Bytes, as Windows writes it (see locator.rs).
+            platform_data_space: space as u32,
+            platform_data_length: data.len() as u32,
+            platform_data_offset: pos,
+        };
+        datas.push((pos, data));
+        pos += space;
+    }
+    let mut out = vec![0u8; pos as usize + FOOTER_SIZE];
+    let fb = footer.to_bytes();
+    out[..FOOTER_SIZE].copy_from_slice(&fb);
+    out[FOOTER_SIZE..FOOTER_SIZE + HEADER_SIZE].copy_from_slice(&header.to_bytes());
+    let bat_end = TABLE_OFFSET as usize + header.max_table_entries as usize * 4;
+    out[TABLE_OFFSET as usize..bat_end].fill(0xFF);
+    for (at, data) in datas {
+        out[at as usize..at as usize + data.len()].copy_from_slice(data);
+    }
+    let end = out.len() - FOOTER_SIZE;
+    out[end..].copy_from_slice(&fb);
+    out
+}
+
+/// Removes the temporary file unless disarmed.
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn write_new_file(
+    path: &Path,
+    footer: &Footer,
+    header: &DynamicHeader,
+    locators: &[([u8; 4], Vec<u8>)],
+) -> Result<()> {
+    if path.symlink_metadata().is_ok() {
+        return Err(Error::file(
+            path,
+            "create",
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the file already exists (vdiskfs never overwrites an image)",
+            ),
+        ));
+    }
+    let name = path.file_name().ok_or_else(|| {
+        Error::Invalid(format!("{}: not a file name", path.display()))
+    })?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.vdiskfs-tmp-{}",
+        name.to_string_lossy(),
+        Uuid::new_v4().simple()
+    ));
+    let bytes = build(footer, header, locators);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| Error::file(&tmp, "create", e))?;
+    let mut guard = TempGuard(Some(tmp.clone()));
+    file.write_all_at(&bytes, 0)
+        .map_err(|e| Error::io(&tmp, "write", 0, e))?;
+    file.sync_all()
+        .map_err(|e| Error::file(&tmp, "fsync", e))?;
+    drop(file);
+    rename_noreplace(&tmp, path)?;
+    guard.0 = None;
+    // Make the new directory entry durable.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Move `from` to `to`, failing if `to` exists.
+fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| Error::Invalid(format!("{}: path contains a NUL byte", p.display())))
+    };
+    let (cf, ct) = (c(from)?, c(to)?);
+    // SAFETY: both pointers come from live CStrings (NUL-terminated, valid for the
+    // call); renameat2 only reads them. AT_FDCWD makes relative paths resolve as
+    // std::fs does.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cf.as_ptr(),
+            libc::AT_FDCWD,
+            ct.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
+            // File system without RENAME_NOREPLACE: link fails if the target exists.
+            std::fs::hard_link(from, to).map_err(|e| Error::file(to, "create", e))?;
+            let _ = std::fs::remove_file(from);
+            Ok(())
+        }
+        _ => Err(Error::file(to, "create", err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        let r = windows_relative_path(Path::new("/a/b"), Path::new("/a/b/base.vhd"));
+        assert_eq!(r, ".\\base.vhd");
+        let r = windows_relative_path(Path::new("/a/b/c"), Path::new("/a/x/base.vhd"));
+        assert_eq!(r, "..\\..\\x\\base.vhd");
+        let r = windows_relative_path(Path::new("/a"), Path::new("/a/d/base.vhd"));
+        assert_eq!(r, ".\\d\\base.vhd");
+        assert_eq!(
+            windows_absolute_path(Path::new("/srv/img/b.vhd")),
+            "\\srv\\img\\b.vhd"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_parameters() {
+        let d = std::env::temp_dir();
+        assert!(create_dynamic(&d.join("x.vhd"), 1000, DEFAULT_BLOCK_SIZE).is_err());
+        assert!(create_dynamic(&d.join("x.vhd"), 1 << 20, 3 << 20).is_err());
+        assert!(create_dynamic(&d.join("x.vhd"), MAX_SIZE + 512, DEFAULT_BLOCK_SIZE).is_err());
+        assert!(create_dynamic(&d.join("x.vhd"), 0, DEFAULT_BLOCK_SIZE).is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Tests of the VHD reader, writer and creator.
