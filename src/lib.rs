@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod disk;
 pub mod error;
+pub mod fuse;
 pub mod image;
 pub mod layer;
 

@@ -1,10 +1,925 @@
-use crate::cli::{MountArgs, UmountArgs};
-use crate::error::{Error, Result};
+//! `vdiskfs mount` and `vdiskfs umount`: the FUSE daemon's life cycle.
+//!
+//! Everything that can fail because of the user's input (options, the mount point, the
+//! chain) is checked in the foreground process, so errors are printed and the command
+//! exits non-zero before it detaches. Detaching is a fork: the parent waits on a pipe
+//! until the child reports that the mount is live (or why it is not), then exits.
 
-pub fn run(_args: &MountArgs, _verbose: u8) -> Result<i32> {
-    Err(Error::Invalid("mount is not implemented yet".into()))
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use fuser::{Config, Session, SessionACL};
+
+use crate::chain::Chain;
+use crate::cli::{parse_size, MountArgs, UmountArgs};
+use crate::disk::{Disk, DiskOptions};
+use crate::error::{Error, Result};
+use crate::fuse::{FsOptions, VdiskFs, STATS_NAME};
+
+/// The file system type shown in /proc/self/mountinfo ("fuse." + subtype).
+pub const FSTYPE: &str = "fuse.vdiskfs";
+
+/// Mount options after parsing `-o`.
+#[derive(Debug, Clone)]
+struct ParsedOptions {
+    fsname: String,
+    subtype: String,
+    acl: SessionACL,
+    default_permissions: bool,
+    auto_unmount: bool,
+    read_only: bool,
+    nonempty: bool,
+    /// Generic mount flags by name (nosuid, nodev, noexec, ...).
+    flags: Vec<&'static str>,
+    /// Anything else, passed to the kernel (or fusermount3) as is.
+    custom: Vec<String>,
 }
 
-pub fn umount(_args: &UmountArgs) -> Result<i32> {
-    Err(Error::Invalid("umount is not implemented yet".into()))
+/// Parse the `-o` lists (each comma separated).
+fn parse_options(lists: &[String], read_only: bool) -> Result<ParsedOptions> {
+    let mut p = ParsedOptions {
+        fsname: "vdiskfs".into(),
+        subtype: "vdiskfs".into(),
+        acl: SessionACL::Owner,
+        default_permissions: false,
+        auto_unmount: false,
+        read_only,
+        nonempty: false,
+        flags: Vec::new(),
+        custom: Vec::new(),
+    };
+    let (mut dev, mut suid) = (false, false);
+    for opt in lists.iter().flat_map(|l| l.split(',')) {
+        let opt = opt.trim();
+        match opt {
+            "" | "rw" | "async" | "exec" | "atime" => {}
+            "ro" => p.read_only = true,
+            "nonempty" => p.nonempty = true,
+            "allow_other" => {
+                p.acl = SessionACL::All;
+                p.default_permissions = true;
+            }
+            "allow_root" => {
+                if p.acl == SessionACL::Owner {
+                    p.acl = SessionACL::RootAndOwner;
+                }
+                p.default_permissions = true;
+            }
+            "default_permissions" => p.default_permissions = true,
+            "auto_unmount" => p.auto_unmount = true,
+            "dev" => dev = true,
+            "suid" => suid = true,
+            "nodev" | "nosuid" => {}
+            "noexec" => p.flags.push("noexec"),
+            "noatime" => p.flags.push("noatime"),
+            "sync" => p.flags.push("sync"),
+            "dirsync" => p.flags.push("dirsync"),
+            _ => {
+                if let Some(v) = opt.strip_prefix("fsname=") {
+                    p.fsname = v.to_string();
+                } else if let Some(v) = opt.strip_prefix("subtype=") {
+                    p.subtype = v.to_string();
+                } else if opt.starts_with("fd=")
+                    || opt.starts_with("rootmode=")
+                    || opt.starts_with("user_id=")
+                    || opt.starts_with("group_id=")
+                {
+                    return Err(Error::Invalid(format!(
+                        "-o {opt}: set by vdiskfs itself, cannot be given"
+                    )));
+                } else if opt.contains(char::is_whitespace) {
+                    return Err(Error::Invalid(format!(
+                        "-o {opt:?}: mount options cannot contain white space"
+                    )));
+                } else {
+                    p.custom.push(opt.to_string());
+                }
+            }
+        }
+    }
+    if p.auto_unmount && p.acl == SessionACL::Owner {
+        return Err(Error::Invalid(
+            "-o auto_unmount needs -o allow_other or -o allow_root".into(),
+        ));
+    }
+    if !dev {
+        p.flags.push("nodev");
+    }
+    if !suid {
+        p.flags.push("nosuid");
+    }
+    if p.read_only {
+        p.flags.push("ro");
+    }
+    Ok(p)
+}
+
+impl ParsedOptions {
+    /// The FUSE-specific part of the kernel's mount data (after fd=, rootmode=, ...).
+    fn fuse_data(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.acl != SessionACL::Owner {
+            v.push("allow_other".to_string());
+        }
+        if self.default_permissions {
+            v.push("default_permissions".to_string());
+        }
+        v.extend(self.custom.iter().cloned());
+        v
+    }
+
+    fn ms_flags(&self) -> libc::c_ulong {
+        let mut f = 0;
+        for name in &self.flags {
+            f |= match *name {
+                "nodev" => libc::MS_NODEV,
+                "nosuid" => libc::MS_NOSUID,
+                "noexec" => libc::MS_NOEXEC,
+                "noatime" => libc::MS_NOATIME,
+                "sync" => libc::MS_SYNCHRONOUS,
+                "dirsync" => libc::MS_DIRSYNC,
+                "ro" => libc::MS_RDONLY,
+                _ => 0,
+            };
+        }
+        f
+    }
+
+    /// The `-o` list for fusermount3.
+    fn fusermount_options(&self) -> String {
+        let mut v = vec![
+            format!("fsname={}", self.fsname),
+            format!("subtype={}", self.subtype),
+        ];
+        v.extend(self.flags.iter().map(|s| s.to_string()));
+        if self.auto_unmount {
+            v.push("auto_unmount".into());
+        }
+        v.extend(self.fuse_data());
+        v.join(",")
+    }
+}
+
+/// A live mount's connection to the kernel: the /dev/fuse descriptor, plus (with
+/// `auto_unmount`) the socket whose closing tells fusermount3 to unmount.
+struct Mounted {
+    dev: std::os::fd::OwnedFd,
+    _auto_unmount: Option<std::os::fd::OwnedFd>,
+}
+
+/// Mount a FUSE file system at `mountpoint`: with mount(2) when root, else (or for
+/// auto_unmount, or when the kernel says EPERM) through the setuid fusermount3.
+fn fuse_mount(mountpoint: &Path, p: &ParsedOptions) -> Result<Mounted> {
+    if euid() == 0 && !p.auto_unmount {
+        match mount_sys(mountpoint, p) {
+            Ok(dev) => {
+                return Ok(Mounted {
+                    dev,
+                    _auto_unmount: None,
+                })
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                log::debug!("mount(2) refused ({e}); trying fusermount3");
+            }
+            Err(e) => return Err(Error::file(mountpoint, "mount", e)),
+        }
+    }
+    mount_fusermount(mountpoint, p)
+}
+
+fn mount_sys(mountpoint: &Path, p: &ParsedOptions) -> io::Result<std::os::fd::OwnedFd> {
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = vec![
+        format!("fd={}", dev.as_raw_fd()),
+        "rootmode=40000".to_string(),
+        format!("user_id={uid}"),
+        format!("group_id={gid}"),
+    ];
+    data.extend(p.fuse_data());
+    let bad = |_| io::Error::from(io::ErrorKind::InvalidInput);
+    let source = CString::new(p.fsname.as_str()).map_err(bad)?;
+    let fstype = CString::new(format!("fuse.{}", p.subtype)).map_err(bad)?;
+    let data = CString::new(data.join(",")).map_err(bad)?;
+    let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(bad)?;
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            p.ms_flags(),
+            data.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(dev.into())
+}
+
+fn mount_fusermount(mountpoint: &Path, p: &ParsedOptions) -> Result<Mounted> {
+    use std::os::fd::OwnedFd;
+    use std::process::Stdio;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) } != 0 {
+        return Err(Error::file(
+            Path::new("socketpair"),
+            "create",
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: socketpair succeeded: both descriptors are open and owned by nobody else.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // Our end must not leak into fusermount3 (or any later child); theirs must reach it,
+    // so it is created without close-on-exec (this process has no other threads yet).
+    // SAFETY: fcntl on an open descriptor we own.
+    unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    let mut child = None;
+    let mut last_err = None;
+    for bin in ["fusermount3", "fusermount"] {
+        match Command::new(bin)
+            .arg("-o")
+            .arg(p.fusermount_options())
+            .arg("--")
+            .arg(mountpoint)
+            .env("_FUSE_COMMFD", theirs.as_raw_fd().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => {
+                child = Some(c);
+                break;
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    drop(theirs);
+    let Some(mut child) = child else {
+        return Err(Error::file(
+            Path::new("fusermount3"),
+            "run (install the fuse3 package)",
+            last_err.unwrap_or_else(|| io::Error::from(io::ErrorKind::NotFound)),
+        ));
+    };
+    match recv_fd(&ours) {
+        Ok(dev) => {
+            if p.auto_unmount {
+                // fusermount3 stays to unmount when `ours` closes (when we exit).
+                drop(child.stderr.take());
+                Ok(Mounted {
+                    dev,
+                    _auto_unmount: Some(ours),
+                })
+            } else {
+                drop(ours);
+                let _ = child.wait();
+                Ok(Mounted {
+                    dev,
+                    _auto_unmount: None,
+                })
+            }
+        }
+        Err(_) => {
+            drop(ours);
+            let mut msg = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut msg);
+            }
+            let _ = child.wait();
+            Err(Error::Invalid(format!(
+                "mount {}: {}",
+                mountpoint.display(),
+                msg.trim()
+            )))
+        }
+    }
+}
+
+/// Receive one descriptor sent with SCM_RIGHTS (fusermount3's protocol).
+fn recv_fd(sock: &std::os::fd::OwnedFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::OwnedFd;
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    // u64 elements keep the control buffer aligned for cmsghdr.
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    loop {
+        // SAFETY: `msg` points at live buffers (`iov`/`byte`, `cbuf`) of the sizes given.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        break;
+    }
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/CMSG_DATA stay within `cbuf`
+    // (the kernel sets msg_controllen to what it wrote), and the data of an SCM_RIGHTS
+    // message of this size is one int, read unaligned.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if c.is_null() || (*c).cmsg_level != libc::SOL_SOCKET || (*c).cmsg_type != libc::SCM_RIGHTS
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "fusermount3 sent no descriptor",
+            ));
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+        if fd < 0 {
+            return Err(io::ErrorKind::InvalidData.into());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// One line of /proc/self/mountinfo, the parts we use.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mountinfo(s: &str) -> OsString {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).is_some_and(|d| {
+            (b'0'..=b'3').contains(&d[0]) && d[1..].iter().all(|c| (b'0'..=b'7').contains(c))
+        });
+        if b[i] == b'\\' && octal {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    OsStr::from_bytes(&out).to_os_string()
+}
+
+/// Parse mountinfo text; lines that do not parse are skipped.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    let mut v = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(mp) = left.split(' ').nth(4) else {
+            continue;
+        };
+        let mut r = right.split(' ');
+        let (Some(fstype), Some(source)) = (r.next(), r.next()) else {
+            continue;
+        };
+        v.push(MountEntry {
+            mount_point: PathBuf::from(unescape_mountinfo(mp)),
+            fstype: unescape_mountinfo(fstype).to_string_lossy().into_owned(),
+            source: unescape_mountinfo(source).to_string_lossy().into_owned(),
+        });
+    }
+    v
+}
+
+/// The topmost mount at exactly `path` (already canonical), if any.
+pub fn mount_at(path: &Path) -> Option<MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    parse_mountinfo(&text)
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == path)
+}
+
+fn is_enotconn(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOTCONN)
+}
+
+fn stale_mount_error(path: &Path) -> Error {
+    Error::Invalid(format!(
+        "{}: a FUSE mount whose daemon is gone is still here; clear it with `fusermount3 -u {}`",
+        path.display(),
+        path.display()
+    ))
+}
+
+/// Check that `path` can be mounted on: exists, is a directory, is not a mount point,
+/// and is empty (unless `nonempty`). Returns the canonical path.
+fn check_mountpoint(path: &Path, nonempty: bool) -> Result<PathBuf> {
+    let md = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(Error::Invalid(format!(
+                "mount point {} does not exist (create it with `mkdir -p {}`)",
+                path.display(),
+                path.display()
+            )))
+        }
+        Err(e) if is_enotconn(&e) => return Err(stale_mount_error(path)),
+        Err(e) => return Err(Error::file(path, "mount point", e)),
+    };
+    if !md.is_dir() {
+        return Err(Error::Invalid(format!(
+            "mount point {} is not a directory",
+            path.display()
+        )));
+    }
+    let canon = path
+        .canonicalize()
+        .map_err(|e| Error::file(path, "mount point", e))?;
+    let already = || {
+        Error::Invalid(format!(
+            "mount point {} is already a mount point; unmount it first or choose another directory",
+            path.display()
+        ))
+    };
+    if mount_at(&canon).is_some() {
+        return Err(already());
+    }
+    if let Some(parent) = canon.parent() {
+        if let Ok(pm) = std::fs::metadata(parent) {
+            if pm.dev() != md.dev() {
+                return Err(already());
+            }
+        }
+    }
+    if !nonempty {
+        let mut rd = std::fs::read_dir(&canon).map_err(|e| Error::file(path, "mount point", e))?;
+        if rd.next().is_some() {
+            return Err(Error::Invalid(format!(
+                "mount point {} is not empty (use an empty directory, or -o nonempty)",
+                path.display()
+            )));
+        }
+    }
+    Ok(canon)
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name == STATS_NAME
+        || name.contains('/')
+        || name.contains('\0')
+    {
+        return Err(Error::Invalid(format!(
+            "--name {name:?}: must be a plain file name other than {STATS_NAME}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_dev_fuse() -> Result<()> {
+    match std::fs::metadata("/dev/fuse") {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::Invalid(
+            "/dev/fuse does not exist: FUSE is not available (load it with `modprobe fuse`; \
+             install the fuse3 package for fusermount3)"
+                .into(),
+        )),
+        Err(e) => Err(Error::file(Path::new("/dev/fuse"), "stat", e)),
+    }
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+fn cpath(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("{}: path contains a NUL byte", path.display())))
+}
+
+/// Unmount `path`. As root with umount(2), otherwise with `fusermount3 -u`. With `lazy`,
+/// a busy mount (e.g. `disk.raw` attached to a loop device) is detached lazily: it
+/// disappears from the name space now and the daemon ends when the last user closes it.
+pub fn unmount(path: &Path, lazy: bool) -> Result<()> {
+    if euid() == 0 {
+        let c = cpath(path)?;
+        // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+        let r = unsafe { libc::umount2(c.as_ptr(), 0) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EBUSY) && lazy {
+            log::warn!(
+                "{} is busy (disk image still open, e.g. by a loop device); detaching lazily: \
+                 the daemon ends when the last user closes it",
+                path.display()
+            );
+            // SAFETY: as above.
+            let r = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            if r == 0 {
+                return Ok(());
+            }
+            return Err(Error::file(path, "umount", io::Error::last_os_error()));
+        }
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            return Err(busy_error(path));
+        }
+        return Err(Error::file(path, "umount", e));
+    }
+    let out = fusermount(&["-u"], path)?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if lazy {
+        log::warn!("{msg}; detaching lazily");
+        let out = fusermount(&["-u", "-z"], path)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(Error::Invalid(format!("fusermount3 -u -z: {msg}")));
+    }
+    if msg.contains("busy") {
+        return Err(busy_error(path));
+    }
+    Err(Error::Invalid(format!("fusermount3 -u: {msg}")))
+}
+
+fn busy_error(path: &Path) -> Error {
+    Error::Invalid(format!(
+        "{} is busy: the disk image is still open (unmount the guest file system and detach \
+         its loop device first: `losetup -j {}/<name>` shows it)",
+        path.display(),
+        path.display()
+    ))
+}
+
+fn fusermount(args: &[&str], path: &Path) -> Result<std::process::Output> {
+    let mut last = None;
+    for bin in ["fusermount3", "fusermount"] {
+        match Command::new(bin).args(args).arg("--").arg(path).output() {
+            Ok(o) => return Ok(o),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(Error::file(
+        Path::new("fusermount3"),
+        "run (install the fuse3 package)",
+        last.unwrap_or_else(|| io::Error::from(io::ErrorKind::NotFound)),
+    ))
+}
+
+/// `vdiskfs umount MOUNTPOINT`.
+pub fn umount(args: &UmountArgs) -> Result<i32> {
+    let path = &args.mountpoint;
+    let canon = match path.canonicalize() {
+        Ok(c) => c,
+        Err(e) if is_enotconn(&e) => path.to_path_buf(),
+        Err(e) => return Err(Error::file(path, "mount point", e)),
+    };
+    match mount_at(&canon) {
+        None => Err(Error::Invalid(format!("{} is not mounted", path.display()))),
+        Some(m) if !m.fstype.starts_with("fuse") => Err(Error::Invalid(format!(
+            "{} is a {} mount, not a vdiskfs mount",
+            path.display(),
+            m.fstype
+        ))),
+        Some(_) => {
+            unmount(&canon, false)?;
+            Ok(0)
+        }
+    }
+}
+
+/// The write end of the pipe to the waiting parent (detached mode only).
+struct Ready(Option<File>);
+
+impl Ready {
+    fn send(&mut self, msg: &str) {
+        if let Some(mut f) = self.0.take() {
+            let _ = f.write_all(msg.as_bytes());
+        }
+    }
+}
+
+/// Block the termination signals in this thread (and so in every thread started from
+/// it), to be taken with sigwait by one thread.
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it fully.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+fn block_signals() {
+    let set = signal_set();
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Wait for SIGINT/SIGTERM/SIGHUP; on each, flush and unmount.
+fn spawn_signal_thread(disk: Arc<Disk>, mountpoint: PathBuf, writable: bool) {
+    let r = std::thread::Builder::new()
+        .name("vdiskfs-signals".into())
+        .spawn(move || loop {
+            let set = signal_set();
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is initialised and `sig` is a valid out pointer; the signals
+            // are blocked in every thread, so sigwait is the only taker.
+            let r = unsafe { libc::sigwait(&set, &mut sig) };
+            if r != 0 {
+                log::error!("sigwait: {}", io::Error::from_raw_os_error(r));
+                return;
+            }
+            log::info!("signal {sig}: unmounting {}", mountpoint.display());
+            if writable {
+                if let Err(e) = disk.flush() {
+                    log::error!("flush before unmount: {e}");
+                }
+            }
+            if let Err(e) = unmount(&mountpoint, true) {
+                log::error!("unmount {}: {e}", mountpoint.display());
+            }
+        });
+    if let Err(e) = r {
+        log::error!("cannot start the signal thread: {e}");
+    }
+}
+
+/// Redirect stdin and stdout to /dev/null, stderr to `log` (appending) or /dev/null.
+fn detach_stdio(log: Option<&Path>) {
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
+        return;
+    };
+    let log = log.and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    });
+    let err = log.as_ref().unwrap_or(&null);
+    // SAFETY: dup2 of open descriptors onto the standard ones; nothing else in this
+    // process holds Rust-level ownership of descriptors 0, 1 and 2.
+    unsafe {
+        libc::dup2(null.as_raw_fd(), 0);
+        libc::dup2(null.as_raw_fd(), 1);
+        libc::dup2(err.as_raw_fd(), 2);
+    }
+}
+
+struct Prepared {
+    disk: Arc<Disk>,
+    fs: VdiskFs,
+    config: Config,
+    options: ParsedOptions,
+    mountpoint: PathBuf,
+    writable: bool,
+}
+
+fn prepare(args: &MountArgs) -> Result<Prepared> {
+    check_name(&args.name)?;
+    let parsed = parse_options(&args.options, args.read_only)?;
+    let cache_block =
+        parse_size(&args.cache_block).map_err(|e| Error::Invalid(format!("--cache-block: {e}")))?;
+    if cache_block < 4096 || !cache_block.is_power_of_two() || cache_block > 64 << 20 {
+        return Err(Error::Invalid(format!(
+            "--cache-block {}: must be a power of two between 4K and 64M",
+            args.cache_block
+        )));
+    }
+    let cache_bytes = args
+        .cache_size
+        .checked_mul(1 << 20)
+        .ok_or_else(|| Error::Invalid(format!("--cache-size {}: too large", args.cache_size)))?;
+    if args.threads == 0 || args.threads > 256 {
+        return Err(Error::Invalid(format!(
+            "--threads {}: must be between 1 and 256",
+            args.threads
+        )));
+    }
+    let mountpoint = check_mountpoint(&args.mountpoint, parsed.nonempty)?;
+    check_dev_fuse()?;
+
+    let chain = Chain::open(&args.image, &args.chain.options(!parsed.read_only))?;
+    for w in &chain.warnings {
+        log::warn!("{w}");
+    }
+    let disk = Arc::new(Disk::new(
+        chain,
+        DiskOptions {
+            cache_bytes,
+            cache_block,
+        },
+    ));
+    // SAFETY: getuid/getgid have no preconditions and cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let fs = VdiskFs::new(
+        disk.clone(),
+        FsOptions {
+            name: OsString::from(&args.name),
+            read_only: parsed.read_only,
+            uid,
+            gid,
+        },
+    );
+    let writable = fs.is_writable();
+    let mut config = Config::default();
+    config.acl = parsed.acl;
+    config.n_threads = Some(args.threads);
+    config.clone_fd = true;
+    Ok(Prepared {
+        disk,
+        fs,
+        config,
+        options: parsed,
+        mountpoint,
+        writable,
+    })
+}
+
+/// Mount and serve until unmounted. `ready` is told "OK" once the mount is live, or the
+/// error if mounting fails.
+fn serve(p: Prepared, mut ready: Ready, log_file: Option<&Path>, detached: bool) -> Result<i32> {
+    let Prepared {
+        disk,
+        fs,
+        config,
+        options,
+        mountpoint,
+        writable,
+    } = p;
+    block_signals();
+    let session = fuse_mount(&mountpoint, &options).and_then(|m| {
+        let dev = m
+            .dev
+            .try_clone()
+            .map_err(|e| Error::file(Path::new("/dev/fuse"), "dup", e))?;
+        let acl = config.acl;
+        match Session::from_fd(fs, dev, acl, config) {
+            Ok(s) => Ok((s, m)),
+            Err(e) => {
+                let _ = unmount(&mountpoint, true);
+                Err(Error::Invalid(format!(
+                    "mount {}: FUSE handshake: {e}",
+                    mountpoint.display()
+                )))
+            }
+        }
+    });
+    let (session, _mounted) = match session {
+        Ok(s) => s,
+        Err(err) => {
+            if detached {
+                // The waiting parent prints it.
+                ready.send(&format!("ERR {err}\n"));
+                return Ok(1);
+            }
+            return Err(err);
+        }
+    };
+    log::info!(
+        "mounted {} ({} bytes) at {}",
+        disk.layers()[0].path().display(),
+        disk.len(),
+        mountpoint.display()
+    );
+    ready.send("OK\n");
+    drop(ready);
+    if detached {
+        detach_stdio(log_file);
+    }
+    spawn_signal_thread(disk.clone(), mountpoint.clone(), writable);
+    let res = session.run();
+    if res.is_err() {
+        // The loop failed while the mount may still be there: do not leave it hanging.
+        let _ = unmount(&mountpoint, true);
+    }
+    if writable {
+        if let Err(e) = disk.flush() {
+            log::error!("flush at exit: {e}");
+        }
+    }
+    log::info!(
+        "unmounted {}; counters:\n{}",
+        mountpoint.display(),
+        disk.stats_text().trim_end()
+    );
+    match res {
+        Ok(()) => Ok(0),
+        Err(e) => Err(Error::Invalid(format!(
+            "FUSE session on {} ended with an error: {e}",
+            mountpoint.display()
+        ))),
+    }
+}
+
+pub fn run(args: &MountArgs, _verbose: u8) -> Result<i32> {
+    let prepared = prepare(args)?;
+    if args.foreground {
+        return serve(prepared, Ready(None), None, false);
+    }
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::file(
+            Path::new("pipe"),
+            "create",
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    let (rd, wr) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    // SAFETY: this process is single-threaded here (no thread has been started yet: the
+    // chain was opened on this thread and fuser's workers start after the fork), so the
+    // child gets a consistent copy of every lock and allocator state.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Error::file(
+            Path::new("fork"),
+            "fork",
+            io::Error::last_os_error(),
+        ));
+    }
+    if pid > 0 {
+        // Parent: wait for the daemon's word, then exit without running destructors
+        // (the daemon owns the image files now).
+        drop(wr);
+        let mut msg = String::new();
+        let mut rd = rd;
+        let _ = rd.read_to_string(&mut msg);
+        if msg.starts_with("OK") {
+            std::process::exit(0);
+        }
+        match msg.strip_prefix("ERR ") {
+            Some(m) => eprintln!("vdiskfs: {}", m.trim_end()),
+            None => {
+                let mut status = 0;
+                // SAFETY: `pid` is our child; `status` is a valid out pointer.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                eprintln!(
+                    "vdiskfs: the daemon exited before the mount was ready (status {status})"
+                );
+            }
+        }
+        std::process::exit(1);
+    }
+    // Child: a session of its own, so the terminal's signals and hangup do not reach it.
+    drop(rd);
+    let log_file = args
+        .log_file
+        .as_ref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+    // SAFETY: setsid has no memory-safety preconditions.
+    unsafe { libc::setsid() };
+    let _ = std::env::set_current_dir("/");
+    let code = match serve(prepared, Ready(Some(wr)), log_file.as_deref(), true) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("{e}");
+            1
+        }
+    };
+    std::process::exit(code);
 }
