@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -27,8 +28,8 @@ pub struct ImageFile {
     pub file: File,
     overlay: BTreeMap<u64, Box<[u8]>>,
     /// The file length as the image sees it (real length, or longer after in-memory replay).
-    logical_len: u64,
-    real_len: u64,
+    logical_len: AtomicU64,
+    real_len: AtomicU64,
 }
 
 impl ImageFile {
@@ -41,8 +42,8 @@ impl ImageFile {
             path: path.to_path_buf(),
             file,
             overlay: BTreeMap::new(),
-            logical_len: real_len,
-            real_len,
+            logical_len: AtomicU64::new(real_len),
+            real_len: AtomicU64::new(real_len),
         })
     }
 
@@ -57,15 +58,32 @@ impl ImageFile {
     }
 
     pub fn len(&self) -> u64 {
-        self.logical_len
+        self.logical_len.load(Ordering::Acquire)
+    }
+
+    fn real_len(&self) -> u64 {
+        self.real_len.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.logical_len == 0
+        self.len() == 0
     }
 
     pub fn has_overlay(&self) -> bool {
-        !self.overlay.is_empty() || self.logical_len != self.real_len
+        !self.overlay.is_empty() || self.len() != self.real_len()
+    }
+
+    /// Grow the real file (writable opens only; never shrinks).
+    pub fn grow(&self, len: u64) -> Result<()> {
+        if len <= self.real_len() {
+            return Ok(());
+        }
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io(&self.path, "extend file", len, e))?;
+        self.real_len.fetch_max(len, Ordering::AcqRel);
+        self.logical_len.fetch_max(len, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Record a replayed page (in-memory replay). `offset` is 4 KiB aligned and
@@ -74,12 +92,13 @@ impl ImageFile {
         debug_assert_eq!(offset % OVERLAY_PAGE, 0);
         debug_assert_eq!(data.len() as u64, OVERLAY_PAGE);
         self.overlay.insert(offset, data.into());
-        self.logical_len = self.logical_len.max(offset + OVERLAY_PAGE);
+        self.logical_len
+            .fetch_max(offset + OVERLAY_PAGE, Ordering::AcqRel);
     }
 
     /// Make the logical length at least `len` (in-memory replay of LastFileOffset).
     pub fn extend_logical(&mut self, len: u64) {
-        self.logical_len = self.logical_len.max(len);
+        self.logical_len.fetch_max(len, Ordering::AcqRel);
     }
 
     /// After a replay written to the file itself, re-read the real length.
@@ -89,8 +108,8 @@ impl ImageFile {
             .metadata()
             .map_err(|e| Error::file(&self.path, "stat", e))?
             .len();
-        self.real_len = len;
-        self.logical_len = self.logical_len.max(len);
+        self.real_len.store(len, Ordering::Release);
+        self.logical_len.fetch_max(len, Ordering::AcqRel);
         Ok(())
     }
 
@@ -99,18 +118,18 @@ impl ImageFile {
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.logical_len)
+            .filter(|&e| e <= self.len())
             .ok_or_else(|| {
                 Error::corrupt(
                     &self.path,
                     format!(
                         "read of {} bytes at offset {offset} is past the end of the file ({} bytes)",
                         buf.len(),
-                        self.logical_len
+                        self.len()
                     ),
                 )
             })?;
-        if self.overlay.is_empty() && end <= self.real_len {
+        if self.overlay.is_empty() && end <= self.real_len() {
             return self.pread(buf, offset);
         }
         self.read_slow(buf, offset)
@@ -143,10 +162,10 @@ impl ImageFile {
             let dst = &mut buf[done..done + n];
             if let Some(p) = self.overlay.get(&page) {
                 dst.copy_from_slice(&p[in_page..in_page + n]);
-            } else if pos >= self.real_len {
+            } else if pos >= self.real_len() {
                 dst.fill(0);
             } else {
-                let real = ((self.real_len - pos) as usize).min(n);
+                let real = ((self.real_len() - pos) as usize).min(n);
                 self.pread(&mut dst[..real], pos)?;
                 dst[real..].fill(0);
             }

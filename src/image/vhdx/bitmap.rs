@@ -83,10 +83,11 @@ pub fn set_bits(bits: &Bits, start: u64, n: u64) {
     }
 }
 
-/// How many bits from `start` (at most `max`) equal `value`.
+/// How many bits from `start` (at most `max`, and never past the bitmap) equal `value`.
 pub fn run_length(bits: &Bits, start: u64, max: u64, value: bool) -> u64 {
     let mut i = start;
-    let end = start + max;
+    let end = (start + max).min(bits.len() as u64 * 64);
+    let max = end.saturating_sub(start);
     while i < end {
         let w = i / 64;
         let word = bits[w as usize].load(Ordering::Acquire);

@@ -11,6 +11,7 @@ pub mod header;
 pub mod log;
 pub mod metadata;
 pub mod region;
+pub mod write;
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -46,6 +47,7 @@ pub struct Vhdx {
     log_state: String,
     warnings: Vec<String>,
     writable: bool,
+    pub(crate) write_state: Option<Mutex<write::WriteState>>,
 }
 
 impl Vhdx {
@@ -144,11 +146,19 @@ impl Vhdx {
             log_state,
             warnings,
             writable: opts.writable,
+            write_state: None,
         };
         // Small BATs (every realistic disk) are checked in full now, so a damaged file
         // fails at open with a clear message rather than in the middle of a read.
         if v.bat.entries * 8 <= 64 << 20 {
             v.validate_bat()?;
+        }
+        let mut v = v;
+        if opts.writable {
+            if v.meta.leave_block_allocated && !v.meta.has_parent {
+                ::log::info!("{}: fixed VHDX, writes go in place", path.display());
+            }
+            v.write_state = Some(Mutex::new(write::WriteState::new(v.file.len())));
         }
         Ok(v)
     }
@@ -395,6 +405,10 @@ impl Layer for Vhdx {
         Some(self.header().data_write_guid)
     }
 
+    fn writable(&self) -> Option<&dyn crate::layer::WritableLayer> {
+        self.write_state.as_ref().map(|_| self as &dyn crate::layer::WritableLayer)
+    }
+
     fn info(&self) -> Result<LayerInfo> {
         let h = self.header();
         let (allocated, held) = self.allocation()?;
@@ -444,3 +458,5 @@ impl Layer for Vhdx {
         })
     }
 }
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,311 @@
+//! Writing to a VHDX (the top of a writable chain).
+//!
+//! Ordering is the crash-safety story (MS-VHDX 2.2.2.1, 2.3):
+//! 1. Before the first change of a session, both headers get a new FileWriteGuid and
+//!    DataWriteGuid (written to the non-current slot with a higher SequenceNumber, flushed).
+//! 2. Payload data is written in place, or into a newly allocated block at the 1 MiB
+//!    aligned end of the file. The in-memory BAT and sector bitmaps change at once, so
+//!    reads see the write; the changed 4 KiB metadata pages are remembered as dirty.
+//! 3. On flush (fsync, FUSE flush, unmount, or when many pages are dirty): fdatasync the
+//!    data, write the dirty BAT / sector-bitmap pages as one log entry (flushed), set the
+//!    header's LogGuid if this is the session's first entry (flushed), copy the pages to
+//!    their final place, fdatasync. A crash before the entry is complete leaves the old
+//!    metadata; after it, replay brings the new. Data always reaches the disk before any
+//!    metadata that points at it.
+//! 4. On close, once everything is applied, LogGuid is cleared again.
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+
+use super::bat::{
+    file_offset, make_entry, state, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
+    PAYLOAD_BLOCK_PARTIALLY_PRESENT, SB_BLOCK_PRESENT,
+};
+use super::bitmap::{self, BITMAP_BLOCK_SIZE};
+use super::log::LogWriter;
+use super::{write_header_both, Vhdx};
+use crate::error::{Error, Result};
+use crate::layer::WritableLayer;
+
+const MIB: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+/// Flush on our own when this many metadata pages are dirty (one log entry holds them).
+const MAX_DIRTY_PAGES: usize = 96;
+
+/// A dirty 4 KiB metadata page, by what it holds.
+#[derive(Debug, Clone, Copy)]
+enum Dirty {
+    /// BAT page starting with this entry index.
+    Bat { first_index: u64 },
+    /// Page of the sector bitmap of `chunk`, starting at this byte of the bitmap block.
+    Bitmap { chunk: u64, byte: u64 },
+}
+
+#[derive(Default)]
+pub(crate) struct WriteState {
+    /// Where the next block goes (1 MiB aligned, at or past the end of the file).
+    next_free: u64,
+    /// File size known to be stable on disk.
+    flushed_len: u64,
+    dirty: BTreeMap<u64, Dirty>,
+    session_started: bool,
+    log: Option<LogWriter>,
+    /// Data written since the last fdatasync.
+    unsynced: bool,
+}
+
+impl WriteState {
+    pub(crate) fn new(file_len: u64) -> Self {
+        WriteState {
+            next_free: file_len.div_ceil(MIB) * MIB,
+            flushed_len: file_len,
+            ..Default::default()
+        }
+    }
+}
+
+impl Vhdx {
+    fn state_lock(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
+        match &self.write_state {
+            Some(m) => Ok(m.lock().unwrap_or_else(|e| e.into_inner())),
+            None => Err(Error::Invalid(format!(
+                "{}: opened read-only",
+                self.file.path.display()
+            ))),
+        }
+    }
+
+    /// New FileWriteGuid and DataWriteGuid before the first change of this session.
+    fn start_session(&self, st: &mut WriteState) -> Result<()> {
+        if st.session_started {
+            return Ok(());
+        }
+        let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
+        let (cur, slot) = &mut *h;
+        let mut next = cur.clone();
+        next.file_write_guid = Uuid::new_v4();
+        next.data_write_guid = Uuid::new_v4();
+        write_header_both(&self.file, cur, slot, next)?;
+        st.session_started = true;
+        Ok(())
+    }
+
+    /// Allocate `len` bytes (a multiple of 1 MiB) at the end of the file.
+    fn allocate(&self, st: &mut WriteState, len: u64) -> Result<u64> {
+        let off = st.next_free;
+        let end = off + len;
+        self.file.grow(end)?;
+        st.next_free = end;
+        st.unsynced = true;
+        Ok(off)
+    }
+
+    fn mark_bat_dirty(&self, st: &mut WriteState, index: u64) {
+        let off = self.bat.entry_file_offset(index);
+        let page = off - off % PAGE;
+        let first_index = (page - self.bat.region.file_offset) / 8;
+        st.dirty.insert(page, Dirty::Bat { first_index });
+    }
+
+    fn mark_bitmap_dirty(&self, st: &mut WriteState, chunk: u64, sb_off: u64, first: u64, n: u64) {
+        // Bytes of the bitmap block holding bits [first, first + n).
+        let b0 = first / 8;
+        let b1 = (first + n).div_ceil(8);
+        let mut p = b0 - b0 % PAGE;
+        while p < b1 {
+            st.dirty.insert(sb_off + p, Dirty::Bitmap { chunk, byte: p });
+            p += PAGE;
+        }
+    }
+
+    /// The sector bitmap of `chunk`, allocating its block when the chunk has none.
+    fn bitmap_for_write(&self, st: &mut WriteState, chunk: u64) -> Result<(u64, &bitmap::Bits)> {
+        let idx = self.bat.bitmap_index(chunk);
+        let e = self.bat.get(&self.file, idx)?;
+        if state(e) == SB_BLOCK_PRESENT {
+            let off = self.bitmap_offset(chunk)?;
+            let bits = self.bitmaps.get(&self.file, chunk, off)?;
+            return Ok((off, bits));
+        }
+        let off = self.allocate(st, BITMAP_BLOCK_SIZE as u64)?;
+        let bits = self.bitmaps.install(chunk, bitmap::empty());
+        self.bat.set(&self.file, idx, make_entry(SB_BLOCK_PRESENT, off))?;
+        self.mark_bat_dirty(st, idx);
+        Ok((off, bits))
+    }
+
+    /// Write within one block.
+    fn write_block(&self, st: &mut WriteState, block: u64, in_block: u64, data: &[u8]) -> Result<()> {
+        let bs = self.meta.block_size as u64;
+        let ss = self.meta.logical_sector_size as u64;
+        let idx = self.bat.payload_index(block);
+        let e = self.bat.get(&self.file, idx)?;
+        let st_now = self.check_payload(block, e)?;
+        match st_now {
+            PAYLOAD_BLOCK_FULLY_PRESENT => {
+                self.file.write_all_at(data, file_offset(e) + in_block)?;
+            }
+            PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
+                self.file.write_all_at(data, file_offset(e) + in_block)?;
+                let chunk = block / self.bat.chunk_ratio;
+                let (sb_off, bits) = self.bitmap_for_write(st, chunk)?;
+                let first = (block % self.bat.chunk_ratio) * (bs / ss) + in_block / ss;
+                let n = data.len() as u64 / ss;
+                bitmap::set_bits(bits, first, n);
+                self.mark_bitmap_dirty(st, chunk, sb_off, first, n);
+            }
+            _ => {
+                // A new block. In a differencing file a NOT_PRESENT block becomes
+                // PARTIALLY_PRESENT with exactly the written sectors marked; everything
+                // else (a base's unallocated block, ZERO/UNMAPPED/UNDEFINED blocks that
+                // read as zeros) becomes FULLY_PRESENT, the rest of it zeros from the
+                // file extension.
+                let partial = self.meta.has_parent && st_now == PAYLOAD_BLOCK_NOT_PRESENT;
+                let off = self.allocate(st, bs)?;
+                self.file.write_all_at(data, off + in_block)?;
+                if partial {
+                    let chunk = block / self.bat.chunk_ratio;
+                    let (sb_off, bits) = self.bitmap_for_write(st, chunk)?;
+                    let first = (block % self.bat.chunk_ratio) * (bs / ss) + in_block / ss;
+                    let n = data.len() as u64 / ss;
+                    bitmap::set_bits(bits, first, n);
+                    self.mark_bitmap_dirty(st, chunk, sb_off, first, n);
+                    self.bat
+                        .set(&self.file, idx, make_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, off))?;
+                } else {
+                    self.bat
+                        .set(&self.file, idx, make_entry(PAYLOAD_BLOCK_FULLY_PRESENT, off))?;
+                }
+                self.mark_bat_dirty(st, idx);
+            }
+        }
+        st.unsynced = true;
+        Ok(())
+    }
+
+    /// The current content of a dirty page, from the in-memory tables.
+    fn page_content(&self, page_off: u64, what: Dirty) -> Result<Vec<u8>> {
+        match what {
+            Dirty::Bat { first_index } => {
+                let mut buf = vec![0u8; PAGE as usize];
+                // Entries past the ones this disk uses keep what the file has.
+                self.file.read_exact_at(&mut buf, page_off)?;
+                for i in 0..(PAGE / 8) {
+                    let idx = first_index + i;
+                    if idx >= self.bat.entries {
+                        break;
+                    }
+                    let v = self.bat.get(&self.file, idx)?;
+                    buf[(i * 8) as usize..(i * 8 + 8) as usize].copy_from_slice(&v.to_le_bytes());
+                }
+                Ok(buf)
+            }
+            Dirty::Bitmap { chunk, byte } => {
+                let bits = self.bitmaps.loaded(chunk).ok_or_else(|| {
+                    Error::Invalid(format!("internal: bitmap of chunk {chunk} not loaded"))
+                })?;
+                Ok(bitmap::to_bytes(bits, (byte / 8) as usize, (PAGE / 8) as usize))
+            }
+        }
+    }
+
+    /// Make data durable, then log and apply the dirty metadata.
+    fn commit(&self, st: &mut WriteState) -> Result<()> {
+        if st.unsynced {
+            self.file.sync_data()?;
+            st.unsynced = false;
+            st.flushed_len = self
+                .file
+                .file
+                .metadata()
+                .map_err(|e| Error::file(&self.file.path, "stat", e))?
+                .len();
+        }
+        if st.dirty.is_empty() {
+            return Ok(());
+        }
+        let dirty = std::mem::take(&mut st.dirty);
+        let pages: Vec<(u64, Vec<u8>)> = dirty
+            .iter()
+            .map(|(&off, &what)| Ok((off, self.page_content(off, what)?)))
+            .collect::<Result<_>>()?;
+        let first_entry = st.log.is_none();
+        let log = st.log.get_or_insert_with(|| {
+            let h = self.header();
+            LogWriter::new(h.log_offset, h.log_length as u64, Uuid::new_v4(), 1)
+        });
+        let flushed = st.flushed_len / MIB * MIB;
+        let last = st.next_free.div_ceil(MIB) * MIB;
+        for group in pages.chunks(MAX_DIRTY_PAGES) {
+            let refs: Vec<(u64, &[u8])> = group.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+            log.write_entry(&self.file, &refs, flushed, last)?;
+            if first_entry {
+                // The entry is durable; now make the header point at this log.
+                let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
+                let (cur, slot) = &mut *h;
+                let mut next = cur.clone();
+                next.log_guid = log.log_guid();
+                write_header_both(&self.file, cur, slot, next)?;
+            }
+            for (off, data) in group {
+                self.file.write_all_at(data, *off)?;
+            }
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Commit everything and clear the header's LogGuid (clean close).
+    pub fn close(&self) -> Result<()> {
+        let Some(m) = &self.write_state else {
+            return Ok(());
+        };
+        let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        self.commit(&mut st)?;
+        if st.log.take().is_some() {
+            let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
+            let (cur, slot) = &mut *h;
+            let mut next = cur.clone();
+            next.log_guid = Uuid::nil();
+            write_header_both(&self.file, cur, slot, next)?;
+        }
+        Ok(())
+    }
+}
+
+impl WritableLayer for Vhdx {
+    fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut st = self.state_lock()?;
+        self.start_session(&mut st)?;
+        let bs = self.meta.block_size as u64;
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let block = pos / bs;
+            let in_block = pos % bs;
+            let n = ((bs - in_block) as usize).min(data.len() - done);
+            self.write_block(&mut st, block, in_block, &data[done..done + n])?;
+            done += n;
+        }
+        if st.dirty.len() >= MAX_DIRTY_PAGES {
+            self.commit(&mut st)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        let mut st = self.state_lock()?;
+        self.commit(&mut st)
+    }
+}
+
+impl Drop for Vhdx {
+    fn drop(&mut self) {
+        if self.write_state.is_some() {
+            if let Err(e) = self.close() {
+                ::log::error!("{}: closing: {e}", self.file.path.display());
+            }
+        }
+    }
+}
