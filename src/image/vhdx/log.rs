@@ -785,3 +785,807 @@ pub mod testutil {
         Ok(read_regions(&file)?.bat.file_offset)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use super::*;
+
+    const LOG_OFF: u64 = MIB;
+    const LOG_LEN: u64 = MIB;
+    const FILE_LEN: u64 = 4 * MIB;
+    const FLUSHED: u64 = FILE_LEN;
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let p = std::env::temp_dir()
+                .join(format!("vdiskfs-log-test-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+        fn path(&self, f: &str) -> PathBuf {
+            self.0.join(f)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Deterministic bytes that differ between pages and within a page.
+    fn pattern(seed: u64, len: usize) -> Vec<u8> {
+        (0..len as u64)
+            .map(|j| ((seed << 32 | j).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+            .collect()
+    }
+
+    /// A 4 MiB file full of pattern bytes (log region included, zeroed) at `name`.
+    fn synthetic(dir: &TempDir, name: &str) -> PathBuf {
+        let path = dir.path(name);
+        let mut bytes = pattern(1, FILE_LEN as usize);
+        bytes[LOG_OFF as usize..(LOG_OFF + LOG_LEN) as usize].fill(0);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn open(path: &Path, writable: bool) -> ImageFile {
+        ImageFile::open(path, writable).unwrap()
+    }
+
+    fn read(file: &ImageFile, off: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        file.read_exact_at(&mut b, off).unwrap();
+        b
+    }
+
+    fn real_bytes(path: &Path, off: u64, len: usize) -> Vec<u8> {
+        std::fs::read(path).unwrap()[off as usize..off as usize + len].to_vec()
+    }
+
+    /// Write raw entry bytes at ring position `pos`, wrapping like the ring does.
+    fn put(path: &Path, pos: u64, entry: &[u8]) {
+        let file = open(path, true);
+        for (i, s) in entry.chunks(SECTOR).enumerate() {
+            let at = (pos + (i * SECTOR) as u64) % LOG_LEN;
+            file.write_all_at(s, LOG_OFF + at).unwrap();
+        }
+    }
+
+    fn entry(guid: &Uuid, seq: u64, tail: u64, updates: &[LogUpdate]) -> Vec<u8> {
+        build_entry(guid, seq, tail as u32, FLUSHED, FILE_LEN, updates)
+    }
+
+    fn data(file_offset: u64, data: &[u8]) -> LogUpdate<'_> {
+        LogUpdate::Data { file_offset, data }
+    }
+
+    /// Recompute the checksum of a hand-edited entry.
+    fn recrc(e: &mut [u8]) {
+        e[4..8].fill(0);
+        let crc = crc32c::crc32c(e);
+        e[4..8].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    fn replay(path: &Path, guid: Uuid) -> Result<Option<Replay>> {
+        find_replay(&open(path, false), LOG_OFF, LOG_LEN, guid)
+    }
+
+    fn sector(w: &LogWrite) -> (u64, &[u8]) {
+        match &w.data {
+            LogData::Sector(d) => (w.file_offset, d),
+            LogData::Zero { .. } => panic!("expected a data write, got {w:?}"),
+        }
+    }
+
+    fn corrupt_msg(r: Result<Option<Replay>>) -> String {
+        match r {
+            Err(e @ Error::Corrupt { .. }) => e.to_string(),
+            Err(e) => panic!("expected a corrupt-file error, got {e}"),
+            Ok(r) => panic!("expected a corrupt-file error, got {r:?}"),
+        }
+    }
+
+    #[test]
+    fn writer_entry_round_trips_through_find_replay() {
+        let dir = TempDir::new("roundtrip");
+        let path = synthetic(&dir, "f");
+        let before = std::fs::read(&path).unwrap();
+        let (a, b) = (pattern(10, SECTOR), pattern(11, SECTOR));
+        let guid = Uuid::new_v4();
+        let mut w = LogWriter::new(LOG_OFF, LOG_LEN, guid, 1);
+        w.write_entry(
+            &open(&path, true),
+            &[(2 * MIB, &a), (2 * MIB + 8192, &b)],
+            FLUSHED,
+            FILE_LEN,
+        )
+        .unwrap();
+        assert_eq!(w.next_sequence(), 2);
+        // Only the log region changed: the pages are not applied by the writer.
+        let after = std::fs::read(&path).unwrap();
+        assert_eq!(after[..LOG_OFF as usize], before[..LOG_OFF as usize]);
+        assert_eq!(
+            after[(LOG_OFF + LOG_LEN) as usize..],
+            before[(LOG_OFF + LOG_LEN) as usize..]
+        );
+
+        let r = replay(&path, guid).unwrap().unwrap();
+        assert_eq!((r.entries, r.head_sequence), (1, 1));
+        assert_eq!(
+            (r.flushed_file_offset, r.last_file_offset),
+            (FLUSHED, FILE_LEN)
+        );
+        assert_eq!(r.writes.len(), 2);
+        assert_eq!(sector(&r.writes[0]), (2 * MIB, &a[..]));
+        assert_eq!(sector(&r.writes[1]), (2 * MIB + 8192, &b[..]));
+
+        // In memory: visible through the ImageFile, the file untouched.
+        let mut f = open(&path, false);
+        apply_in_memory(&mut f, &r);
+        assert_eq!(read(&f, 2 * MIB, SECTOR), a);
+        assert_eq!(read(&f, 2 * MIB + 8192, SECTOR), b);
+        assert_eq!(
+            read(&f, 2 * MIB + 4096, SECTOR),
+            before[(2 * MIB + 4096) as usize..][..SECTOR]
+        );
+        assert_eq!(f.len(), FILE_LEN);
+        assert_eq!(std::fs::read(&path).unwrap(), after);
+
+        // To the file.
+        apply_to_file(&open(&path, true), &r).unwrap();
+        assert_eq!(real_bytes(&path, 2 * MIB, SECTOR), a);
+        assert_eq!(real_bytes(&path, 2 * MIB + 8192, SECTOR), b);
+    }
+
+    #[test]
+    fn nil_log_guid_means_nothing_to_replay() {
+        let dir = TempDir::new("nil");
+        let path = synthetic(&dir, "f");
+        assert!(replay(&path, Uuid::nil()).unwrap().is_none());
+    }
+
+    #[test]
+    fn writer_keeps_the_newest_entry_active_while_it_wraps() {
+        let dir = TempDir::new("wrapwriter");
+        let path = synthetic(&dir, "f");
+        let guid = Uuid::new_v4();
+        let mut w = LogWriter::new(LOG_OFF, LOG_LEN, guid, 100);
+        let file = open(&path, true);
+        // 60 pages: 1 descriptor sector + 60 data sectors = 244 KiB, 4 entries per lap.
+        for i in 0..13u64 {
+            let pages: Vec<Vec<u8>> = (0..60).map(|p| pattern(i * 1000 + p, SECTOR)).collect();
+            let refs: Vec<(u64, &[u8])> = pages
+                .iter()
+                .enumerate()
+                .map(|(p, d)| (2 * MIB + p as u64 * 4096, d.as_slice()))
+                .collect();
+            w.write_entry(&file, &refs, FLUSHED, FILE_LEN).unwrap();
+            let r = replay(&path, guid).unwrap().unwrap();
+            assert_eq!(
+                (r.entries, r.head_sequence),
+                (1, 100 + i),
+                "after entry {i}"
+            );
+            assert_eq!(r.writes.len(), 60);
+            assert_eq!(sector(&r.writes[59]).1, &pages[59][..]);
+        }
+        // An entry that fits neither after the newest one nor before it is refused.
+        let big = vec![0u8; SECTOR];
+        let refs: Vec<(u64, &[u8])> = (0..200).map(|p| (2 * MIB + p * 4096, &big[..])).collect();
+        let err = w.write_entry(&file, &refs, FLUSHED, FILE_LEN).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        // ... and the log is unchanged by the refusal.
+        assert_eq!(replay(&path, guid).unwrap().unwrap().head_sequence, 112);
+    }
+
+    #[test]
+    fn writer_rejects_bad_updates() {
+        let dir = TempDir::new("badupdates");
+        let path = synthetic(&dir, "f");
+        let file = open(&path, true);
+        let mut w = LogWriter::new(LOG_OFF, LOG_LEN, Uuid::new_v4(), 1);
+        let p = vec![0u8; SECTOR];
+        for (off, d, flushed) in [
+            (2 * MIB + 1, &p[..], FLUSHED),    // unaligned
+            (2 * MIB, &p[..100], FLUSHED),     // short page
+            (64 << 10, &p[..], FLUSHED),       // header section
+            (2 * MIB, &p[..], FLUSHED + 4096), // FlushedFileOffset not 1 MiB aligned
+        ] {
+            assert!(w
+                .write_entry(&file, &[(off, d)], flushed, FILE_LEN)
+                .is_err());
+        }
+        let mut w = LogWriter::new(LOG_OFF, LOG_LEN, Uuid::new_v4(), 0);
+        assert!(w
+            .write_entry(&file, &[(2 * MIB, &p)], FLUSHED, FILE_LEN)
+            .is_err());
+        let mut w = LogWriter::new(FILE_LEN, LOG_LEN, Uuid::new_v4(), 1);
+        assert!(w
+            .write_entry(&file, &[(2 * MIB, &p)], FLUSHED, FILE_LEN)
+            .is_err());
+        // Nothing was written to the log.
+        assert!(real_bytes(&path, LOG_OFF, LOG_LEN as usize)
+            .iter()
+            .all(|&b| b == 0));
+    }
+
+    #[test]
+    fn multi_entry_sequence_replays_from_tail_in_order() {
+        let dir = TempDir::new("multi");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let (a1, a2, b) = (pattern(1, SECTOR), pattern(2, SECTOR), pattern(3, SECTOR));
+        let (p, q) = (2 * MIB, 3 * MIB);
+        let e1 = entry(&g, 10, 0, &[data(p, &a1), data(q, &a2)]);
+        let l1 = e1.len() as u64;
+        let e2 = entry(&g, 11, 0, &[data(p, &b)]);
+        let l2 = e2.len() as u64;
+        let e3 = entry(
+            &g,
+            12,
+            0,
+            &[LogUpdate::Zero {
+                file_offset: q + 4096,
+                len: 8192,
+            }],
+        );
+        put(&path, 0, &e1);
+        put(&path, l1, &e2);
+        put(&path, l1 + l2, &e3);
+        let r = replay(&path, g).unwrap().unwrap();
+        assert_eq!((r.entries, r.head_sequence), (3, 12));
+        assert_eq!(r.writes.len(), 4);
+        assert_eq!(sector(&r.writes[0]), (p, &a1[..]));
+        assert_eq!(sector(&r.writes[2]), (p, &b[..]));
+        assert_eq!(
+            r.writes[3],
+            LogWrite {
+                file_offset: q + 4096,
+                data: LogData::Zero { len: 8192 }
+            }
+        );
+
+        let mut f = open(&path, false);
+        apply_in_memory(&mut f, &r);
+        assert_eq!(
+            read(&f, p, SECTOR),
+            b,
+            "the newer entry overrides the older"
+        );
+        assert_eq!(read(&f, q, SECTOR), a2);
+        assert!(read(&f, q + 4096, 8192).iter().all(|&x| x == 0));
+
+        apply_to_file(&open(&path, true), &r).unwrap();
+        assert_eq!(real_bytes(&path, p, SECTOR), b);
+        assert_eq!(real_bytes(&path, q, SECTOR), a2);
+        assert!(real_bytes(&path, q + 4096, 8192).iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn tail_entry_starts_the_replay_not_the_scan_start() {
+        let dir = TempDir::new("tailmid");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let (a, b) = (pattern(1, SECTOR), pattern(2, SECTOR));
+        // Three consecutive entries; the head's Tail names the second one, so the first
+        // (already applied) is not part of the active sequence.
+        let e1 = entry(&g, 1, 0, &[data(2 * MIB, &a)]);
+        let l = e1.len() as u64;
+        put(&path, 0, &e1);
+        put(&path, l, &entry(&g, 2, l, &[data(3 * MIB, &b)]));
+        put(&path, 2 * l, &entry(&g, 3, l, &[]));
+        let r = replay(&path, g).unwrap().unwrap();
+        assert_eq!((r.entries, r.head_sequence), (2, 3));
+        assert_eq!(r.writes.len(), 1);
+        assert_eq!(sector(&r.writes[0]), (3 * MIB, &b[..]));
+    }
+
+    #[test]
+    fn torn_head_entry_makes_the_previous_sequence_active() {
+        let dir = TempDir::new("torn");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let (a, b, c) = (pattern(1, SECTOR), pattern(2, SECTOR), pattern(3, SECTOR));
+        let e1 = entry(&g, 1, 0, &[data(2 * MIB, &a)]);
+        let l = e1.len() as u64;
+        put(&path, 0, &e1);
+        put(&path, l, &entry(&g, 2, 0, &[data(2 * MIB, &b)]));
+        let mut e3 = entry(&g, 3, 0, &[data(2 * MIB, &c)]);
+        e3[SECTOR + 100] ^= 1; // torn data sector: checksum mismatch
+        put(&path, 2 * l, &e3);
+        let r = replay(&path, g).unwrap().unwrap();
+        assert_eq!((r.entries, r.head_sequence), (2, 2));
+        let mut f = open(&path, false);
+        apply_in_memory(&mut f, &r);
+        assert_eq!(read(&f, 2 * MIB, SECTOR), b);
+
+        // A data sector whose sequence number does not match is invalid even with a
+        // correct checksum (a misdirected write).
+        let mut e3 = entry(&g, 3, 0, &[data(2 * MIB, &c)]);
+        e3[2 * SECTOR - 4] ^= 1;
+        recrc(&mut e3);
+        put(&path, 2 * l, &e3);
+        assert_eq!(replay(&path, g).unwrap().unwrap().head_sequence, 2);
+
+        // Repaired, the third entry wins.
+        put(&path, 2 * l, &entry(&g, 3, 0, &[data(2 * MIB, &c)]));
+        let r = replay(&path, g).unwrap().unwrap();
+        assert_eq!((r.entries, r.head_sequence), (3, 3));
+    }
+
+    #[test]
+    fn entries_with_another_log_guid_are_ignored() {
+        let dir = TempDir::new("guid");
+        let path = synthetic(&dir, "f");
+        let (g, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let (a, b) = (pattern(1, SECTOR), pattern(2, SECTOR));
+        let e1 = entry(&g, 5, 0, &[data(2 * MIB, &a)]);
+        let l = e1.len() as u64;
+        put(&path, 0, &e1);
+        // Stale entries of an earlier log: consecutive or newer, but another LogGuid.
+        put(&path, l, &entry(&other, 6, l, &[data(2 * MIB, &b)]));
+        put(
+            &path,
+            512 << 10,
+            &entry(&other, 50, 512 << 10, &[data(2 * MIB, &b)]),
+        );
+        let r = replay(&path, g).unwrap().unwrap();
+        assert_eq!((r.entries, r.head_sequence), (1, 5));
+        assert_eq!(sector(&r.writes[0]).1, &a[..]);
+        // With a LogGuid no entry carries, there is no valid sequence: corrupt (2.3.3).
+        let msg = corrupt_msg(replay(&path, Uuid::new_v4()));
+        assert!(msg.contains("no valid entry sequence"), "{msg}");
+    }
+
+    #[test]
+    fn sequences_and_entries_wrap_around_the_ring() {
+        let dir = TempDir::new("wrap");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let (a, b, c) = (pattern(1, SECTOR), pattern(2, SECTOR), pattern(3, SECTOR));
+        // A stale older sequence in the middle.
+        put(
+            &path,
+            512 << 10,
+            &entry(&g, 3, 512 << 10, &[data(2 * MIB, &c)]),
+        );
+        // Entry 7 in the last 8 KiB, entry 8 at offset 0: one sequence across the end.
+        let t = LOG_LEN - 8192;
+        put(&path, t, &entry(&g, 7, t, &[data(2 * MIB, &a)]));
+        put(
+            &path,
+            0,
+            &entry(&g, 8, t, &[data(2 * MIB, &b), data(3 * MIB, &c)]),
+        );
+        let r = replay(&path, g).unwrap().unwrap();
+        assert_eq!((r.entries, r.head_sequence), (2, 8));
+        assert_eq!(r.writes.len(), 3);
+        assert_eq!(sector(&r.writes[0]).1, &a[..]);
+        assert_eq!(sector(&r.writes[1]).1, &b[..]);
+
+        // One entry whose own sectors wrap: header in the last sector, data at 0 and 4K.
+        let dir = TempDir::new("wrap2");
+        let path = synthetic(&dir, "f");
+        let t = LOG_LEN - 4096;
+        put(
+            &path,
+            t,
+            &entry(&g, 9, t, &[data(2 * MIB, &a), data(3 * MIB, &b)]),
+        );
+        let r = replay(&path, g).unwrap().unwrap();
+        assert_eq!((r.entries, r.head_sequence), (1, 9));
+        assert_eq!(sector(&r.writes[0]), (2 * MIB, &a[..]));
+        assert_eq!(sector(&r.writes[1]), (3 * MIB, &b[..]));
+    }
+
+    #[test]
+    fn sequence_whose_head_tail_is_outside_it_is_invalid() {
+        let dir = TempDir::new("badtail");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let a = pattern(1, SECTOR);
+        let e1 = entry(&g, 5, 0, &[data(2 * MIB, &a)]);
+        let l = e1.len() as u64;
+        put(&path, 0, &e1);
+        // Entry 6 continues entry 5 but names a tail that is not in the sequence: the
+        // maximal sequence [5, 6] is invalid, and so is [6] alone.
+        put(&path, l, &entry(&g, 6, 512 << 10, &[data(2 * MIB, &a)]));
+        corrupt_msg(replay(&path, g));
+        put(&path, l, &entry(&g, 6, 0, &[data(2 * MIB, &a)]));
+        assert_eq!(replay(&path, g).unwrap().unwrap().entries, 2);
+    }
+
+    #[test]
+    fn zero_descriptors_and_file_extension() {
+        let dir = TempDir::new("zero");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let (a, b) = (pattern(1, SECTOR), pattern(2, SECTOR));
+        let last = FILE_LEN + MIB;
+        let e = build_entry(
+            &g,
+            1,
+            0,
+            FLUSHED,
+            last,
+            &[
+                LogUpdate::Zero {
+                    file_offset: 2 * MIB,
+                    len: 8192,
+                },
+                data(3 * MIB, &a),
+                // Past the end of the file: a data page, then zeros over part of it.
+                data(FILE_LEN + 16384, &b),
+                data(FILE_LEN + 20480, &b),
+                LogUpdate::Zero {
+                    file_offset: FILE_LEN + 12288,
+                    len: 8192,
+                },
+            ],
+        );
+        put(&path, 0, &e);
+        let r = replay(&path, g).unwrap().unwrap();
+        assert_eq!(r.last_file_offset, last);
+        let check = |f: &ImageFile| {
+            assert_eq!(f.len(), last);
+            assert!(read(f, 2 * MIB, 8192).iter().all(|&x| x == 0));
+            assert_eq!(
+                read(f, 2 * MIB + 8192, SECTOR),
+                pattern(1, FILE_LEN as usize)[(2 * MIB + 8192) as usize..][..SECTOR]
+            );
+            assert_eq!(read(f, 3 * MIB, SECTOR), a);
+            assert!(read(f, FILE_LEN, 20480).iter().all(|&x| x == 0));
+            assert_eq!(read(f, FILE_LEN + 20480, SECTOR), b);
+            assert!(
+                read(f, FILE_LEN + 24576, (last - FILE_LEN - 24576) as usize)
+                    .iter()
+                    .all(|&x| x == 0)
+            );
+        };
+        let mut f = open(&path, false);
+        apply_in_memory(&mut f, &r);
+        check(&f);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), FILE_LEN);
+
+        let f = open(&path, true);
+        apply_to_file(&f, &r).unwrap();
+        drop(f);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), last);
+        check(&open(&path, false));
+    }
+
+    #[test]
+    fn truncated_file_is_corrupt() {
+        let dir = TempDir::new("trunc");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let a = pattern(1, SECTOR);
+        put(
+            &path,
+            0,
+            &build_entry(
+                &g,
+                1,
+                0,
+                FILE_LEN + MIB,
+                FILE_LEN + MIB,
+                &[data(2 * MIB, &a)],
+            ),
+        );
+        let msg = corrupt_msg(replay(&path, g));
+        assert!(msg.contains("truncated"), "{msg}");
+    }
+
+    #[test]
+    fn bad_log_region_is_corrupt() {
+        let dir = TempDir::new("region");
+        let path = synthetic(&dir, "f");
+        let f = open(&path, false);
+        let g = Uuid::new_v4();
+        for (off, len) in [
+            (LOG_OFF, 0),
+            (LOG_OFF, 4096),
+            (4096, LOG_LEN),
+            (0, LOG_LEN),
+            (FILE_LEN, LOG_LEN),
+            (u64::MAX - MIB + 1, MIB),
+        ] {
+            assert!(
+                matches!(find_replay(&f, off, len, g), Err(Error::Corrupt { .. })),
+                "{off} {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn corrupt_entry_fields_are_invalid_not_panics() {
+        let dir = TempDir::new("fields");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let a = pattern(1, SECTOR);
+        let good = entry(
+            &g,
+            1,
+            0,
+            &[
+                data(2 * MIB, &a),
+                LogUpdate::Zero {
+                    file_offset: 3 * MIB,
+                    len: 4096,
+                },
+            ],
+        );
+        put(&path, 0, &good);
+        assert!(replay(&path, g).unwrap().is_some());
+        let d0 = ENTRY_HEADER_SIZE; // first descriptor (data)
+        let d1 = ENTRY_HEADER_SIZE + DESCRIPTOR_SIZE; // second descriptor (zero)
+        type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+        let edits: Vec<(&str, Edit)> = vec![
+            ("signature", Box::new(|e| e[0] = b'x')),
+            (
+                "EntryLength beyond the log",
+                Box::new(|e| e[8..12].copy_from_slice(&(2 * MIB as u32).to_le_bytes())),
+            ),
+            ("EntryLength zero", Box::new(|e| e[8..12].fill(0))),
+            (
+                "EntryLength unaligned",
+                Box::new(|e| e[8..12].copy_from_slice(&8000u32.to_le_bytes())),
+            ),
+            ("EntryLength u32::MAX", Box::new(|e| e[8..12].fill(0xff))),
+            (
+                "Tail outside the log",
+                Box::new(|e| e[12..16].copy_from_slice(&(LOG_LEN as u32).to_le_bytes())),
+            ),
+            (
+                "Tail unaligned",
+                Box::new(|e| e[12..16].copy_from_slice(&100u32.to_le_bytes())),
+            ),
+            ("SequenceNumber zero", Box::new(|e| e[16..24].fill(0))),
+            (
+                "DescriptorCount u32::MAX",
+                Box::new(|e| e[24..28].fill(0xff)),
+            ),
+            (
+                "DescriptorCount too large",
+                Box::new(|e| e[24..28].copy_from_slice(&200u32.to_le_bytes())),
+            ),
+            (
+                "DescriptorCount 3",
+                Box::new(|e| e[24..28].copy_from_slice(&3u32.to_le_bytes())),
+            ),
+            ("descriptor signature", Box::new(move |e| e[d0] = b'x')),
+            ("descriptor sequence", Box::new(move |e| e[d0 + 24] ^= 1)),
+            (
+                "descriptor offset unaligned",
+                Box::new(move |e| e[d0 + 16] = 1),
+            ),
+            (
+                "descriptor in the header section",
+                Box::new(move |e| {
+                    e[d0 + 16..d0 + 24].copy_from_slice(&(64u64 << 10).to_le_bytes())
+                }),
+            ),
+            (
+                "descriptor offset overflows",
+                Box::new(move |e| {
+                    e[d0 + 16..d0 + 24].copy_from_slice(&(u64::MAX - 4095).to_le_bytes())
+                }),
+            ),
+            ("zero length unaligned", Box::new(move |e| e[d1 + 8] = 1)),
+            (
+                "zero range overflows",
+                Box::new(move |e| {
+                    e[d1 + 8..d1 + 16].copy_from_slice(&(u64::MAX - 4095).to_le_bytes())
+                }),
+            ),
+            ("data sector signature", Box::new(|e| e[SECTOR] = b'x')),
+            ("data sector SequenceHigh", Box::new(|e| e[SECTOR + 4] = 1)),
+            (
+                "two data descriptors, one data sector",
+                Box::new(move |e| e[d1..d1 + 4].copy_from_slice(DESC_SIGNATURE)),
+            ),
+        ];
+        for (what, edit) in &edits {
+            let mut e = good.clone();
+            edit(&mut e);
+            recrc(&mut e);
+            put(&path, 0, &e);
+            let r = replay(&path, g);
+            assert!(matches!(r, Err(Error::Corrupt { .. })), "{what}: {r:?}");
+        }
+        // Reserved fields are ignored.
+        let mut e = good.clone();
+        e[28] = 1;
+        recrc(&mut e);
+        put(&path, 0, &e);
+        assert!(replay(&path, g).unwrap().is_some());
+    }
+
+    #[test]
+    fn random_logs_never_panic() {
+        let dir = TempDir::new("random");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for round in 0..20 {
+            let mut log = vec![0u8; LOG_LEN as usize];
+            for b in log.iter_mut() {
+                *b = next() as u8;
+            }
+            // Plausible entry headers at random sector starts, some with valid checksums.
+            for _ in 0..40 {
+                let pos = (next() % (LOG_LEN / 4096)) as usize * SECTOR;
+                let h = &mut log[pos..pos + SECTOR];
+                h[0..4].copy_from_slice(ENTRY_SIGNATURE);
+                let len = ((next() % 4) + 1) as u32 * 4096;
+                h[8..12].copy_from_slice(&len.to_le_bytes());
+                h[12..16].copy_from_slice(&((next() % 256) as u32 * 4096).to_le_bytes());
+                h[16..24].copy_from_slice(&(next() % 4 + 1).to_le_bytes());
+                h[24..28].copy_from_slice(&((next() % 3) as u32).to_le_bytes());
+                h[32..48].copy_from_slice(&g.to_bytes_le());
+                h[48..64].fill(0);
+                if next() % 2 == 0 && pos + len as usize <= log.len() {
+                    recrc(&mut log[pos..pos + len as usize]);
+                }
+            }
+            put(&path, 0, &log);
+            if let Ok(Some(r)) = replay(&path, g) {
+                let mut f = open(&path, false);
+                apply_in_memory(&mut f, &r);
+                assert!(r.entries > 0, "round {round}");
+            }
+        }
+    }
+
+    fn run(cmd: &mut Command) -> String {
+        let out = cmd.output().unwrap_or_else(|e| {
+            panic!("cannot run {cmd:?} (install qemu-utils: scripts/setup.sh): {e}")
+        });
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{cmd:?} failed: {text}");
+        text
+    }
+
+    fn qemu_to_raw(vhdx: &Path, raw: &Path) -> Vec<u8> {
+        run(Command::new("qemu-img")
+            .args(["convert", "-f", "vhdx", "-O", "raw"])
+            .arg(vhdx)
+            .arg(raw));
+        std::fs::read(raw).unwrap()
+    }
+
+    /// The virtual disk of a small dynamic VHDX (1 MiB blocks, chunk ratio 4096 so BAT
+    /// index = block number), read through `file` (and so through its overlay).
+    fn read_disk(file: &ImageFile, bat: u64, blocks: u64) -> Vec<u8> {
+        let mut disk = Vec::new();
+        for b in 0..blocks {
+            let e = le64(&read(file, bat + 8 * b, 8), 0);
+            match e & 7 {
+                6 => disk.extend(read(file, e >> 20 << 20, MIB as usize)),
+                0 | 2 | 3 => disk.extend(vec![0u8; MIB as usize]),
+                s => panic!("block {b}: unexpected BAT state {s}"),
+            }
+        }
+        disk
+    }
+
+    /// A real pending-log VHDX (one data sector and one BAT page changed through the
+    /// log), judged by qemu, which replays logs when it opens a file writable.
+    #[test]
+    fn qemu_agrees_with_our_replay_of_a_crafted_pending_log() {
+        use crate::image::vhdx::header::read_current_header;
+
+        let dir = TempDir::new("qemu");
+        let blocks = 8u64;
+        let raw = pattern(7, (blocks * MIB) as usize);
+        std::fs::write(dir.path("in.raw"), &raw).unwrap();
+        let clean = dir.path("clean.vhdx");
+        run(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "vhdx", "-o"])
+            .arg("subformat=dynamic,block_size=1M,log_size=1M")
+            .arg(dir.path("in.raw"))
+            .arg(&clean));
+
+        // Where qemu put the blocks.
+        let bat = testutil::bat_offset(&clean).unwrap();
+        let f = open(&clean, false);
+        let mut bat_page = read(&f, bat, SECTOR);
+        let entries: Vec<u64> = (0..blocks as usize)
+            .map(|b| le64(&bat_page, 8 * b))
+            .collect();
+        assert!(
+            entries.iter().all(|e| e & 7 == 6),
+            "all blocks present: {entries:x?}"
+        );
+        drop(f);
+
+        // The logged changes: one data sector of block 3, and blocks 5 and 6 swapped in
+        // the BAT.
+        let sector_at = 3 * MIB + 8192;
+        let new_sector = pattern(99, SECTOR);
+        let data_off = (entries[3] >> 20 << 20) + 8192;
+        bat_page[40..48].copy_from_slice(&entries[6].to_le_bytes());
+        bat_page[48..56].copy_from_slice(&entries[5].to_le_bytes());
+        let pending = dir.path("pending.vhdx");
+        std::fs::copy(&clean, &pending).unwrap();
+        let guid = testutil::make_pending_log_test_file(
+            &pending,
+            &[(data_off, new_sector.clone()), (bat, bat_page.clone())],
+        )
+        .unwrap();
+        let pending_bytes = std::fs::read(&pending).unwrap();
+        assert_eq!(
+            real_bytes(&pending, data_off, SECTOR),
+            real_bytes(&clean, data_off, SECTOR)
+        );
+
+        let mut expected = raw.clone();
+        expected[sector_at as usize..][..SECTOR].copy_from_slice(&new_sector);
+        let (b5, b6) = (5 * MIB as usize, 6 * MIB as usize);
+        expected[b5..b6 + MIB as usize]
+            .copy_from_slice(&[&raw[b6..b6 + MIB as usize], &raw[b5..b6]].concat());
+
+        // qemu: replay on a writable open (check -r all), then read.
+        let q = dir.path("q.vhdx");
+        std::fs::copy(&pending, &q).unwrap();
+        run(Command::new("qemu-img")
+            .args(["check", "-r", "all"])
+            .arg(&q));
+        let qemu_view = qemu_to_raw(&q, &dir.path("q.raw"));
+        assert!(
+            qemu_view == expected,
+            "qemu does not see the logged changes"
+        );
+
+        // Ours, in memory: same bytes, file untouched.
+        let mut f = open(&pending, false);
+        let (hdr, _, _) = read_current_header(&f).unwrap();
+        assert_eq!(hdr.log_guid, guid);
+        let r = find_replay(&f, hdr.log_offset, u64::from(hdr.log_length), hdr.log_guid)
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.entries, r.writes.len()), (1, 2));
+        apply_in_memory(&mut f, &r);
+        assert!(
+            read_disk(&f, bat, blocks) == qemu_view,
+            "in-memory replay differs from qemu"
+        );
+        assert!(
+            std::fs::read(&pending).unwrap() == pending_bytes,
+            "read-only replay wrote to the file"
+        );
+
+        // Ours, to the file; then mark the log empty and let qemu read it read-only.
+        let w = dir.path("w.vhdx");
+        std::fs::copy(&pending, &w).unwrap();
+        let f = open(&w, true);
+        let r = find_replay(&f, hdr.log_offset, u64::from(hdr.log_length), hdr.log_guid)
+            .unwrap()
+            .unwrap();
+        apply_to_file(&f, &r).unwrap();
+        drop(f);
+        testutil::set_log_guid(&w, Uuid::nil()).unwrap();
+        run(Command::new("qemu-img").arg("check").arg(&w));
+        assert!(
+            qemu_to_raw(&w, &dir.path("w.raw")) == qemu_view,
+            "replay to the file differs from qemu"
+        );
+    }
+}
