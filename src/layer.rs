@@ -143,6 +143,10 @@ pub trait Layer: Send + Sync {
     }
     /// Everything `info` shows; may walk the BAT.
     fn info(&self) -> Result<LayerInfo>;
+    /// Structural problems found by a full check (`vdiskfs check`); empty when sound.
+    fn check(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
     /// The writable side, when this layer was opened for writing.
     fn writable(&self) -> Option<&dyn WritableLayer> {
         None

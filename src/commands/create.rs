@@ -4,6 +4,7 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::cli::{parse_size, CreateArgs, FormatArg};
 use crate::error::{Error, Result};
+use crate::image::vhd::create::windows_relative_path;
 use crate::image::vhdx::create::NewVhdx;
 use crate::image::vhdx::Vhdx;
 use crate::image::{create_new_file, detect_format};
@@ -42,7 +43,8 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
     match &args.parent {
         Some(parent) => create_child(args, format, parent, block_size),
         None => {
-            let size = parse_size(args.size.as_deref().unwrap_or_default()).map_err(Error::Invalid)?;
+            let size =
+                parse_size(args.size.as_deref().unwrap_or_default()).map_err(Error::Invalid)?;
             let lss = args.logical_sector_size.unwrap_or(512);
             match format {
                 FormatArg::Vhdx => {
@@ -66,10 +68,8 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
                             args.image.display()
                         )));
                     }
-                    return Err(Error::Invalid(format!(
-                        "{}: creating VHD files is not wired up yet (size {size}, block {block_size})",
-                        args.image.display()
-                    )));
+                    make_dir(&args.image)?;
+                    crate::image::vhd::create::create_dynamic(&args.image, size, block_size)?;
                 }
             }
             Ok(0)
@@ -100,6 +100,16 @@ fn resolve_parent(child: &Path, parent: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// Create the new file's directory when missing, as the Virtual PC API did.
+fn make_dir(image: &Path) -> Result<()> {
+    match image.parent() {
+        Some(d) if !d.as_os_str().is_empty() => {
+            std::fs::create_dir_all(d).map_err(|e| Error::file(d, "create directory", e))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn absolute(p: &Path) -> Result<PathBuf> {
     std::fs::canonicalize(p).map_err(|e| Error::file(p, "resolve", e))
 }
@@ -107,11 +117,19 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 /// The child's directory as an absolute path, without requiring it to exist.
 fn absolute_dir(child: &Path) -> Result<PathBuf> {
     let dir = child.parent().unwrap_or(Path::new(""));
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     let cwd = std::env::current_dir().map_err(|e| Error::file(Path::new("."), "getcwd", e))?;
     let mut out = PathBuf::new();
     // Existing prefix canonicalised, the rest appended lexically.
-    let joined = if dir.is_absolute() { dir.to_path_buf() } else { cwd.join(dir) };
+    let joined = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        cwd.join(dir)
+    };
     for comp in joined.components() {
         match comp {
             Component::ParentDir => {
@@ -127,31 +145,18 @@ fn absolute_dir(child: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// `to` relative to directory `from`, both absolute, with Windows separators.
-pub fn relative_windows_path(from: &Path, to: &Path) -> String {
-    let f: Vec<_> = from.components().collect();
-    let t: Vec<_> = to.components().collect();
-    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
-    let mut parts: Vec<String> = Vec::new();
-    if common == f.len() {
-        parts.push(".".into());
-    }
-    for _ in common..f.len() {
-        parts.push("..".into());
-    }
-    for c in &t[common..] {
-        parts.push(c.as_os_str().to_string_lossy().into_owned());
-    }
-    parts.join("\\")
-}
-
 /// An absolute Linux path in Win32 extended form on drive Z:, the drive Wine maps to
 /// the Linux root (a Linux path has no drive letter of its own).
 pub fn absolute_win32_path(p: &Path) -> String {
     format!("\\\\?\\Z:{}", p.display().to_string().replace('/', "\\"))
 }
 
-fn create_child(args: &CreateArgs, format: FormatArg, parent: &Path, block_size: u32) -> Result<i32> {
+fn create_child(
+    args: &CreateArgs,
+    format: FormatArg,
+    parent: &Path,
+    block_size: u32,
+) -> Result<i32> {
     if args.image.symlink_metadata().is_ok() {
         return Err(Error::Invalid(format!(
             "{}: already exists (vdiskfs never overwrites a file)",
@@ -160,7 +165,7 @@ fn create_child(args: &CreateArgs, format: FormatArg, parent: &Path, block_size:
     }
     let parent_abs = resolve_parent(&args.image, parent)?;
     let child_dir = absolute_dir(&args.image)?;
-    let relative = relative_windows_path(&child_dir, &parent_abs);
+    let relative = windows_relative_path(&child_dir, &parent_abs);
     let absolute = absolute_win32_path(&parent_abs);
     let pformat = detect_format(&parent_abs)?;
     match (format, pformat) {
@@ -170,7 +175,10 @@ fn create_child(args: &CreateArgs, format: FormatArg, parent: &Path, block_size:
             let m = p.metadata();
             let h = p.header();
             let locator = vec![
-                ("parent_linkage".to_string(), format!("{{{}}}", h.data_write_guid)),
+                (
+                    "parent_linkage".to_string(),
+                    format!("{{{}}}", h.data_write_guid),
+                ),
                 ("relative_path".to_string(), relative),
                 ("absolute_win32_path".to_string(), absolute),
             ];
@@ -189,10 +197,10 @@ fn create_child(args: &CreateArgs, format: FormatArg, parent: &Path, block_size:
             })?;
         }
         (FormatArg::Vhd, Some(Format::Vhd)) => {
-            return Err(Error::Invalid(format!(
-                "{}: creating VHD children is not wired up yet ({relative}, {absolute})",
-                args.image.display()
-            )));
+            // The parent opens read-only: creating a child never changes it.
+            let p = crate::image::vhd::Vhd::open(&parent_abs, OpenOptions { writable: false })?;
+            make_dir(&args.image)?;
+            crate::image::vhd::create::create_differencing(&args.image, &p, block_size)?;
         }
         (want, got) => {
             let got = got.map(|f| f.name()).unwrap_or("neither VHDX nor VHD");
@@ -216,14 +224,6 @@ mod tests {
 
     #[test]
     fn relative_paths_use_windows_separators() {
-        assert_eq!(
-            relative_windows_path(Path::new("/a/b"), Path::new("/a/b/base.vhdx")),
-            ".\\base.vhdx"
-        );
-        assert_eq!(
-            relative_windows_path(Path::new("/a/b/c"), Path::new("/a/x/base.vhdx")),
-            "..\\..\\x\\base.vhdx"
-        );
         assert_eq!(
             absolute_win32_path(Path::new("/srv/img/base.vhdx")),
             "\\\\?\\Z:\\srv\\img\\base.vhdx"

@@ -110,7 +110,10 @@ impl Vhdx {
                 length: hdr.log_length as u64,
             };
             if log_region.overlaps(&regions.bat) || log_region.overlaps(&regions.metadata) {
-                return Err(Error::corrupt(path, "the log overlaps the BAT or metadata region"));
+                return Err(Error::corrupt(
+                    path,
+                    "the log overlaps the BAT or metadata region",
+                ));
             }
         }
         let meta = metadata::read_metadata(&file, regions.metadata)?;
@@ -168,7 +171,11 @@ impl Vhdx {
     }
 
     pub fn header(&self) -> Header {
-        self.header.lock().unwrap_or_else(|e| e.into_inner()).0.clone()
+        self.header
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
     }
 
     pub fn is_writable(&self) -> bool {
@@ -187,7 +194,9 @@ impl Vhdx {
     fn check_payload(&self, block: u64, entry: u64) -> Result<u64> {
         let st = state(entry);
         match st {
-            PAYLOAD_BLOCK_NOT_PRESENT | PAYLOAD_BLOCK_UNDEFINED | PAYLOAD_BLOCK_ZERO
+            PAYLOAD_BLOCK_NOT_PRESENT
+            | PAYLOAD_BLOCK_UNDEFINED
+            | PAYLOAD_BLOCK_ZERO
             | PAYLOAD_BLOCK_UNMAPPED => Ok(st),
             PAYLOAD_BLOCK_FULLY_PRESENT | PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
                 if st == PAYLOAD_BLOCK_PARTIALLY_PRESENT && !self.meta.has_parent {
@@ -227,10 +236,14 @@ impl Vhdx {
                 format!("chunk {chunk} has PARTIALLY_PRESENT blocks but its sector bitmap block is not present"),
             ));
         }
-        if off < HEADER_SECTION_SIZE || off.saturating_add(bitmap::BITMAP_BLOCK_SIZE as u64) > self.file.len() {
+        if off < HEADER_SECTION_SIZE
+            || off.saturating_add(bitmap::BITMAP_BLOCK_SIZE as u64) > self.file.len()
+        {
             return Err(Error::corrupt(
                 &self.file.path,
-                format!("sector bitmap block of chunk {chunk} at file offset {off} is outside the file"),
+                format!(
+                    "sector bitmap block of chunk {chunk} at file offset {off} is outside the file"
+                ),
             ));
         }
         Ok(off)
@@ -363,7 +376,8 @@ impl Layer for Vhdx {
                             .bitmaps
                             .get(&self.file, chunk, self.bitmap_offset(chunk)?)?,
                     };
-                    let chunk_first_sector = (block % self.bat.chunk_ratio) * self.sectors_per_block();
+                    let chunk_first_sector =
+                        (block % self.bat.chunk_ratio) * self.sectors_per_block();
                     let base = file_offset(e);
                     let mut p = in_block;
                     let stop = in_block + n;
@@ -377,7 +391,13 @@ impl Layer for Vhdx {
                         let run_end = ((p / ss + same) * ss).min(stop);
                         let rl = run_end - p;
                         if present {
-                            push_run(runs, Run::Held { len: rl, file_offset: base + p });
+                            push_run(
+                                runs,
+                                Run::Held {
+                                    len: rl,
+                                    file_offset: base + p,
+                                },
+                            );
                         } else {
                             push_run(runs, Run::Absent { len: rl });
                         }
@@ -406,7 +426,13 @@ impl Layer for Vhdx {
     }
 
     fn writable(&self) -> Option<&dyn crate::layer::WritableLayer> {
-        self.write_state.as_ref().map(|_| self as &dyn crate::layer::WritableLayer)
+        self.write_state
+            .as_ref()
+            .map(|_| self as &dyn crate::layer::WritableLayer)
+    }
+
+    fn check(&self) -> Result<Vec<String>> {
+        self.check_structure()
     }
 
     fn info(&self) -> Result<LayerInfo> {
@@ -427,7 +453,10 @@ impl Layer for Vhdx {
             logical_sector_size: self.meta.logical_sector_size,
             physical_sector_size: self.meta.physical_sector_size,
             ids: vec![
-                ("virtual_disk_id".into(), self.meta.virtual_disk_id.to_string()),
+                (
+                    "virtual_disk_id".into(),
+                    self.meta.virtual_disk_id.to_string(),
+                ),
                 ("data_write_guid".into(), h.data_write_guid.to_string()),
                 ("file_write_guid".into(), h.file_write_guid.to_string()),
                 ("log_guid".into(), h.log_guid.to_string()),
@@ -440,9 +469,15 @@ impl Layer for Vhdx {
             bytes_held: held,
             extra: vec![
                 ("creator".into(), self.creator.clone()),
-                ("header_sequence_number".into(), h.sequence_number.to_string()),
+                (
+                    "header_sequence_number".into(),
+                    h.sequence_number.to_string(),
+                ),
                 ("chunk_ratio".into(), self.bat.chunk_ratio.to_string()),
-                ("bat_offset".into(), self.regions.bat.file_offset.to_string()),
+                (
+                    "bat_offset".into(),
+                    self.regions.bat.file_offset.to_string(),
+                ),
                 (
                     "metadata_offset".into(),
                     self.regions.metadata.file_offset.to_string(),
@@ -460,3 +495,121 @@ impl Layer for Vhdx {
 }
 #[cfg(test)]
 mod tests;
+
+impl Vhdx {
+    /// Every structural problem found (empty when the file is sound): invalid header or
+    /// region table copies, BAT entries out of bounds or in wrong states, blocks that
+    /// overlap each other or the header section, log, BAT or metadata, and
+    /// PARTIALLY_PRESENT blocks without a sector bitmap.
+    pub fn check_structure(&self) -> Result<Vec<String>> {
+        let mut problems: Vec<String> = self
+            .warnings
+            .iter()
+            .filter(|w| w.contains("header") || w.contains("region"))
+            .cloned()
+            .collect();
+        // Both region table copies must be valid and equal.
+        let mut copies = Vec::new();
+        for off in region::REGION_TABLE_OFFSETS {
+            let mut b = vec![0u8; region::REGION_TABLE_SIZE];
+            self.file.read_exact_at(&mut b, off)?;
+            copies.push(b);
+        }
+        for (i, c) in copies.iter().enumerate() {
+            let stored = header::le32(c, 4);
+            if &c[0..4] != b"regi" || header::crc_with_zeroed_field(c, 4) != stored {
+                problems.push(format!("region table {} is invalid", i + 1));
+            }
+        }
+        if copies[0] != copies[1] {
+            problems.push("the two region table copies differ".into());
+        }
+        let h = self.header();
+        let bs = self.block_size();
+        let mut ranges: Vec<(u64, u64, String)> = vec![
+            (0, HEADER_SECTION_SIZE, "header section".into()),
+            (
+                self.regions.bat.file_offset,
+                self.regions.bat.end(),
+                "BAT region".into(),
+            ),
+            (
+                self.regions.metadata.file_offset,
+                self.regions.metadata.end(),
+                "metadata region".into(),
+            ),
+        ];
+        if h.log_length != 0 {
+            ranges.push((
+                h.log_offset,
+                h.log_offset + h.log_length as u64,
+                "log".into(),
+            ));
+        }
+        for block in 0..self.bat.data_blocks {
+            let e = self.bat.get(&self.file, self.bat.payload_index(block))?;
+            match self.check_payload(block, e) {
+                Err(err) => problems.push(strip_path(&err, &self.file.path)),
+                Ok(PAYLOAD_BLOCK_FULLY_PRESENT) | Ok(PAYLOAD_BLOCK_PARTIALLY_PRESENT) => {
+                    let off = file_offset(e);
+                    ranges.push((off, off + bs, format!("payload block {block}")));
+                    if state(e) == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
+                        if let Err(err) = self.bitmap_offset(block / self.bat.chunk_ratio) {
+                            problems.push(strip_path(&err, &self.file.path));
+                        }
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
+        for chunk in 0..self.bat.bitmap_blocks {
+            let idx = self.bat.bitmap_index(chunk);
+            if idx >= self.bat.entries {
+                break;
+            }
+            let e = self.bat.get(&self.file, idx)?;
+            match state(e) {
+                bat::SB_BLOCK_NOT_PRESENT => {}
+                SB_BLOCK_PRESENT if self.meta.has_parent => {
+                    let off = file_offset(e);
+                    let end = off + bitmap::BITMAP_BLOCK_SIZE as u64;
+                    if off < HEADER_SECTION_SIZE || end > self.file.len() {
+                        problems.push(format!(
+                            "sector bitmap block of chunk {chunk} at {off} is outside the file"
+                        ));
+                    } else {
+                        ranges.push((off, end, format!("sector bitmap block {chunk}")));
+                    }
+                }
+                s => problems.push(format!(
+                    "sector bitmap entry of chunk {chunk} has state {s}, invalid in a {} file",
+                    if self.meta.has_parent {
+                        "differencing"
+                    } else {
+                        "non-differencing"
+                    }
+                )),
+            }
+        }
+        ranges.sort();
+        let mut furthest: Option<(u64, String)> = None;
+        for (start, end, name) in ranges {
+            if let Some((fend, fname)) = &furthest {
+                if start < *fend {
+                    problems.push(format!("{name} (at {start}) overlaps {fname}"));
+                }
+            }
+            if furthest.as_ref().is_none_or(|(fend, _)| end > *fend) {
+                furthest = Some((end, name));
+            }
+        }
+        Ok(problems)
+    }
+}
+
+/// An error's message without the leading "path: " (the check report names the file once).
+fn strip_path(e: &Error, path: &Path) -> String {
+    let s = e.to_string();
+    let prefix = format!("{}: ", path.display());
+    s.strip_prefix(&prefix).map(str::to_string).unwrap_or(s)
+}

@@ -68,7 +68,10 @@ fn open_err(path: &Path) -> String {
         Ok(_) => panic!("{} opened but should not", path.display()),
         Err(e) => {
             let s = e.to_string();
-            assert!(s.contains(&path.display().to_string()), "error names the file: {s}");
+            assert!(
+                s.contains(&path.display().to_string()),
+                "error names the file: {s}"
+            );
             assert!(!s.contains('\n'), "one line: {s}");
             s
         }
@@ -111,7 +114,12 @@ fn one_bad_header_is_survivable_two_are_not() {
     new_base(&p, 4 << 20, 1 << 20, 512);
     patch(&p, HEADER_OFFSETS[1] + 100, &[0xff]);
     let v = Vhdx::open(&p, OpenOptions::default()).unwrap();
-    assert!(v.info().unwrap().warnings.iter().any(|w| w.contains("checksum")));
+    assert!(v
+        .info()
+        .unwrap()
+        .warnings
+        .iter()
+        .any(|w| w.contains("checksum")));
     patch(&p, HEADER_OFFSETS[0] + 100, &[0xff]);
     let e = open_err(&p);
     assert!(e.contains("both VHDX headers are invalid"), "{e}");
@@ -146,8 +154,16 @@ fn bad_metadata_values() {
     let cases: [(u64, Vec<u8>, &str); 4] = [
         (ITEMS, (3u32 << 20).to_le_bytes().to_vec(), "block size"),
         (ITEMS, (512u32 << 20).to_le_bytes().to_vec(), "block size"),
-        (ITEMS + 32, 1000u32.to_le_bytes().to_vec(), "sector size 1000"),
-        (ITEMS + 8, (65u64 << 40).to_le_bytes().to_vec(), "virtual disk size"),
+        (
+            ITEMS + 32,
+            1000u32.to_le_bytes().to_vec(),
+            "sector size 1000",
+        ),
+        (
+            ITEMS + 8,
+            (65u64 << 40).to_le_bytes().to_vec(),
+            "virtual disk size",
+        ),
     ];
     for (i, (off, bytes, want)) in cases.iter().enumerate() {
         let d = TempDir::new(&format!("vhdx-meta{i}"));
@@ -183,7 +199,10 @@ fn bat_entry_past_end_of_file() {
     let entry = (1000u64 << 20) | 6;
     patch(&p, (3 << 20) + 8, &entry.to_le_bytes());
     let e = open_err(&p);
-    assert!(e.contains("block 1") && e.contains("outside the file"), "{e}");
+    assert!(
+        e.contains("block 1") && e.contains("outside the file"),
+        "{e}"
+    );
     // A reserved state.
     patch(&p, (3 << 20) + 8, &4u64.to_le_bytes());
     assert!(open_err(&p).contains("reserved state"));
@@ -198,4 +217,119 @@ fn truncated_file() {
     f.set_len(200 << 10).unwrap();
     let e = open_err(&p);
     assert!(e.contains("region"), "{e}");
+}
+
+/// A small deterministic PRNG (xorshift) so failures reproduce.
+pub(crate) struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+fn open_disk(path: &Path, writable: bool) -> crate::disk::Disk {
+    let chain = crate::chain::Chain::open(
+        path,
+        &crate::chain::ChainOptions {
+            writable,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    crate::disk::Disk::new(chain, crate::disk::DiskOptions::default())
+}
+
+fn read_all(disk: &crate::disk::Disk) -> Vec<u8> {
+    let mut out = vec![0u8; disk.len() as usize];
+    assert_eq!(disk.read_at(0, &mut out).unwrap(), out.len());
+    out
+}
+
+/// Apply random writes (sector-aligned and not, straddling blocks) to `disk` and `model`.
+pub(crate) fn random_writes(
+    disk: &crate::disk::Disk,
+    model: &mut [u8],
+    rng: &mut Rng,
+    n: usize,
+    sector: u64,
+) {
+    let size = model.len() as u64;
+    for i in 0..n {
+        let (off, len) = match i % 4 {
+            0 => (rng.below(size / sector) * sector, sector),
+            1 => (rng.below(size / 4096) * 4096, 4096 * (1 + rng.below(8))),
+            // Across a 1 MiB block boundary.
+            2 => {
+                let b = (1 + rng.below(size / (1 << 20) - 1)) << 20;
+                (b - sector * (1 + rng.below(4)), sector * (2 + rng.below(8)))
+            }
+            _ => (rng.below(size - 10_000), 1 + rng.below(9_000)),
+        };
+        let len = len.min(size - off);
+        let mut data = vec![0u8; len as usize];
+        rng.fill(&mut data);
+        assert_eq!(disk.write_at(off, &data).unwrap(), data.len());
+        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+    }
+}
+
+#[test]
+fn writes_to_base_and_child_match_a_model() {
+    for lss in [512u32, 4096] {
+        let d = TempDir::new("vhdx-write");
+        let base = d.0.join("base.vhdx");
+        let size = 24u64 << 20;
+        new_base(&base, size, 1 << 20, lss);
+        let mut model = vec![0u8; size as usize];
+        let mut rng = Rng(0x1234_5678 + lss as u64);
+        {
+            let disk = open_disk(&base, true);
+            random_writes(&disk, &mut model, &mut rng, 60, lss as u64);
+            assert!(read_all(&disk) == model, "base before close");
+            disk.flush().unwrap();
+        }
+        assert!(
+            read_all(&open_disk(&base, false)) == model,
+            "base after reopen"
+        );
+        let base_sum = std::fs::read(&base).unwrap();
+
+        let child = d.0.join("child.avhdx");
+        crate::commands::create::run(&crate::cli::CreateArgs {
+            image: child.clone(),
+            parent: Some(base.clone()),
+            size: None,
+            block_size: None,
+            logical_sector_size: None,
+            format: None,
+        })
+        .unwrap();
+        {
+            let disk = open_disk(&child, true);
+            assert!(read_all(&disk) == model, "child sees the parent");
+            random_writes(&disk, &mut model, &mut rng, 200, lss as u64);
+            assert!(read_all(&disk) == model, "child before close");
+        }
+        let disk = open_disk(&child, false);
+        assert!(read_all(&disk) == model, "child after reopen (lss {lss})");
+        let info = disk.layers()[0].info().unwrap();
+        assert!(info.allocated_blocks > 0);
+        assert_eq!(info.log_state.as_deref(), Some("clean (no pending log)"));
+        assert!(
+            std::fs::read(&base).unwrap() == base_sum,
+            "the parent never changes"
+        );
+    }
 }
