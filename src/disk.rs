@@ -241,13 +241,7 @@ impl Disk {
         } else {
             s.push_str("cache off\n");
         }
-        for (i, (l, b)) in self
-            .chain
-            .layers
-            .iter()
-            .zip(&self.layer_bytes)
-            .enumerate()
-        {
+        for (i, (l, b)) in self.chain.layers.iter().zip(&self.layer_bytes).enumerate() {
             s.push_str(&format!(
                 "layer{i}_bytes {} {}\n",
                 b.load(Ordering::Relaxed),

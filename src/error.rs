@@ -87,13 +87,11 @@ impl Error {
     /// The errno a FUSE reply should carry for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::Io { source, .. } | Error::File { source, .. } => {
-                match source.raw_os_error() {
-                    Some(libc::ENOSPC) => libc::ENOSPC,
-                    Some(libc::EDQUOT) => libc::EDQUOT,
-                    _ => libc::EIO,
-                }
-            }
+            Error::Io { source, .. } | Error::File { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOSPC) => libc::ENOSPC,
+                Some(libc::EDQUOT) => libc::EDQUOT,
+                _ => libc::EIO,
+            },
             _ => libc::EIO,
         }
     }

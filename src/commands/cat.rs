@@ -48,7 +48,6 @@ pub fn write_all<W: Write>(disk: &Disk, mut out: W, out_path: &Path) -> Result<(
         }
         off += n as u64;
     }
-    out.flush()
-        .map_err(|e| Error::file(out_path, "flush", e))?;
+    out.flush().map_err(|e| Error::file(out_path, "flush", e))?;
     Ok(())
 }

@@ -119,9 +119,15 @@ fn render_text(doc: &Value) -> String {
             l["format"].as_str().unwrap_or(""),
             l["disk_type"].as_str().unwrap_or("")
         ));
-        s.push_str(&format!("  virtual size:         {}\n", human(u("virtual_size"))));
+        s.push_str(&format!(
+            "  virtual size:         {}\n",
+            human(u("virtual_size"))
+        ));
         if u("block_size") != 0 {
-            s.push_str(&format!("  block size:           {}\n", human(u("block_size"))));
+            s.push_str(&format!(
+                "  block size:           {}\n",
+                human(u("block_size"))
+            ));
         }
         s.push_str(&format!(
             "  sector size:          {} logical, {} physical\n",
@@ -130,13 +136,20 @@ fn render_text(doc: &Value) -> String {
         ));
         if let Some(ids) = l["ids"].as_object() {
             for (k, v) in ids {
-                s.push_str(&format!("  {:<21} {}\n", format!("{k}:"), v.as_str().unwrap_or("")));
+                s.push_str(&format!(
+                    "  {:<21} {}\n",
+                    format!("{k}:"),
+                    v.as_str().unwrap_or("")
+                ));
             }
         }
         s.push_str(&format!("  has parent:           {}\n", l["has_parent"]));
         if let Some(loc) = l["parent_locator"].as_object() {
             for (k, v) in loc {
-                s.push_str(&format!("  parent locator:       {k} = {}\n", v.as_str().unwrap_or("")));
+                s.push_str(&format!(
+                    "  parent locator:       {k} = {}\n",
+                    v.as_str().unwrap_or("")
+                ));
             }
         }
         if let Some(f) = l["found_by"].as_object() {
@@ -164,11 +177,18 @@ fn render_text(doc: &Value) -> String {
         ));
         if let Some(extra) = l["extra"].as_object() {
             for (k, v) in extra {
-                s.push_str(&format!("  {:<21} {}\n", format!("{k}:"), v.as_str().unwrap_or("")));
+                s.push_str(&format!(
+                    "  {:<21} {}\n",
+                    format!("{k}:"),
+                    v.as_str().unwrap_or("")
+                ));
             }
         }
         for w in l["warnings"].as_array().into_iter().flatten() {
-            s.push_str(&format!("  warning:              {}\n", w.as_str().unwrap_or("")));
+            s.push_str(&format!(
+                "  warning:              {}\n",
+                w.as_str().unwrap_or("")
+            ));
         }
     }
     for w in doc["warnings"].as_array().into_iter().flatten() {

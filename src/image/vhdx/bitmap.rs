@@ -58,7 +58,9 @@ pub fn from_bytes(raw: &[u8]) -> Box<[AtomicU64]> {
 }
 
 pub fn empty() -> Box<[AtomicU64]> {
-    (0..BITMAP_BLOCK_SIZE / 8).map(|_| AtomicU64::new(0)).collect()
+    (0..BITMAP_BLOCK_SIZE / 8)
+        .map(|_| AtomicU64::new(0))
+        .collect()
 }
 
 pub fn get_bit(bits: &Bits, i: u64) -> bool {

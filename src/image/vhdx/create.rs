@@ -54,7 +54,10 @@ impl NewVhdx {
             }
         }
         let lss = self.logical_sector_size as u64;
-        if self.virtual_size == 0 || self.virtual_size > MAX_VIRTUAL_SIZE || self.virtual_size % lss != 0 {
+        if self.virtual_size == 0
+            || self.virtual_size > MAX_VIRTUAL_SIZE
+            || self.virtual_size % lss != 0
+        {
             return bad(format!(
                 "size {} is invalid for VHDX (a non-zero multiple of the {lss}-byte sector size, at most 64 TiB)",
                 self.virtual_size
@@ -137,8 +140,16 @@ fn metadata_region(n: &NewVhdx, disk_id: Uuid) -> Result<Vec<u8>> {
     items.push((FILE_PARAMETERS, 4, fp));
     items.push((VIRTUAL_DISK_SIZE, 6, n.virtual_size.to_le_bytes().to_vec()));
     items.push((VIRTUAL_DISK_ID, 6, disk_id.to_bytes_le().to_vec()));
-    items.push((LOGICAL_SECTOR_SIZE, 6, n.logical_sector_size.to_le_bytes().to_vec()));
-    items.push((PHYSICAL_SECTOR_SIZE, 6, n.physical_sector_size.to_le_bytes().to_vec()));
+    items.push((
+        LOGICAL_SECTOR_SIZE,
+        6,
+        n.logical_sector_size.to_le_bytes().to_vec(),
+    ));
+    items.push((
+        PHYSICAL_SECTOR_SIZE,
+        6,
+        n.physical_sector_size.to_le_bytes().to_vec(),
+    ));
     if let Some(loc) = &n.parent_locator {
         items.push((PARENT_LOCATOR, 4, locator_item(loc)));
     }

@@ -177,10 +177,7 @@ pub fn read_current_header(file: &ImageFile) -> Result<(Header, usize, Vec<Strin
     if h.log_length != 0 && h.log_offset < HEADER_SECTION_SIZE {
         return Err(Error::corrupt(
             &file.path,
-            format!(
-                "log at offset {} overlaps the header section",
-                h.log_offset
-            ),
+            format!("log at offset {} overlaps the header section", h.log_offset),
         ));
     }
     Ok((h, chosen, warnings))

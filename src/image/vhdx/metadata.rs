@@ -56,7 +56,10 @@ fn utf16le(bytes: &[u8]) -> std::result::Result<String, String> {
 /// Parse a parent locator item (MS-VHDX 2.6.2.6).
 pub fn parse_parent_locator(item: &[u8]) -> std::result::Result<Vec<(String, String)>, String> {
     if item.len() < 20 {
-        return Err(format!("parent locator is {} bytes (header needs 20)", item.len()));
+        return Err(format!(
+            "parent locator is {} bytes (header needs 20)",
+            item.len()
+        ));
     }
     let ltype = guid(item, 0);
     if ltype != VHDX_LOCATOR_TYPE {
@@ -85,9 +88,10 @@ pub fn parse_parent_locator(item: &[u8]) -> std::result::Result<Vec<(String, Str
                 Ok(&item[o..o + l])
             }
         };
-        let key = utf16le(slice(ko, kl, "key")?).map_err(|e| format!("parent locator entry {i} key: {e}"))?;
-        let value =
-            utf16le(slice(vo, vl, "value")?).map_err(|e| format!("parent locator entry {i} value: {e}"))?;
+        let key = utf16le(slice(ko, kl, "key")?)
+            .map_err(|e| format!("parent locator entry {i} key: {e}"))?;
+        let value = utf16le(slice(vo, vl, "value")?)
+            .map_err(|e| format!("parent locator entry {i} value: {e}"))?;
         if out.iter().any(|(k, _)| *k == key) {
             return Err(format!("parent locator key {key:?} appears twice"));
         }
@@ -192,13 +196,21 @@ pub fn read_metadata(file: &ImageFile, region: Region) -> Result<Metadata> {
     }
     let logical_sector_size = le32(&need(LOGICAL_SECTOR_SIZE, 4, "Logical Sector Size")?, 0);
     let physical_sector_size = le32(&need(PHYSICAL_SECTOR_SIZE, 4, "Physical Sector Size")?, 0);
-    for (name, v) in [("logical", logical_sector_size), ("physical", physical_sector_size)] {
+    for (name, v) in [
+        ("logical", logical_sector_size),
+        ("physical", physical_sector_size),
+    ] {
         if v != 512 && v != 4096 {
-            return Err(bad(format!("{name} sector size {v} is invalid (must be 512 or 4096)")));
+            return Err(bad(format!(
+                "{name} sector size {v} is invalid (must be 512 or 4096)"
+            )));
         }
     }
     let virtual_size = le64(&need(VIRTUAL_DISK_SIZE, 8, "Virtual Disk Size")?, 0);
-    if virtual_size == 0 || virtual_size > MAX_VIRTUAL_SIZE || virtual_size % logical_sector_size as u64 != 0 {
+    if virtual_size == 0
+        || virtual_size > MAX_VIRTUAL_SIZE
+        || virtual_size % logical_sector_size as u64 != 0
+    {
         return Err(bad(format!(
             "virtual disk size {virtual_size} is invalid (must be a non-zero multiple of the {logical_sector_size}-byte sector size, at most 64 TiB)"
         )));

@@ -71,7 +71,10 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
     let mut entries = None;
     for (i, off) in REGION_TABLE_OFFSETS.iter().enumerate() {
         let mut buf = vec![0u8; REGION_TABLE_SIZE];
-        match file.read_exact_at(&mut buf, *off).map_err(|e| e.to_string()) {
+        match file
+            .read_exact_at(&mut buf, *off)
+            .map_err(|e| e.to_string())
+        {
             Ok(()) => match parse(&buf) {
                 Ok(e) => {
                     if i == 1 {
@@ -84,7 +87,11 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
                     entries = Some(e);
                     break;
                 }
-                Err(e) => errors.push(format!("region table {} (at {} KiB): {e}", i + 1, off >> 10)),
+                Err(e) => errors.push(format!(
+                    "region table {} (at {} KiB): {e}",
+                    i + 1,
+                    off >> 10
+                )),
             },
             Err(e) => errors.push(format!("region table {}: {e}", i + 1)),
         }
@@ -112,7 +119,10 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
             continue;
         };
         if slot.is_some() {
-            return Err(Error::corrupt(&file.path, format!("region {g} appears twice")));
+            return Err(Error::corrupt(
+                &file.path,
+                format!("region {g} appears twice"),
+            ));
         }
         *slot = Some(r);
     }
@@ -127,7 +137,10 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
                 ),
             ));
         }
-        if r.file_offset.checked_add(r.length).is_none_or(|e| e > file.len()) {
+        if r.file_offset
+            .checked_add(r.length)
+            .is_none_or(|e| e > file.len())
+        {
             return Err(Error::corrupt(
                 &file.path,
                 format!(
@@ -143,7 +156,10 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
     let bat = name_check("BAT", bat)?;
     let metadata = name_check("metadata", metadata)?;
     if bat.overlaps(&metadata) {
-        return Err(Error::corrupt(&file.path, "BAT and metadata regions overlap"));
+        return Err(Error::corrupt(
+            &file.path,
+            "BAT and metadata regions overlap",
+        ));
     }
     Ok(Regions { bat, metadata })
 }

@@ -114,7 +114,8 @@ impl Vhdx {
         let b1 = (first + n).div_ceil(8);
         let mut p = b0 - b0 % PAGE;
         while p < b1 {
-            st.dirty.insert(sb_off + p, Dirty::Bitmap { chunk, byte: p });
+            st.dirty
+                .insert(sb_off + p, Dirty::Bitmap { chunk, byte: p });
             p += PAGE;
         }
     }
@@ -130,13 +131,20 @@ impl Vhdx {
         }
         let off = self.allocate(st, BITMAP_BLOCK_SIZE as u64)?;
         let bits = self.bitmaps.install(chunk, bitmap::empty());
-        self.bat.set(&self.file, idx, make_entry(SB_BLOCK_PRESENT, off))?;
+        self.bat
+            .set(&self.file, idx, make_entry(SB_BLOCK_PRESENT, off))?;
         self.mark_bat_dirty(st, idx);
         Ok((off, bits))
     }
 
     /// Write within one block.
-    fn write_block(&self, st: &mut WriteState, block: u64, in_block: u64, data: &[u8]) -> Result<()> {
+    fn write_block(
+        &self,
+        st: &mut WriteState,
+        block: u64,
+        in_block: u64,
+        data: &[u8],
+    ) -> Result<()> {
         let bs = self.meta.block_size as u64;
         let ss = self.meta.logical_sector_size as u64;
         let idx = self.bat.payload_index(block);
@@ -171,11 +179,17 @@ impl Vhdx {
                     let n = data.len() as u64 / ss;
                     bitmap::set_bits(bits, first, n);
                     self.mark_bitmap_dirty(st, chunk, sb_off, first, n);
-                    self.bat
-                        .set(&self.file, idx, make_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, off))?;
+                    self.bat.set(
+                        &self.file,
+                        idx,
+                        make_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, off),
+                    )?;
                 } else {
-                    self.bat
-                        .set(&self.file, idx, make_entry(PAYLOAD_BLOCK_FULLY_PRESENT, off))?;
+                    self.bat.set(
+                        &self.file,
+                        idx,
+                        make_entry(PAYLOAD_BLOCK_FULLY_PRESENT, off),
+                    )?;
                 }
                 self.mark_bat_dirty(st, idx);
             }
@@ -205,7 +219,11 @@ impl Vhdx {
                 let bits = self.bitmaps.loaded(chunk).ok_or_else(|| {
                     Error::Invalid(format!("internal: bitmap of chunk {chunk} not loaded"))
                 })?;
-                Ok(bitmap::to_bytes(bits, (byte / 8) as usize, (PAGE / 8) as usize))
+                Ok(bitmap::to_bytes(
+                    bits,
+                    (byte / 8) as usize,
+                    (PAGE / 8) as usize,
+                ))
             }
         }
     }
