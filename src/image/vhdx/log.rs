@@ -278,6 +278,45 @@ fn read_entry(
     Ok(parse_entry_body(&buf, &info, count, collect).map(|w| (info, w)))
 }
 
+/// The current sequence of the spec's scan: valid entries with consecutive sequence
+/// numbers from ring position `start` on. Also says whether it was cut short because it
+/// would have been longer than the ring. `seen` memoises entry validation by position.
+fn chain_from(
+    file: &ImageFile,
+    ring: &Ring,
+    log_guid: &Uuid,
+    start: u64,
+    seen: &mut HashMap<u64, Option<EntryInfo>>,
+) -> Result<(Vec<EntryInfo>, bool)> {
+    let mut chain: Vec<EntryInfo> = Vec::new();
+    let mut total = 0u64;
+    let mut pos = start;
+    loop {
+        let entry = match seen.get(&pos) {
+            Some(e) => *e,
+            None => {
+                let e = read_entry(file, ring, log_guid, pos, false)?.map(|(i, _)| i);
+                seen.insert(pos, e);
+                e
+            }
+        };
+        let Some(e) = entry else { break };
+        if let Some(prev) = chain.last() {
+            if prev.sequence.checked_add(1) != Some(e.sequence) {
+                break;
+            }
+        }
+        if total + e.length > ring.length {
+            // A chain cannot be longer than the ring it was written to.
+            return Ok((chain, true));
+        }
+        total += e.length;
+        chain.push(e);
+        pos = (pos + e.length) % ring.length;
+    }
+    Ok((chain, false))
+}
+
 /// Find the active log sequence of a VHDX whose current header has LogGuid `log_guid`
 /// (MS-VHDX 2.3.3).
 ///
@@ -305,36 +344,11 @@ pub fn find_replay(
     let mut current_tail = 0u64;
     let mut old_tail = 0u64;
     loop {
-        // The current sequence: valid entries with consecutive sequence numbers from
-        // the current tail on.
-        let mut chain: Vec<EntryInfo> = Vec::new();
-        let mut total = 0u64;
-        let mut capped = false;
-        let mut pos = current_tail;
-        while !dead.contains(&current_tail) {
-            let entry = match seen.get(&pos) {
-                Some(e) => *e,
-                None => {
-                    let e = read_entry(file, &ring, &log_guid, pos, false)?.map(|(i, _)| i);
-                    seen.insert(pos, e);
-                    e
-                }
-            };
-            let Some(e) = entry else { break };
-            if let Some(prev) = chain.last() {
-                if prev.sequence.checked_add(1) != Some(e.sequence) {
-                    break;
-                }
-            }
-            if total + e.length > ring.length {
-                // A chain cannot be longer than the ring it was written to.
-                capped = true;
-                break;
-            }
-            total += e.length;
-            chain.push(e);
-            pos = (pos + e.length) % ring.length;
-        }
+        let (chain, capped) = if dead.contains(&current_tail) {
+            (Vec::new(), false)
+        } else {
+            chain_from(file, &ring, &log_guid, current_tail, &mut seen)?
+        };
 
         // Valid when the head entry's Tail is one of the chain's entries; the sequence
         // then runs from that entry to the head.
@@ -433,11 +447,8 @@ pub fn find_replay(
 pub fn apply_in_memory(file: &mut ImageFile, replay: &Replay) {
     // Pages past the end of the real file already read as zeros once the logical length
     // covers them, so zeroed ranges there need no page unless this replay wrote one.
-    let real_end = if file.has_overlay() {
-        u64::MAX
-    } else {
-        file.len().div_ceil(LOG_SECTOR_SIZE) * LOG_SECTOR_SIZE
-    };
+    // (Overlay pages only exist below the logical length, so it is the right bound.)
+    let real_end = file.len().div_ceil(LOG_SECTOR_SIZE) * LOG_SECTOR_SIZE;
     let mut pages: BTreeMap<u64, Option<&[u8]>> = BTreeMap::new();
     let mut end = replay.last_file_offset;
     for w in &replay.writes {
@@ -1587,5 +1598,56 @@ mod tests {
             qemu_to_raw(&w, &dir.path("w.raw")) == qemu_view,
             "replay to the file differs from qemu"
         );
+    }
+
+    #[test]
+    fn sequence_filling_the_whole_log_ends_the_scan() {
+        // With the spec's "current tail < old tail" stop rule this scan would never end:
+        // the sequence starts at 0 and its head ends exactly at the end of the ring.
+        let dir = TempDir::new("full");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let pages: Vec<Vec<u8>> = (0..63).map(|p| pattern(p, SECTOR)).collect();
+        let ups: Vec<LogUpdate> = pages
+            .iter()
+            .enumerate()
+            .map(|(i, d)| data(2 * MIB + i as u64 * 4096, d))
+            .collect();
+        for i in 0..4u64 {
+            let e = entry(&g, 1 + i, 0, &ups);
+            assert_eq!(e.len() as u64, LOG_LEN / 4);
+            put(&path, i * LOG_LEN / 4, &e);
+        }
+        let r = replay(&path, g).unwrap().unwrap();
+        assert_eq!((r.entries, r.head_sequence, r.writes.len()), (4, 4, 4 * 63));
+    }
+
+    #[test]
+    fn huge_zero_range_past_the_end_costs_no_memory() {
+        let dir = TempDir::new("hugezero");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let len = 1u64 << 40;
+        put(
+            &path,
+            0,
+            &entry(
+                &g,
+                1,
+                0,
+                &[LogUpdate::Zero {
+                    file_offset: FILE_LEN,
+                    len,
+                }],
+            ),
+        );
+        let r = replay(&path, g).unwrap().unwrap();
+        let mut f = open(&path, false);
+        apply_in_memory(&mut f, &r);
+        assert_eq!(f.len(), FILE_LEN + len);
+        assert!(read(&f, FILE_LEN + len - 4096, 4096)
+            .iter()
+            .all(|&x| x == 0));
+        assert_eq!(read(&f, 0, 4096), pattern(1, 4096));
     }
 }
