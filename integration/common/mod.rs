@@ -1,0 +1,848 @@
+//! Helpers shared by the integration tests: run the built `vdiskfs` binary and other
+//! tools as a user would, temporary directories that clean up after themselves,
+//! sha256 through `sha256sum`, random raw files, qemu-img wrappers, FUSE mounts
+//! that are always unmounted, and "skip unless the tool is there" checks.
+//!
+//! Each test file includes this with `mod common;` and uses what it needs.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Set by `.ci/run`: a test that needs FUSE, a loop device or a tool that
+/// `scripts/setup.sh` installs fails instead of skipping.
+pub const REQUIRE_ENV: &str = "VDISKFS_REQUIRE_FUSE";
+
+/// Tools `scripts/setup.sh` installs (keep in step with it).
+pub const SETUP_TOOLS: &[&str] = &[
+    "qemu-img",
+    "qemu-io",
+    "qemu-nbd",
+    "qemu-storage-daemon",
+    "vhdimount",
+    "vhdiinfo",
+    "fusermount3",
+    "mkfs.ext4",
+    "mke2fs",
+    "debugfs",
+    "mkntfs",
+    "ntfs-3g",
+    "mkfs.vfat",
+    "sgdisk",
+    "losetup",
+    "mount",
+    "umount",
+    "fio",
+    "hyperfine",
+    "7zz",
+    "sha256sum",
+];
+
+/// The vdiskfs binary cargo built for this test run.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vdiskfs")
+}
+
+/// True when `.ci/run` (or a developer) asked for "fail, don't skip".
+pub fn required() -> bool {
+    std::env::var_os(REQUIRE_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+// ---------------------------------------------------------------------------
+// Temporary directories
+// ---------------------------------------------------------------------------
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh directory under the system temp dir, removed (with its contents) on drop.
+/// Declare mount guards *after* the TempDir that holds their mount point, so they
+/// drop (unmount) first.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!(
+            "vdiskfs-test-{tag}-{}-{n}-{nanos}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if is_mounted_below(&self.path) {
+            // Never recurse into a live mount (it could be someone's guest file system).
+            eprintln!(
+                "warning: leaving {} in place: something is still mounted below it",
+                self.path.display()
+            );
+            return;
+        }
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Running commands
+// ---------------------------------------------------------------------------
+
+/// What a finished command left behind.
+pub struct Out {
+    pub cmd: String,
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Panic with the command, exit status and stderr unless it succeeded.
+    pub fn assert_success(&self) -> &Out {
+        assert!(
+            self.status.success(),
+            "`{}` failed ({}):\nstderr:\n{}\nstdout:\n{}",
+            self.cmd,
+            self.status,
+            self.stderr,
+            truncate(&self.stdout_str(), 4000)
+        );
+        self
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// A command line as a user would type it, for messages.
+pub fn cmd_string(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Run a command to completion, capturing stdout and stderr (stdin is empty).
+pub fn run(cmd: &mut Command) -> Out {
+    let desc = cmd_string(cmd);
+    let o = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{desc}`: {e}"));
+    Out {
+        cmd: desc,
+        status: o.status,
+        stdout: o.stdout,
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// Run and assert success.
+pub fn run_ok(cmd: &mut Command) -> Out {
+    let o = run(cmd);
+    o.assert_success();
+    o
+}
+
+/// `vdiskfs ARGS...`, captured.
+pub fn vdiskfs<I, S>(args: I) -> Out
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run(Command::new(bin()).args(args))
+}
+
+/// `vdiskfs ARGS... > stdout_file`: stdout goes straight to a regular file, as a
+/// shell redirection would; stderr is captured.
+pub fn vdiskfs_to_file<I, S>(args: I, stdout_file: &Path) -> Out
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let f = File::create(stdout_file)
+        .unwrap_or_else(|e| panic!("create {}: {e}", stdout_file.display()));
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    let desc = format!("{} > {}", cmd_string(&cmd), stdout_file.display());
+    let o = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(f))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `{desc}`: {e}"));
+    Out {
+        cmd: desc,
+        status: o.status,
+        stdout: Vec::new(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// Run `cmd` with its stdout piped into `sha256sum` (nothing is stored, so this works
+/// for outputs of many GiB). Returns the digest of stdout and the command's result
+/// (with empty `stdout`).
+pub fn sha256_of_stdout(cmd: &mut Command) -> (String, Out) {
+    let desc = format!("{} | sha256sum", cmd_string(cmd));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{desc}`: {e}"));
+    let pipe = child.stdout.take().expect("stdout piped");
+    let hasher = Command::new("sha256sum")
+        .stdin(Stdio::from(pipe))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run sha256sum: {e}"));
+    // Drain stderr on a thread so a chatty child cannot block on a full pipe.
+    let mut err_pipe = child.stderr.take().expect("stderr piped");
+    let err_thread = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err_pipe.read_to_end(&mut s);
+        s
+    });
+    let h = hasher.wait_with_output().expect("wait for sha256sum");
+    let status = child.wait().expect("wait for command");
+    let stderr = err_thread.join().expect("stderr reader");
+    assert!(h.status.success(), "sha256sum failed for `{desc}`");
+    let digest = String::from_utf8_lossy(&h.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    (
+        digest,
+        Out {
+            cmd: desc,
+            status,
+            stdout: Vec::new(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        },
+    )
+}
+
+/// sha256 of a file, by `sha256sum`.
+pub fn sha256_file(path: &Path) -> String {
+    let o = run_ok(Command::new("sha256sum").arg(path));
+    let s = o.stdout_str();
+    let d = s.split_whitespace().next().unwrap_or("").to_string();
+    assert_eq!(d.len(), 64, "unexpected sha256sum output: {s}");
+    d
+}
+
+/// The first offset where two files differ (or where the shorter one ends), or None
+/// when they are identical. For messages that say *where* two outputs disagree.
+pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    let mut fa = File::open(a).unwrap_or_else(|e| panic!("open {}: {e}", a.display()));
+    let mut fb = File::open(b).unwrap_or_else(|e| panic!("open {}: {e}", b.display()));
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        let n = na.min(nb);
+        if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
+            return Some(off + i as u64);
+        }
+        if na != nb {
+            return Some(off + n as u64);
+        }
+        if na == 0 {
+            return None;
+        }
+        off += n as u64;
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    n
+}
+
+/// Assert two files hold the same bytes: compares sha256 (by `sha256sum`) and on a
+/// mismatch says where the first difference is.
+pub fn assert_same_file(got: &Path, want: &Path, what: &str) {
+    let (g, w) = (sha256_file(got), sha256_file(want));
+    if g != w {
+        let at = first_difference(got, want);
+        panic!(
+            "{what}: {} (sha256 {g}, {} bytes) differs from {} (sha256 {w}, {} bytes); \
+             first difference at byte offset {at:?}",
+            got.display(),
+            file_len(got),
+            want.display(),
+            file_len(want)
+        );
+    }
+}
+
+pub fn file_len(path: &Path) -> u64 {
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .len()
+}
+
+// ---------------------------------------------------------------------------
+// Making raw files
+// ---------------------------------------------------------------------------
+
+/// A small, fast, deterministic generator (splitmix64) for test data.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        let mut chunks = buf.chunks_exact_mut(8);
+        for c in &mut chunks {
+            c.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        let rest = chunks.into_remainder();
+        let last = self.next_u64().to_le_bytes();
+        let k = rest.len();
+        rest.copy_from_slice(&last[..k]);
+    }
+
+    /// A value in 0..n.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// Create (or truncate) `path` as a sparse file of `size` bytes: all zeros, no data.
+pub fn make_sparse(path: &Path, size: u64) {
+    let f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.set_len(size)
+        .unwrap_or_else(|e| panic!("set_len {}: {e}", path.display()));
+}
+
+/// Write `len` pseudo-random bytes (from `seed`) at `offset` of an existing file,
+/// like `dd if=/dev/urandom of=PATH bs=1 seek=OFFSET count=LEN conv=notrunc`.
+pub fn write_random_at(path: &Path, offset: u64, len: u64, seed: u64) {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut rng = Rng::new(seed);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        f.write_all_at(&buf[..n], offset + done)
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        done += n as u64;
+    }
+}
+
+/// Write the same byte `len` times at `offset` of an existing file (e.g. zero a range
+/// of a random file to make a hole that qemu-img turns into an unallocated block).
+pub fn write_byte_at(path: &Path, offset: u64, len: u64, byte: u8) {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let buf = vec![byte; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        f.write_all_at(&buf[..n], offset + done)
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        done += n as u64;
+    }
+}
+
+/// A file of `size` pseudo-random bytes.
+pub fn make_random(path: &Path, size: u64, seed: u64) {
+    make_sparse(path, size);
+    write_random_at(path, 0, size, seed);
+}
+
+/// Overwrite `data` at `offset` of an existing file.
+pub fn patch_file(path: &Path, offset: u64, data: &[u8]) {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.write_all_at(data, offset)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Read `len` bytes at `offset` of a file.
+pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset)
+        .unwrap_or_else(|e| panic!("read {} at {offset}: {e}", path.display()));
+    buf
+}
+
+/// Copy every file of a directory (not recursive) into `dest`, writable.
+pub fn copy_dir_files(src: &Path, dest: &Path) {
+    for e in fs::read_dir(src).unwrap_or_else(|e| panic!("read_dir {}: {e}", src.display())) {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            let to = dest.join(e.file_name());
+            fs::copy(e.path(), &to)
+                .unwrap_or_else(|err| panic!("copy {}: {err}", e.path().display()));
+            let mut perm = fs::metadata(&to).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perm.set_readonly(false);
+            fs::set_permissions(&to, perm).unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// qemu-img
+// ---------------------------------------------------------------------------
+
+/// `qemu-img ARGS...`, asserting success.
+pub fn qemu_img(args: &[&str]) -> Out {
+    run_ok(Command::new("qemu-img").args(args))
+}
+
+/// `qemu-img ARGS...` where the arguments include paths.
+pub fn qemu_img_os<I, S>(args: I) -> Out
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run_ok(Command::new("qemu-img").args(args))
+}
+
+/// `qemu-img convert -f FMT -O raw IMG OUT`: qemu's merged raw view, the oracle.
+pub fn qemu_to_raw(fmt: &str, img: &Path, out: &Path) {
+    qemu_img_os([
+        OsStr::new("convert"),
+        OsStr::new("-f"),
+        OsStr::new(fmt),
+        OsStr::new("-O"),
+        OsStr::new("raw"),
+        img.as_os_str(),
+        out.as_os_str(),
+    ]);
+}
+
+/// `qemu-img info --output=json -f FMT IMG`, parsed.
+pub fn qemu_info(fmt: &str, img: &Path) -> serde_json::Value {
+    let o = qemu_img_os([
+        OsStr::new("info"),
+        OsStr::new("--output=json"),
+        OsStr::new("-f"),
+        OsStr::new(fmt),
+        img.as_os_str(),
+    ]);
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("qemu-img info JSON: {e}: {}", o.stdout_str()))
+}
+
+// ---------------------------------------------------------------------------
+// vdiskfs wrappers
+// ---------------------------------------------------------------------------
+
+/// `vdiskfs info --json IMG [EXTRA...]`, asserting success, parsed.
+pub fn info_json(img: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args: Vec<&OsStr> = vec![OsStr::new("info"), OsStr::new("--json")];
+    args.extend(extra.iter().map(OsStr::new));
+    args.push(img.as_os_str());
+    let o = vdiskfs(&args);
+    o.assert_success();
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "`{}` did not print valid JSON: {e}\n{}",
+            o.cmd,
+            o.stdout_str()
+        )
+    })
+}
+
+/// The layers array of `vdiskfs info --json`, top first.
+pub fn info_layers(v: &serde_json::Value) -> &Vec<serde_json::Value> {
+    v.get("layers")
+        .and_then(|l| l.as_array())
+        .unwrap_or_else(|| panic!("info --json has no \"layers\" array: {v}"))
+}
+
+/// A numeric field of a JSON object, with a message naming what is missing.
+pub fn json_u64(v: &serde_json::Value, key: &str) -> u64 {
+    v.get(key)
+        .and_then(|x| x.as_u64())
+        .unwrap_or_else(|| panic!("field {key:?} missing or not an unsigned number in {v}"))
+}
+
+pub fn json_str<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
+    v.get(key)
+        .and_then(|x| x.as_str())
+        .unwrap_or_else(|| panic!("field {key:?} missing or not a string in {v}"))
+}
+
+/// `vdiskfs cat IMG [EXTRA...] > OUT`, asserting success and a quiet stderr.
+pub fn cat_to_file(img: &Path, extra: &[&str], out: &Path) {
+    let mut args: Vec<&OsStr> = vec![OsStr::new("cat")];
+    args.extend(extra.iter().map(OsStr::new));
+    args.push(img.as_os_str());
+    let o = vdiskfs_to_file(&args, out);
+    o.assert_success();
+}
+
+/// `vdiskfs cat --output OUT IMG [EXTRA...]`, asserting success; stdout must stay empty.
+pub fn cat_output_option(img: &Path, extra: &[&str], out: &Path) {
+    let mut args: Vec<&OsStr> = vec![OsStr::new("cat"), OsStr::new("--output"), out.as_os_str()];
+    args.extend(extra.iter().map(OsStr::new));
+    args.push(img.as_os_str());
+    let o = vdiskfs(&args);
+    o.assert_success();
+    assert!(
+        o.stdout.is_empty(),
+        "`{}` wrote {} bytes to stdout although --output was given",
+        o.cmd,
+        o.stdout.len()
+    );
+}
+
+/// sha256 of `vdiskfs cat IMG [EXTRA...]` piped (not stored), asserting success.
+pub fn cat_sha256(img: &Path, extra: &[&str]) -> String {
+    let mut cmd = Command::new(bin());
+    cmd.arg("cat").args(extra).arg(img);
+    let (d, o) = sha256_of_stdout(&mut cmd);
+    o.assert_success();
+    d
+}
+
+/// A failure as the CLI must report it: non-zero exit (not a crash or a signal), no
+/// panic, and exactly one line on stderr, starting with "vdiskfs: " and naming `file`.
+pub fn assert_clean_failure(o: &Out, file: &Path) {
+    assert!(
+        !o.status.success(),
+        "`{}` succeeded but must fail; stderr:\n{}",
+        o.cmd,
+        o.stderr
+    );
+    assert!(
+        !o.stderr.contains("panicked"),
+        "`{}` panicked:\n{}",
+        o.cmd,
+        o.stderr
+    );
+    let code = o.status.code();
+    assert!(
+        code.is_some() && code != Some(101),
+        "`{}` ended with {} (a signal or a panic), not a clean error exit; stderr:\n{}",
+        o.cmd,
+        o.status,
+        o.stderr
+    );
+    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "`{}` must print exactly one line on stderr, got:\n{}",
+        o.cmd,
+        o.stderr
+    );
+    assert!(
+        lines[0].starts_with("vdiskfs: "),
+        "`{}`: error line must start with \"vdiskfs: \": {}",
+        o.cmd,
+        lines[0]
+    );
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    assert!(
+        lines[0].contains(&name),
+        "`{}`: error line must name the file {name}: {}",
+        o.cmd,
+        lines[0]
+    );
+}
+
+/// Like `assert_clean_failure`, but warnings the input legitimately causes (say a
+/// checksum mismatch in a fixture) may come first: the last line on stderr is the
+/// one error line, starting with "vdiskfs: " and naming `file`, and it is the only
+/// line starting with "vdiskfs: ".
+pub fn assert_failure_after_warnings(o: &Out, file: &Path) {
+    assert!(
+        !o.status.success(),
+        "`{}` succeeded but must fail; stderr:\n{}",
+        o.cmd,
+        o.stderr
+    );
+    assert!(
+        !o.stderr.contains("panicked"),
+        "`{}` panicked:\n{}",
+        o.cmd,
+        o.stderr
+    );
+    let code = o.status.code();
+    assert!(
+        code.is_some() && code != Some(101),
+        "`{}` ended with {} (a signal or a panic); stderr:\n{}",
+        o.cmd,
+        o.status,
+        o.stderr
+    );
+    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let errors = lines.iter().filter(|l| l.starts_with("vdiskfs: ")).count();
+    assert_eq!(
+        errors, 1,
+        "`{}`: one error line expected:\n{}",
+        o.cmd, o.stderr
+    );
+    let last = lines.last().copied().unwrap_or("");
+    assert!(
+        last.starts_with("vdiskfs: "),
+        "`{}`: the error must be the last line on stderr:\n{}",
+        o.cmd,
+        o.stderr
+    );
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    assert!(
+        last.contains(&name),
+        "`{}`: error line must name the file {name}: {last}",
+        o.cmd
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Tools, FUSE, mounts
+// ---------------------------------------------------------------------------
+
+/// Where `name` is on PATH (or in the sbin directories a non-root PATH may lack).
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    for d in ["/usr/local/sbin", "/usr/sbin", "/sbin"] {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// True when `name` can be run. Otherwise print why the test is skipped and return
+/// false; but when VDISKFS_REQUIRE_FUSE is set and `scripts/setup.sh` is supposed to
+/// install `name`, fail the test instead.
+///
+/// Use as `if !require_tool("qemu-img") { return; }`.
+pub fn require_tool(name: &str) -> bool {
+    if find_tool(name).is_some() {
+        return true;
+    }
+    if required() && SETUP_TOOLS.contains(&name) {
+        panic!(
+            "{name} not found, and {REQUIRE_ENV} is set: scripts/setup.sh should have installed it"
+        );
+    }
+    eprintln!("SKIPPED: {name} not found (scripts/setup.sh installs it)");
+    false
+}
+
+/// All of `names` (see `require_tool`).
+pub fn require_tools(names: &[&str]) -> bool {
+    names.iter().all(|n| require_tool(n))
+}
+
+/// True when FUSE mounts can be made here (/dev/fuse usable and fusermount3 present).
+/// Otherwise skip with a message, or fail when VDISKFS_REQUIRE_FUSE is set.
+pub fn require_fuse() -> bool {
+    let why = if find_tool("fusermount3").is_none() {
+        Some("fusermount3 not found".to_string())
+    } else {
+        match OpenOptions::new().read(true).write(true).open("/dev/fuse") {
+            Ok(_) => None,
+            Err(e) => Some(format!("/dev/fuse cannot be opened: {e}")),
+        }
+    };
+    match why {
+        None => true,
+        Some(w) if required() => panic!("FUSE unavailable ({w}) and {REQUIRE_ENV} is set"),
+        Some(w) => {
+            eprintln!("SKIPPED: FUSE unavailable ({w}); set {REQUIRE_ENV}=1 to make this fail");
+            false
+        }
+    }
+}
+
+/// Mount points listed in /proc/self/mountinfo (field 5, unescaped).
+pub fn mount_points() -> Vec<PathBuf> {
+    let s = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    s.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .collect()
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub fn is_mounted(dir: &Path) -> bool {
+    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    mount_points().iter().any(|m| *m == dir)
+}
+
+fn is_mounted_below(dir: &Path) -> bool {
+    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    mount_points().iter().any(|m| m.starts_with(&dir))
+}
+
+/// Unmount a FUSE mount point: `fusermount3 -u`, retried while the mount is busy,
+/// then a lazy `fusermount3 -uz` as the last resort. Returns true when unmounted.
+pub fn fuse_unmount(dir: &Path) -> bool {
+    for _ in 0..50 {
+        if !is_mounted(dir) {
+            return true;
+        }
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !is_mounted(dir) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = Command::new("fusermount3")
+        .arg("-uz")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .status();
+    !is_mounted(dir)
+}
+
+/// A FUSE mount made by some tool, unmounted when dropped (even when the test fails).
+pub struct FuseMount {
+    dir: PathBuf,
+}
+
+impl FuseMount {
+    /// Take responsibility for unmounting `dir`.
+    pub fn adopt(dir: &Path) -> FuseMount {
+        FuseMount {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// `vhdimount IMAGE DIR` (libvhdi, which daemonises once the mount is live).
+    /// The merged view of the chain is `DIR/vhdi1`.
+    pub fn vhdimount(image: &Path, dir: &Path) -> FuseMount {
+        fs::create_dir_all(dir).unwrap();
+        let guard = FuseMount::adopt(dir);
+        let o = run(Command::new("vhdimount").arg(image).arg(dir));
+        assert!(
+            o.success(),
+            "`{}` failed ({}): {}{}",
+            o.cmd,
+            o.status,
+            o.stderr,
+            o.stdout_str()
+        );
+        assert!(
+            is_mounted(dir),
+            "`{}` returned but {} is not mounted",
+            o.cmd,
+            dir.display()
+        );
+        guard
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        if !fuse_unmount(&self.dir) {
+            eprintln!("warning: could not unmount {}", self.dir.display());
+        }
+    }
+}
+
+/// Write bytes to a new file.
+pub fn write_file(path: &Path, data: &[u8]) {
+    let mut f = File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(data)
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
