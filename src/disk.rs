@@ -195,23 +195,25 @@ impl Disk {
         }
         let n = (data.len() as u64).min(self.size - offset) as usize;
         let data = &data[..n];
-        let s = self.sector;
+        let s = (w.write_granularity() as u64).max(self.sector);
         let end = offset + n as u64;
-        if offset % s == 0 && end % s == 0 {
+        if offset % s == 0 && (end % s == 0 || end == self.size) {
             w.write(offset, data)?;
         } else {
-            // Widen to whole sectors, filling the edges from the current merged view.
+            // Widen to whole write units (clamped to the disk's end, which is a whole
+            // number of sectors), filling the edges from the current merged view.
             let _guard = self.rmw.lock().unwrap_or_else(|p| p.into_inner());
             let a_start = offset - offset % s;
-            let a_end = end.div_ceil(s) * s;
+            let a_end = (end.div_ceil(s) * s).min(self.size);
             let mut buf = vec![0u8; (a_end - a_start) as usize];
             let head = (offset - a_start) as usize;
             if head != 0 {
-                self.read_level(0, a_start, &mut buf[..s as usize])?;
+                let l = buf.len().min(s as usize);
+                self.read_level(0, a_start, &mut buf[..l])?;
             }
             if a_end != end {
-                let last = buf.len() - s as usize;
-                self.read_level(0, a_end - s, &mut buf[last..])?;
+                let last = ((a_end - 1 - a_start) / s * s) as usize;
+                self.read_level(0, a_start + last as u64, &mut buf[last..])?;
             }
             buf[head..head + n].copy_from_slice(data);
             w.write(a_start, &buf)?;

@@ -163,6 +163,13 @@ pub trait WritableLayer: Layer {
     fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
     /// Make every write so far durable.
     fn flush(&self) -> Result<()>;
+    /// Smallest unit a write should cover, in bytes (a multiple of the logical sector
+    /// size); `disk.rs` widens smaller writes by read-modify-write, clamped to the
+    /// virtual size. A VHD child uses 4096 (one byte of its sector bitmap), because
+    /// libvhdi misreads bitmap bytes that are only partly set.
+    fn write_granularity(&self) -> u32 {
+        self.logical_sector_size()
+    }
 }
 
 /// How to open an image.

@@ -239,7 +239,7 @@ impl Bat {
         debug_assert_ne!(e, UNALLOCATED);
         // bitmap_size <= 64 KiB (block size ceiling).
         let mut buf = vec![0u8; self.bitmap_size as usize];
-        file.read_exact_at(&mut buf, e as u64 * 512)?;
+        super::pread(file, &mut buf, e as u64 * 512)?;
         let bm = Bitmap::from_bytes(&buf, self.sectors_per_block());
         // Another thread may have won the race with an equal (or, for the writer, a
         // newer) value; either way the cached one is right.

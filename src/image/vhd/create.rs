@@ -89,8 +89,7 @@ pub fn create_differencing(child: &Path, parent: &Vhd, block_size: u32) -> Resul
 }
 
 fn check_params(path: &Path, size: u64, block_size: u32) -> Result<()> {
-    if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
-    {
+    if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(Error::Invalid(format!(
             "{}: VHD block size {block_size} must be a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}",
             path.display()
@@ -167,11 +166,7 @@ pub fn windows_absolute_path(p: &Path) -> String {
 }
 
 /// Serialise the whole file into memory (it is small: headers, BAT, locators).
-fn build(
-    footer: &Footer,
-    header: &DynamicHeader,
-    locators: &[([u8; 4], Vec<u8>)],
-) -> Vec<u8> {
+fn build(footer: &Footer, header: &DynamicHeader, locators: &[([u8; 4], Vec<u8>)]) -> Vec<u8> {
     let mut header = header.clone();
     let bat_len = (header.max_table_entries as u64 * 4).div_ceil(512) * 512;
     let mut pos = TABLE_OFFSET + bat_len;
@@ -229,9 +224,9 @@ fn write_new_file(
             ),
         ));
     }
-    let name = path.file_name().ok_or_else(|| {
-        Error::Invalid(format!("{}: not a file name", path.display()))
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", path.display())))?;
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -250,8 +245,7 @@ fn write_new_file(
     let mut guard = TempGuard(Some(tmp.clone()));
     file.write_all_at(&bytes, 0)
         .map_err(|e| Error::io(&tmp, "write", 0, e))?;
-    file.sync_all()
-        .map_err(|e| Error::file(&tmp, "fsync", e))?;
+    file.sync_all().map_err(|e| Error::file(&tmp, "fsync", e))?;
     drop(file);
     rename_noreplace(&tmp, path)?;
     guard.0 = None;

@@ -321,6 +321,9 @@ mod tests {
         assert_eq!((g.cylinders, g.heads, g.sectors_per_track), (0x78, 4, 17));
         // Huge disks clamp to the maximum geometry.
         let g = Geometry::for_sectors(u64::MAX / 512);
-        assert_eq!((g.cylinders, g.heads, g.sectors_per_track), (65535, 16, 255));
+        assert_eq!(
+            (g.cylinders, g.heads, g.sectors_per_track),
+            (65535, 16, 255)
+        );
     }
 }

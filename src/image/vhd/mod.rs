@@ -51,6 +51,36 @@ pub struct Vhd {
     writer: Option<write::Writer>,
 }
 
+/// Positioned read of the real file. Unlike `ImageFile::read_exact_at` it does not stop
+/// at the length seen at open: a writable VHD grows as blocks are allocated, and every
+/// offset read here was checked against the file when its block was loaded or made.
+pub(crate) fn pread(file: &ImageFile, buf: &mut [u8], offset: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::io(
+                &file.path,
+                "read (the file is shorter than its BAT says: truncated while open?)",
+                offset,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            )
+        } else {
+            Error::io(&file.path, "read", offset, e)
+        }
+    })
+}
+
+impl std::fmt::Debug for Vhd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vhd")
+            .field("path", &self.file.path)
+            .field("disk_type", &self.footer.disk_type)
+            .field("current_size", &self.footer.current_size)
+            .field("writable", &self.writer.is_some())
+            .finish()
+    }
+}
+
 fn warn(warnings: &mut Vec<String>, path: &Path, msg: String) {
     log::warn!("{}: {msg}", path.display());
     warnings.push(msg);
@@ -69,7 +99,10 @@ impl Vhd {
             if opts.writable {
                 return Err(Error::corrupt(
                     path,
-                    format!("{} (refusing to write to a damaged file; open it read-only)", what("footer")),
+                    format!(
+                        "{} (refusing to write to a damaged file; open it read-only)",
+                        what("footer")
+                    ),
                 ));
             }
             warn(&mut warnings, path, what("footer"));
@@ -93,7 +126,11 @@ impl Vhd {
             }
             DiskType::Dynamic | DiskType::Differencing => {
                 let at = footer.data_offset;
-                if at.checked_add(HEADER_SIZE as u64).filter(|&e| e <= len).is_none() {
+                if at
+                    .checked_add(HEADER_SIZE as u64)
+                    .filter(|&e| e <= len)
+                    .is_none()
+                {
                     return Err(Error::corrupt(
                         path,
                         format!("VHD footer: dynamic disk header offset {at} lies past the end of the file ({len} bytes)"),
@@ -106,7 +143,10 @@ impl Vhd {
                     if opts.writable {
                         return Err(Error::corrupt(
                             path,
-                            format!("{} (refusing to write to a damaged file; open it read-only)", what("dynamic disk header")),
+                            format!(
+                                "{} (refusing to write to a damaged file; open it read-only)",
+                                what("dynamic disk header")
+                            ),
                         ));
                     }
                     warn(&mut warnings, path, what("dynamic disk header"));
@@ -367,7 +407,7 @@ impl Layer for Vhd {
     }
 
     fn read_held(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.file.read_exact_at(buf, file_offset)
+        pread(&self.file, buf, file_offset)
     }
 
     fn parent(&self) -> Option<&ParentRef> {
@@ -384,9 +424,15 @@ impl Layer for Vhd {
 
     fn info(&self) -> Result<LayerInfo> {
         let f = &self.footer;
-        let mut ids = vec![("unique_id".to_string(), Uuid::from_bytes(f.unique_id).to_string())];
+        let mut ids = vec![(
+            "unique_id".to_string(),
+            Uuid::from_bytes(f.unique_id).to_string(),
+        )];
         let mut extra = vec![
-            ("creator_application".to_string(), fourcc(&f.creator_application)),
+            (
+                "creator_application".to_string(),
+                fourcc(&f.creator_application),
+            ),
             (
                 "creator_version".to_string(),
                 format!("{}.{}", f.creator_version >> 16, f.creator_version & 0xffff),
@@ -398,7 +444,9 @@ impl Layer for Vhd {
                 "disk_geometry".to_string(),
                 format!(
                     "{}/{}/{}",
-                    f.disk_geometry.cylinders, f.disk_geometry.heads, f.disk_geometry.sectors_per_track
+                    f.disk_geometry.cylinders,
+                    f.disk_geometry.heads,
+                    f.disk_geometry.sectors_per_track
                 ),
             ),
         ];

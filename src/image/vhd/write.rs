@@ -206,4 +206,17 @@ impl WritableLayer for Vhd {
     fn flush(&self) -> Result<()> {
         self.file.sync_data()
     }
+
+    /// 4 KiB (eight sectors, one bitmap byte) for a differencing disk, so every bitmap
+    /// byte we write is all-set or all-clear: libvhdi 20210425 reads a partly set byte
+    /// wrongly (from its first set bit to the end of the byte, every sector comes from
+    /// the child). Per-sector writes stay correct for vdiskfs and the specification; this
+    /// only keeps the files readable by libvhdi. 512 otherwise.
+    fn write_granularity(&self) -> u32 {
+        if self.footer.disk_type == DiskType::Differencing {
+            4096
+        } else {
+            SECTOR as u32
+        }
+    }
 }
