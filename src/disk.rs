@@ -230,6 +230,14 @@ impl Disk {
         }
     }
 
+    /// Flush and leave the top image clean (unmount, end of a command).
+    pub fn close(&self) -> Result<()> {
+        match self.chain.top().writable() {
+            Some(w) => w.close(),
+            None => Ok(()),
+        }
+    }
+
     /// Counters as text (the `.stats` file and the `-v` exit log).
     pub fn stats_text(&self) -> String {
         let mut s = String::new();

@@ -264,7 +264,7 @@ impl Filesystem for VdiskFs {
 
     fn destroy(&mut self) {
         if self.writable {
-            if let Err(e) = self.disk.flush() {
+            if let Err(e) = self.disk.close() {
                 log::error!("flush at unmount: {e}");
             }
         }

@@ -163,6 +163,11 @@ pub trait WritableLayer: Layer {
     fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
     /// Make every write so far durable.
     fn flush(&self) -> Result<()>;
+    /// Flush and leave the file clean for other tools (e.g. a VHDX header without a
+    /// pending log). Called once when the disk is closed; later writes are not expected.
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
     /// Smallest unit a write should cover, in bytes (a multiple of the logical sector
     /// size); `disk.rs` widens smaller writes by read-modify-write, clamped to the
     /// virtual size. A VHD child uses 4096 (one byte of its sector bitmap), because

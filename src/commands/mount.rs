@@ -837,7 +837,7 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<&Path>, detached: bool)
         let _ = unmount(&mountpoint, true);
     }
     if writable {
-        if let Err(e) = disk.flush() {
+        if let Err(e) = disk.close() {
             log::error!("flush at exit: {e}");
         }
     }

@@ -316,6 +316,10 @@ impl WritableLayer for Vhdx {
         let mut st = self.state_lock()?;
         self.commit(&mut st)
     }
+
+    fn close(&self) -> Result<()> {
+        Vhdx::close(self)
+    }
 }
 
 impl Drop for Vhdx {
