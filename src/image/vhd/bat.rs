@@ -21,6 +21,9 @@ use crate::image::ImageFile;
 
 /// BAT value of a block not allocated in this file.
 pub const UNALLOCATED: u32 = 0xFFFF_FFFF;
+/// Most BAT entries accepted (8 Mi: 2040 GiB in 256 KiB blocks). Each costs about 40
+/// bytes of memory; real files have at most about a million (2 MiB blocks).
+pub const MAX_BAT_ENTRIES: u32 = 1 << 23;
 
 /// A cached sector bitmap.
 pub enum Bitmap {
@@ -136,6 +139,12 @@ impl Bat {
         data_end: u64,
     ) -> Result<Bat> {
         let path = &file.path;
+        if count > MAX_BAT_ENTRIES {
+            return Err(Error::unsupported(
+                path,
+                format!("VHD BAT of {count} entries (more than {MAX_BAT_ENTRIES}; blocks too small for the disk size)"),
+            ));
+        }
         let bytes_len = count as u64 * 4;
         let table_end = table_offset
             .checked_add(bytes_len)

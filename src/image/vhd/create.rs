@@ -95,6 +95,13 @@ fn check_params(path: &Path, size: u64, block_size: u32) -> Result<()> {
             path.display()
         )));
     }
+    if size.div_ceil(block_size as u64) > super::bat::MAX_BAT_ENTRIES as u64 {
+        return Err(Error::Invalid(format!(
+            "{}: {size} bytes in {block_size}-byte blocks needs more than {} BAT entries; use a larger block size",
+            path.display(),
+            super::bat::MAX_BAT_ENTRIES
+        )));
+    }
     if size == 0 || size % 512 != 0 || size > MAX_SIZE {
         return Err(Error::Invalid(format!(
             "{}: VHD size {size} must be a non-zero multiple of 512 bytes, at most {MAX_SIZE} (2040 GiB)",
@@ -165,12 +172,18 @@ pub fn windows_absolute_path(p: &Path) -> String {
     p.to_string_lossy().replace('/', "\\")
 }
 
-/// Serialise the whole file into memory (it is small: headers, BAT, locators).
-fn build(footer: &Footer, header: &DynamicHeader, locators: &[([u8; 4], Vec<u8>)]) -> Vec<u8> {
+/// The file as a list of (offset, bytes) pieces plus its total length. The BAT is
+/// not in the list (it can be large: up to 16 MiB for 2040 GiB in 512 KiB blocks, far
+/// more with tiny blocks); `write_new_file` writes it in bounded chunks.
+fn build(
+    footer: &Footer,
+    header: &DynamicHeader,
+    locators: &[([u8; 4], Vec<u8>)],
+) -> (Vec<(u64, Vec<u8>)>, u64) {
     let mut header = header.clone();
     let bat_len = (header.max_table_entries as u64 * 4).div_ceil(512) * 512;
     let mut pos = TABLE_OFFSET + bat_len;
-    let mut datas = Vec::new();
+    let mut pieces = Vec::new();
     for (i, (code, data)) in locators.iter().enumerate() {
         let space = (data.len() as u64).div_ceil(512).max(1) * 512;
         header.parent_locators[i] = LocatorEntry {
@@ -180,21 +193,14 @@ fn build(footer: &Footer, header: &DynamicHeader, locators: &[([u8; 4], Vec<u8>)
             platform_data_length: data.len() as u32,
             platform_data_offset: pos,
         };
-        datas.push((pos, data));
+        pieces.push((pos, data.clone()));
         pos += space;
     }
-    let mut out = vec![0u8; pos as usize + FOOTER_SIZE];
-    let fb = footer.to_bytes();
-    out[..FOOTER_SIZE].copy_from_slice(&fb);
-    out[FOOTER_SIZE..FOOTER_SIZE + HEADER_SIZE].copy_from_slice(&header.to_bytes());
-    let bat_end = TABLE_OFFSET as usize + header.max_table_entries as usize * 4;
-    out[TABLE_OFFSET as usize..bat_end].fill(0xFF);
-    for (at, data) in datas {
-        out[at as usize..at as usize + data.len()].copy_from_slice(data);
-    }
-    let end = out.len() - FOOTER_SIZE;
-    out[end..].copy_from_slice(&fb);
-    out
+    let fb = footer.to_bytes().to_vec();
+    pieces.push((0, fb.clone()));
+    pieces.push((FOOTER_SIZE as u64, header.to_bytes().to_vec()));
+    pieces.push((pos, fb));
+    (pieces, pos + FOOTER_SIZE as u64)
 }
 
 /// Removes the temporary file unless disarmed.
@@ -236,15 +242,28 @@ fn write_new_file(
         name.to_string_lossy(),
         Uuid::new_v4().simple()
     ));
-    let bytes = build(footer, header, locators);
+    let (pieces, _len) = build(footer, header, locators);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
         .map_err(|e| Error::file(&tmp, "create", e))?;
     let mut guard = TempGuard(Some(tmp.clone()));
-    file.write_all_at(&bytes, 0)
-        .map_err(|e| Error::io(&tmp, "write", 0, e))?;
+    // The BAT: every entry unallocated (0xFFFFFFFF), written in chunks of at most 1 MiB.
+    let bat_bytes = header.max_table_entries as u64 * 4;
+    let chunk = vec![0xFFu8; (1u64 << 20).min(bat_bytes) as usize];
+    let mut done = 0u64;
+    while done < bat_bytes {
+        let n = (chunk.len() as u64).min(bat_bytes - done);
+        let at = TABLE_OFFSET + done;
+        file.write_all_at(&chunk[..n as usize], at)
+            .map_err(|e| Error::io(&tmp, "write", at, e))?;
+        done += n;
+    }
+    for (at, data) in &pieces {
+        file.write_all_at(data, *at)
+            .map_err(|e| Error::io(&tmp, "write", *at, e))?;
+    }
     file.sync_all().map_err(|e| Error::file(&tmp, "fsync", e))?;
     drop(file);
     rename_noreplace(&tmp, path)?;
@@ -315,5 +334,7 @@ mod tests {
         assert!(create_dynamic(&d.join("x.vhd"), 1 << 20, 3 << 20).is_err());
         assert!(create_dynamic(&d.join("x.vhd"), MAX_SIZE + 512, DEFAULT_BLOCK_SIZE).is_err());
         assert!(create_dynamic(&d.join("x.vhd"), 0, DEFAULT_BLOCK_SIZE).is_err());
+        let e = create_dynamic(&d.join("x.vhd"), 1 << 40, 512).unwrap_err();
+        assert!(e.to_string().contains("BAT entries"), "{e}");
     }
 }
