@@ -47,13 +47,36 @@ impl ImageFile {
         })
     }
 
-    /// Open `path` read-only or read-write.
+    /// Open `path` read-only or read-write, with an advisory lock (flock): exclusive for
+    /// a writable open, so a second writer, or a writer of a file some other process uses
+    /// as a parent, is refused; shared for a read-only open. A read-only open of a file
+    /// another process is writing still works (forensic users must always be able to
+    /// look), with a warning that the view may change under it.
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
             .open(path)
             .map_err(|e| Error::file(path, "open", e))?;
+        if writable {
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::Invalid(format!(
+                        "{}: in use by another process (it is mounted, or is the parent of a mounted disk); refusing to open it for writing",
+                        path.display()
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    log::warn!("{}: cannot lock: {e}", path.display())
+                }
+            }
+        } else if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock_shared() {
+            log::warn!(
+                "{}: another process has it open for writing; what is read may change",
+                path.display()
+            );
+        }
         Self::new(path, file)
     }
 
