@@ -99,7 +99,8 @@ impl LocatorEntry {
 }
 
 /// Decode locator data by platform code: W2ru/W2ku are UTF-16LE, Wi2r/Wi2k ANSI bytes
-/// (decoded as Latin-1, which keeps every byte), Mac/MacX UTF-8. Trailing NULs are dropped.
+/// (decoded as Latin-1, which keeps every byte), MacX UTF-8 (strict), Mac (an alias
+/// blob) lossy UTF-8. Trailing NULs are dropped.
 pub fn decode(path: &Path, index: usize, code: &[u8; 4], data: &[u8]) -> Result<String> {
     let s = match code {
         b"W2ru" | b"W2ku" => {
@@ -128,6 +129,8 @@ pub fn decode(path: &Path, index: usize, code: &[u8; 4], data: &[u8]) -> Result<
             })?
         }
         b"Wi2r" | b"Wi2k" => data.iter().map(|&b| b as char).collect(),
+        // "Mac " holds a Mac OS alias record, a binary blob; keep what text it has.
+        b"Mac " => String::from_utf8_lossy(data).into_owned(),
         _ => String::from_utf8(data.to_vec()).map_err(|_| {
             Error::corrupt(
                 path,
