@@ -141,10 +141,10 @@ impl Chain {
         let parents_found = chain.layers.len() - 1;
         if let Some(extra) = opts.parents.get(parents_found) {
             return Err(Error::Invalid(format!(
-                "--parent {} was given for level {}, but {} is not a differencing disk (it has \
-                 no parent); give one --parent per parent, top image's parent first",
-                extra.display(),
+                "--parent number {} ({}) has no layer to replace: {} is not a differencing \
+                 disk (it has no parent); give one --parent per parent, the top image's first",
                 parents_found + 1,
+                extra.display(),
                 chain.layers[parents_found].path().display()
             )));
         }
@@ -478,7 +478,7 @@ pub fn resolve_parent(
         if !seen.insert(path.clone()) {
             continue;
         }
-        let what = format!("{locator} {rec:?} -> {}", path.display());
+        let what = format!("{locator} \"{}\" -> {}", show(rec), path.display());
         let Some(actual) = find_case_insensitive(&path) else {
             tried.push(format!("{what}: no such file"));
             continue;
@@ -499,6 +499,20 @@ pub fn resolve_parent(
         tried.push("nothing: the child records no parent path (use --parent)".to_string());
     }
     Err(not_found(tried))
+}
+
+/// A recorded string for a message: as it is (Windows backslashes stay single), with
+/// control characters escaped.
+fn show(rec: &str) -> String {
+    rec.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// What the linkage id is called in a format, for messages.
@@ -597,8 +611,9 @@ pub(crate) fn check_link(
             }
         }
     }
+    // A recorded time stamp of 0 means "not recorded" (qemu-img writes 0).
     if let (Some(rec), Some(actual)) = (pref.timestamp, parent.timestamp()) {
-        if rec != actual {
+        if rec != 0 && rec != actual {
             warn(
                 warnings,
                 format!(
@@ -729,6 +744,12 @@ mod tests {
         for (rec, want) in cases {
             assert_eq!(file_name_of(rec).as_deref(), want, "{rec:?}");
         }
+    }
+
+    #[test]
+    fn recorded_strings_shown_as_recorded() {
+        assert_eq!(show("C:\\dir\\a.vhd"), "C:\\dir\\a.vhd");
+        assert_eq!(show("a\nb\u{1b}"), "a\\nb\\u{1b}");
     }
 
     #[test]
@@ -866,19 +887,19 @@ mod tests {
                 c.display(),
                 c.display()
             ),
-            "absolute_win32_path \"C:\\\\x\\\\child.vhdx\" -> /x/child.vhdx: no such file".into(),
-            "volume_path \"\\\\\\\\?\\\\Volume{x}\\\\y\\\\link-to-child.vhdx\" -> /y/link-to-child.vhdx: no such file".into(),
+            "absolute_win32_path \"C:\\x\\child.vhdx\" -> /x/child.vhdx: no such file".into(),
+            "volume_path \"\\\\?\\Volume{x}\\y\\link-to-child.vhdx\" -> /y/link-to-child.vhdx: no such file".into(),
             format!(
                 "unknown \"fifo.vhdx\" -> {}/fifo.vhdx: is a FIFO, not a regular file (--allow-device-parent allows it)",
                 c.display()
             ),
             // relative_path's file name is the same path as above: not tried twice.
             format!(
-                "absolute_win32_path file name \"C:\\\\x\\\\child.vhdx\" -> {}/child.vhdx: is the child itself",
+                "absolute_win32_path file name \"C:\\x\\child.vhdx\" -> {}/child.vhdx: is the child itself",
                 c.display()
             ),
             format!(
-                "volume_path file name \"\\\\\\\\?\\\\Volume{{x}}\\\\y\\\\link-to-child.vhdx\" -> {}/link-to-child.vhdx: is the child itself",
+                "volume_path file name \"\\\\?\\Volume{{x}}\\y\\link-to-child.vhdx\" -> {}/link-to-child.vhdx: is the child itself",
                 c.display()
             ),
             format!(
@@ -886,11 +907,11 @@ mod tests {
                 t.path().display()
             ),
             format!(
-                "--search-dir \"C:\\\\x\\\\child.vhdx\" -> {}/nowhere/child.vhdx: no such file",
+                "--search-dir \"C:\\x\\child.vhdx\" -> {}/nowhere/child.vhdx: no such file",
                 t.path().display()
             ),
             format!(
-                "--search-dir \"\\\\\\\\?\\\\Volume{{x}}\\\\y\\\\link-to-child.vhdx\" -> {}/nowhere/link-to-child.vhdx: no such file",
+                "--search-dir \"\\\\?\\Volume{{x}}\\y\\link-to-child.vhdx\" -> {}/nowhere/link-to-child.vhdx: no such file",
                 t.path().display()
             ),
             format!(
@@ -1130,6 +1151,22 @@ mod tests {
         check_link(&child, &parent, &r, &ChainOptions::default(), false, &mut w).unwrap();
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("time stamp"), "{w:?}");
+        // 0 means the child did not record one (qemu-img): no warning.
+        let r0 = ParentRef {
+            timestamp: Some(0),
+            ..r.clone()
+        };
+        let mut w0 = Vec::new();
+        check_link(
+            &child,
+            &parent,
+            &r0,
+            &ChainOptions::default(),
+            false,
+            &mut w0,
+        )
+        .unwrap();
+        assert!(w0.is_empty(), "{w0:?}");
         let wrong = fake(Format::Vhd, 512, Some(3));
         let msg = check_link(&child, &wrong, &r, &ChainOptions::default(), false, &mut w)
             .unwrap_err()
@@ -1310,5 +1347,130 @@ mod tests {
         let c = open_fake(&top, &opts).unwrap();
         assert_eq!(c.layers.len(), 2);
         assert_eq!(c.warnings.len(), 1);
+    }
+
+    // ---- Real images (the VHD reader) ----
+
+    const FIXTURES: &str = "/work/shared/fixtures";
+
+    /// A fixed VHD of `size` bytes of `fill`, with unique id `id`: `size` data bytes and
+    /// a 512-byte footer (Virtual Hard Disk Image Format Specification, "Hard Disk
+    /// Footer Format").
+    fn fixed_vhd(path: &Path, size: u64, fill: u8, id: u128) {
+        let mut f = vec![0u8; 512];
+        f[0..8].copy_from_slice(b"conectix");
+        f[8..12].copy_from_slice(&2u32.to_be_bytes()); // features: reserved bit
+        f[12..16].copy_from_slice(&0x0001_0000u32.to_be_bytes()); // version 1.0
+        f[16..24].copy_from_slice(&u64::MAX.to_be_bytes()); // no dynamic header
+        f[28..32].copy_from_slice(b"test");
+        f[36..40].copy_from_slice(b"Wi2k");
+        f[40..48].copy_from_slice(&size.to_be_bytes()); // original size
+        f[48..56].copy_from_slice(&size.to_be_bytes()); // current size
+        f[56..60].copy_from_slice(&0x0078_0411u32.to_be_bytes()); // C/H/S 120/4/17
+        f[60..64].copy_from_slice(&2u32.to_be_bytes()); // fixed
+        f[68..84].copy_from_slice(&id.to_be_bytes());
+        let sum: u32 = f.iter().map(|&b| b as u32).sum();
+        f[64..68].copy_from_slice(&(!sum).to_be_bytes());
+        let mut data = vec![fill; size as usize];
+        data.extend_from_slice(&f);
+        fs::write(path, data).unwrap();
+    }
+
+    fn read_all(chain: Chain) -> Vec<u8> {
+        let disk = crate::disk::Disk::new(chain, Default::default());
+        let mut buf = vec![0u8; disk.len() as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = disk.read_at(done as u64, &mut buf[done..]).unwrap();
+            assert!(n > 0);
+            done += n;
+        }
+        buf
+    }
+
+    #[test]
+    fn real_vhd_chain_found_next_to_child() {
+        let top = Path::new(FIXTURES).join("image-differential.vhd");
+        let c = Chain::open(&top, &ChainOptions::default()).unwrap();
+        assert_eq!(c.layers.len(), 2);
+        let f = c.found[1].as_ref().unwrap();
+        assert_eq!(f.path, Path::new(FIXTURES).join("image.vhd"));
+        assert!(f.recorded.ends_with("image.vhd"), "{f:?}");
+        let base = Chain::open(&Path::new(FIXTURES).join("image.vhd"), &Default::default());
+        assert_eq!(read_all(c), read_all(base.unwrap()));
+    }
+
+    #[test]
+    fn real_vhd_chain_through_search_dir() {
+        // The child alone in a directory: its parent is found by --search-dir only.
+        let t = TempDir::new();
+        let child = t.path().join("Child.vhd");
+        fs::copy(Path::new(FIXTURES).join("image-differential.vhd"), &child).unwrap();
+        let tried = match Chain::open(&child, &ChainOptions::default()) {
+            Err(Error::ParentNotFound { tried, .. }) => tried,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("parent found without a search dir"),
+        };
+        assert!(!tried.is_empty());
+        let opts = ChainOptions {
+            search_dirs: vec![PathBuf::from(FIXTURES)],
+            ..Default::default()
+        };
+        let c = Chain::open(&child, &opts).unwrap();
+        let f = c.found[1].as_ref().unwrap();
+        assert_eq!(f.locator, "--search-dir");
+        assert_eq!(f.path, Path::new(FIXTURES).join("image.vhd"));
+    }
+
+    #[test]
+    fn real_vhd_missing_parent_lists_paths_tried() {
+        let top = Path::new(FIXTURES).join("fat-differential.vhd");
+        let e = Chain::open(&top, &ChainOptions::default()).err().unwrap();
+        let msg = e.to_string();
+        let Error::ParentNotFound { tried, .. } = e else {
+            panic!("{msg}")
+        };
+        assert!(
+            msg.contains("W2ku \"C:\\Projects\\dfvfs\\test_data\\fat-parent.vhd\""),
+            "{msg}"
+        );
+        assert!(
+            tried
+                .iter()
+                .any(|t| t.contains("-> /Projects/dfvfs/test_data/fat-parent.vhd: no such file")),
+            "{tried:?}"
+        );
+        let next_to_child = format!("-> {FIXTURES}/fat-parent.vhd: no such file");
+        assert!(
+            tried.iter().any(|t| t.contains(&next_to_child)),
+            "{tried:?}"
+        );
+    }
+
+    #[test]
+    fn real_vhd_wrong_parent_fails_linkage_and_reads_when_ignored() {
+        let t = TempDir::new();
+        let wrong = t.path().join("not-the-parent.vhd");
+        fixed_vhd(&wrong, 4 << 20, 0xA5, 0x1234);
+        let top = Path::new(FIXTURES).join("fat-differential.vhd");
+        let opts = ChainOptions {
+            parents: vec![wrong.clone()],
+            ..Default::default()
+        };
+        let e = Chain::open(&top, &opts).err().unwrap();
+        assert!(matches!(e, Error::Linkage { .. }), "{e}");
+        assert!(e.to_string().contains("unique id"), "{e}");
+
+        let opts = ChainOptions {
+            ignore_linkage: true,
+            ..opts
+        };
+        let c = Chain::open(&top, &opts).unwrap();
+        assert_eq!(c.found[1].as_ref().unwrap().locator, "--parent");
+        assert!(c.warnings.iter().any(|w| w.contains("--ignore-linkage")));
+        let data = read_all(c);
+        assert_eq!(data.len(), 4 << 20);
+        // Sectors the child does not hold come from the (wrong) parent.
+        assert!(data.contains(&0xA5));
     }
 }
