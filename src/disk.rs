@@ -197,7 +197,7 @@ impl Disk {
         let data = &data[..n];
         let s = (w.write_granularity() as u64).max(self.sector);
         let end = offset + n as u64;
-        if offset % s == 0 && (end % s == 0 || end == self.size) {
+        if offset.is_multiple_of(s) && (end.is_multiple_of(s) || end == self.size) {
             w.write(offset, data)?;
         } else {
             // Widen to whole write units (clamped to the disk's end, which is a whole

@@ -52,7 +52,7 @@ impl Bitmap {
         };
         let mut i = s + 1;
         while i < end {
-            if i % 8 == 0 && i + 8 <= end {
+            if i.is_multiple_of(8) && i + 8 <= end {
                 let byte = b[(i / 8) as usize].load(Ordering::Acquire);
                 if byte == if state { 0xFF } else { 0 } {
                     i += 8;

@@ -102,7 +102,7 @@ fn check_params(path: &Path, size: u64, block_size: u32) -> Result<()> {
             super::bat::MAX_BAT_ENTRIES
         )));
     }
-    if size == 0 || size % 512 != 0 || size > MAX_SIZE {
+    if size == 0 || !size.is_multiple_of(512) || size > MAX_SIZE {
         return Err(Error::Invalid(format!(
             "{}: VHD size {size} must be a non-zero multiple of 512 bytes, at most {MAX_SIZE} (2040 GiB)",
             path.display()

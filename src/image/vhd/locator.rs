@@ -104,7 +104,7 @@ impl LocatorEntry {
 pub fn decode(path: &Path, index: usize, code: &[u8; 4], data: &[u8]) -> Result<String> {
     let s = match code {
         b"W2ru" | b"W2ku" => {
-            if data.len() % 2 != 0 {
+            if !data.len().is_multiple_of(2) {
                 return Err(Error::corrupt(
                     path,
                     format!(

@@ -178,8 +178,8 @@ impl WritableLayer for Vhd {
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let len = data.len() as u64;
         let size = self.footer.current_size;
-        if offset % SECTOR != 0
-            || len % SECTOR != 0
+        if !offset.is_multiple_of(SECTOR)
+            || !len.is_multiple_of(SECTOR)
             || !matches!(offset.checked_add(len), Some(e) if e <= size)
         {
             return Err(Error::Invalid(format!(
