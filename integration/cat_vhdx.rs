@@ -527,8 +527,8 @@ fn logical_sector_size_4096() {
 fn dynamic_beyond_first_chunk() {
     // A chunk (one sector-bitmap entry in the BAT per chunk) covers 2^23 512-byte
     // sectors = 4 GiB; past it every BAT index is shifted by the interleaved sector
-    // bitmap entries. Data on both sides of the 4 GiB boundary, compared piped
-    // through sha256sum (nothing of the 4 GiB is stored but qemu's sparse raw file).
+    // bitmap entries. Data on both sides of the 4 GiB boundary; vdiskfs's stdout is
+    // compared as it streams with qemu's (sparse) raw file, so nothing else is stored.
     if !require_tool("qemu-img") {
         return;
     }
@@ -550,9 +550,14 @@ fn dynamic_beyond_first_chunk() {
     raw_to_vhdx(&raw, "subformat=dynamic,block_size=1M", &img);
     let oracle = dir.join("qemu.raw");
     qemu_to_raw("vhdx", &img, &oracle);
-    let want = sha256_file(&oracle);
-    assert_eq!(want, sha256_file(&raw), "qemu-img round trip (test setup)");
-    assert_eq!(cat_sha256(&img, &[]), want, "vdiskfs cat | sha256sum");
+    assert_eq!(
+        first_difference(&oracle, &raw),
+        None,
+        "qemu-img round trip (test setup)"
+    );
+    let mut cmd = std::process::Command::new(bin());
+    cmd.arg("cat").arg(&img);
+    stdout_vs_file(&mut cmd, &oracle).assert_success();
     let v = info_json(&img, &[]);
     let l = &info_layers(&v)[0];
     assert_eq!(json_u64(l, "virtual_size"), size);

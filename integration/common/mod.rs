@@ -258,6 +258,77 @@ pub fn sha256_of_stdout(cmd: &mut Command) -> (String, Out) {
     )
 }
 
+/// Run `cmd` and compare its stdout, as it streams, with the contents of `want`
+/// (nothing is stored, so this works for outputs of many GiB at memory speed).
+/// Panics with the first differing offset. Returns the command's result (with empty
+/// `stdout`) for the caller to check.
+pub fn stdout_vs_file(cmd: &mut Command, want: &Path) -> Out {
+    let desc = cmd_string(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{desc}`: {e}"));
+    let mut err_pipe = child.stderr.take().expect("stderr piped");
+    let err_thread = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err_pipe.read_to_end(&mut s);
+        s
+    });
+    let mut pipe = child.stdout.take().expect("stdout piped");
+    let mut f = File::open(want).unwrap_or_else(|e| panic!("open {}: {e}", want.display()));
+    let mut got_buf = vec![0u8; 1 << 20];
+    let mut want_buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    let mismatch = loop {
+        let mut n = 0;
+        while n < got_buf.len() {
+            match pipe.read(&mut got_buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => panic!("read stdout of `{desc}`: {e}"),
+            }
+        }
+        let m = read_full(&mut f, &mut want_buf[..n.max(1)]);
+        if n == 0 {
+            break if m == 0 {
+                None
+            } else {
+                Some((off, "stdout ended early"))
+            };
+        }
+        if m != n {
+            break Some((off + m as u64, "stdout is longer than the expected file"));
+        }
+        if got_buf[..n] != want_buf[..n] {
+            let i = got_buf[..n]
+                .iter()
+                .zip(&want_buf[..n])
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
+            break Some((off + i as u64, "bytes differ"));
+        }
+        off += n as u64;
+    };
+    drop(pipe);
+    let status = child.wait().expect("wait for command");
+    let stderr = String::from_utf8_lossy(&err_thread.join().expect("stderr reader")).into_owned();
+    if let Some((at, what)) = mismatch {
+        panic!(
+            "`{desc}` vs {}: {what} at byte offset {at} ({status}); stderr:\n{stderr}",
+            want.display()
+        );
+    }
+    Out {
+        cmd: desc,
+        status,
+        stdout: Vec::new(),
+        stderr,
+    }
+}
+
 /// sha256 of a file, by `sha256sum`.
 pub fn sha256_file(path: &Path) -> String {
     let o = run_ok(Command::new("sha256sum").arg(path));
@@ -279,8 +350,9 @@ pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
         let na = read_full(&mut fa, &mut ba);
         let nb = read_full(&mut fb, &mut bb);
         let n = na.min(nb);
-        if let Some(i) = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y) {
-            return Some(off + i as u64);
+        if ba[..n] != bb[..n] {
+            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y);
+            return Some(off + i.unwrap_or(0) as u64);
         }
         if na != nb {
             return Some(off + n as u64);
