@@ -333,3 +333,92 @@ fn writes_to_base_and_child_match_a_model() {
         );
     }
 }
+
+fn run(cmd: &mut std::process::Command) -> Vec<u8> {
+    let out = cmd.output().expect("run tool");
+    assert!(out.status.success(), "{:?}: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+fn qemu_raw(img: &Path, out: &Path) -> Vec<u8> {
+    run(std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(img)
+        .arg(out));
+    std::fs::read(out).unwrap()
+}
+
+/// A qemu-made dynamic VHDX with data, given a pending log that changes one data page and
+/// turns block 2 into a ZERO block. Returns (path, expected merged view).
+fn pending_log_file(d: &TempDir) -> (PathBuf, Vec<u8>) {
+    let raw = d.0.join("in.raw");
+    let mut data = vec![0u8; 8 << 20];
+    Rng(99).fill(&mut data);
+    std::fs::write(&raw, &data).unwrap();
+    let img = d.0.join("p.vhdx");
+    run(std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic,block_size=1M"])
+        .arg(&raw)
+        .arg(&img));
+    let v = Vhdx::open(&img, OpenOptions::default()).unwrap();
+    // Where virtual offset 5 MiB + 8 KiB lives in the file, and block 2's BAT page.
+    let mut runs = Vec::new();
+    v.map((5 << 20) + 8192, 4096, &mut runs).unwrap();
+    let Run::Held { file_offset, .. } = runs[0] else {
+        panic!("block 5 should be allocated: {runs:?}")
+    };
+    let bat_off = v.regions.bat.file_offset;
+    drop(v);
+    let mut bat_page = read(&img, bat_off, 4096);
+    // Block 2 is BAT index 2 (chunk ratio is 4096 here): state ZERO.
+    bat_page[16..24].copy_from_slice(&2u64.to_le_bytes());
+    let new_data = vec![0xabu8; 4096];
+    super::log::testutil::make_pending_log_test_file(
+        &img,
+        &[(file_offset, new_data.clone()), (bat_off, bat_page)],
+    )
+    .unwrap();
+    let mut expected = data;
+    let o = (5 << 20) + 8192;
+    expected[o..o + 4096].copy_from_slice(&new_data);
+    expected[2 << 20..3 << 20].fill(0);
+    (img, expected)
+}
+
+#[test]
+fn pending_log_read_only_replays_in_memory_and_never_writes() {
+    let d = TempDir::new("vhdx-log-ro");
+    let (img, expected) = pending_log_file(&d);
+    let before = std::fs::read(&img).unwrap();
+    let meta_before = std::fs::metadata(&img).unwrap().modified().unwrap();
+    let disk = open_disk(&img, false);
+    assert!(read_all(&disk) == expected, "in-memory replay gives the logged state");
+    let info = disk.layers()[0].info().unwrap();
+    assert!(info.log_state.unwrap().contains("replayed in memory"));
+    drop(disk);
+    assert!(std::fs::read(&img).unwrap() == before, "a read-only open never writes");
+    assert_eq!(std::fs::metadata(&img).unwrap().modified().unwrap(), meta_before);
+    // qemu replays the log on a writable open (check -r all): it must agree with us.
+    let q = d.0.join("q.vhdx");
+    std::fs::copy(&img, &q).unwrap();
+    run(std::process::Command::new("qemu-img").args(["check", "-r", "all"]).arg(&q));
+    assert!(qemu_raw(&q, &d.0.join("q.raw")) == expected, "qemu agrees");
+}
+
+#[test]
+fn pending_log_writable_open_replays_to_the_file() {
+    let d = TempDir::new("vhdx-log-rw");
+    let (img, expected) = pending_log_file(&d);
+    {
+        let disk = open_disk(&img, true);
+        assert!(read_all(&disk) == expected);
+        disk.close().unwrap();
+    }
+    // The log is gone from the header and the file itself holds the replayed state.
+    let v = Vhdx::open(&img, OpenOptions::default()).unwrap();
+    assert!(v.header().log_guid.is_nil());
+    assert!(v.info().unwrap().log_state.unwrap().starts_with("clean"));
+    drop(v);
+    run(std::process::Command::new("qemu-img").arg("check").arg(&img));
+    assert!(qemu_raw(&img, &d.0.join("q.raw")) == expected, "qemu reads our replayed file");
+}
