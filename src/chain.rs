@@ -1473,4 +1473,253 @@ mod tests {
         // Sectors the child does not hold come from the (wrong) parent.
         assert!(data.contains(&0xA5));
     }
+
+    // ---- Real VHD chains made with the VHD creator ----
+
+    use crate::image::vhd::create::{create_differencing, create_dynamic};
+    use crate::image::vhd::Vhd;
+
+    const PAGE: usize = 4096;
+
+    /// Make `dir/l0.vhd` (a 1 MiB dynamic base) and `depth - 1` differencing layers over
+    /// it, `l{k}.vhd` over `l{k-1}.vhd`; layer k writes 4 KiB page k filled with k + 1.
+    /// Returns the paths, base first.
+    fn vhd_chain(dir: &Path, depth: usize) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = Vec::new();
+        for k in 0..depth {
+            let p = dir.join(format!("l{k}.vhd"));
+            match paths.last() {
+                None => create_dynamic(&p, 1 << 20, 64 << 10).unwrap(),
+                Some(parent) => {
+                    let parent = Vhd::open(parent, OpenOptions::default()).unwrap();
+                    create_differencing(&p, &parent, 64 << 10).unwrap();
+                }
+            }
+            let v = Vhd::open(&p, OpenOptions { writable: true }).unwrap();
+            let w = v.writable().unwrap();
+            w.write((k * PAGE) as u64, &vec![k as u8 + 1; PAGE])
+                .unwrap();
+            w.flush().unwrap();
+            paths.push(p);
+        }
+        paths
+    }
+
+    fn expect_pages(data: &[u8], depth: usize) {
+        for (i, page) in data.chunks(PAGE).enumerate() {
+            let want = if i < depth { i as u8 + 1 } else { 0 };
+            assert!(page.iter().all(|&b| b == want), "page {i} is not {want}");
+        }
+    }
+
+    #[test]
+    fn real_vhd_chains_of_depth_2_3_40() {
+        for depth in [2, 3, 40] {
+            let t = TempDir::new();
+            let paths = vhd_chain(t.path(), depth);
+            let top = paths.last().unwrap();
+            let c = Chain::open(top, &ChainOptions::default()).unwrap();
+            assert_eq!(c.layers.len(), depth);
+            for (i, f) in c.found.iter().enumerate().skip(1) {
+                let f = f.as_ref().unwrap();
+                assert_eq!(f.locator, "W2ru");
+                assert_eq!(f.path, paths[depth - 1 - i]);
+            }
+            assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+            expect_pages(&read_all(c), depth);
+        }
+    }
+
+    #[test]
+    fn real_vhd_chain_moved_and_renamed() {
+        let t = TempDir::new();
+        fs::create_dir(t.path().join("a")).unwrap();
+        vhd_chain(&t.path().join("a"), 3);
+        // Moving the directory makes the absolute locators stale; the relative ones
+        // still work. Changing the case of a name is matched case-insensitively.
+        fs::rename(t.path().join("a"), t.path().join("b")).unwrap();
+        fs::rename(t.path().join("b/l1.vhd"), t.path().join("b/L1.VHD")).unwrap();
+        let c = Chain::open(&t.path().join("b/l2.vhd"), &ChainOptions::default()).unwrap();
+        let f = c.found[1].as_ref().unwrap();
+        assert_eq!(f.path, t.path().join("b/L1.VHD"));
+        assert_eq!(f.locator, "W2ru");
+        expect_pages(&read_all(c), 3);
+    }
+
+    #[test]
+    fn real_vhd_writable_top_parents_read_only() {
+        let t = TempDir::new();
+        let paths = vhd_chain(t.path(), 3);
+        let opts = ChainOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let c = Chain::open(&paths[2], &opts).unwrap();
+        assert!(c.layers[0].writable().is_some());
+        assert!(c.layers[1].writable().is_none());
+        assert!(c.layers[2].writable().is_none());
+    }
+
+    #[test]
+    fn real_vhd_over_smaller_raw_base_given_with_parent() {
+        let t = TempDir::new();
+        let paths = vhd_chain(t.path(), 2);
+        // A raw base half the child's size, full of 0x77: page 0 (not held by the
+        // child) comes from it, the child's page 1 from the child, the second half
+        // past the raw base's end reads as zeros.
+        let raw = t.path().join("base.img");
+        fs::write(&raw, vec![0x77u8; 512 << 10]).unwrap();
+        let opts = ChainOptions {
+            parents: vec![raw.clone()],
+            ..Default::default()
+        };
+        let c = Chain::open(&paths[1], &opts).unwrap();
+        assert_eq!(c.layers[1].path(), raw);
+        assert_eq!(c.layers[1].format(), Format::Raw);
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        let data = read_all(c);
+        assert_eq!(data.len(), 1 << 20);
+        assert!(data[..PAGE].iter().all(|&b| b == 0x77));
+        assert!(data[PAGE..2 * PAGE].iter().all(|&b| b == 2));
+        assert!(data[2 * PAGE..512 << 10].iter().all(|&b| b == 0x77));
+        assert!(data[512 << 10..].iter().all(|&b| b == 0));
+
+        // Found through a locator instead, a raw file is not an image.
+        fs::remove_file(&paths[0]).unwrap();
+        fs::rename(&raw, &paths[0]).unwrap();
+        let e = Chain::open(&paths[1], &ChainOptions::default())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("not a VHDX or VHD"), "{e}");
+    }
+
+    // ---- Real VHDX chains made with the VHDX writer ----
+
+    use crate::image::vhdx::create::{write_new, NewVhdx};
+
+    /// Write a new VHDX of 4 MiB at `path`; with `parent`, a differencing child whose
+    /// locator records `parent`'s DataWriteGuid and the given path entries.
+    fn new_vhdx(path: &Path, lss: u32, parent: Option<(&Path, &[(&str, &str)])>) {
+        let parent_locator = parent.map(|(pp, entries)| {
+            let p = open_layer(pp, OpenOptions::default(), false).unwrap();
+            let mut kv = vec![(
+                "parent_linkage".to_string(),
+                format!("{{{}}}", p.linkage_id().unwrap()),
+            )];
+            kv.extend(entries.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            kv
+        });
+        let n = NewVhdx {
+            virtual_size: 4 << 20,
+            block_size: 1 << 20,
+            logical_sector_size: lss,
+            physical_sector_size: 4096,
+            parent_locator,
+            virtual_disk_id: None,
+        };
+        crate::image::create_new_file(path, |f| write_new(f, path, &n, "chain test")).unwrap();
+    }
+
+    fn write_page(path: &Path, page: usize, fill: u8) {
+        let l = open_layer(path, OpenOptions { writable: true }, false).unwrap();
+        let w = l.writable().unwrap();
+        w.write((page * PAGE) as u64, &vec![fill; PAGE]).unwrap();
+        w.flush().unwrap();
+    }
+
+    #[test]
+    fn real_vhdx_chain_of_three() {
+        let t = TempDir::new();
+        let base = t.path().join("Base Disks/Base.vhdx");
+        new_vhdx(&base, 512, None);
+        write_page(&base, 0, 1);
+        let mid = t.path().join("work/mid.avhdx");
+        // Relative path with different case, absolute path stale.
+        new_vhdx(
+            &mid,
+            512,
+            Some((
+                &base,
+                &[
+                    ("relative_path", "..\\base disks\\BASE.VHDX"),
+                    ("absolute_win32_path", "C:\\VMs\\Base.vhdx"),
+                ],
+            )),
+        );
+        write_page(&mid, 1, 2);
+        let top = t.path().join("work/top.avhdx");
+        // Only a volume path, in the \\?\Volume{GUID}\ form, absolute from the root.
+        let vol = format!(
+            "\\\\?\\Volume{{0fd3ad2c-4f9e-4a4b-9e0b-3d7e0e0b8d11}}{}",
+            mid.display().to_string().replace('/', "\\")
+        );
+        new_vhdx(&top, 512, Some((&mid, &[("volume_path", vol.as_str())])));
+        write_page(&top, 2, 3);
+
+        let c = Chain::open(&top, &ChainOptions::default()).unwrap();
+        assert_eq!(c.layers.len(), 3);
+        let f1 = c.found[1].as_ref().unwrap();
+        assert_eq!((f1.locator.as_str(), &f1.path), ("volume_path", &mid));
+        let f2 = c.found[2].as_ref().unwrap();
+        assert_eq!((f2.locator.as_str(), &f2.path), ("relative_path", &base));
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        expect_pages(&read_all(c), 3);
+
+        // Writing to the base changes its DataWriteGuid: the chain no longer links.
+        write_page(&base, 5, 9);
+        let e = Chain::open(&top, &ChainOptions::default()).err().unwrap();
+        assert!(matches!(e, Error::Linkage { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("DataWriteGuid") && msg.contains("Base.vhdx"),
+            "{msg}"
+        );
+        let opts = ChainOptions {
+            ignore_linkage: true,
+            ..Default::default()
+        };
+        let c = Chain::open(&top, &opts).unwrap();
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    }
+
+    #[test]
+    fn real_vhdx_sector_sizes_and_formats_must_agree() {
+        let t = TempDir::new();
+        let base = t.path().join("base.vhdx");
+        new_vhdx(&base, 512, None);
+        let child = t.path().join("child4k.avhdx");
+        new_vhdx(
+            &child,
+            4096,
+            Some((&base, &[("relative_path", "base.vhdx")])),
+        );
+        let msg = Chain::open(&child, &ChainOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("child4k.avhdx") && msg.contains("base.vhdx") && msg.contains("4096"),
+            "{msg}"
+        );
+
+        // A VHDX child over a VHD parent (given with --parent) is refused.
+        let vhd = vhd_chain(t.path(), 1).pop().unwrap();
+        let child = t.path().join("child.avhdx");
+        new_vhdx(
+            &child,
+            512,
+            Some((&base, &[("relative_path", "base.vhdx")])),
+        );
+        let opts = ChainOptions {
+            parents: vec![vhd.clone()],
+            ..Default::default()
+        };
+        let msg = Chain::open(&child, &opts).err().unwrap().to_string();
+        assert!(
+            msg.contains("child.avhdx")
+                && msg.contains("l0.vhd")
+                && msg.contains("all VHDX or all VHD"),
+            "{msg}"
+        );
+    }
 }
