@@ -846,8 +846,15 @@ mod tests {
         path
     }
 
+    /// Without ImageFile::open's flock: these tests hold a reader and a writer of the
+    /// same file at once on purpose.
     fn open(path: &Path, writable: bool) -> ImageFile {
-        ImageFile::open(path, writable).unwrap()
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .unwrap();
+        ImageFile::new(path, f).unwrap()
     }
 
     fn read(file: &ImageFile, off: u64, len: usize) -> Vec<u8> {
