@@ -21,7 +21,7 @@ pub fn run(args: &CheckArgs) -> Result<i32> {
             "path": l.path().display().to_string(),
             "format": l.format().name(),
             "problems": problems,
-            "warnings": info.warnings,
+            "warnings": info.warnings.iter().filter(|w| !problems.contains(w)).collect::<Vec<_>>(),
             "log_state": info.log_state,
         }));
     }

@@ -15,6 +15,7 @@
 //!   `Absent` (read from the parent); set bits are held here.
 
 pub mod bat;
+mod check;
 pub mod create;
 pub mod dynamic;
 pub mod footer;
@@ -420,6 +421,10 @@ impl Layer for Vhd {
 
     fn timestamp(&self) -> Option<u32> {
         Some(self.footer.time_stamp)
+    }
+
+    fn check(&self) -> Result<Vec<String>> {
+        self.check_structure()
     }
 
     fn info(&self) -> Result<LayerInfo> {
