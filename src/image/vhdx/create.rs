@@ -56,7 +56,7 @@ impl NewVhdx {
         let lss = self.logical_sector_size as u64;
         if self.virtual_size == 0
             || self.virtual_size > MAX_VIRTUAL_SIZE
-            || self.virtual_size % lss != 0
+            || !self.virtual_size.is_multiple_of(lss)
         {
             return bad(format!(
                 "size {} is invalid for VHDX (a non-zero multiple of the {lss}-byte sector size, at most 64 TiB)",

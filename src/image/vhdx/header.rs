@@ -165,7 +165,7 @@ pub fn read_current_header(file: &ImageFile) -> Result<(Header, usize, Vec<Strin
             ),
         ));
     }
-    if h.log_length as u64 % (1 << 20) != 0 || h.log_offset % (1 << 20) != 0 {
+    if !(h.log_length as u64).is_multiple_of(1 << 20) || h.log_offset % (1 << 20) != 0 {
         return Err(Error::corrupt(
             &file.path,
             format!(

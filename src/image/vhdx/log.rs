@@ -90,12 +90,12 @@ struct Ring {
 impl Ring {
     fn new(file: &ImageFile, offset: u64, length: u64) -> Result<Ring> {
         let bad = |what: String| Err(Error::corrupt(&file.path, what));
-        if length == 0 || length % MIB != 0 || length > u64::from(u32::MAX) {
+        if length == 0 || !length.is_multiple_of(MIB) || length > u64::from(u32::MAX) {
             return bad(format!(
                 "header LogLength {length} is not a non-zero multiple of 1 MiB below 4 GiB"
             ));
         }
-        if offset % MIB != 0 || offset < MIB {
+        if !offset.is_multiple_of(MIB) || offset < MIB {
             return bad(format!(
                 "header LogOffset {offset} is not a multiple of 1 MiB after the header section"
             ));
@@ -205,12 +205,12 @@ fn parse_entry_body(
     for i in 0..count as usize {
         let d = &buf[ENTRY_HEADER_SIZE + i * DESCRIPTOR_SIZE..][..DESCRIPTOR_SIZE];
         let file_offset = le64(d, 16);
-        if le64(d, 24) != seq || file_offset % LOG_SECTOR_SIZE != 0 {
+        if le64(d, 24) != seq || !file_offset.is_multiple_of(LOG_SECTOR_SIZE) {
             return None;
         }
         if &d[0..4] == ZERO_SIGNATURE {
             let len = le64(d, 8);
-            if len % LOG_SECTOR_SIZE != 0 || file_offset.checked_add(len).is_none() {
+            if !len.is_multiple_of(LOG_SECTOR_SIZE) || file_offset.checked_add(len).is_none() {
                 return None;
             }
             if len > 0 && file_offset < HEADER_AREA_END {
@@ -679,7 +679,7 @@ impl LogWriter {
                 self.next_sequence
             ));
         }
-        if flushed_file_offset % MIB != 0 || last_file_offset % MIB != 0 {
+        if !flushed_file_offset.is_multiple_of(MIB) || !last_file_offset.is_multiple_of(MIB) {
             return invalid(format!(
                 "FlushedFileOffset {flushed_file_offset} and LastFileOffset {last_file_offset} \
                  must be multiples of 1 MiB"

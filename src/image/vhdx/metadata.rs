@@ -43,7 +43,7 @@ struct Item {
 }
 
 fn utf16le(bytes: &[u8]) -> std::result::Result<String, String> {
-    if bytes.len() % 2 != 0 {
+    if !bytes.len().is_multiple_of(2) {
         return Err(format!("odd UTF-16 byte length {}", bytes.len()));
     }
     let units: Vec<u16> = bytes
@@ -209,7 +209,7 @@ pub fn read_metadata(file: &ImageFile, region: Region) -> Result<Metadata> {
     let virtual_size = le64(&need(VIRTUAL_DISK_SIZE, 8, "Virtual Disk Size")?, 0);
     if virtual_size == 0
         || virtual_size > MAX_VIRTUAL_SIZE
-        || virtual_size % logical_sector_size as u64 != 0
+        || !virtual_size.is_multiple_of(logical_sector_size as u64)
     {
         return Err(bad(format!(
             "virtual disk size {virtual_size} is invalid (must be a non-zero multiple of the {logical_sector_size}-byte sector size, at most 64 TiB)"

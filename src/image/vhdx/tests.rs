@@ -336,7 +336,12 @@ fn writes_to_base_and_child_match_a_model() {
 
 fn run(cmd: &mut std::process::Command) -> Vec<u8> {
     let out = cmd.output().expect("run tool");
-    assert!(out.status.success(), "{:?}: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -357,7 +362,15 @@ fn pending_log_file(d: &TempDir) -> (PathBuf, Vec<u8>) {
     std::fs::write(&raw, &data).unwrap();
     let img = d.0.join("p.vhdx");
     run(std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic,block_size=1M"])
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vhdx",
+            "-o",
+            "subformat=dynamic,block_size=1M",
+        ])
         .arg(&raw)
         .arg(&img));
     let v = Vhdx::open(&img, OpenOptions::default()).unwrap();
@@ -392,16 +405,27 @@ fn pending_log_read_only_replays_in_memory_and_never_writes() {
     let before = std::fs::read(&img).unwrap();
     let meta_before = std::fs::metadata(&img).unwrap().modified().unwrap();
     let disk = open_disk(&img, false);
-    assert!(read_all(&disk) == expected, "in-memory replay gives the logged state");
+    assert!(
+        read_all(&disk) == expected,
+        "in-memory replay gives the logged state"
+    );
     let info = disk.layers()[0].info().unwrap();
     assert!(info.log_state.unwrap().contains("replayed in memory"));
     drop(disk);
-    assert!(std::fs::read(&img).unwrap() == before, "a read-only open never writes");
-    assert_eq!(std::fs::metadata(&img).unwrap().modified().unwrap(), meta_before);
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a read-only open never writes"
+    );
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().modified().unwrap(),
+        meta_before
+    );
     // qemu replays the log on a writable open (check -r all): it must agree with us.
     let q = d.0.join("q.vhdx");
     std::fs::copy(&img, &q).unwrap();
-    run(std::process::Command::new("qemu-img").args(["check", "-r", "all"]).arg(&q));
+    run(std::process::Command::new("qemu-img")
+        .args(["check", "-r", "all"])
+        .arg(&q));
     assert!(qemu_raw(&q, &d.0.join("q.raw")) == expected, "qemu agrees");
 }
 
@@ -419,6 +443,11 @@ fn pending_log_writable_open_replays_to_the_file() {
     assert!(v.header().log_guid.is_nil());
     assert!(v.info().unwrap().log_state.unwrap().starts_with("clean"));
     drop(v);
-    run(std::process::Command::new("qemu-img").arg("check").arg(&img));
-    assert!(qemu_raw(&img, &d.0.join("q.raw")) == expected, "qemu reads our replayed file");
+    run(std::process::Command::new("qemu-img")
+        .arg("check")
+        .arg(&img));
+    assert!(
+        qemu_raw(&img, &d.0.join("q.raw")) == expected,
+        "qemu reads our replayed file"
+    );
 }
