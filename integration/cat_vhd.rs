@@ -68,6 +68,15 @@ fn check_image(dir: &TempDir, img: &Path, oracle: &Path, disk_type: &str) {
     );
     std::fs::remove_file(&output_copy).unwrap();
 
+    // libvhdi, the second independent reader, must agree too.
+    if require_tool("vhdimount") && require_fuse() {
+        let mnt = dir.join("vhdimount");
+        let m = FuseMount::vhdimount(img, &mnt);
+        assert_same_file(&m.dir().join("vhdi1"), oracle, "vhdimount vs qemu-img");
+        drop(m);
+        std::fs::remove_dir(&mnt).unwrap();
+    }
+
     let v = info_json(img, &[]);
     let layers = info_layers(&v);
     assert_eq!(layers.len(), 1, "a VHD base is a chain of one layer: {v}");
