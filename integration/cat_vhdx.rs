@@ -385,7 +385,7 @@ fn dynamic_2m_filled() {
         size,
         "subformat=dynamic,block_size=2M",
         "dynamic",
-        |p| filled_raw(p, size, 4, &[(4 * MIB, 4 * MIB), (13 * MIB, 1 * MIB)]),
+        |p| filled_raw(p, size, 4, &[(4 * MIB, 4 * MIB), (13 * MIB, MIB)]),
     );
 }
 

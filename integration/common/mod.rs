@@ -828,7 +828,7 @@ fn unescape_mountinfo(s: &str) -> String {
 
 pub fn is_mounted(dir: &Path) -> bool {
     let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    mount_points().iter().any(|m| *m == dir)
+    mount_points().contains(&dir)
 }
 
 fn is_mounted_below(dir: &Path) -> bool {
