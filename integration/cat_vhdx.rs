@@ -719,3 +719,133 @@ fn truncated_payload_is_rejected_by_cat() {
     let o = vdiskfs(["cat".as_ref(), bad.as_os_str()]);
     assert_clean_failure(&o, &bad);
 }
+
+// ---------------------------------------------------------------------------
+// Structures that parse but must not be accepted
+// ---------------------------------------------------------------------------
+
+const FILE_PARAMETERS: &str = "caa16737-fa36-4d43-b3b6-33f0aa44e76b";
+
+/// A copy of a small qemu image named `name`, patched by `patch`.
+fn patched_copy(tag: &str, name: &str, patch: impl Fn(&Path)) -> Option<(TempDir, PathBuf)> {
+    if !require_tool("qemu-img") {
+        return None;
+    }
+    let dir = TempDir::new(tag);
+    let (img, _) = small_image(&dir, 20);
+    let bad = dir.join(name);
+    std::fs::copy(&img, &bad).unwrap();
+    patch(&bad);
+    Some((dir, bad))
+}
+
+#[test]
+fn logical_sector_size_not_512_or_4096_is_rejected() {
+    for lss in [1024u32, 0, 8192] {
+        let Some((_dir, bad)) = patched_copy("bad-lss", &format!("lss-{lss}.vhdx"), |p| {
+            let (off, _) = metadata_item(p, LOGICAL_SECTOR_SIZE);
+            patch_file(p, off, &lss.to_le_bytes());
+        }) else {
+            return;
+        };
+        assert_rejected(&bad);
+    }
+}
+
+#[test]
+fn block_size_not_power_of_two_in_range_is_rejected() {
+    for bs in [3 * MIB as u32, 512 * KIB as u32, 512 * MIB as u32, 0] {
+        let Some((_dir, bad)) = patched_copy("bad-bs", &format!("bs-{bs}.vhdx"), |p| {
+            let (off, len) = metadata_item(p, FILE_PARAMETERS);
+            assert_eq!(len, 8);
+            patch_file(p, off, &bs.to_le_bytes());
+        }) else {
+            return;
+        };
+        assert_rejected(&bad);
+    }
+}
+
+/// Add an entry to both region tables and fix their CRC-32C checksums.
+fn add_region(p: &Path, guid: uuid::Uuid, file_offset: u64, length: u32, required: bool) {
+    for table_off in [192 * KIB, 256 * KIB] {
+        let mut rt = read_at(p, table_off, 64 * KIB as usize);
+        assert_eq!(&rt[..4], b"regi");
+        let n = le32(&rt, 8) as usize;
+        let e = 16 + 32 * n;
+        rt[e..e + 16].copy_from_slice(&guid.to_bytes_le());
+        rt[e + 16..e + 24].copy_from_slice(&file_offset.to_le_bytes());
+        rt[e + 24..e + 28].copy_from_slice(&length.to_le_bytes());
+        rt[e + 28..e + 32].copy_from_slice(&(required as u32).to_le_bytes());
+        rt[8..12].copy_from_slice(&((n + 1) as u32).to_le_bytes());
+        rt[4..8].fill(0);
+        let crc = crc32c::crc32c(&rt);
+        rt[4..8].copy_from_slice(&crc.to_le_bytes());
+        patch_file(p, table_off, &rt);
+    }
+}
+
+#[test]
+fn unknown_required_region_is_rejected() {
+    // The same region marked not required must still open (the spec says ignore it).
+    let guid = uuid::Uuid::parse_str("0f4c1c2e-5d6b-4a7f-9e8d-1234567890ab").unwrap();
+    let Some((dir, optional)) = patched_copy("region", "optional-region.vhdx", |p| {
+        let end = file_len(p);
+        add_region(p, guid, end, MIB as u32, false);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_len(end + MIB)
+            .unwrap();
+    }) else {
+        return;
+    };
+    let out = dir.join("out.raw");
+    cat_output_option(&optional, &[], &out);
+    assert_eq!(file_len(&out), 6 * MIB);
+
+    let required = dir.join("required-region.vhdx");
+    std::fs::copy(&optional, &required).unwrap();
+    for table_off in [192 * KIB, 256 * KIB] {
+        let mut rt = read_at(&required, table_off, 64 * KIB as usize);
+        let n = le32(&rt, 8) as usize;
+        let e = 16 + 32 * (n - 1);
+        rt[e + 28..e + 32].copy_from_slice(&1u32.to_le_bytes());
+        rt[4..8].fill(0);
+        let crc = crc32c::crc32c(&rt);
+        rt[4..8].copy_from_slice(&crc.to_le_bytes());
+        patch_file(&required, table_off, &rt);
+    }
+    assert_rejected(&required);
+}
+
+#[test]
+fn unknown_required_metadata_item_is_rejected() {
+    let Some((_dir, bad)) = patched_copy("bad-meta", "required-metadata.vhdx", |p| {
+        let (lss_off, _) = metadata_item(p, LOGICAL_SECTOR_SIZE);
+        let rt = read_at(p, 192 * KIB, 64 * KIB as usize);
+        let n = le32(&rt, 8) as usize;
+        let md_off = (0..n)
+            .map(|i| 16 + 32 * i)
+            .find(|&e| guid_at(&rt, e) == METADATA_REGION)
+            .map(|e| le64(&rt, e + 16))
+            .unwrap();
+        let mut table = read_at(p, md_off, 64 * KIB as usize);
+        let count = u16::from_le_bytes([table[10], table[11]]) as usize;
+        let e = 32 + 32 * count;
+        let guid = uuid::Uuid::parse_str("6a1f0c3b-8e2d-4b5a-a9c7-0d1e2f3a4b5c").unwrap();
+        table[e..e + 16].copy_from_slice(&guid.to_bytes_le());
+        // 8 bytes of data just past the last known item (still inside the region).
+        let item_off = (lss_off - md_off) as u32 + 64;
+        table[e + 16..e + 20].copy_from_slice(&item_off.to_le_bytes());
+        table[e + 20..e + 24].copy_from_slice(&8u32.to_le_bytes());
+        // IsVirtualDisk | IsRequired
+        table[e + 24..e + 28].copy_from_slice(&6u32.to_le_bytes());
+        table[10..12].copy_from_slice(&((count + 1) as u16).to_le_bytes());
+        patch_file(p, md_off, &table);
+    }) else {
+        return;
+    };
+    assert_rejected(&bad);
+}
