@@ -1,0 +1,469 @@
+#!/usr/bin/env bash
+# Benchmark vdiskfs against its peers on a depth-3 chain of random content.
+#
+#   scripts/bench.sh                      # 1 GiB chains, 20 s random runs, 3 rounds
+#   BENCH_SIZE=256M BENCH_RUNTIME=3 BENCH_REPEAT=1 scripts/bench.sh   # quick smoke run
+#
+# Environment:
+#   BENCH_SIZE     virtual disk size (K/M/G suffixes, powers of 1024; at least 256M; default 1G)
+#   BENCH_RUNTIME  seconds per time-based fio run (default 20)
+#   BENCH_REPEAT   rounds of the read measurements; the table shows the median (default 3)
+#   BENCH_DIR      where the temporary work directory goes (default /var/tmp)
+#   BENCH_KEEP=1   keep the work directory (images, fio logs) instead of deleting it
+#
+# Needs root (drop_caches), fuse3, qemu-img, qemu-io, qemu-storage-daemon, vhdimount
+# (libvhdi-utils), fio and hyperfine: scripts/setup.sh installs them.
+#
+# What is measured (docs/performance.md explains why):
+#   Chains: base made by qemu-img from a random raw file (dynamic VHDX / dynamic VHD /
+#   qcow2), two children made by `vdiskfs create --parent` (qcow2: `qemu-img create -b`),
+#   each child given the same known data (through a writable `vdiskfs mount` and dd; for
+#   qcow2 with qemu-io). A raw reference copy gets the same writes; every exported file
+#   is compared with it (the "same bytes" column).
+#   Reads, for vdiskfs (`mount --read-only`), vhdimount (same VHDX/VHD chain),
+#   qemu-storage-daemon (FUSE export of the qcow2 chain) and the raw copy (page cache):
+#     seq    fio 1 MiB sequential read of the whole file, psync, buffered. Before each run
+#            the page cache is dropped (echo 3 > drop_caches) and the backing image files
+#            are read back in, so the exported file is cold and its backing files hot.
+#            The raw copy is read hot (the ceiling).
+#     rand   fio 4 KiB random reads, psync, O_DIRECT on the FUSE file (so every read
+#            reaches the daemon; backing files hot), 1 job (QD1) and 4 jobs. The raw copy
+#            is read buffered from the page cache (the ceiling).
+#   Writes (vdiskfs writable mount of a fresh child of the depth-3 chain, both formats;
+#   qemu-storage-daemon writable export of a fresh qcow2 child for reference):
+#     seqw   fio 1 MiB sequential write of the whole disk, buffered, end_fsync=1.
+#     mixed  fio 4 KiB random 70% read / 30% write, O_DIRECT, 4 jobs, end_fsync=1,
+#            on another fresh child (so writes allocate blocks as they go).
+#   cat: hyperfine of `vdiskfs cat` of the page-cache-hot dynamic base VHDX (and VHD, and
+#   the depth-3 VHDX chain) to /dev/null.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+VD="$ROOT/target/release/vdiskfs"
+
+SIZE_ARG=${BENCH_SIZE:-1G}
+RUNTIME=${BENCH_RUNTIME:-20}
+REPEAT=${BENCH_REPEAT:-3}
+BASEDIR=${BENCH_DIR:-/var/tmp}
+RAMP=2
+[ "$RUNTIME" -le 4 ] && RAMP=0
+
+say() { printf '\n== %s\n' "$*"; }
+die() {
+    printf 'bench: error: %s\n' "$*" >&2
+    exit 1
+}
+
+SIZE=$(numfmt --from=iec "$SIZE_ARG") || die "BENCH_SIZE=$SIZE_ARG: not a size"
+MIB=$((1 << 20))
+[ "$SIZE" -ge $((256 * MIB)) ] || die "BENCH_SIZE must be at least 256M (got $SIZE_ARG)"
+[ $((SIZE % MIB)) -eq 0 ] || die "BENCH_SIZE must be a whole number of MiB"
+
+[ "$(id -u)" -eq 0 ] || die "run as root (drop_caches, FUSE export of qemu-storage-daemon)"
+for t in cargo qemu-img qemu-io qemu-storage-daemon vhdimount fio hyperfine fusermount3 cmp; do
+    command -v "$t" >/dev/null 2>&1 || die "$t not found (run scripts/setup.sh)"
+done
+
+# ---------------------------------------------------------------------------------------
+# Cleanup: every mount, daemon and temp file goes, whatever happened.
+MOUNTS=()   # FUSE mount points (directories or files)
+QSD_PIDS=() # pid files of qemu-storage-daemon instances
+WORK=""
+cleanup() {
+    local rc=$?
+    set +e
+    local m p f
+    for f in "${QSD_PIDS[@]}"; do
+        if [ -s "$f" ]; then
+            p=$(cat "$f")
+            kill "$p" 2>/dev/null
+            for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        fi
+    done
+    for m in "${MOUNTS[@]}"; do
+        if mountpoint -q "$m" 2>/dev/null || grep -qF " $m " /proc/self/mountinfo; then
+            fusermount3 -u -z "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
+        fi
+    done
+    if [ -n "$WORK" ] && [ -d "$WORK" ]; then
+        if [ "${BENCH_KEEP:-0}" = 1 ]; then
+            echo "bench: kept $WORK"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+is_mounted() { grep -qF " $1 " /proc/self/mountinfo; }
+
+# `umount` a FUSE mount and wait until its daemon let go of IMAGE (the top image's
+# exclusive flock), so the next step may open it.
+vd_umount() {
+    local dir=$1 img=${2:-}
+    "$VD" umount "$dir"
+    if [ -n "$img" ]; then
+        flock -x -w 60 "$img" true || die "daemon still holds $img 60 s after unmount"
+    fi
+}
+
+vd_mount() { # vd_mount IMAGE DIR [extra options...]
+    local img=$1 dir=$2
+    shift 2
+    mkdir -p "$dir"
+    MOUNTS+=("$dir")
+    "$VD" mount "$@" "$img" "$dir"
+}
+
+# vhdimount exposes one file per layer, base first: DIR/vhdi1 is the base, the highest
+# number the top image's merged view.
+vhdi_mount() { # vhdi_mount IMAGE DIR
+    mkdir -p "$2"
+    MOUNTS+=("$2")
+    vhdimount "$1" "$2" >/dev/null
+    for _ in $(seq 100); do [ -e "$2/vhdi1" ] && return 0; sleep 0.1; done
+    die "vhdimount $1 $2: vhdi1 did not appear"
+}
+
+qsd_export() { # qsd_export QCOW2 FILE writable(on|off)
+    local img=$1 file=$2 wr=$3
+    : >"$file"
+    MOUNTS+=("$file")
+    QSD_PIDS+=("$file.pid")
+    qemu-storage-daemon \
+        --blockdev "node-name=prot,driver=file,filename=$img" \
+        --blockdev "node-name=fmt,driver=qcow2,file=prot" \
+        --export "type=fuse,id=exp,node-name=fmt,mountpoint=$file,writable=$wr" \
+        --pidfile "$file.pid" --daemonize
+    for _ in $(seq 100); do is_mounted "$file" && return 0; sleep 0.1; done
+    die "qemu-storage-daemon did not mount $file"
+}
+
+qsd_stop() { # qsd_stop FILE
+    local p
+    p=$(cat "$1.pid")
+    kill "$p"
+    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    ! is_mounted "$1" || fusermount3 -u "$1"
+    rm -f "$1.pid"
+}
+
+# Page cache: drop everything, then read the backing files back in.
+cold_exported_hot_backing() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    cat "$@" >/dev/null
+}
+
+# fio --minimal (terse v3) fields: 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS.
+fio_run() { # fio_run LOGNAME fio-args... ; prints the terse line
+    local log=$1
+    shift
+    fio --minimal --group_reporting --invalidate=0 "$@" >"$WORK/log/$log.terse" 2>"$WORK/log/$log.err" ||
+        die "fio $log failed: $(cat "$WORK/log/$log.err")"
+    tail -n 1 "$WORK/log/$log.terse"
+}
+field() { cut -d';' -f"$1"; }
+
+median() { # median NUM... (prints the median; mean of the middle two when even)
+    printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
+}
+
+# ---------------------------------------------------------------------------------------
+say "build: cargo build --release"
+cargo build --release
+mkdir -p "$BASEDIR"
+WORK=$(mktemp -d "$BASEDIR/vdiskfs-bench.XXXXXX")
+mkdir -p "$WORK/log" "$WORK/mnt"
+echo "work directory: $WORK"
+
+say "machine"
+echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo "cpus:    $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+echo "kernel:  $(uname -r)"
+echo "memory:  $(free -g | awk '/^Mem:/ {print $2 " GiB"}')"
+echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
+echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src 2>/dev/null || echo ' (src/ has uncommitted changes)')"
+echo "size:    $SIZE_ARG ($SIZE bytes), runtime ${RUNTIME}s, $REPEAT round(s)"
+
+# ---------------------------------------------------------------------------------------
+say "chains: random base, two children with known data"
+# Known data: in each of 16 slices of the disk, child 1 writes 1 MiB of 0xc1 at +3 MiB and
+# 4 KiB at +9 MiB+3.5 KiB (not 4 KiB aligned); child 2 writes 1 MiB of 0xc2 at +3.5 MiB
+# (half over child 1's data) and 8 KiB at +12 MiB+2.5 KiB.
+STEP=$((SIZE / 16))
+W1=() W2=()
+for i in $(seq 0 15); do
+    W1+=("$((i * STEP + 3 * MIB)) $MIB" "$((i * STEP + 9 * MIB + 3584)) 4096")
+    W2+=("$((i * STEP + 3 * MIB + MIB / 2)) $MIB" "$((i * STEP + 12 * MIB + 2560)) 8192")
+done
+head -c "$MIB" /dev/zero | tr '\0' '\301' >"$WORK/pat.c1"
+head -c "$MIB" /dev/zero | tr '\0' '\302' >"$WORK/pat.c2"
+
+dd_writes() { # dd_writes TARGET PATTERN "off len"...
+    local target=$1 pat=$2 w
+    shift 2
+    for w in "$@"; do
+        set -- $w
+        dd if="$pat" of="$target" bs="$2" count=1 seek="$1" oflag=seek_bytes conv=notrunc status=none
+    done
+    sync "$target" 2>/dev/null || sync
+}
+qemu_io_cmds() { # qemu_io_cmds PATTERN_BYTE "off len"... -> -c "write -P .." args
+    local p=$1 w
+    shift
+    for w in "$@"; do
+        set -- $w
+        printf -- '-c\0write -q -P %s %s %s\0' "$p" "$1" "$2"
+    done
+}
+
+echo "+ head -c $SIZE /dev/urandom > random.raw"
+head -c "$SIZE" /dev/urandom >"$WORK/random.raw"
+cp "$WORK/random.raw" "$WORK/ref.raw"
+dd_writes "$WORK/ref.raw" "$WORK/pat.c1" "${W1[@]}"
+dd_writes "$WORK/ref.raw" "$WORK/pat.c2" "${W2[@]}"
+
+for fmt in vhdx vhd; do
+    d="$WORK/$fmt"
+    mkdir -p "$d"
+    # VHD: force_size=on keeps the exact size (qemu otherwise rounds it up to a CHS geometry).
+    qfmt=$fmt qopt=subformat=dynamic
+    [ "$fmt" = vhd ] && qfmt=vpc qopt=subformat=dynamic,force_size=on
+    echo "+ qemu-img convert -f raw -O $qfmt -o $qopt random.raw $fmt/base.$fmt"
+    qemu-img convert -f raw -O "$qfmt" -o "$qopt" "$WORK/random.raw" "$d/base.$fmt"
+    prev="$d/base.$fmt"
+    for c in c1 c2; do
+        echo "+ vdiskfs create --parent $(basename "$prev") $fmt/$c.$fmt; write its known data through a writable mount"
+        "$VD" create --parent "$prev" "$d/$c.$fmt" >/dev/null
+        vd_mount "$d/$c.$fmt" "$WORK/mnt/w"
+        if [ "$c" = c1 ]; then
+            dd_writes "$WORK/mnt/w/disk.raw" "$WORK/pat.c1" "${W1[@]}"
+        else
+            dd_writes "$WORK/mnt/w/disk.raw" "$WORK/pat.c2" "${W2[@]}"
+        fi
+        vd_umount "$WORK/mnt/w" "$d/$c.$fmt"
+        prev="$d/$c.$fmt"
+    done
+done
+
+mkdir -p "$WORK/qcow2"
+echo "+ qemu-img convert -f raw -O qcow2 random.raw qcow2/base.qcow2; qemu-img create -b ...; qemu-io write -P ..."
+qemu-img convert -f raw -O qcow2 "$WORK/random.raw" "$WORK/qcow2/base.qcow2"
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$WORK/qcow2/c1.qcow2"
+mapfile -d '' args < <(qemu_io_cmds 0xc1 "${W1[@]}")
+qemu-io -f qcow2 "${args[@]}" "$WORK/qcow2/c1.qcow2"
+qemu-img create -q -f qcow2 -b c1.qcow2 -F qcow2 "$WORK/qcow2/c2.qcow2"
+mapfile -d '' args < <(qemu_io_cmds 0xc2 "${W2[@]}")
+qemu-io -f qcow2 "${args[@]}" "$WORK/qcow2/c2.qcow2"
+rm -f "$WORK/random.raw"
+ls -l "$WORK"/vhdx "$WORK"/vhd "$WORK"/qcow2 | sed 's/^/  /'
+
+# ---------------------------------------------------------------------------------------
+say "mounts"
+TARGETS=(vdiskfs-vhdx vhdimount-vhdx vdiskfs-vhd vhdimount-vhd qsd-qcow2 raw-pagecache)
+declare -A FILE BACKING SAME
+vd_mount "$WORK/vhdx/c2.vhdx" "$WORK/mnt/vd-vhdx" --read-only
+vd_mount "$WORK/vhd/c2.vhd" "$WORK/mnt/vd-vhd" --read-only
+vhdi_mount "$WORK/vhdx/c2.vhdx" "$WORK/mnt/vhdi-vhdx"
+vhdi_mount "$WORK/vhd/c2.vhd" "$WORK/mnt/vhdi-vhd"
+qsd_export "$WORK/qcow2/c2.qcow2" "$WORK/mnt/qsd.raw" off
+FILE[vdiskfs-vhdx]="$WORK/mnt/vd-vhdx/disk.raw"
+FILE[vdiskfs-vhd]="$WORK/mnt/vd-vhd/disk.raw"
+vhdi_top() { find "$1" -maxdepth 1 -name 'vhdi*' | sort -V | tail -n 1; }
+FILE[vhdimount-vhdx]=$(vhdi_top "$WORK/mnt/vhdi-vhdx")
+FILE[vhdimount-vhd]=$(vhdi_top "$WORK/mnt/vhdi-vhd")
+echo "vhdimount exports the merged view as $(basename "${FILE[vhdimount-vhdx]}") (vhdi1 is the base)"
+FILE[qsd-qcow2]="$WORK/mnt/qsd.raw"
+FILE[raw-pagecache]="$WORK/ref.raw"
+BACKING[vdiskfs-vhdx]="$WORK/vhdx/base.vhdx $WORK/vhdx/c1.vhdx $WORK/vhdx/c2.vhdx"
+BACKING[vhdimount-vhdx]=${BACKING[vdiskfs-vhdx]}
+BACKING[vdiskfs-vhd]="$WORK/vhd/base.vhd $WORK/vhd/c1.vhd $WORK/vhd/c2.vhd"
+BACKING[vhdimount-vhd]=${BACKING[vdiskfs-vhd]}
+BACKING[qsd-qcow2]="$WORK/qcow2/base.qcow2 $WORK/qcow2/c1.qcow2 $WORK/qcow2/c2.qcow2"
+BACKING[raw-pagecache]="$WORK/ref.raw"
+echo "+ vdiskfs mount --read-only c2.vhdx|c2.vhd DIR; vhdimount c2.vhdx|c2.vhd DIR;"
+echo "+ qemu-storage-daemon --blockdev node-name=prot,driver=file,filename=c2.qcow2 --blockdev node-name=fmt,driver=qcow2,file=prot --export type=fuse,id=exp,node-name=fmt,mountpoint=FILE,writable=off"
+
+say "same bytes as the reference raw copy? (cmp of the whole exported file)"
+for t in "${TARGETS[@]}"; do
+    [ "$t" = raw-pagecache ] && { SAME[$t]=ref; continue; }
+    sz=$(stat -c %s "${FILE[$t]}")
+    if [ "$sz" -ne "$SIZE" ]; then
+        SAME[$t]="size $sz"
+    elif cmp -s "${FILE[$t]}" "$WORK/ref.raw"; then
+        SAME[$t]=yes
+    else
+        SAME[$t]="NO ($( (cmp "${FILE[$t]}" "$WORK/ref.raw" 2>&1 || true) | head -n1 | sed 's/.*differ: //'))"
+    fi
+    printf '  %-16s %s\n' "$t" "${SAME[$t]}"
+done
+
+# ---------------------------------------------------------------------------------------
+say "reads: $REPEAT round(s), targets interleaved"
+echo "+ fio --name=seq --filename=FILE --rw=read --bs=1M --ioengine=psync --size=$SIZE --invalidate=0   (after drop_caches + cat of the backing files)"
+echo "+ fio --name=rand --filename=FILE --rw=randread --bs=4k --ioengine=psync --direct=1 --time_based --runtime=$RUNTIME --ramp_time=$RAMP --numjobs=1|4 --norandommap --randrepeat=0 --invalidate=0 --group_reporting   (raw copy: --direct=0, hot)"
+declare -A SEQ RQ1 RQ4
+for r in $(seq "$REPEAT"); do
+    for t in "${TARGETS[@]}"; do
+        f=${FILE[$t]}
+        # shellcheck disable=SC2086
+        cold_exported_hot_backing ${BACKING[$t]}
+        bw=$(fio_run "seq.$t.$r" --name=seq --filename="$f" --rw=read --bs=1M --ioengine=psync \
+            --size="$SIZE" | field 7)
+        SEQ[$t]="${SEQ[$t]:-} $((bw / 1024))"
+        direct=1
+        [ "$t" = raw-pagecache ] && direct=0
+        for j in 1 4; do
+            iops=$(fio_run "rand$j.$t.$r" --name=rand --filename="$f" --rw=randread --bs=4k \
+                --ioengine=psync --direct=$direct --time_based --runtime="$RUNTIME" \
+                --ramp_time=$RAMP --numjobs=$j --norandommap --randrepeat=0 | field 8)
+            if [ $j = 1 ]; then RQ1[$t]="${RQ1[$t]:-} $iops"; else RQ4[$t]="${RQ4[$t]:-} $iops"; fi
+        done
+        printf '  round %s %-16s seq %6s MiB/s  rand QD1 %7s IOPS  rand 4 jobs %7s IOPS\n' "$r" "$t" \
+            "${SEQ[$t]##* }" "${RQ1[$t]##* }" "${RQ4[$t]##* }"
+    done
+done
+
+for t in "${TARGETS[@]}"; do
+    # shellcheck disable=SC2086
+    {
+        SEQ[$t]=$(median ${SEQ[$t]})
+        RQ1[$t]=$(median ${RQ1[$t]})
+        RQ4[$t]=$(median ${RQ4[$t]})
+    }
+done
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
+ref_of() { case $1 in *-vhd) echo vdiskfs-vhd ;; *-vhdx) echo vdiskfs-vhdx ;; *) echo both ;; esac; }
+cell() { # cell TARGET ARRAYNAME -> "value (ratio)"
+    local t=$1 ref
+    local -n arr=$2
+    ref=$(ref_of "$t")
+    if [ "$ref" = both ]; then
+        printf '%s (%s|%s)' "${arr[$t]}" "$(ratio "${arr[$t]}" "${arr[vdiskfs-vhdx]}")" "$(ratio "${arr[$t]}" "${arr[vdiskfs-vhd]}")"
+    elif [ "$ref" = "$t" ]; then
+        printf '%s' "${arr[$t]}"
+    else
+        printf '%s (%s)' "${arr[$t]}" "$(ratio "${arr[$t]}" "${arr[$ref]}")"
+    fi
+}
+
+say "read results (median of $REPEAT; in brackets: the figure as a ratio to vdiskfs of the same format; qcow2/raw rows: to vdiskfs VHDX|VHD)"
+printf '| %-16s | %-24s | %-26s | %-26s | %-22s |\n' target "seq read MiB/s" "4K rand read IOPS, QD1" "4K rand read IOPS, 4 jobs" "same bytes as ref"
+printf '|%s|%s|%s|%s|%s|\n' ------------------ -------------------------- ---------------------------- ---------------------------- ------------------------
+for t in "${TARGETS[@]}"; do
+    printf '| %-16s | %-24s | %-26s | %-26s | %-22s |\n' "$t" "$(cell "$t" SEQ)" "$(cell "$t" RQ1)" "$(cell "$t" RQ4)" "${SAME[$t]}"
+done
+
+target_line() { # target_line WHAT VALUE PEER FACTOR
+    local v
+    v=$(awk -v a="$2" -v b="$3" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+    if awk -v v="$v" -v f="$4" 'BEGIN { exit !(v >= f) }'; then
+        printf '  %-52s %5sx (target >= %sx): met\n' "$1" "$v" "$4"
+    else
+        printf '  %-52s %5sx (target >= %sx): NOT met\n' "$1" "$v" "$4"
+    fi
+}
+say "issue 5 targets"
+for f in vhdx vhd; do
+    target_line "seq read, vdiskfs $f / vhdimount $f" "${SEQ[vdiskfs-$f]}" "${SEQ[vhdimount-$f]}" 1.5
+    target_line "seq read, vdiskfs $f / qemu-storage-daemon qcow2" "${SEQ[vdiskfs-$f]}" "${SEQ[qsd-qcow2]}" 3
+    target_line "4K rand IOPS QD1, vdiskfs $f / vhdimount $f" "${RQ1[vdiskfs-$f]}" "${RQ1[vhdimount-$f]}" 1.5
+    target_line "4K rand IOPS 4 jobs, vdiskfs $f / vhdimount $f" "${RQ4[vdiskfs-$f]}" "${RQ4[vhdimount-$f]}" 1.5
+done
+
+# Unmount the read mounts before the write runs (they hold shared locks on c2).
+for d in vd-vhdx vd-vhd; do vd_umount "$WORK/mnt/$d"; done
+for d in vhdi-vhdx vhdi-vhd; do fusermount3 -u "$WORK/mnt/$d"; done
+qsd_stop "$WORK/mnt/qsd.raw"
+
+# ---------------------------------------------------------------------------------------
+say "writes: fresh children of the depth-3 chain"
+echo "+ fio --name=seqw --filename=FILE --rw=write --bs=1M --ioengine=psync --size=$SIZE --end_fsync=1 --invalidate=0"
+echo "+ fio --name=mixed --filename=FILE --rw=randrw --rwmixread=70 --bs=4k --ioengine=psync --direct=1 --numjobs=4 --time_based --runtime=$RUNTIME --end_fsync=1 --norandommap --randrepeat=0 --invalidate=0 --group_reporting"
+declare -A WSEQ MIXR MIXW WCHECK
+WTARGETS=(vdiskfs-vhdx vdiskfs-vhd qsd-qcow2)
+for t in "${WTARGETS[@]}"; do
+    for kind in seqw mixed; do
+        case $t in
+        vdiskfs-*)
+            fmt=${t#vdiskfs-}
+            img="$WORK/$fmt/$kind.$fmt"
+            rm -f "$img"
+            "$VD" create --parent "$WORK/$fmt/c2.$fmt" "$img" >/dev/null
+            vd_mount "$img" "$WORK/mnt/w"
+            f="$WORK/mnt/w/disk.raw"
+            ;;
+        qsd-*)
+            img="$WORK/qcow2/$kind.qcow2"
+            rm -f "$img"
+            qemu-img create -q -f qcow2 -b c2.qcow2 -F qcow2 "$img"
+            qsd_export "$img" "$WORK/mnt/qsdw.raw" on
+            f="$WORK/mnt/qsdw.raw"
+            ;;
+        esac
+        # shellcheck disable=SC2086
+        cold_exported_hot_backing ${BACKING[$t]}
+        if [ $kind = seqw ]; then
+            line=$(fio_run "$kind.$t" --name=seqw --filename="$f" --rw=write --bs=1M --ioengine=psync \
+                --size="$SIZE" --end_fsync=1)
+            WSEQ[$t]=$(($(field 48 <<<"$line") / 1024))
+        else
+            line=$(fio_run "$kind.$t" --name=mixed --filename="$f" --rw=randrw --rwmixread=70 --bs=4k \
+                --ioengine=psync --direct=1 --numjobs=4 --time_based --runtime="$RUNTIME" \
+                --ramp_time=$RAMP --end_fsync=1 --norandommap --randrepeat=0)
+            MIXR[$t]=$(field 8 <<<"$line")
+            MIXW[$t]=$(field 49 <<<"$line")
+        fi
+        case $t in
+        vdiskfs-*)
+            vd_umount "$WORK/mnt/w" "$img"
+            if "$VD" check "$img" >"$WORK/log/check.$kind.$t" 2>&1; then
+                WCHECK[$t]="${WCHECK[$t]:-}$kind ok "
+            else
+                WCHECK[$t]="${WCHECK[$t]:-}$kind FAILED "
+            fi
+            ;;
+        qsd-*)
+            qsd_stop "$WORK/mnt/qsdw.raw"
+            if qemu-img check -q "$img" >"$WORK/log/check.$kind.$t" 2>&1; then
+                WCHECK[$t]="${WCHECK[$t]:-}$kind ok "
+            else
+                WCHECK[$t]="${WCHECK[$t]:-}$kind FAILED "
+            fi
+            ;;
+        esac
+        printf '  %-14s %-5s done (%s)\n' "$t" "$kind" "$(ls -sh "$img" | cut -d' ' -f1) file"
+        rm -f "$img"
+    done
+done
+
+say "write results (one run each; ratio to vdiskfs VHDX)"
+printf '| %-14s | %-22s | %-28s | %-28s | %-24s |\n' target "seq write MiB/s" "70/30 4K mixed: read IOPS" "70/30 4K mixed: write IOPS" "check afterwards"
+printf '|%s|%s|%s|%s|%s|\n' ---------------- ------------------------ ------------------------------ ------------------------------ --------------------------
+for t in "${WTARGETS[@]}"; do
+    printf '| %-14s | %-22s | %-28s | %-28s | %-24s |\n' "$t" \
+        "${WSEQ[$t]} ($(ratio "${WSEQ[$t]}" "${WSEQ[vdiskfs-vhdx]}"))" \
+        "${MIXR[$t]} ($(ratio "${MIXR[$t]}" "${MIXR[vdiskfs-vhdx]}"))" \
+        "${MIXW[$t]} ($(ratio "${MIXW[$t]}" "${MIXW[vdiskfs-vhdx]}"))" "${WCHECK[$t]}"
+done
+
+# ---------------------------------------------------------------------------------------
+say "vdiskfs cat (hyperfine, page cache hot; issue 2 wants >= 1 GiB/s for a dynamic VHDX)"
+CAT_IMAGES=("$WORK/vhdx/base.vhdx" "$WORK/vhd/base.vhd" "$WORK/vhdx/c2.vhdx")
+cat "$WORK"/vhdx/*.vhdx "$WORK"/vhd/*.vhd >/dev/null
+for img in "${CAT_IMAGES[@]}"; do
+    rel=${img#"$WORK"/}
+    echo "+ hyperfine -w 1 -r 5 '$VD cat $rel > /dev/null'"
+    hyperfine -w 1 -r 5 --export-csv "$WORK/log/cat.csv" "$VD cat $img > /dev/null" >"$WORK/log/cat.out" 2>&1 ||
+        die "hyperfine failed: $(cat "$WORK/log/cat.out")"
+    IFS=, read -r _ mean stddev _ <<<"$(tail -n 1 "$WORK/log/cat.csv")"
+    awk -v s="$SIZE" -v m="$mean" -v sd="$stddev" -v n="$rel" \
+        'BEGIN { printf "  %-16s %.3f s +- %.3f s  =  %.2f GiB/s (%s)\n", n, m, sd, s / m / 1073741824, (s / m >= 1073741824 ? ">= 1 GiB/s" : "below 1 GiB/s") }'
+done
+
+say "done"
