@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -96,9 +96,6 @@ impl TempDir {
         let _ = fs::remove_dir_all(&p);
         fs::create_dir_all(&p).unwrap();
         TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
     }
     fn sub(&self, name: &str) -> PathBuf {
         self.0.join(name)
@@ -198,11 +195,12 @@ fn mount(image: &Path, dir: &Path, extra: &[&str]) -> FuseMount {
     guard
 }
 
-/// Mount with -f in a child process; returns once `disk.raw` is visible.
-fn mount_foreground(image: &Path, dir: &Path, extra: &[&str]) -> FuseMount {
+/// Mount with -f in a child process; returns once the file `name` is visible.
+fn mount_foreground(image: &Path, dir: &Path, name: &str, extra: &[&str]) -> FuseMount {
     let child = Command::new(BIN)
         .arg("mount")
         .arg("-f")
+        .args(["--name", name])
         .args(extra)
         .arg(image)
         .arg(dir)
@@ -216,7 +214,7 @@ fn mount_foreground(image: &Path, dir: &Path, extra: &[&str]) -> FuseMount {
     };
     // Wait for the mount, or for the daemon to give up (no fixed sleep decides the result).
     loop {
-        if mount_count(dir) > 0 && dir.join("disk.raw").exists() {
+        if mount_count(dir) > 0 && dir.join(name).exists() {
             return guard;
         }
         let c = guard.child.as_mut().unwrap();
@@ -514,7 +512,7 @@ fn gpt_disk_with_two_partitions() {
     // Partition 1: sectors 2048.. (1 MiB) for 24 MiB; partition 2: the rest.
     sh(
         "sgdisk",
-        &[&"-q", &"-n", &"1:2048:+24M", &"-n", &"2:0:0", &raw],
+        &[&"-o", &"-n", &"1:2048:+24M", &"-n", &"2:0:0", &raw],
     );
     let parts = [(2048u64 * 512, 24u64 << 20)];
     let mut trees = Vec::new();
@@ -539,15 +537,51 @@ fn gpt_disk_with_two_partitions() {
     let guest = t.dir("guest");
     let m = mount(&image, &mnt, &["-r"]);
     sh("cmp", &[&m.file("disk.raw"), &raw]);
+    // The partition table read back through the exported file.
+    let table = String::from_utf8(sh("sgdisk", &[&"-p", &m.file("disk.raw")]).stdout).unwrap();
+    let starts: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().take(2).collect())
+        .collect();
+    assert!(
+        starts.contains(&vec!["1", "2048"]),
+        "partition 1 not found:\n{table}"
+    );
+    assert!(
+        starts.contains(&vec!["2", "51200"]),
+        "partition 2 not found:\n{table}"
+    );
     {
         let lo = Loop::attach(&m.file("disk.raw"), true);
         let p1 = format!("{}p1", lo.0);
         let p2 = format!("{}p2", lo.0);
-        assert!(Path::new(&p1).exists(), "{p1} missing after losetup -P");
-        assert!(Path::new(&p2).exists(), "{p2} missing after losetup -P");
         let _g = GuestMount(guest.clone());
-        sh("mount", &[&"-o", &"ro", &p1, &guest]);
-        check_tree(&guest, &trees[0]);
+        if Path::new(&p1).exists() {
+            assert!(Path::new(&p2).exists(), "{p2} missing after losetup -P");
+            sh("mount", &[&"-o", &"ro", &p1, &guest]);
+            check_tree(&guest, &trees[0]);
+        } else {
+            // Some kernels are built without GPT support (CONFIG_EFI_PARTITION): then
+            // losetup -P finds no partitions even on a plain file. Use an offset loop.
+            eprintln!(
+                "gpt_disk_with_two_partitions: kernel made no partition devices for {}; \
+                 mounting partition 1 by offset instead",
+                lo.0
+            );
+            let (off, size) = parts[0];
+            let out = run(Command::new("losetup")
+                .args(["-r", "--find", "--show", "-o"])
+                .arg(off.to_string())
+                .arg("--sizelimit")
+                .arg(size.to_string())
+                .arg(m.file("disk.raw")));
+            let part = Loop(String::from_utf8(out.stdout).unwrap().trim().to_string());
+            {
+                let _g1 = GuestMount(guest.clone());
+                sh("mount", &[&"-o", &"ro", &part.0, &guest]);
+                check_tree(&guest, &trees[0]);
+            }
+        }
     }
     run(Command::new(BIN).arg("umount").arg(&mnt));
     assert_eq!(mount_count(&mnt), 0);
@@ -638,7 +672,7 @@ fn sigterm_unmounts_cleanly() {
     let t = TempDir::new("sigterm");
     let (image, data) = small_vhdx(&t);
     let mnt = t.dir("mnt");
-    let mut m = mount_foreground(&image, &mnt, &["-v", "-r", "--name", "my.img"]);
+    let mut m = mount_foreground(&image, &mnt, "my.img", &["-v", "-r"]);
     let got = fs::read(m.file("my.img")).unwrap();
     assert!(got[..data.len()] == data[..]);
     let mut child = m.child.take().unwrap();
@@ -668,7 +702,7 @@ fn fusermount_u_ends_the_daemon() {
     let t = TempDir::new("fusermount");
     let (image, _) = small_vhdx(&t);
     let mnt = t.dir("mnt");
-    let mut m = mount_foreground(&image, &mnt, &["-r"]);
+    let mut m = mount_foreground(&image, &mnt, "disk.raw", &["-r"]);
     run(Command::new("fusermount3").arg("-u").arg(&mnt));
     let mut child = m.child.take().unwrap();
     let st = child.wait().unwrap();
@@ -692,9 +726,13 @@ fn writable_mount_modes_and_refusals() {
     let m = mount(&image, &mnt, &[]);
     let disk = m.file("disk.raw");
     let mode = fs::metadata(&disk).unwrap().permissions().mode() & 0o7777;
-    let open_w = fs::OpenOptions::new().write(true).open(&disk);
+    let open_w = fs::OpenOptions::new().read(true).write(true).open(&disk);
     match mode {
-        0o644 => assert!(open_w.is_ok(), "0644 but open for write failed"),
+        0o644 => {
+            let f = open_w.expect("0644 but open for write failed");
+            let e = f.set_len(1).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "ftruncate: {e}");
+        }
         0o444 => assert_eq!(
             open_w.unwrap_err().raw_os_error(),
             Some(libc::EROFS),
@@ -702,16 +740,7 @@ fn writable_mount_modes_and_refusals() {
         ),
         other => panic!("unexpected mode {other:o}"),
     }
-    // Truncation and name-space changes: EPERM.
-    let f = fs::OpenOptions::new().read(true).open(&disk).unwrap();
-    let e = f.set_len(1).unwrap_err();
-    assert!(
-        matches!(
-            e.raw_os_error(),
-            Some(libc::EPERM) | Some(libc::EBADF) | Some(libc::EINVAL)
-        ),
-        "truncate: {e}"
-    );
+    // Name-space changes: EPERM.
     let e = fs::remove_file(&disk).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EPERM), "unlink: {e}");
     let e = File::create(mnt.join("new")).unwrap_err();
