@@ -401,6 +401,14 @@ fn crash_cycles(fmt: Fmt) {
     let mnt = t.join("mnt");
     for cycle in 0..cycles {
         if cycle % every == 0 {
+            if cycle > 0 {
+                // Close the current top cleanly before it becomes a parent: parents are
+                // opened read-only and never replayed on disk, and 7-Zip refuses a
+                // chain holding a file with a pending log.
+                let mut d = Daemon::spawn(&child, &mnt);
+                d.wait_live();
+                d.stop();
+            }
             layers += 1;
             let next = t.join(format!("c{layers}.{}", fmt.ext()));
             vdiskfs([
