@@ -3,8 +3,9 @@
 //! remembering which writes an fsync acknowledged) while the test kills the daemon with
 //! SIGKILL at a random moment. After each kill: `vdiskfs check` reports no damage,
 //! `vdiskfs cat` holds every acknowledged write (an unacknowledged one may or may not be
-//! there, byte by byte), and the next cycle writes on into the same file (so a pending
-//! VHDX log is replayed by the next writable open). Every few cycles a new child is
+//! there, byte by byte; every fifth cycle libvhdi's view is held to the same rule), and
+//! the next cycle writes on into the same file (so a pending VHDX log is replayed by
+//! the next writable open). Every few cycles a new child is
 //! stacked on the current one, so allocation keeps happening. At the end the chain is
 //! closed cleanly and judged by 7-Zip (VHDX) and libvhdi (both formats).
 //!
@@ -453,7 +454,16 @@ fn crash_cycles(fmt: Fmt) {
         acked_total += j.acked;
         check_ok(&child, &ctx);
         let got = cat(&child, &ctx);
+        let before = (cycle % 5 == 4).then(|| model.clone());
         verify(&got, &mut model, &j, &ctx);
+        if let Some(mut before) = before {
+            // libvhdi ignores a VHDX log, but every acknowledged write has been applied
+            // in place: it must see each write old or new, and every acknowledged one.
+            let m = FuseMount::vhdimount(&child, &t.join("vm"));
+            let lv = fs::read(vhdimount_top(&m)).expect("read vhdimount's view");
+            drop(m);
+            verify(&lv, &mut before, &j, &format!("{ctx}, vhdimount's view"));
+        }
     }
     eprintln!(
         "crash test {}: {cycles} kill cycles, {layers} children stacked, {issued_total} writes \

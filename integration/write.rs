@@ -29,20 +29,32 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// FUSE, root (loop devices) and `tools`; skip with a message or, under
-/// VDISKFS_REQUIRE_FUSE=1, fail.
+/// FUSE, root and loop devices, qemu-img and `tools`; skip with a message or, under
+/// VDISKFS_REQUIRE_FUSE=1, fail (for every tool, not only those setup.sh lists).
 fn can_run(tools: &[&str]) -> bool {
     if !require_fuse() {
         return false;
     }
+    let mut missing: Vec<String> = Vec::new();
     if !is_root() {
-        if required() {
-            panic!("not root: loop devices need root, and {REQUIRE_ENV} is set");
-        }
-        eprintln!("SKIPPED: not root (loop devices need root)");
-        return false;
+        missing.push("root (for loop devices)".into());
     }
-    require_tools(&["qemu-img"]) && require_tools(tools)
+    if !Path::new("/dev/loop-control").exists() {
+        missing.push("/dev/loop-control (modprobe loop)".into());
+    }
+    for t in ["qemu-img", "losetup", "mount", "umount"].iter().chain(tools) {
+        if find_tool(t).is_none() {
+            missing.push(t.to_string());
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    if required() {
+        panic!("missing {} and {REQUIRE_ENV} is set", missing.join(", "));
+    }
+    eprintln!("SKIPPED: missing {}", missing.join(", "));
+    false
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
