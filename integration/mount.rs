@@ -944,3 +944,48 @@ fn odd_writes_match_a_model() {
     let base_now = vdiskfs_cat(&base, &t.sub("base.raw"));
     assert!(base_now == data, "the base changed");
 }
+
+/// A backing file truncated while mounted: readers get EIO, never wrong bytes, and the
+/// daemon logs the file and offset.
+#[test]
+fn truncated_backing_file_gives_eio() {
+    if !can_run("truncated_backing_file_gives_eio", &[], false) {
+        return;
+    }
+    let t = TempDir::new("eio");
+    let (image, data) = small_vhdx(&t);
+    let mnt = t.dir("mnt");
+    let log = t.sub("daemon.log");
+    let m = mount(&image, &mnt, &["-r", "--log-file", log.to_str().unwrap()]);
+    let image_len = fs::metadata(&image).unwrap().len();
+    File::options()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(image_len / 2)
+        .unwrap();
+    let f = File::open(m.file("disk.raw")).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut saw_eio = false;
+    for off in (0..data.len() as u64).step_by(1 << 20) {
+        match f.read_at(&mut buf, off) {
+            Ok(n) => assert!(
+                buf[..n] == data[off as usize..off as usize + n],
+                "wrong bytes at {off} after truncation"
+            ),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "read at {off}: {e}");
+                saw_eio = true;
+            }
+        }
+    }
+    assert!(saw_eio, "no read failed although half the image is gone");
+    drop(f);
+    run(Command::new(BIN).arg("umount").arg(&mnt));
+    drop(m);
+    let log = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        log.contains(image.to_str().unwrap()) && log.contains("offset"),
+        "daemon log lacks file and offset: {log}"
+    );
+}
