@@ -923,3 +923,64 @@ pub fn run(args: &MountArgs, _verbose: u8) -> Result<i32> {
     };
     std::process::exit(code);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_and_escapes() {
+        let text = "36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw\n\
+                    42 27 0:39 / /tmp/a\\040b/m ro,nosuid - fuse.vdiskfs vdiskfs ro,user_id=0\n\
+                    garbage line\n";
+        let v = parse_mountinfo(text);
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].mount_point, Path::new("/mnt/parent"));
+        assert_eq!(v[0].fstype, "ext3");
+        assert_eq!(v[1].mount_point, Path::new("/tmp/a b/m"));
+        assert_eq!(v[1].fstype, FSTYPE);
+        assert_eq!(v[1].source, "vdiskfs");
+        // A backslash not followed by three octal digits stays as it is.
+        assert_eq!(unescape_mountinfo("a\\9b\\04"), OsString::from("a\\9b\\04"));
+    }
+
+    #[test]
+    fn options_parse() {
+        let p = parse_options(
+            &["allow_other,noexec".into(), "max_read=65536".into()],
+            false,
+        )
+        .unwrap();
+        assert_eq!(p.acl, SessionACL::All);
+        assert!(
+            p.default_permissions,
+            "allow_other implies default_permissions"
+        );
+        assert!(p.flags.contains(&"noexec") && p.flags.contains(&"nodev"));
+        assert_eq!(p.custom, ["max_read=65536"]);
+        assert!(p.fuse_data().contains(&"allow_other".to_string()));
+        assert_ne!(p.ms_flags() & libc::MS_NOEXEC, 0);
+        assert_eq!(p.ms_flags() & libc::MS_RDONLY, 0);
+
+        let p = parse_options(&["ro,suid,fsname=x".into()], false).unwrap();
+        assert!(p.read_only && !p.flags.contains(&"nosuid"));
+        assert_eq!(p.acl, SessionACL::Owner);
+        assert!(!p.default_permissions);
+        assert_ne!(p.ms_flags() & libc::MS_RDONLY, 0);
+        assert!(p
+            .fusermount_options()
+            .starts_with("fsname=x,subtype=vdiskfs"));
+
+        assert!(parse_options(&["auto_unmount".into()], false).is_err());
+        assert!(parse_options(&["fd=3".into()], false).is_err());
+        assert!(parse_options(&["user_id=0".into()], false).is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("disk.raw").is_ok());
+        for bad in ["", ".", "..", ".stats", "a/b"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
