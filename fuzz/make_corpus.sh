@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Build the seed corpora under fuzz/corpus/<target>/ (gitignored; nothing large is
+# committed). Seeds: the shared VHD fixtures, qemu-made VHDX/VHD files of a few shapes
+# (4-16 MiB virtual), and VHDX/VHD bases and children made with the library (with data,
+# and a VHDX with a pending log), all in the sparse input encoding of fuzz/src/sparse.rs.
+#
+#   fuzz/make_corpus.sh            # idempotent; keeps what the fuzzers added
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/vdiskfs-corpus.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+imgs=()
+fixtures=${VDISKFS_FIXTURES:-../../shared/fixtures}
+[ -d "$fixtures" ] || fixtures=/work/shared/fixtures
+for f in "$fixtures"/*.vhd; do
+    [ -f "$f" ] && imgs+=("$f")
+done
+
+if command -v qemu-img >/dev/null 2>&1; then
+    # A raw pattern: data in some sectors, zeros elsewhere.
+    mk_raw() { # name size_mib
+        local raw="$work/$1.raw"
+        truncate -s "$2M" "$raw"
+        printf 'vdiskfs seed %s' "$1" | dd of="$raw" bs=512 seek=0 conv=notrunc status=none
+        head -c 20000 /dev/urandom | dd of="$raw" bs=4096 seek=300 conv=notrunc status=none
+        printf 'end' | dd of="$raw" bs=1 seek=$(($2 * 1048576 - 3)) conv=notrunc status=none
+        echo "$raw"
+    }
+    r4=$(mk_raw r4 4)
+    r16=$(mk_raw r16 16)
+    qemu-img convert -q -f raw -O vhdx -o subformat=dynamic,block_size=1M "$r4" "$work/q-dyn-1m.vhdx"
+    qemu-img convert -q -f raw -O vhdx -o subformat=dynamic,block_size=8M "$r16" "$work/q-dyn-8m.vhdx"
+    qemu-img create -q -f vhdx -o subformat=dynamic,block_size=32M,log_size=1M "$work/q-empty.vhdx" 16M
+    qemu-img convert -q -f raw -O vhdx -o subformat=fixed "$r4" "$work/q-fixed.vhdx"
+    qemu-img convert -q -f raw -O vpc -o subformat=dynamic "$r4" "$work/q-dyn.vhd"
+    qemu-img convert -q -f raw -O vpc -o subformat=fixed "$r4" "$work/q-fixed.vhd"
+    qemu-img create -q -f vpc -o subformat=dynamic "$work/q-empty.vhd" 16M
+    imgs+=("$work"/q-*.vhdx "$work"/q-*.vhd)
+else
+    echo "make_corpus: qemu-img not found; qemu-made seeds skipped" >&2
+fi
+
+cargo run -q --release --example seedgen -- corpus "$work/gen" "${imgs[@]}"
+for t in corpus/*/; do
+    echo "make_corpus: $t $(find "$t" -type f | wc -l) files, $(du -sh "$t" | cut -f1)"
+done
