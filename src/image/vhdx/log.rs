@@ -41,6 +41,11 @@ const HEADER_AREA_END: u64 = 192 << 10;
 /// Zero descriptors are 32 bytes however much they zero; an in-memory replay has to hold
 /// a zero page for each zeroed page inside the file, so that is capped.
 pub const MAX_IN_MEMORY_ZERO_BYTES: u64 = 256 * MIB;
+/// Largest pending log vdiskfs replays (read-only in memory or to the file): replay holds
+/// one whole entry and then every replayed sector in memory, so this bounds it. Hyper-V
+/// and qemu write 1 MiB logs; MS-VHDX allows up to 4 GiB, which a crafted sparse file
+/// could use to make an open allocate gigabytes.
+pub const MAX_REPLAY_LOG_LENGTH: u64 = 64 * MIB;
 
 const ENTRY_SIGNATURE: &[u8; 4] = b"loge";
 const ZERO_SIGNATURE: &[u8; 4] = b"zero";

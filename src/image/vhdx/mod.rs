@@ -42,6 +42,8 @@ pub struct Vhdx {
     pub(crate) regions: Regions,
     pub(crate) bat: Bat,
     pub(crate) bitmaps: SectorBitmaps,
+    /// The log region (offset, length) of the header at open; length 0 when none.
+    log_region: (u64, u64),
     parent: Option<ParentRef>,
     creator: String,
     log_state: String,
@@ -61,8 +63,9 @@ impl Vhdx {
 
         let mut log_state = "clean (no pending log)".to_string();
         if !hdr.log_guid.is_nil() {
-            let log_end = hdr.log_offset + hdr.log_length as u64;
-            if hdr.log_length == 0 || log_end > file.len() {
+            // checked_add: LogOffset comes from the file and may be near u64::MAX.
+            let log_end = hdr.log_offset.checked_add(hdr.log_length as u64);
+            if hdr.log_length == 0 || log_end.is_none_or(|e| e > file.len()) {
                 return Err(Error::corrupt(
                     path,
                     format!(
@@ -70,6 +73,18 @@ impl Vhdx {
                         hdr.log_offset,
                         hdr.log_length,
                         file.len()
+                    ),
+                ));
+            }
+            // Replay holds a whole entry, then every replayed sector, in memory: bound it
+            // (Hyper-V and qemu write 1 MiB logs; MS-VHDX allows up to 4 GiB).
+            if hdr.log_length as u64 > log::MAX_REPLAY_LOG_LENGTH {
+                return Err(Error::unsupported(
+                    path,
+                    format!(
+                        "pending log of {} bytes; vdiskfs replays logs of at most {} bytes",
+                        hdr.log_length,
+                        log::MAX_REPLAY_LOG_LENGTH
                     ),
                 ));
             }
@@ -137,7 +152,9 @@ impl Vhdx {
                 ));
             }
         }
+        let log_region = (hdr.log_offset, hdr.log_length as u64);
         let v = Vhdx {
+            log_region,
             file,
             header: Mutex::new((hdr, slot)),
             meta,
@@ -209,12 +226,35 @@ impl Vhdx {
                 let in_disk = self
                     .block_size()
                     .min(self.meta.virtual_size - block * self.block_size());
-                if off < HEADER_SECTION_SIZE || off.saturating_add(in_disk) > self.file.len() {
+                if off < HEADER_SECTION_SIZE
+                    || off.checked_add(in_disk).is_none_or(|e| e > self.file.len())
+                {
                     return Err(Error::corrupt(
                         &self.file.path,
                         format!(
                             "BAT entry for block {block} points at file offset {off}, outside the file ({} bytes) or inside the header section",
                             self.file.len()
+                        ),
+                    ));
+                }
+                // Never hand out the BAT, metadata or log as disk data (`check` reports
+                // these overlaps, and overlaps between payload blocks, in full).
+                let data = region::Region {
+                    file_offset: off,
+                    length: in_disk,
+                };
+                let log = region::Region {
+                    file_offset: self.log_region.0,
+                    length: self.log_region.1,
+                };
+                if data.overlaps(&self.regions.bat)
+                    || data.overlaps(&self.regions.metadata)
+                    || (log.length != 0 && data.overlaps(&log))
+                {
+                    return Err(Error::corrupt(
+                        &self.file.path,
+                        format!(
+                            "BAT entry for block {block} points at file offset {off}, which overlaps the BAT, metadata or log region"
                         ),
                     ));
                 }
@@ -494,6 +534,8 @@ impl Layer for Vhdx {
     }
 }
 #[cfg(test)]
+mod bounds_tests;
+#[cfg(test)]
 mod tests;
 
 impl Vhdx {
@@ -542,7 +584,7 @@ impl Vhdx {
         if h.log_length != 0 {
             ranges.push((
                 h.log_offset,
-                h.log_offset + h.log_length as u64,
+                h.log_offset.saturating_add(h.log_length as u64),
                 "log".into(),
             ));
         }
@@ -552,7 +594,11 @@ impl Vhdx {
                 Err(err) => problems.push(strip_path(&err, &self.file.path)),
                 Ok(PAYLOAD_BLOCK_FULLY_PRESENT) | Ok(PAYLOAD_BLOCK_PARTIALLY_PRESENT) => {
                     let off = file_offset(e);
-                    ranges.push((off, off + bs, format!("payload block {block}")));
+                    ranges.push((
+                        off,
+                        off.saturating_add(bs),
+                        format!("payload block {block}"),
+                    ));
                     if state(e) == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
                         if let Err(err) = self.bitmap_offset(block / self.bat.chunk_ratio) {
                             problems.push(strip_path(&err, &self.file.path));
@@ -572,7 +618,7 @@ impl Vhdx {
                 bat::SB_BLOCK_NOT_PRESENT => {}
                 SB_BLOCK_PRESENT if self.meta.has_parent => {
                     let off = file_offset(e);
-                    let end = off + bitmap::BITMAP_BLOCK_SIZE as u64;
+                    let end = off.saturating_add(bitmap::BITMAP_BLOCK_SIZE as u64);
                     if off < HEADER_SECTION_SIZE || end > self.file.len() {
                         problems.push(format!(
                             "sector bitmap block of chunk {chunk} at {off} is outside the file"

@@ -20,7 +20,8 @@ pub struct Region {
 
 impl Region {
     pub fn end(&self) -> u64 {
-        self.file_offset + self.length
+        // Saturating: a header's LogOffset is checked only for alignment before this.
+        self.file_offset.saturating_add(self.length)
     }
     pub fn overlaps(&self, other: &Region) -> bool {
         self.file_offset < other.end() && other.file_offset < self.end()
