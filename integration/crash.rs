@@ -225,9 +225,9 @@ fn writer(
     let mut buf = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let len = match rng.below(10) {
-            0..=3 => 1 + rng.below(4096),             // byte-granular, unaligned
-            4..=7 => 512 * (1 + rng.below(128)),      // whole sectors, up to 64 KiB
-            _ => 1 + rng.below(MIB + 300_000),        // large, crossing blocks
+            0..=3 => 1 + rng.below(4096),        // byte-granular, unaligned
+            4..=7 => 512 * (1 + rng.below(128)), // whole sectors, up to 64 KiB
+            _ => 1 + rng.below(MIB + 300_000),   // large, crossing blocks
         }
         .min(size);
         let off = match rng.below(4) {
@@ -235,7 +235,9 @@ fn writer(
             // near a 2 MiB block boundary
             1 => {
                 let b = 1 + rng.below(size / (2 * MIB) - 1);
-                (b * 2 * MIB).saturating_sub(rng.below(len + 1)).min(size - len)
+                (b * 2 * MIB)
+                    .saturating_sub(rng.below(len + 1))
+                    .min(size - len)
             }
             _ => rng.below(size - len + 1),
         };
@@ -479,7 +481,10 @@ fn crash_cycles(fmt: Fmt) {
     d.stop();
     check_ok(&child, "after the final clean close");
     let got = cat(&child, "after the final clean close");
-    assert!(got == model, "the final clean open/close changed the content");
+    assert!(
+        got == model,
+        "the final clean open/close changed the content"
+    );
     if fmt == Fmt::Vhdx {
         let v = info_json(&child, &[]);
         let st = info_layers(&v)[0]
@@ -497,7 +502,13 @@ fn crash_cycles(fmt: Fmt) {
         let mut c = Command::new("7zz");
         c.args(["x", "-tvhdx", "-so"]).arg(&child);
         let o = stdout_vs_file(&mut c, &model_file);
-        assert!(o.success(), "`{}` failed ({}): {}", o.cmd, o.status, o.stderr);
+        assert!(
+            o.success(),
+            "`{}` failed ({}): {}",
+            o.cmd,
+            o.status,
+            o.stderr
+        );
     }
     let m = FuseMount::vhdimount(&child, &t.join("vm"));
     let top = vhdimount_top(&m);
@@ -511,7 +522,12 @@ fn crash_cycles(fmt: Fmt) {
     drop(m);
     assert_eq!(sha256_file(&base), base_sha, "the base changed");
     for (p, sha) in &frozen {
-        assert_eq!(&sha256_file(p), sha, "{} changed after it became a parent", p.display());
+        assert_eq!(
+            &sha256_file(p),
+            sha,
+            "{} changed after it became a parent",
+            p.display()
+        );
     }
 }
 

@@ -42,7 +42,10 @@ fn can_run(tools: &[&str]) -> bool {
     if !Path::new("/dev/loop-control").exists() {
         missing.push("/dev/loop-control (modprobe loop)".into());
     }
-    for t in ["qemu-img", "losetup", "mount", "umount"].iter().chain(tools) {
+    for t in ["qemu-img", "losetup", "mount", "umount"]
+        .iter()
+        .chain(tools)
+    {
         if find_tool(t).is_none() {
             missing.push(t.to_string());
         }
@@ -268,9 +271,7 @@ fn daemon_pids(mnt: &Path) -> Vec<u32> {
             continue;
         };
         let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        if args.first().is_some_and(|a| a.ends_with(b"vdiskfs"))
-            && args.iter().any(|a| *a == want)
-        {
+        if args.first().is_some_and(|a| a.ends_with(b"vdiskfs")) && args.contains(&want) {
             v.push(pid);
         }
     }
@@ -296,7 +297,11 @@ impl Detached {
         };
         let o = vdiskfs(&args);
         o.assert_success();
-        assert!(is_mounted(mnt), "`{}` returned but nothing is mounted", o.cmd);
+        assert!(
+            is_mounted(mnt),
+            "`{}` returned but nothing is mounted",
+            o.cmd
+        );
         d
     }
 
@@ -421,7 +426,13 @@ fn judge_7zz(img: &Path, want: &Path) {
     let mut c = Command::new("7zz");
     c.args(["x", "-tvhdx", "-so"]).arg(img);
     let o = stdout_vs_file(&mut c, want);
-    assert!(o.success(), "`{}` failed ({}): {}", o.cmd, o.status, o.stderr);
+    assert!(
+        o.success(),
+        "`{}` failed ({}): {}",
+        o.cmd,
+        o.status,
+        o.stderr
+    );
 }
 
 /// vhdimount's view of `img` compared with `want`; None when identical, else the first
@@ -611,11 +622,11 @@ fn write_set(disk: &File, model: &mut [u8], rng: &mut Rng) {
     w(7 * 512, 512, rng, model);
     w(5 * BLOCK + 13 * 512, 512, rng, model);
     w(2 * BLOCK + 3 * 512, 512, rng, model); // a block the middle layer holds partly
-    // 4 KiB writes at offsets that are not 4 KiB aligned.
+                                             // 4 KiB writes at offsets that are not 4 KiB aligned.
     w(3 * 4096 + 512, 4096, rng, model);
     w(7 * BLOCK + 1536, 4096, rng, model);
     w(4 * BLOCK + 60 * 1024 + 512, 4096, rng, model); // across the middle's data edge
-    // Straddling block boundaries.
+                                                      // Straddling block boundaries.
     w(9 * BLOCK - 4096, 8192, rng, model);
     w(11 * BLOCK - 300 * 512, MIB as usize, rng, model);
     w(13 * BLOCK - MIB - 512, 3 * MIB as usize, rng, model);
@@ -625,7 +636,7 @@ fn write_set(disk: &File, model: &mut [u8], rng: &mut Rng) {
     w(16 * BLOCK - 500, 1000, rng, model);
     w(17 * BLOCK + 333, 513, rng, model);
     w(6 * BLOCK + 100_003, 70_001, rng, model); // middle holds part of block 6
-    // The end of the disk.
+                                                // The end of the disk.
     w(size - 512, 512, rng, model);
     w(size - 100, 100, rng, model);
     w(size - BLOCK - 10, 20, rng, model);
@@ -806,7 +817,13 @@ fn vhdx_writes_across_chunk_boundary() {
         let d = Daemon::start(&top, &t.join("mt"), &[]);
         let f = OpenOptions::new().write(true).open(d.disk()).unwrap();
         put(&f, &mut model, G4 - 32 * 1024 + 512, 64 * 1024, &mut rng);
-        put(&f, &mut model, G4 - 3 * MIB / 2 + 1000, 3 * MIB as usize, &mut rng);
+        put(
+            &f,
+            &mut model,
+            G4 - 3 * MIB / 2 + 1000,
+            3 * MIB as usize,
+            &mut rng,
+        );
         put(&f, &mut model, G4 - 512, 512, &mut rng);
         put(&f, &mut model, G4, 512, &mut rng);
         put(&f, &mut model, G4 - 1, 2, &mut rng);
@@ -903,7 +920,9 @@ fn written_dynamic_top(fmt: Fmt, qemu_made: bool) {
         d.stop();
     }
     if fmt == Fmt::Vhdx {
-        let o = run(Command::new("qemu-img").args(["check", "-f", "vhdx"]).arg(&img));
+        let o = run(Command::new("qemu-img")
+            .args(["check", "-f", "vhdx"])
+            .arg(&img));
         assert!(
             o.success(),
             "`{}` failed ({}):\n{}{}",
@@ -1079,7 +1098,11 @@ fn read_only_mount_changes_nothing(fmt: Fmt) {
     {
         let d = Daemon::start(&child, &t.join("mw"), &[]);
         let f = OpenOptions::new().write(true).open(d.disk()).unwrap();
-        for (off, len) in [(4096u64, 8192usize), (3 * BLOCK + 512, 70_000), (7 * BLOCK, 4096)] {
+        for (off, len) in [
+            (4096u64, 8192usize),
+            (3 * BLOCK + 512, 70_000),
+            (7 * BLOCK, 4096),
+        ] {
             let dd = rand_vec(&mut rng, len);
             write_both(&f, &mut model, off, &dd);
         }
@@ -1104,10 +1127,7 @@ fn read_only_mount_changes_nothing(fmt: Fmt) {
         let disk = d.disk();
         // Writes are refused.
         for how in ["rw", "w"] {
-            let r = OpenOptions::new()
-                .read(how == "rw")
-                .write(true)
-                .open(&disk);
+            let r = OpenOptions::new().read(how == "rw").write(true).open(&disk);
             match r {
                 Err(e) => assert!(
                     matches!(e.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES)),
@@ -1140,8 +1160,18 @@ fn read_only_mount_changes_nothing(fmt: Fmt) {
     let _ = vdiskfs([OsStr::new("check"), child.as_os_str()]);
     let after = fingerprints(&[&child, &base]);
     for (b, a) in before.iter().zip(&after) {
-        assert_eq!(b.1, a.1, "{} changed (sha256) under a read-only mount", b.0.display());
-        assert_eq!(b.2, a.2, "{} mtime changed under a read-only mount", b.0.display());
+        assert_eq!(
+            b.1,
+            a.1,
+            "{} changed (sha256) under a read-only mount",
+            b.0.display()
+        );
+        assert_eq!(
+            b.2,
+            a.2,
+            "{} mtime changed under a read-only mount",
+            b.0.display()
+        );
     }
     let mf = t.join("model.raw");
     write_file(&mf, &model);
@@ -1241,7 +1271,10 @@ fn second_writer_refused(fmt: Fmt) {
                 ));
             }
             if !e.contains(&img.file_name().unwrap().to_string_lossy().to_lowercase()) {
-                problems.push(format!("the error does not name the file: {}", o.stderr.trim()));
+                problems.push(format!(
+                    "the error does not name the file: {}",
+                    o.stderr.trim()
+                ));
             }
         }
     }
