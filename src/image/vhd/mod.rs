@@ -176,6 +176,13 @@ impl Vhd {
                     parent = Some(p);
                     locator_info = info;
                 }
+                Self::check_block_overlaps(
+                    &file,
+                    bat.as_ref().expect("just loaded"),
+                    &h,
+                    at,
+                    footer.disk_type == DiskType::Differencing,
+                )?;
                 header = Some(h);
             }
         }
@@ -190,6 +197,48 @@ impl Vhd {
             warnings,
             writer,
         })
+    }
+
+    /// No data block may overlap the dynamic disk header at `header_at`, or (differencing
+    /// disks) the data of a parent locator: reads would return those structures as disk
+    /// data. (`Bat::load` already keeps blocks off the BAT, the footer and each other.)
+    fn check_block_overlaps(
+        file: &ImageFile,
+        bat: &Bat,
+        h: &DynamicHeader,
+        header_at: u64,
+        differencing: bool,
+    ) -> Result<()> {
+        let mut taken = vec![(
+            header_at,
+            header_at.saturating_add(HEADER_SIZE as u64),
+            "the dynamic disk header".to_string(),
+        )];
+        if differencing {
+            for (i, e) in h.parent_locators.iter().enumerate() {
+                if !e.is_empty() {
+                    let start = e.platform_data_offset;
+                    let end = start.saturating_add(e.platform_data_length as u64);
+                    taken.push((start, end, format!("parent locator {i}'s data")));
+                }
+            }
+        }
+        let block_len = bat.bitmap_size as u64 + bat.block_size as u64;
+        for b in 0..bat.len() {
+            let e = bat.entry(b);
+            if e == UNALLOCATED {
+                continue;
+            }
+            let start = e as u64 * SECTOR;
+            let end = start + block_len;
+            if let Some((_, _, what)) = taken.iter().find(|(s, t, _)| start < *t && *s < end) {
+                return Err(Error::corrupt(
+                    &file.path,
+                    format!("VHD BAT entry {b}: block at offset {start} overlaps {what}"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The footer at the end of the file (512 bytes, or 511 from old tools); failing
@@ -517,5 +566,7 @@ impl Layer for Vhd {
     }
 }
 
+#[cfg(test)]
+mod bounds_tests;
 #[cfg(test)]
 mod tests;
