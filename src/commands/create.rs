@@ -174,6 +174,12 @@ fn create_child(
             let p = Vhdx::open(&parent_abs, OpenOptions { writable: false })?;
             let m = p.metadata();
             let h = p.header();
+            if !h.log_guid.is_nil() {
+                log::warn!(
+                    "{}: the parent has a pending log (it was not closed cleanly); vdiskfs replays it in memory, but 7-Zip and Hyper-V refuse such a chain until the parent is opened writable once (e.g. `vdiskfs mount` it and unmount)",
+                    parent_abs.display()
+                );
+            }
             let locator = vec![
                 (
                     "parent_linkage".to_string(),
