@@ -98,6 +98,32 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Err
     }
 }
 
+/// Fault injection for the daemon's tests (integration/hostile.rs): in debug builds only
+/// (what `cargo test` runs), `VDISKFS_FAULT_PANIC_AT_OFFSET=N` makes every read request
+/// covering byte N of the disk panic inside the worker, to prove a panic costs that one
+/// request an EIO and leaves the mount serving. Release builds compile it to nothing.
+mod fault_injection {
+    #[cfg(debug_assertions)]
+    pub fn panic_if_asked(offset: u64, size: usize) {
+        use std::sync::OnceLock;
+        static AT: OnceLock<Option<u64>> = OnceLock::new();
+        let at = AT.get_or_init(|| {
+            std::env::var("VDISKFS_FAULT_PANIC_AT_OFFSET")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        if let Some(at) = *at {
+            if offset <= at && at - offset < size as u64 {
+                panic!("fault injected: read of {size} bytes at {offset} covers byte {at}");
+            }
+        }
+    }
+
+    #[cfg(not(debug_assertions))]
+    #[inline(always)]
+    pub fn panic_if_asked(_offset: u64, _size: usize) {}
+}
+
 impl VdiskFs {
     pub fn new(disk: Arc<Disk>, opts: FsOptions) -> Self {
         let writable = !opts.read_only && disk.is_writable();
@@ -193,6 +219,7 @@ impl VdiskFs {
                 buf.resize(size, 0);
             }
             let res = guarded("read", || {
+                fault_injection::panic_if_asked(offset, size);
                 self.disk.read_at(offset, &mut buf[..size]).map_err(|e| {
                     log::error!(
                         "read of {size} bytes at offset {offset} of {}: {e}",

@@ -173,3 +173,19 @@ fn every_bat_entry_value_is_an_error_or_a_run_never_a_panic() {
         }
     }
 }
+
+#[test]
+fn check_of_a_dynamic_disk_with_a_locator_at_the_end_of_the_address_space() {
+    // Regression (fuzz/regressions/vhd_check_locator_overflow.bin, found by vhd_open):
+    // a dynamic disk's parent locators are not bounds-checked at open (they are not
+    // used), and `check` added offset + length with overflow (a panic in debug builds).
+    let t = Tmp::new();
+    let mut b = dynamic(&t, 4 << 20, 4096, 16 << 10);
+    let loc = HDR + 576;
+    b[loc..loc + 4].copy_from_slice(b"W2ru");
+    b[loc + 8..loc + 12].copy_from_slice(&4096u32.to_be_bytes());
+    b[loc + 16..loc + 24].copy_from_slice(&(u64::MAX - 100).to_be_bytes());
+    fix(&mut b);
+    let v = open(&t, "locmax.vhd", &b).unwrap();
+    v.check().unwrap();
+}

@@ -45,7 +45,9 @@ impl Vhd {
                 }
                 let (s, end) = (
                     e.platform_data_offset,
-                    e.platform_data_offset + e.platform_data_length as u64,
+                    // Saturating: a dynamic disk's locators are not bounds-checked at open.
+                    e.platform_data_offset
+                        .saturating_add(e.platform_data_length as u64),
                 );
                 let hit = blocks.partition_point(|&b| b + block_len <= s);
                 if blocks.get(hit).is_some_and(|&b| b < end) {
