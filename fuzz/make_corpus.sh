@@ -42,7 +42,7 @@ else
     echo "make_corpus: qemu-img not found; qemu-made seeds skipped" >&2
 fi
 
-cargo run -q --release --example seedgen -- corpus "$work/gen" "${imgs[@]}"
+cargo run -q --example seedgen -- corpus "$work/gen" "${imgs[@]}"
 for t in corpus/*/; do
     echo "make_corpus: $t $(find "$t" -type f | wc -l) files, $(du -sh "$t" | cut -f1)"
 done
