@@ -55,7 +55,11 @@ fn main() {
     fs::create_dir_all(work).unwrap();
     let mut images: Vec<PathBuf> = args[2..].to_vec();
 
-    for (ext, block, lss) in [("vhdx", "1M", 512), ("vhdx", "1M", 4096), ("vhd", "512K", 512)] {
+    for (ext, block, lss) in [
+        ("vhdx", "1M", 512),
+        ("vhdx", "1M", 4096),
+        ("vhd", "512K", 512),
+    ] {
         let tag = format!("{ext}{lss}");
         let base = work.join(format!("base{tag}.{ext}"));
         let child = work.join(format!("child{tag}.{ext}"));

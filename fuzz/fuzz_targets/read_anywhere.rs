@@ -71,7 +71,11 @@ fuzz_target!(|data: &[u8]| {
             % (vdiskfs_fuzz::MAX_READ as usize + 1);
         buf.resize(len, 0xa5);
         if let Ok(n) = disk.read_at(off, &mut buf) {
-            assert_eq!(n as u64, (len as u64).min(size - off), "short read inside the disk");
+            assert_eq!(
+                n as u64,
+                (len as u64).min(size - off),
+                "short read inside the disk"
+            );
         }
     }
 });

@@ -109,7 +109,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let vhd = format & 1 == 1;
     let fx = fixture(vhd);
-    let work = fx.child.with_file_name(if vhd { "run.vhd" } else { "run.vhdx" });
+    let work = fx
+        .child
+        .with_file_name(if vhd { "run.vhd" } else { "run.vhdx" });
     let _ = std::fs::remove_file(&work);
     std::fs::copy(&fx.child, &work).expect("copy the child");
     let mut model = fx.base_bytes.clone();
@@ -130,11 +132,17 @@ fuzz_target!(|data: &[u8]| {
             disk = open(&work, true);
         }
     }
-    assert!(read_all(&disk) == model, "merged view differs from the model before close");
+    assert!(
+        read_all(&disk) == model,
+        "merged view differs from the model before close"
+    );
     disk.close().expect("close");
     drop(disk);
     let ro = open(&work, false);
-    assert!(read_all(&ro) == model, "merged view differs from the model after reopen");
+    assert!(
+        read_all(&ro) == model,
+        "merged view differs from the model after reopen"
+    );
     if vdiskfs_fuzz::seed_of(data) % 16 == 0 {
         // Now and then the full structural check of the written child.
         let problems = ro.layers()[0].check().expect("check");

@@ -52,7 +52,10 @@ pub fn pick_ranges(size: u64, seed: u64) -> Vec<(u64, u64)> {
     let mut v = vec![(0, len(seed).min(size))];
     let l = len(seed >> 20).min(size);
     v.push((size - l, l));
-    for k in [seed % size, (seed.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15) % size] {
+    for k in [
+        seed % size,
+        (seed.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15) % size,
+    ] {
         v.push((k, len(seed >> 7).min(size - k)));
     }
     v
@@ -75,7 +78,10 @@ pub fn map_and_read(layer: &dyn Layer, off: u64, len: u64, min_held: u64) {
         return;
     }
     let total: u64 = runs.iter().map(Run::len).sum();
-    assert_eq!(total, len, "map({off}, {len}) described {total} bytes: {runs:?}");
+    assert_eq!(
+        total, len,
+        "map({off}, {len}) described {total} bytes: {runs:?}"
+    );
     let mut buf = Vec::new();
     for r in runs {
         if let Run::Held { len, file_offset } = r {
@@ -112,7 +118,11 @@ pub fn fix_checksums_wanted(input: &[u8]) -> bool {
 
 pub fn fix_vhdx_checksums(path: &Path) {
     use std::os::unix::fs::FileExt;
-    let Ok(f) = std::fs::OpenOptions::new().read(true).write(true).open(path) else {
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    else {
         return;
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
