@@ -124,7 +124,6 @@ impl Chain {
                 parent.as_ref(),
                 pref,
                 opts,
-                via_override,
                 &mut chain.warnings,
             )?;
             log::info!(
@@ -536,7 +535,6 @@ pub(crate) fn check_link(
     parent: &dyn Layer,
     pref: &ParentRef,
     opts: &ChainOptions,
-    via_override: bool,
     warnings: &mut Vec<String>,
 ) -> Result<()> {
     let (cf, pf) = (child.format(), parent.format());
@@ -570,25 +568,35 @@ pub(crate) fn check_link(
             .join(" or ");
         match parent.linkage_id() {
             None => {
-                let how = if via_override && pf == Format::Raw {
-                    "a raw parent given with --parent"
-                } else {
-                    "the parent"
-                };
-                warn(
-                    warnings,
-                    format!(
-                        "{}: {how} {} has no id to check against the recorded parent id {expected}; \
-                         trusting it",
-                        child.path().display(),
-                        parent.path().display()
-                    ),
+                // A raw file (given with --parent) has no id: the link cannot be verified,
+                // and a wrong base gives a garbage view, so it takes --ignore-linkage.
+                let msg = format!(
+                    "it is a {} file with no id to check against the recorded parent id {expected}",
+                    pf.name()
                 );
+                if opts.ignore_linkage {
+                    warn(
+                        warnings,
+                        format!(
+                            "{}: parent {}: {msg}; reading anyway because of --ignore-linkage",
+                            child.path().display(),
+                            parent.path().display()
+                        ),
+                    );
+                } else {
+                    return Err(Error::Linkage {
+                        child: child.path().to_path_buf(),
+                        parent: parent.path().to_path_buf(),
+                        msg,
+                    });
+                }
             }
             Some(id) if pref.linkage.contains(&id) => {}
             Some(id) => {
                 let msg = format!(
-                    "the child records parent id {expected}, the parent's {} is {id}",
+                    "the child records parent id {expected}, the parent's {} is {id}; the \
+                     parent was changed after the child was made, so the merged view would be \
+                     garbage",
                     id_name(pf)
                 );
                 if opts.ignore_linkage {
@@ -1103,8 +1111,7 @@ mod tests {
         };
         child.parent = Some(r.clone());
         let mut w = Vec::new();
-        let e =
-            check_link(&child, &parent, &r, &ChainOptions::default(), false, &mut w).unwrap_err();
+        let e = check_link(&child, &parent, &r, &ChainOptions::default(), &mut w).unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, Error::Linkage { .. }));
         assert!(msg.contains(&Uuid::from_u128(5).to_string()), "{msg}");
@@ -1118,22 +1125,14 @@ mod tests {
             ignore_linkage: true,
             ..Default::default()
         };
-        check_link(&child, &parent, &r, &opts, false, &mut w).unwrap();
+        check_link(&child, &parent, &r, &opts, &mut w).unwrap();
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("--ignore-linkage"), "{w:?}");
 
         // parent_linkage2 matches: fine, no warning.
         let parent6 = fake(Format::Vhdx, 512, Some(6));
         let mut w = Vec::new();
-        check_link(
-            &child,
-            &parent6,
-            &r,
-            &ChainOptions::default(),
-            false,
-            &mut w,
-        )
-        .unwrap();
+        check_link(&child, &parent6, &r, &ChainOptions::default(), &mut w).unwrap();
         assert!(w.is_empty());
     }
 
@@ -1148,7 +1147,7 @@ mod tests {
             ..Default::default()
         };
         let mut w = Vec::new();
-        check_link(&child, &parent, &r, &ChainOptions::default(), false, &mut w).unwrap();
+        check_link(&child, &parent, &r, &ChainOptions::default(), &mut w).unwrap();
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("time stamp"), "{w:?}");
         // 0 means the child did not record one (qemu-img): no warning.
@@ -1157,18 +1156,10 @@ mod tests {
             ..r.clone()
         };
         let mut w0 = Vec::new();
-        check_link(
-            &child,
-            &parent,
-            &r0,
-            &ChainOptions::default(),
-            false,
-            &mut w0,
-        )
-        .unwrap();
+        check_link(&child, &parent, &r0, &ChainOptions::default(), &mut w0).unwrap();
         assert!(w0.is_empty(), "{w0:?}");
         let wrong = fake(Format::Vhd, 512, Some(3));
-        let msg = check_link(&child, &wrong, &r, &ChainOptions::default(), false, &mut w)
+        let msg = check_link(&child, &wrong, &r, &ChainOptions::default(), &mut w)
             .unwrap_err()
             .to_string();
         assert!(msg.contains("unique id"), "{msg}");
@@ -1181,16 +1172,16 @@ mod tests {
         let mut w = Vec::new();
         let vhdx = fake(Format::Vhdx, 512, Some(1));
         let vhd = fake(Format::Vhd, 512, Some(1));
-        let msg = check_link(&vhdx, &vhd, &r, &o, false, &mut w)
+        let msg = check_link(&vhdx, &vhd, &r, &o, &mut w)
             .unwrap_err()
             .to_string();
         assert!(
             msg.contains("/x/VHDX-512") && msg.contains("/x/VHD-512"),
             "{msg}"
         );
-        assert!(check_link(&vhd, &vhdx, &r, &o, false, &mut w).is_err());
+        assert!(check_link(&vhd, &vhdx, &r, &o, &mut w).is_err());
         let vhdx4k = fake(Format::Vhdx, 4096, Some(1));
-        let msg = check_link(&vhdx4k, &vhdx, &r, &o, false, &mut w)
+        let msg = check_link(&vhdx4k, &vhdx, &r, &o, &mut w)
             .unwrap_err()
             .to_string();
         assert!(
@@ -1199,17 +1190,26 @@ mod tests {
         );
         // A raw base fits under either format, whatever the sector size.
         let raw = fake(Format::Raw, 512, None);
-        check_link(&vhdx4k, &raw, &r, &o, true, &mut w).unwrap();
-        check_link(&vhd, &raw, &r, &o, true, &mut w).unwrap();
+        check_link(&vhdx4k, &raw, &r, &o, &mut w).unwrap();
+        check_link(&vhd, &raw, &r, &o, &mut w).unwrap();
         assert!(w.is_empty());
         // ...with a warning when the child records an id it cannot be checked against.
         let r = ParentRef {
             linkage: vec![Uuid::from_u128(9)],
             ..Default::default()
         };
-        check_link(&vhd, &raw, &r, &o, true, &mut w).unwrap();
+        // ...but not when the child records an id it cannot be checked against: that
+        // takes --ignore-linkage, and then it is a warning.
+        let e = check_link(&vhd, &raw, &r, &o, &mut w).unwrap_err();
+        assert!(matches!(e, Error::Linkage { .. }), "{e}");
+        assert!(e.to_string().contains("no id to check"), "{e}");
+        let ig = ChainOptions {
+            ignore_linkage: true,
+            ..Default::default()
+        };
+        check_link(&vhd, &raw, &r, &ig, &mut w).unwrap();
         assert_eq!(w.len(), 1);
-        assert!(w[0].contains("raw parent given with --parent"), "{w:?}");
+        assert!(w[0].contains("--ignore-linkage"), "{w:?}");
     }
 
     #[test]
@@ -1244,6 +1244,11 @@ mod tests {
         let opts = ChainOptions {
             parents: vec![t.path().join("mid/mid.avhdx"), raw.clone()],
             ..Default::default()
+        };
+        assert!(matches!(open_fake(&top, &opts), Err(Error::Linkage { .. })));
+        let opts = ChainOptions {
+            ignore_linkage: true,
+            ..opts
         };
         let c = open_fake(&top, &opts).unwrap();
         assert_eq!(c.layers[2].path(), raw);
@@ -1571,6 +1576,7 @@ mod tests {
         fs::write(&raw, vec![0x77u8; 512 << 10]).unwrap();
         let opts = ChainOptions {
             parents: vec![raw.clone()],
+            ignore_linkage: true,
             ..Default::default()
         };
         let c = Chain::open(&paths[1], &opts).unwrap();

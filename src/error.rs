@@ -39,8 +39,9 @@ pub enum Error {
     #[error("{}: parent not found; tried: {}", child.display(), tried.join(", "))]
     ParentNotFound { child: PathBuf, tried: Vec<String> },
 
-    /// A parent exists but is not the file the child was made from.
-    #[error("{}: parent {} does not match: {msg}; the parent was changed after the child was made, so the merged view would be garbage (use --ignore-linkage to read it anyway)", child.display(), parent.display())]
+    /// A parent exists but is not (or cannot be shown to be) the file the child was made
+    /// from; `msg` says which.
+    #[error("{}: parent {} does not match: {msg} (use --ignore-linkage to read it anyway)", child.display(), parent.display())]
     Linkage {
         child: PathBuf,
         parent: PathBuf,
@@ -82,6 +83,21 @@ impl Error {
             op,
             source,
         }
+    }
+
+    /// The message without the leading "path: " (for errors nested in another message
+    /// about the same file).
+    pub fn detail(&self) -> String {
+        let s = self.to_string();
+        let path = match self {
+            Error::Corrupt { path, .. }
+            | Error::Unsupported { path, .. }
+            | Error::Io { path, .. }
+            | Error::File { path, .. } => path,
+            _ => return s,
+        };
+        let prefix = format!("{}: ", path.display());
+        s.strip_prefix(&prefix).map(str::to_string).unwrap_or(s)
     }
 
     /// The errno a FUSE reply should carry for this error.

@@ -14,9 +14,6 @@ const CHUNK: usize = 4 << 20;
 
 pub fn run(args: &CatArgs) -> Result<i32> {
     let chain = Chain::open(&args.image, &args.chain.options(false))?;
-    for w in &chain.warnings {
-        log::warn!("{w}");
-    }
     let disk = Disk::new(chain, DiskOptions::default());
     match &args.output {
         Some(path) => {

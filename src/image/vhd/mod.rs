@@ -82,11 +82,6 @@ impl std::fmt::Debug for Vhd {
     }
 }
 
-fn warn(warnings: &mut Vec<String>, path: &Path, msg: String) {
-    log::warn!("{}: {msg}", path.display());
-    warnings.push(msg);
-}
-
 impl Vhd {
     /// Open a VHD file, checking footer, dynamic header, BAT and parent locators.
     /// Checksum mismatches are warnings for read-only opens and errors for writable ones.
@@ -106,7 +101,7 @@ impl Vhd {
                     ),
                 ));
             }
-            warn(&mut warnings, path, what("footer"));
+            warnings.push(what("footer"));
         }
 
         let mut header = None;
@@ -150,7 +145,7 @@ impl Vhd {
                             ),
                         ));
                     }
-                    warn(&mut warnings, path, what("dynamic disk header"));
+                    warnings.push(what("dynamic disk header"));
                 }
                 let needed = footer.current_size.div_ceil(h.block_size as u64);
                 if needed > h.max_table_entries as u64 {
@@ -187,6 +182,11 @@ impl Vhd {
             }
         }
         let writer = opts.writable.then(|| write::Writer::new(footer_pos));
+        // Warnings are logged only once the file opened: a file that fails gets exactly
+        // one line, the error.
+        for w in &warnings {
+            log::warn!("{}: {w}", path.display());
+        }
         Ok(Vhd {
             file,
             footer,
@@ -274,10 +274,7 @@ impl Vhd {
                             "VHD footer missing at the end of the file (truncated?); open it read-only",
                         ));
                     }
-                    warn(
-                        warnings,
-                        path,
-                        "VHD footer missing at the end of the file (truncated or still being written); using the copy at offset 0".into(),
+                    warnings.push("VHD footer missing at the end of the file (truncated or still being written); using the copy at offset 0".into(),
                     );
                     return Ok((f, ok, len));
                 }
@@ -303,14 +300,10 @@ impl Vhd {
                 continue;
             }
             let Some(name) = e.name() else {
-                warn(
-                    warnings,
-                    path,
-                    format!(
-                        "parent locator {i} has unknown platform code {:?}; ignored",
-                        fourcc(&e.platform_code)
-                    ),
-                );
+                warnings.push(format!(
+                    "parent locator {i} has unknown platform code {:?}; ignored",
+                    fourcc(&e.platform_code)
+                ));
                 continue;
             };
             e.check_bounds(path, i, file.len())?;

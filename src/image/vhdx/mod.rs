@@ -57,9 +57,6 @@ impl Vhdx {
         let mut file = ImageFile::open(path, opts.writable)?;
         let creator = header::read_file_identifier(&file)?;
         let (mut hdr, mut slot, mut warnings) = header::read_current_header(&file)?;
-        for w in &warnings {
-            ::log::warn!("{}: {w}", path.display());
-        }
 
         let mut log_state = "clean (no pending log)".to_string();
         if !hdr.log_guid.is_nil() {
@@ -172,6 +169,11 @@ impl Vhdx {
         // fails at open with a clear message rather than in the middle of a read.
         if v.bat.entries * 8 <= 64 << 20 {
             v.validate_bat()?;
+        }
+        // Warnings are logged only once the file opened: a file that fails gets exactly
+        // one line, the error.
+        for w in &v.warnings {
+            ::log::warn!("{}: {w}", path.display());
         }
         let mut v = v;
         if opts.writable {
@@ -591,7 +593,7 @@ impl Vhdx {
         for block in 0..self.bat.data_blocks {
             let e = self.bat.get(&self.file, self.bat.payload_index(block))?;
             match self.check_payload(block, e) {
-                Err(err) => problems.push(strip_path(&err, &self.file.path)),
+                Err(err) => problems.push(err.detail()),
                 Ok(PAYLOAD_BLOCK_FULLY_PRESENT) | Ok(PAYLOAD_BLOCK_PARTIALLY_PRESENT) => {
                     let off = file_offset(e);
                     ranges.push((
@@ -601,7 +603,7 @@ impl Vhdx {
                     ));
                     if state(e) == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
                         if let Err(err) = self.bitmap_offset(block / self.bat.chunk_ratio) {
-                            problems.push(strip_path(&err, &self.file.path));
+                            problems.push(err.detail());
                         }
                     }
                 }
@@ -651,11 +653,4 @@ impl Vhdx {
         }
         Ok(problems)
     }
-}
-
-/// An error's message without the leading "path: " (the check report names the file once).
-fn strip_path(e: &Error, path: &Path) -> String {
-    let s = e.to_string();
-    let prefix = format!("{}: ", path.display());
-    s.strip_prefix(&prefix).map(str::to_string).unwrap_or(s)
 }

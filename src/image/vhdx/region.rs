@@ -72,10 +72,7 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
     let mut entries = None;
     for (i, off) in REGION_TABLE_OFFSETS.iter().enumerate() {
         let mut buf = vec![0u8; REGION_TABLE_SIZE];
-        match file
-            .read_exact_at(&mut buf, *off)
-            .map_err(|e| e.to_string())
-        {
+        match file.read_exact_at(&mut buf, *off).map_err(|e| e.detail()) {
             Ok(()) => match parse(&buf) {
                 Ok(e) => {
                     if i == 1 {
