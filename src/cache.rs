@@ -14,7 +14,7 @@ const SHARDS: usize = 16;
 
 pub struct BlockCache {
     block: u64,
-    shards: Vec<Mutex<LruCache<u64, Arc<[u8]>>>>,
+    shards: Vec<Mutex<LruCache<u64, Arc<Vec<u8>>>>>,
     pub hits: AtomicU64,
     pub misses: AtomicU64,
 }
@@ -42,12 +42,12 @@ impl BlockCache {
         self.block
     }
 
-    fn shard(&self, index: u64) -> &Mutex<LruCache<u64, Arc<[u8]>>> {
+    fn shard(&self, index: u64) -> &Mutex<LruCache<u64, Arc<Vec<u8>>>> {
         // Consecutive blocks go to different shards so a sequential reader spreads out.
         &self.shards[(index as usize) % SHARDS]
     }
 
-    pub fn get(&self, index: u64) -> Option<Arc<[u8]>> {
+    pub fn get(&self, index: u64) -> Option<Arc<Vec<u8>>> {
         let got = self
             .shard(index)
             .lock()
@@ -62,7 +62,21 @@ impl BlockCache {
         got
     }
 
-    pub fn insert(&self, index: u64, data: Arc<[u8]>) {
+    /// Whether `index` is cached, without touching its recency; a block found absent
+    /// counts as a miss (the caller reads it).
+    pub fn probe_miss(&self, index: u64) -> bool {
+        let present = self
+            .shard(index)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&index);
+        if !present {
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        !present
+    }
+
+    pub fn insert(&self, index: u64, data: Arc<Vec<u8>>) {
         self.shard(index)
             .lock()
             .unwrap_or_else(|p| p.into_inner())

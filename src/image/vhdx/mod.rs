@@ -538,7 +538,7 @@ impl Layer for Vhdx {
 #[cfg(test)]
 mod bounds_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 impl Vhdx {
     /// Every structural problem found (empty when the file is sound): invalid header or
