@@ -186,6 +186,19 @@ fn exercise(path: &Path) {
 }
 
 #[test]
+fn windows_paths_with_multibyte_characters_do_not_panic() {
+    // Regression (fuzz/regressions/read_anywhere_windows_prefix_char_boundary.bin): a
+    // locator path "\\?\" followed by a multi-byte character was sliced at byte 4.
+    for p in [
+        "\\\\?\\Z \u{7dfa}\\mp\\x.vhdx",
+        "\\\\.\\\u{e9}\u{e9}",
+        "\\\\?\\UN\u{e9}",
+    ] {
+        let _ = vdiskfs::chain::windows_to_linux(p, Path::new("/tmp"));
+    }
+}
+
+#[test]
 fn fuzz_regressions_open_without_a_panic() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
     let t = TempDir::new("hostile-regr");
@@ -195,9 +208,20 @@ fn fuzz_regressions_open_without_a_panic() {
         if p.extension().is_none_or(|x| x != "bin") {
             continue;
         }
-        let input = fs::read(&p).unwrap();
+        let mut input = fs::read(&p).unwrap();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("read_anywhere_") {
+            // That target's input ends with its ranges: count byte, count x 12 bytes.
+            if let Some(&count) = input.last() {
+                let cut = 1 + (count % 9) as usize * 12;
+                input.truncate(input.len().saturating_sub(cut));
+            }
+        }
         let img = t.join("img");
         sparse::write_file(&img, &input).unwrap();
+        if sparse::fix_checksums_wanted(&input) {
+            sparse::fix_vhdx_checksums(&img);
+        }
         eprintln!("regression {}", p.display());
         exercise(&img);
         n += 1;

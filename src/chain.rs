@@ -261,7 +261,9 @@ fn strip_windows_prefix(s: &str) -> (bool, &str) {
         if let Some(rest) = after_drive(dev) {
             return (true, rest);
         }
-        if dev.len() >= 4 && dev[..4].eq_ignore_ascii_case("UNC/") {
+        // `get`: the recorded path comes from the image and need not be ASCII, so byte 4
+        // may be inside a character (found by the read_anywhere fuzz target).
+        if dev.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("UNC/")) {
             // \\?\UNC\server\share\rest
             return (true, skip_component(skip_component(&dev[4..])));
         }

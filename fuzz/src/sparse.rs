@@ -89,6 +89,72 @@ pub fn encode(file: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Checksums stop a fuzzer cold: a mutated VHDX header or region table fails its CRC-32C
+/// and nothing behind it is reached. Unless the input's length field has bit 63 set
+/// (a mode the fuzzer can still choose), the targets recompute the checksums of the
+/// structures that carry one: both headers, both region tables, and each log entry the
+/// current header's log region holds (entries found at 4 KiB steps by signature).
+pub fn fix_checksums_wanted(input: &[u8]) -> bool {
+    input.len() < 8 || input[7] & 0x80 == 0
+}
+
+pub fn fix_vhdx_checksums(path: &Path) {
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    else {
+        return;
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let fix = |off: u64, size: usize, sig: &[u8]| -> Option<Vec<u8>> {
+        let mut b = vec![0u8; size];
+        f.read_exact_at(&mut b, off).ok()?;
+        if &b[..4] != sig {
+            return None;
+        }
+        b[4..8].fill(0);
+        let crc = crc32c::crc32c(&b);
+        b[4..8].copy_from_slice(&crc.to_le_bytes());
+        f.write_all_at(&b[4..8], off + 4).ok()?;
+        Some(b)
+    };
+    let mut logs = Vec::new();
+    for off in [64u64 << 10, 128 << 10] {
+        if let Some(h) = fix(off, 4096, b"head") {
+            let log_len = u32::from_le_bytes(h[68..72].try_into().unwrap()) as u64;
+            let log_off = u64::from_le_bytes(h[72..80].try_into().unwrap());
+            logs.push((log_off, log_len));
+        }
+    }
+    for off in [192u64 << 10, 256 << 10] {
+        fix(off, 64 << 10, b"regi");
+    }
+    for (log_off, log_len) in logs {
+        // Only logs inside the (sparse, at most 256 MiB) file, and at most 16 MiB of them.
+        let Some(end) = log_off.checked_add(log_len.min(16 << 20)) else {
+            continue;
+        };
+        if end > len {
+            continue;
+        }
+        let mut pos = log_off;
+        while pos + 4096 <= end {
+            let mut h = [0u8; 12];
+            if f.read_exact_at(&mut h, pos).is_err() {
+                break;
+            }
+            let elen = u32::from_le_bytes(h[8..12].try_into().unwrap()) as u64;
+            if &h[..4] == b"loge" && elen >= 4096 && elen % 4096 == 0 && pos + elen <= end {
+                fix(pos, elen as usize, b"loge");
+                pos += elen;
+            } else {
+                pos += 4096;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
