@@ -10,20 +10,57 @@ use crate::cli::CheckArgs;
 use crate::error::{Error, Result};
 
 pub fn run(args: &CheckArgs) -> Result<i32> {
-    let chain = Chain::open(&args.image, &args.chain.options(false))?;
     let mut layers = Vec::new();
     let mut damaged = false;
-    for l in &chain.layers {
-        let problems = l.check()?;
-        damaged |= !problems.is_empty();
-        let info = l.info()?;
-        layers.push(json!({
-            "path": l.path().display().to_string(),
-            "format": l.format().name(),
-            "problems": problems,
-            "warnings": info.warnings.iter().filter(|w| !problems.contains(w)).collect::<Vec<_>>(),
-            "log_state": info.log_state,
-        }));
+    match Chain::open(&args.image, &args.chain.options(false)) {
+        Ok(chain) => {
+            for l in &chain.layers {
+                // A structure that fails while being checked is damage to report, not a
+                // reason to stop: the user asked what is wrong.
+                let problems = l.check().unwrap_or_else(|e| vec![e.detail()]);
+                let mut problems = problems;
+                let info = match l.info() {
+                    Ok(i) => Some(i),
+                    Err(e) => {
+                        if !problems.contains(&e.detail()) {
+                            problems.push(e.detail());
+                        }
+                        None
+                    }
+                };
+                damaged |= !problems.is_empty();
+                let warnings: Vec<String> = info
+                    .as_ref()
+                    .map(|i| i.warnings.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|w| !problems.contains(w))
+                    .collect();
+                layers.push(json!({
+                    "path": l.path().display().to_string(),
+                    "format": l.format().name(),
+                    "problems": problems,
+                    "warnings": warnings,
+                    "log_state": info.and_then(|i| i.log_state),
+                }));
+            }
+        }
+        // A file too damaged to open is the check's answer, not a usage error.
+        Err(e @ (Error::Corrupt { .. } | Error::Unsupported { .. })) => {
+            let path = match &e {
+                Error::Corrupt { path, .. } | Error::Unsupported { path, .. } => path.clone(),
+                _ => unreachable!("matched above"),
+            };
+            damaged = true;
+            layers.push(json!({
+                "path": path.display().to_string(),
+                "format": null,
+                "problems": [e.detail()],
+                "warnings": [],
+                "log_state": null,
+            }));
+        }
+        Err(e) => return Err(e),
     }
     let mut text = String::new();
     if args.json {

@@ -451,3 +451,34 @@ fn pending_log_writable_open_replays_to_the_file() {
         "qemu reads our replayed file"
     );
 }
+
+#[test]
+fn check_reports_damage_instead_of_failing() {
+    let d = TempDir::new("vhdx-check");
+    let p = d.0.join("b.vhdx");
+    new_base(&p, 4 << 20, 1 << 20, 512);
+    let args = |json| crate::cli::CheckArgs {
+        image: p.clone(),
+        json,
+        chain: crate::cli::ChainArgs {
+            search_dirs: vec![],
+            parents: vec![],
+            ignore_linkage: false,
+            allow_device_parent: false,
+        },
+    };
+    assert_eq!(crate::commands::check::run(&args(true)).unwrap(), 0);
+    // Block 1 FULLY_PRESENT far past the end of the file: damage, exit code 2.
+    patch(&p, (3 << 20) + 8, &((1000u64 << 20) | 6).to_le_bytes());
+    assert_eq!(crate::commands::check::run(&args(true)).unwrap(), 2);
+    // One header copy damaged: reported too.
+    new_base(&d.0.join("c.vhdx"), 4 << 20, 1 << 20, 512);
+    let c = d.0.join("c.vhdx");
+    patch(&c, HEADER_OFFSETS[0] + 200, &[1]);
+    let v = Vhdx::open(&c, OpenOptions::default()).unwrap();
+    assert!(v
+        .check_structure()
+        .unwrap()
+        .iter()
+        .any(|p| p.contains("header 1")));
+}
