@@ -145,7 +145,8 @@ pub fn fix_vhdx_checksums(path: &Path) {
                 break;
             }
             let elen = u32::from_le_bytes(h[8..12].try_into().unwrap()) as u64;
-            if &h[..4] == b"loge" && elen >= 4096 && elen.is_multiple_of(4096) && pos + elen <= end {
+            if &h[..4] == b"loge" && elen >= 4096 && elen.is_multiple_of(4096) && pos + elen <= end
+            {
                 fix(pos, elen as usize, b"loge");
                 pos += elen;
             } else {

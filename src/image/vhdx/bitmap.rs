@@ -3,17 +3,22 @@
 //! Each 1 MiB bitmap block is loaded on first use and kept as little-endian 64-bit words
 //! (so bit `i` of the chunk is bit `i % 64` of word `i / 64`).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::image::ImageFile;
 
 pub const BITMAP_BLOCK_SIZE: usize = 1 << 20;
 
 pub struct SectorBitmaps {
     chunks: Vec<OnceLock<Box<[AtomicU64]>>>,
-    load: Mutex<()>,
+    /// File offsets of the bitmap blocks loaded so far. Two chunks may not share one:
+    /// besides being corrupt, that is how a crafted file would make us hold a 1 MiB
+    /// copy per chunk of a 64 TiB disk. With distinct offsets, bitmap memory is bounded
+    /// by the size of the file itself.
+    load: Mutex<HashSet<u64>>,
 }
 
 pub type Bits = [AtomicU64];
@@ -22,7 +27,7 @@ impl SectorBitmaps {
     pub fn new(chunks: u64) -> Self {
         SectorBitmaps {
             chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
-            load: Mutex::new(()),
+            load: Mutex::new(HashSet::new()),
         }
     }
 
@@ -32,17 +37,29 @@ impl SectorBitmaps {
         if let Some(b) = slot.get() {
             return Ok(b);
         }
-        let _g = self.load.lock().unwrap_or_else(|e| e.into_inner());
+        let mut loaded = self.load.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = slot.get() {
             return Ok(b);
+        }
+        if !loaded.insert(file_offset) {
+            return Err(Error::corrupt(
+                &file.path,
+                format!(
+                    "the sector bitmap block of chunk {chunk} at file offset {file_offset} is also another chunk's"
+                ),
+            ));
         }
         let mut raw = vec![0u8; BITMAP_BLOCK_SIZE];
         file.read_exact_at(&mut raw, file_offset)?;
         Ok(slot.get_or_init(|| from_bytes(&raw)))
     }
 
-    /// Install a bitmap for a chunk (a writer that just allocated it).
-    pub fn install(&self, chunk: u64, bits: Box<[AtomicU64]>) -> &Bits {
+    /// Install a bitmap for a chunk (a writer that just allocated it at `file_offset`).
+    pub fn install(&self, chunk: u64, file_offset: u64, bits: Box<[AtomicU64]>) -> &Bits {
+        self.load
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(file_offset);
         self.chunks[chunk as usize].get_or_init(|| bits)
     }
 

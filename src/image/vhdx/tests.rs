@@ -482,3 +482,52 @@ fn check_reports_damage_instead_of_failing() {
         .iter()
         .any(|p| p.contains("header 1")));
 }
+
+/// Two chunks sharing one sector bitmap block: the second load is refused (memory for
+/// bitmaps stays bounded by the file's size), never a second 1 MiB copy.
+#[test]
+fn shared_sector_bitmap_block_is_refused() {
+    let d = TempDir::new("vhdx-shared-sb");
+    let base = d.0.join("base.vhdx");
+    new_base(&base, 9 << 30, 2 << 20, 512);
+    let child = d.0.join("child.vhdx");
+    crate::commands::create::run(&crate::cli::CreateArgs {
+        image: child.clone(),
+        parent: Some(base.clone()),
+        size: None,
+        block_size: None,
+        logical_sector_size: None,
+        format: None,
+    })
+    .unwrap();
+    {
+        let disk = open_disk(&child, true);
+        disk.write_at(0, &[9u8; 512]).unwrap();
+        disk.close().unwrap();
+    }
+    let v = Vhdx::open(&child, OpenOptions::default()).unwrap();
+    let (cr, bat_off) = (v.bat.chunk_ratio, v.regions.bat.file_offset);
+    let sb0 = v.bat.get(&v.file, v.bat.bitmap_index(0)).unwrap();
+    let blk0 = v.bat.get(&v.file, v.bat.payload_index(0)).unwrap();
+    drop(v);
+    // Chunk 1 gets chunk 0's bitmap block, and its first block chunk 0's payload block.
+    patch(&child, bat_off + (cr + cr + 1) * 8, &sb0.to_le_bytes());
+    patch(&child, bat_off + (cr + 1) * 8, &blk0.to_le_bytes());
+    let disk = open_disk_result(&child);
+    let mut buf = vec![0u8; 512];
+    disk.read_at(0, &mut buf).unwrap();
+    assert_eq!(buf, vec![9u8; 512]);
+    let e = disk
+        .read_at(cr * (2 << 20), &mut buf)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("also another chunk"), "{e}");
+}
+
+fn open_disk_result(path: &Path) -> crate::disk::Disk {
+    let chain = crate::chain::Chain::open(path, &crate::chain::ChainOptions::default());
+    match chain {
+        Ok(c) => crate::disk::Disk::new(c, crate::disk::DiskOptions::default()),
+        Err(e) => panic!("open: {e}"),
+    }
+}

@@ -130,7 +130,7 @@ impl Vhdx {
             return Ok((off, bits));
         }
         let off = self.allocate(st, BITMAP_BLOCK_SIZE as u64)?;
-        let bits = self.bitmaps.install(chunk, bitmap::empty());
+        let bits = self.bitmaps.install(chunk, off, bitmap::empty());
         self.bat
             .set(&self.file, idx, make_entry(SB_BLOCK_PRESENT, off))?;
         self.mark_bat_dirty(st, idx);
