@@ -7,7 +7,7 @@ pub mod vhdx;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -53,9 +53,13 @@ impl ImageFile {
     /// another process is writing still works (forensic users must always be able to
     /// look), with a warning that the view may change under it.
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        // O_NONBLOCK: if a parent path was swapped for a FIFO after the chain checked it
+        // was a regular file, the open and reads fail instead of blocking forever. It
+        // changes nothing for regular files.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(writable)
+            .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| Error::file(path, "open", e))?;
         if writable {
@@ -214,7 +218,11 @@ impl ImageFile {
 
 /// What the first bytes of a file say it is.
 pub fn detect_format(path: &Path) -> Result<Option<Format>> {
-    let file = File::open(path).map_err(|e| Error::file(path, "open", e))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::file(path, "open", e))?;
     let len = file
         .metadata()
         .map_err(|e| Error::file(path, "stat", e))?
