@@ -506,7 +506,7 @@ fn logical_sector_size_4096() {
     if require_tool("vhdimount") && require_fuse() {
         let m = FuseMount::vhdimount(&img, &dir.join("vhdimount"));
         assert_same_file(
-            &m.dir().join("vhdi1"),
+            &m.merged(),
             &raw,
             "libvhdi's view of the 4096-byte-sector file",
         );

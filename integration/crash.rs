@@ -342,14 +342,6 @@ fn verify(got: &[u8], model: &mut [u8], j: &Journal, ctx: &str) {
     model.copy_from_slice(got);
 }
 
-fn vhdimount_top(m: &FuseMount) -> PathBuf {
-    (1..=300)
-        .map(|i| m.dir().join(format!("vhdi{i}")))
-        .take_while(|p| p.exists())
-        .last()
-        .expect("vhdimount exposes at least vhdi1")
-}
-
 // ---------------------------------------------------------------- the test
 
 fn crash_cycles(fmt: Fmt) {
@@ -462,7 +454,7 @@ fn crash_cycles(fmt: Fmt) {
             // libvhdi ignores a VHDX log, but every acknowledged write has been applied
             // in place: it must see each write old or new, and every acknowledged one.
             let m = FuseMount::vhdimount(&child, &t.join("vm"));
-            let lv = fs::read(vhdimount_top(&m)).expect("read vhdimount's view");
+            let lv = fs::read(m.merged()).expect("read vhdimount's view");
             drop(m);
             verify(&lv, &mut before, &j, &format!("{ctx}, vhdimount's view"));
         }
@@ -511,7 +503,7 @@ fn crash_cycles(fmt: Fmt) {
         );
     }
     let m = FuseMount::vhdimount(&child, &t.join("vm"));
-    let top = vhdimount_top(&m);
+    let top = m.merged();
     if let Some(at) = first_difference(&top, &model_file) {
         panic!(
             "vhdimount's view of {} ({}) differs from vdiskfs's at byte {at}",

@@ -9,16 +9,6 @@ use std::process::Command;
 use common::*;
 use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions};
 
-/// vhdimount exposes one file per layer, base first: the highest `vhdiN` is the image
-/// named on the command line, merged through its parents.
-fn vhdimount_merged(m: &FuseMount) -> PathBuf {
-    (1..=300)
-        .map(|i| m.dir().join(format!("vhdi{i}")))
-        .take_while(|p| p.exists())
-        .last()
-        .expect("vhdimount exposes at least vhdi1")
-}
-
 /// Write `data` at `offset` into the top of `image`'s chain with the library.
 fn write_into(image: &Path, writes: &[(u64, Vec<u8>)]) {
     let chain = Chain::open(
@@ -127,7 +117,7 @@ fn depth_five_chains_agree_with_libvhdi() {
         );
         let m = FuseMount::vhdimount(&prev, &d.join("vhdi"));
         assert_same_file(
-            &vhdimount_merged(&m),
+            &m.merged(),
             &want,
             &format!("{ext}: vhdimount of the chain"),
         );

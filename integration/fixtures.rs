@@ -60,7 +60,7 @@ fn check_merged(dir: &TempDir, name: &str, want: &str) {
     if require_tool("vhdimount") && require_fuse() {
         let mnt = dir.join(format!("{name}.mnt"));
         let m = FuseMount::vhdimount(&img, &mnt);
-        let exposed = m.dir().join("vhdi1");
+        let exposed = m.merged();
         assert_same_file(
             &out,
             &exposed,

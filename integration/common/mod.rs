@@ -877,7 +877,8 @@ impl FuseMount {
     }
 
     /// `vhdimount IMAGE DIR` (libvhdi, which daemonises once the mount is live).
-    /// The merged view of the chain is `DIR/vhdi1`.
+    /// It exposes one file per layer, base first: `DIR/vhdi1` is the base alone and the
+    /// highest `vhdiN` is IMAGE merged through its parents (see `merged`).
     pub fn vhdimount(image: &Path, dir: &Path) -> FuseMount {
         fs::create_dir_all(dir).unwrap();
         let guard = FuseMount::adopt(dir);
@@ -901,6 +902,15 @@ impl FuseMount {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// For a vhdimount: the merged view of the whole chain (the highest `vhdiN`).
+    pub fn merged(&self) -> PathBuf {
+        (1..=300)
+            .map(|i| self.dir.join(format!("vhdi{i}")))
+            .take_while(|p| p.exists())
+            .last()
+            .expect("vhdimount exposes at least vhdi1")
     }
 }
 
