@@ -245,25 +245,11 @@ mod tests {
     use super::*;
 
     fn locator(entries: &[(&str, &str)]) -> Vec<u8> {
-        let mut head = vec![0u8; 20];
-        head[0..16].copy_from_slice(&VHDX_LOCATOR_TYPE.to_bytes_le());
-        head[18..20].copy_from_slice(&(entries.len() as u16).to_le_bytes());
-        let mut table = Vec::new();
-        let mut data = Vec::new();
-        let base = 20 + entries.len() * 12;
-        for (k, v) in entries {
-            let kb: Vec<u8> = k.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
-            let vb: Vec<u8> = v.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
-            let ko = base + data.len();
-            data.extend_from_slice(&kb);
-            let vo = base + data.len();
-            data.extend_from_slice(&vb);
-            table.extend_from_slice(&(ko as u32).to_le_bytes());
-            table.extend_from_slice(&(vo as u32).to_le_bytes());
-            table.extend_from_slice(&(kb.len() as u16).to_le_bytes());
-            table.extend_from_slice(&(vb.len() as u16).to_le_bytes());
-        }
-        [head, table, data].concat()
+        let owned: Vec<(String, String)> = entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        crate::image::vhdx::create::locator_item(&owned)
     }
 
     #[test]

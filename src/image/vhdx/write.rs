@@ -137,6 +137,19 @@ impl Vhdx {
         Ok((off, bits))
     }
 
+    /// Set the sector bitmap bits of `len` bytes at `in_block` of `block` (in memory at
+    /// once, in the file at the next commit).
+    fn mark_present(&self, st: &mut WriteState, block: u64, in_block: u64, len: u64) -> Result<()> {
+        let ss = self.meta.logical_sector_size as u64;
+        let sectors_per_block = self.meta.block_size as u64 / ss;
+        let chunk = block / self.bat.chunk_ratio;
+        let (sb_off, bits) = self.bitmap_for_write(st, chunk)?;
+        let first = (block % self.bat.chunk_ratio) * sectors_per_block + in_block / ss;
+        bitmap::set_bits(bits, first, len / ss);
+        self.mark_bitmap_dirty(st, chunk, sb_off, first, len / ss);
+        Ok(())
+    }
+
     /// Write within one block.
     fn write_block(
         &self,
@@ -146,7 +159,6 @@ impl Vhdx {
         data: &[u8],
     ) -> Result<()> {
         let bs = self.meta.block_size as u64;
-        let ss = self.meta.logical_sector_size as u64;
         let idx = self.bat.payload_index(block);
         let e = self.bat.get(&self.file, idx)?;
         let st_now = self.check_payload(block, e)?;
@@ -156,12 +168,7 @@ impl Vhdx {
             }
             PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
                 self.file.write_all_at(data, file_offset(e) + in_block)?;
-                let chunk = block / self.bat.chunk_ratio;
-                let (sb_off, bits) = self.bitmap_for_write(st, chunk)?;
-                let first = (block % self.bat.chunk_ratio) * (bs / ss) + in_block / ss;
-                let n = data.len() as u64 / ss;
-                bitmap::set_bits(bits, first, n);
-                self.mark_bitmap_dirty(st, chunk, sb_off, first, n);
+                self.mark_present(st, block, in_block, data.len() as u64)?;
             }
             _ => {
                 // A new block. In a differencing file a NOT_PRESENT block becomes
@@ -173,12 +180,7 @@ impl Vhdx {
                 let off = self.allocate(st, bs)?;
                 self.file.write_all_at(data, off + in_block)?;
                 if partial {
-                    let chunk = block / self.bat.chunk_ratio;
-                    let (sb_off, bits) = self.bitmap_for_write(st, chunk)?;
-                    let first = (block % self.bat.chunk_ratio) * (bs / ss) + in_block / ss;
-                    let n = data.len() as u64 / ss;
-                    bitmap::set_bits(bits, first, n);
-                    self.mark_bitmap_dirty(st, chunk, sb_off, first, n);
+                    self.mark_present(st, block, in_block, data.len() as u64)?;
                     self.bat.set(
                         &self.file,
                         idx,
