@@ -203,6 +203,16 @@ pub fn write_new(file: &File, path: &Path, n: &NewVhdx, creator: &str) -> Result
     // The BAT is all zeros (every block NOT_PRESENT): extending the file gives that.
     file.set_len(BAT_OFFSET + bat_len)
         .map_err(|e| Error::file(path, "extend", e))?;
+    // Really allocate the log and the BAT (up to 64 MiB of it) by writing their zeros:
+    // metadata updates then overwrite space the file already owns, so a host disk that
+    // fills up later fails data writes with ENOSPC, never the log or the BAT.
+    let zeros = vec![0u8; MIB as usize];
+    w(&zeros, LOG_OFFSET)?;
+    if bat_len <= 64 * MIB {
+        for off in (BAT_OFFSET..BAT_OFFSET + bat_len).step_by(MIB as usize) {
+            w(&zeros, off)?;
+        }
+    }
     // Headers last, both valid, the second current.
     let mut h = Header {
         sequence_number: 1,

@@ -531,3 +531,98 @@ fn open_disk_result(path: &Path) -> crate::disk::Disk {
         Err(e) => panic!("open: {e}"),
     }
 }
+
+/// A host disk that fills up: writes fail with ENOSPC, the file stays consistent, and
+/// every write acknowledged by a successful flush is there after reopening.
+#[test]
+fn full_host_disk_gives_enospc_and_keeps_the_file_consistent() {
+    let is_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !is_root {
+        eprintln!("SKIPPED: needs root to mount a small tmpfs");
+        return;
+    }
+    let d = TempDir::new("vhdx-enospc");
+    let small = d.0.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    run(std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+        .arg(&small));
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _g = Umount(small.clone());
+    for ext in ["vhdx", "vhd"] {
+        let base = small.join(format!("base.{ext}"));
+        if ext == "vhdx" {
+            new_base(&base, 64 << 20, 1 << 20, 512);
+        } else {
+            crate::image::vhd::create::create_dynamic(&base, 64 << 20, 1 << 20).unwrap();
+        }
+        let child = small.join(format!("child.{ext}"));
+        crate::commands::create::run(&crate::cli::CreateArgs {
+            image: child.clone(),
+            parent: Some(base.clone()),
+            size: None,
+            block_size: Some("1M".into()),
+            logical_sector_size: None,
+            format: None,
+        })
+        .unwrap();
+        let mut model = vec![0u8; 64 << 20];
+        let mut acked = model.clone();
+        let mut rng = Rng(4242);
+        let mut hit_enospc = false;
+        {
+            let disk = open_disk(&child, true);
+            for i in 0..200u64 {
+                let off = (i * 3 % 64) << 20;
+                let mut buf = vec![0u8; 256 << 10];
+                rng.fill(&mut buf);
+                match disk.write_at(off, &buf) {
+                    Ok(_) => model[off as usize..off as usize + buf.len()].copy_from_slice(&buf),
+                    Err(e) => {
+                        assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+                        hit_enospc = true;
+                        break;
+                    }
+                }
+                if i % 4 == 3 {
+                    match disk.flush() {
+                        Ok(()) => acked.copy_from_slice(&model),
+                        Err(e) => {
+                            assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+                            hit_enospc = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = disk.close();
+        }
+        assert!(hit_enospc, "{ext}: the 12 MiB tmpfs should fill up");
+        let v = crate::image::open_layer(&child, OpenOptions::default(), false).unwrap();
+        assert!(v.check().unwrap().is_empty(), "{ext}: no damage");
+        drop(v);
+        let got = read_all(&open_disk(&child, false));
+        // Every byte is either what the last successful flush acknowledged or a later write.
+        for (i, (g, (a, m))) in got.iter().zip(acked.iter().zip(&model)).enumerate() {
+            assert!(
+                g == a || g == m,
+                "{ext} byte {i}: got {g}, acknowledged {a}, later {m}"
+            );
+        }
+        for f in [&child, &base] {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+}

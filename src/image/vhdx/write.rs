@@ -51,6 +51,8 @@ pub(crate) struct WriteState {
     dirty: BTreeMap<u64, Dirty>,
     session_started: bool,
     log: Option<LogWriter>,
+    /// The header's LogGuid is this session's log.
+    log_in_header: bool,
     /// Data written since the last fdatasync.
     unsynced: bool,
 }
@@ -245,34 +247,43 @@ impl Vhdx {
         if st.dirty.is_empty() {
             return Ok(());
         }
-        let dirty = std::mem::take(&mut st.dirty);
-        let pages: Vec<(u64, Vec<u8>)> = dirty
+        // The dirty set is cleared only when every page reached its place: after a failure
+        // (a full disk, an I/O error) the next flush tries them all again. Re-applying a
+        // page that did land is harmless.
+        let pages: Vec<(u64, Vec<u8>)> = st
+            .dirty
             .iter()
             .map(|(&off, &what)| Ok((off, self.page_content(off, what)?)))
             .collect::<Result<_>>()?;
-        let first_entry = st.log.is_none();
         let log = st.log.get_or_insert_with(|| {
             let h = self.header();
             LogWriter::new(h.log_offset, h.log_length as u64, Uuid::new_v4(), 1)
         });
+        let log_guid = log.log_guid();
         let flushed = st.flushed_len / MIB * MIB;
         let last = st.next_free.div_ceil(MIB) * MIB;
         for group in pages.chunks(MAX_DIRTY_PAGES) {
             let refs: Vec<(u64, &[u8])> = group.iter().map(|(o, d)| (*o, d.as_slice())).collect();
-            log.write_entry(&self.file, &refs, flushed, last)?;
-            if first_entry {
-                // The entry is durable; now make the header point at this log.
+            st.log
+                .as_mut()
+                .expect("created above")
+                .write_entry(&self.file, &refs, flushed, last)?;
+            if !st.log_in_header {
+                // The session's first entry is durable; now make the header point at
+                // this log.
                 let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
                 let (cur, slot) = &mut *h;
                 let mut next = cur.clone();
-                next.log_guid = log.log_guid();
+                next.log_guid = log_guid;
                 write_header_both(&self.file, cur, slot, next)?;
+                st.log_in_header = true;
             }
             for (off, data) in group {
                 self.file.write_all_at(data, *off)?;
             }
             self.file.sync_data()?;
         }
+        st.dirty.clear();
         Ok(())
     }
 
@@ -283,7 +294,8 @@ impl Vhdx {
         };
         let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
         self.commit(&mut st)?;
-        if st.log.take().is_some() {
+        st.log = None;
+        if std::mem::take(&mut st.log_in_header) {
             let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
             let (cur, slot) = &mut *h;
             let mut next = cur.clone();
