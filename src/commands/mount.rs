@@ -779,6 +779,40 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
     })
 }
 
+/// Let the kernel read ahead 1 MiB at a time on this mount (FUSE mounts start at
+/// 128 KiB): sequential readers then send 1 MiB requests, one round trip instead of
+/// eight (measured: ~2.3 -> ~3 GB/s on a depth-3 chain). Needs root; otherwise, or if
+/// anything is unexpected, the default stays. The device number comes from mountinfo:
+/// a stat of the mount point would wait for this very daemon to answer.
+fn raise_readahead(mountpoint: &Path) {
+    // Canonicalise the parent only: a lookup of the mount point itself could wait for
+    // this daemon, which is not serving yet.
+    let (Some(parent), Some(name)) = (mountpoint.parent(), mountpoint.file_name()) else {
+        return;
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let Ok(want) = std::fs::canonicalize(parent).map(|p| p.join(name)) else {
+        return;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let dev = info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && Path::new(f[4]) == want).then(|| f[2].to_string())
+    });
+    if let Some(dev) = dev {
+        let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+        if let Err(e) = std::fs::write(&knob, "1024") {
+            log::debug!("{knob}: {e} (read-ahead stays at the kernel's default)");
+        }
+    }
+}
+
 /// Mount and serve until unmounted. `ready` is told "OK" once the mount is live, or the
 /// error if mounting fails.
 fn serve(p: Prepared, mut ready: Ready, log_file: Option<&Path>, detached: bool) -> Result<i32> {
@@ -825,6 +859,7 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<&Path>, detached: bool)
         disk.len(),
         mountpoint.display()
     );
+    raise_readahead(&mountpoint);
     ready.send("OK\n");
     drop(ready);
     if detached {
