@@ -203,6 +203,15 @@ impl ImageFile {
 
     /// Positioned write to the real file (writable opens only).
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        #[cfg(test)]
+        if crash_sim::write_fails() {
+            return Err(Error::io(
+                &self.path,
+                "write (simulated crash)",
+                offset,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| Error::io(&self.path, "write", offset, e))
@@ -317,4 +326,40 @@ pub fn create_new_file(path: &Path, fill: impl FnOnce(&File) -> Result<()>) -> R
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Test-only crash simulation: after N more writes on this thread, every write fails,
+/// as if the machine stopped there. Tests open, write and flush an image with it set,
+/// then reopen the file as it was left at that point.
+#[cfg(test)]
+pub(crate) mod crash_sim {
+    use std::cell::Cell;
+
+    thread_local! {
+        static LEFT: Cell<Option<usize>> = const { Cell::new(None) };
+        static COUNT: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Let `n` more writes through, then fail all (None: no limit).
+    pub fn fail_after(n: Option<usize>) {
+        LEFT.with(|l| l.set(n));
+        COUNT.with(|c| c.set(0));
+    }
+
+    /// Writes attempted since `fail_after`.
+    pub fn writes() -> usize {
+        COUNT.with(|c| c.get())
+    }
+
+    pub(super) fn write_fails() -> bool {
+        COUNT.with(|c| c.set(c.get() + 1));
+        LEFT.with(|l| match l.get() {
+            None => false,
+            Some(0) => true,
+            Some(n) => {
+                l.set(Some(n - 1));
+                false
+            }
+        })
+    }
 }
