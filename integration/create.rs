@@ -35,11 +35,21 @@ fn vhdiinfo(image: &Path) -> String {
 /// child vhdiinfo must report a differential disk with the parent's id and file name.
 #[test]
 fn depth_five_chains_agree_with_libvhdi() {
+    chains_agree_with_libvhdi(5, 12);
+}
+
+/// Issue 3's deepest case: 40 layers of each format, a few known writes in each.
+#[test]
+fn depth_forty_chains_agree_with_libvhdi() {
+    chains_agree_with_libvhdi(40, 3);
+}
+
+fn chains_agree_with_libvhdi(depth: usize, writes_per_level: u64) {
     if !require_tool("vhdimount") || !require_tool("vhdiinfo") || !require_fuse() {
         return;
     }
     for ext in ["vhdx", "vhd"] {
-        let d = TempDir::new(&format!("create-chain-{ext}"));
+        let d = TempDir::new(&format!("create-chain{depth}-{ext}"));
         let size: u64 = 24 << 20;
         let mut model = vec![0u8; size as usize];
         let mut rng = Rng::new(5 + ext.len() as u64);
@@ -51,7 +61,7 @@ fn depth_five_chains_agree_with_libvhdi() {
                 .chain([prev.display().to_string()]),
         )
         .assert_success();
-        for level in 0..5 {
+        for level in 0..depth {
             let img = if level == 0 {
                 prev.clone()
             } else {
@@ -91,7 +101,7 @@ fn depth_five_chains_agree_with_libvhdi() {
             };
             // Known writes at this level.
             let mut writes = Vec::new();
-            for i in 0..12u64 {
+            for i in 0..writes_per_level {
                 let (off, len) = match i % 3 {
                     0 => (rng.below(size / (2 << 20)) * (2 << 20), 2u64 << 20),
                     1 => (rng.below(size / 512) * 512, 512),
@@ -113,7 +123,7 @@ fn depth_five_chains_agree_with_libvhdi() {
         assert_same_file(
             &got,
             &want,
-            &format!("{ext}: vdiskfs cat of the depth-5 chain"),
+            &format!("{ext}: vdiskfs cat of the depth-{depth} chain"),
         );
         let m = FuseMount::vhdimount(&prev, &d.join("vhdi"));
         assert_same_file(
