@@ -22,6 +22,7 @@ die() {
 #   qemu-system-common             qemu-storage-daemon (FUSE export) for scripts/bench.sh
 #   libvhdi-utils                  vhdimount/vhdiinfo: an independent VHD/VHDX reader
 #   e2fsprogs ntfs-3g dosfstools   guest file systems for the mount tests (mkfs.*)
+#   mtools                         FAT guests without the kernel's vfat (mcopy, mdir...)
 #   gdisk util-linux mount         sgdisk, losetup, mount for partitioned guests
 #   fio hyperfine                  benchmarks
 #   7zip                           7zz, another independent VHD/VHDX reader
@@ -29,7 +30,7 @@ PACKAGES=(
     fuse3 libfuse3-dev pkg-config
     qemu-utils qemu-system-common
     libvhdi-utils
-    e2fsprogs ntfs-3g dosfstools
+    e2fsprogs ntfs-3g dosfstools mtools
     gdisk util-linux mount
     fio hyperfine
     7zip

@@ -33,6 +33,7 @@ pub const SETUP_TOOLS: &[&str] = &[
     "mkntfs",
     "ntfs-3g",
     "mkfs.vfat",
+    "mcopy",
     "sgdisk",
     "losetup",
     "mount",
