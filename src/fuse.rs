@@ -458,7 +458,9 @@ impl Filesystem for VdiskFs {
                     return;
                 }
                 let fh = self.alloc_fh(FH_STATS);
-                let text: Arc<[u8]> = self.disk.stats_text().into_bytes().into();
+                // The daemon's pid first: `vdiskfs umount` waits for it to finish.
+                let text = format!("pid {}\n{}", std::process::id(), self.disk.stats_text());
+                let text: Arc<[u8]> = text.into_bytes().into();
                 self.stats
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

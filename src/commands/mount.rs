@@ -615,7 +615,40 @@ pub fn umount(args: &UmountArgs) -> Result<i32> {
             m.fstype
         ))),
         Some(_) => {
+            // Learn the daemon's pid from .stats before unmounting, then wait for it to
+            // finish: it flushes and closes the image after the unmount, and a script
+            // that reopens the image right after `vdiskfs umount` must find it closed.
+            let pid = std::fs::read_to_string(canon.join(".stats"))
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .next()?
+                        .strip_prefix("pid ")?
+                        .trim()
+                        .parse::<u32>()
+                        .ok()
+                });
             unmount(&canon, false)?;
+            if let Some(pid) = pid {
+                // Running = /proc/PID/stat exists and its state is not Z (a zombie has
+                // finished; its parent just has not reaped it yet).
+                let running = || {
+                    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .map(|s| {
+                            s.rsplit_once(')')
+                                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                                .is_some_and(|c| c != 'Z')
+                        })
+                        .unwrap_or(false)
+                };
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+                while running() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                if running() {
+                    log::warn!("the vdiskfs daemon (pid {pid}) is still running after the unmount");
+                }
+            }
             Ok(0)
         }
     }
