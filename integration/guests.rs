@@ -37,16 +37,6 @@ fn vdiskfs_mount(image: &Path, dir: &Path, ro: bool) -> FuseMount {
     guard
 }
 
-/// Wait until the daemon has let go of the image (its exclusive lock is gone).
-fn wait_released(image: &Path) {
-    run_ok(
-        Command::new("flock")
-            .args(["-x", "-w", "30"])
-            .arg(image)
-            .arg("true"),
-    );
-}
-
 fn mount_guest(fs: &str, raw: &Path, dir: &Path, ro: bool) -> GuestMount {
     std::fs::create_dir_all(dir).unwrap();
     let g = GuestMount(dir.to_path_buf());
@@ -184,9 +174,17 @@ fn guest_round_trip(fs: &str, ext: &str) {
         g.write("base.txt", b"changed in the child\n", d.path());
         g.remove("delete-me.txt");
         drop(g);
+        // `vdiskfs umount` returns only once the daemon has flushed and let go of the
+        // image: the exclusive lock is free at once.
+        vdiskfs(["umount", &m.dir().display().to_string()]).assert_success();
+        run_ok(
+            Command::new("flock")
+                .args(["-n", "-x"])
+                .arg(&child)
+                .arg("true"),
+        );
         drop(m);
     }
-    wait_released(&child);
 
     // Remount read-only: every change is there.
     {
