@@ -84,8 +84,8 @@ pub fn get_bit(bits: &Bits, i: u64) -> bool {
     (bits[(i / 64) as usize].load(Ordering::Acquire) >> (i % 64)) & 1 == 1
 }
 
-/// Set bits `[start, start + n)`.
-pub fn set_bits(bits: &Bits, start: u64, n: u64) {
+/// Call `f(word, mask)` for the words covering bits `[start, start + n)`.
+fn for_each_mask(start: u64, n: u64, mut f: impl FnMut(usize, u64)) {
     let mut i = start;
     let end = start + n;
     while i < end {
@@ -97,9 +97,23 @@ pub fn set_bits(bits: &Bits, start: u64, n: u64) {
         } else {
             ((1u64 << (hi - lo)) - 1) << lo
         };
-        bits[w as usize].fetch_or(mask, Ordering::AcqRel);
+        f(w as usize, mask);
         i = w * 64 + hi;
     }
+}
+
+/// Set bits `[start, start + n)`.
+pub fn set_bits(bits: &Bits, start: u64, n: u64) {
+    for_each_mask(start, n, |w, m| {
+        bits[w].fetch_or(m, Ordering::AcqRel);
+    });
+}
+
+/// Clear bits `[start, start + n)`.
+pub fn clear_bits(bits: &Bits, start: u64, n: u64) {
+    for_each_mask(start, n, |w, m| {
+        bits[w].fetch_and(!m, Ordering::AcqRel);
+    });
 }
 
 /// How many bits from `start` (at most `max`, and never past the bitmap) equal `value`.
@@ -155,5 +169,9 @@ mod tests {
         assert_eq!(run_length(&bits, 10, 5, true), 5);
         set_bits(&bits, 0, 512);
         assert_eq!(run_length(&bits, 0, 512, true), 512);
+        clear_bits(&bits, 70, 100);
+        assert_eq!(run_length(&bits, 0, 512, true), 70);
+        assert_eq!(run_length(&bits, 70, 512, false), 100);
+        assert_eq!(run_length(&bits, 170, 512, true), 512 - 170);
     }
 }

@@ -30,8 +30,22 @@ use crate::layer::WritableLayer;
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
-/// Flush on our own when this many metadata pages are dirty (one log entry holds them).
-const MAX_DIRTY_PAGES: usize = 96;
+/// Commit on our own, between blocks, once this many metadata pages are dirty. One block
+/// dirties at most 18 pages (its BAT page, its chunk's sector-bitmap BAT page, and up to
+/// 16 bitmap pages for a 256 MiB block of 512-byte sectors), so a commit holds at most
+/// 81 pages, which fits one log entry (see `entry_page_limit`): every commit is a single
+/// entry, replayed all or nothing.
+const AUTO_COMMIT_PAGES: usize = 63;
+
+/// Most data pages one log entry may carry. The log writer never wraps an entry around
+/// the end of the ring and never overwrites the newest entry; with every entry at most a
+/// third of the log (descriptor sector included) the next one always fits either after
+/// the newest or before it, so the log can never get stuck (1 MiB log: 84 pages).
+fn entry_page_limit(log_length: u64) -> usize {
+    ((log_length / (3 * PAGE)) as usize)
+        .saturating_sub(1)
+        .max(1)
+}
 
 /// A dirty 4 KiB metadata page, by what it holds.
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +69,10 @@ pub(crate) struct WriteState {
     log_in_header: bool,
     /// Data written since the last fdatasync.
     unsynced: bool,
+    /// An fdatasync failed: Linux reports a writeback error once, so data acknowledged
+    /// earlier may be gone. Nothing more is committed (no metadata may point at data that
+    /// might be lost) and every later write, flush and close fails.
+    poisoned: bool,
 }
 
 impl WriteState {
@@ -70,7 +88,18 @@ impl WriteState {
 impl Vhdx {
     fn state_lock(&self) -> Result<std::sync::MutexGuard<'_, WriteState>> {
         match &self.write_state {
-            Some(m) => Ok(m.lock().unwrap_or_else(|e| e.into_inner())),
+            Some(m) => {
+                let st = m.lock().unwrap_or_else(|e| e.into_inner());
+                if st.poisoned {
+                    return Err(Error::io(
+                        &self.file.path,
+                        "write (an earlier flush failed; data may be lost, so nothing more is written)",
+                        0,
+                        std::io::Error::from_raw_os_error(libc::EIO),
+                    ));
+                }
+                Ok(st)
+            }
             None => Err(Error::Invalid(format!(
                 "{}: opened read-only",
                 self.file.path.display()
@@ -152,6 +181,20 @@ impl Vhdx {
         Ok(())
     }
 
+    /// Clear every sector bitmap bit of `block`.
+    fn mark_absent(&self, st: &mut WriteState, block: u64) -> Result<()> {
+        let ss = self.meta.logical_sector_size as u64;
+        let sectors_per_block = self.meta.block_size as u64 / ss;
+        let chunk = block / self.bat.chunk_ratio;
+        let (sb_off, bits) = self.bitmap_for_write(st, chunk)?;
+        let first = (block % self.bat.chunk_ratio) * sectors_per_block;
+        if bitmap::run_length(bits, first, sectors_per_block, false) < sectors_per_block {
+            bitmap::clear_bits(bits, first, sectors_per_block);
+            self.mark_bitmap_dirty(st, chunk, sb_off, first, sectors_per_block);
+        }
+        Ok(())
+    }
+
     /// Write within one block.
     fn write_block(
         &self,
@@ -182,6 +225,10 @@ impl Vhdx {
                 let off = self.allocate(st, bs)?;
                 self.file.write_all_at(data, off + in_block)?;
                 if partial {
+                    // Bits of a block that was not present are meaningless (a file from
+                    // elsewhere may have left some set): clear the block's range first, or
+                    // sectors never written here would hide the parent's data.
+                    self.mark_absent(st, block)?;
                     self.mark_present(st, block, in_block, data.len() as u64)?;
                     self.bat.set(
                         &self.file,
@@ -232,10 +279,19 @@ impl Vhdx {
         }
     }
 
+    /// fdatasync; a failure poisons the writer (see `WriteState::poisoned`).
+    fn sync(&self, st: &mut WriteState) -> Result<()> {
+        let r = self.file.sync_data();
+        if r.is_err() {
+            st.poisoned = true;
+        }
+        r
+    }
+
     /// Make data durable, then log and apply the dirty metadata.
     fn commit(&self, st: &mut WriteState) -> Result<()> {
         if st.unsynced {
-            self.file.sync_data()?;
+            self.sync(st)?;
             st.unsynced = false;
             st.flushed_len = self
                 .file
@@ -262,7 +318,8 @@ impl Vhdx {
         let log_guid = log.log_guid();
         let flushed = st.flushed_len / MIB * MIB;
         let last = st.next_free.div_ceil(MIB) * MIB;
-        for group in pages.chunks(MAX_DIRTY_PAGES) {
+        let limit = entry_page_limit(self.header().log_length as u64);
+        for group in pages.chunks(limit) {
             let refs: Vec<(u64, &[u8])> = group.iter().map(|(o, d)| (*o, d.as_slice())).collect();
             st.log
                 .as_mut()
@@ -281,7 +338,7 @@ impl Vhdx {
             for (off, data) in group {
                 self.file.write_all_at(data, *off)?;
             }
-            self.file.sync_data()?;
+            self.sync(st)?;
         }
         st.dirty.clear();
         Ok(())
@@ -293,14 +350,24 @@ impl Vhdx {
             return Ok(());
         };
         let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
+        if st.poisoned {
+            return Err(Error::io(
+                &self.file.path,
+                "close (an earlier flush failed; the last writes may be lost)",
+                0,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         self.commit(&mut st)?;
         st.log = None;
-        if std::mem::take(&mut st.log_in_header) {
+        if st.log_in_header {
             let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
             let (cur, slot) = &mut *h;
             let mut next = cur.clone();
             next.log_guid = Uuid::nil();
             write_header_both(&self.file, cur, slot, next)?;
+            // Only now: if the header write failed, a later close tries again.
+            st.log_in_header = false;
         }
         Ok(())
     }
@@ -319,9 +386,10 @@ impl WritableLayer for Vhdx {
             let n = ((bs - in_block) as usize).min(data.len() - done);
             self.write_block(&mut st, block, in_block, &data[done..done + n])?;
             done += n;
-        }
-        if st.dirty.len() >= MAX_DIRTY_PAGES {
-            self.commit(&mut st)?;
+            // Between blocks, so one block's BAT and bitmap pages share a commit.
+            if st.dirty.len() >= AUTO_COMMIT_PAGES {
+                self.commit(&mut st)?;
+            }
         }
         Ok(())
     }
