@@ -10,8 +10,9 @@
 //! Entries are atomics and bitmaps are loaded on first use into a `OnceLock`, so the
 //! read path (`map`) takes no lock and does no I/O once a block's bitmap is cached.
 //! Invariant relied on by the writer: a bitmap is cached in memory before any change
-//! to it is written to the file, and every change is applied to the cache after the
-//! file write, under the writer's allocation mutex.
+//! to it is made; changes go to the cache (under the writer's lock, after the data they
+//! expose was written) and reach the file from the cache at the next flush, so the cache
+//! always holds at least what the file does.
 
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::OnceLock;

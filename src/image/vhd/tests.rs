@@ -550,6 +550,8 @@ fn unaligned_map_and_partial_bitmaps() {
     let info = c.info().unwrap();
     assert_eq!(info.bytes_held, 1536);
     assert_eq!(info.allocated_blocks, 1);
+    // The BAT entry and bitmap reach the file at a flush.
+    c.flush().unwrap();
     // A dynamic disk with a partial bitmap reads zeros where bits are clear (libvhdi).
     let mut b = std::fs::read(&child).unwrap();
     let n = b.len();
@@ -889,6 +891,122 @@ fn every_allocation_step_leaves_a_valid_file() {
     let got = merged(vec![open(&t.join("s2w.vhd"))]);
     assert_eq!(got[8192..8704], [0x77; 512]);
     assert_eq!(got[..4096], [0x55; 4096]);
+}
+
+/// Batched allocation (write.rs): the footer moves past a reservation of 1, 2, 4, ...
+/// blocks, BAT entries and bitmap sectors reach the file only at a flush, and close
+/// gives the unused reservation back. Every state the file passes through on disk (before
+/// a flush, after it, halfway through close) opens read-only and writable, checks clean
+/// and reads the flushed content or something newer.
+#[test]
+fn batched_allocation_states_are_valid() {
+    let t = TmpDir::new();
+    let p = t.join("d.vhd");
+    let bs = 4096u64;
+    let slot = 512 + bs;
+    create_dynamic(&p, 64 * bs, bs as u32).unwrap();
+    let start = std::fs::metadata(&p).unwrap().len() - 512;
+    let bat_entry = |b: &[u8], i: usize| {
+        u32::from_be_bytes(b[BAT + 4 * i..BAT + 4 * i + 4].try_into().unwrap())
+    };
+    let check_state = |name: &str, bytes: &[u8], want: &[u8]| {
+        for opts in [RO, RW] {
+            let v = open_bytes(&t, name, bytes, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(v.check().unwrap().is_empty(), "{name}");
+            assert!(v.info().unwrap().warnings.is_empty(), "{name}");
+            assert!(merged(vec![Arc::new(v)]) == want, "{name}: wrong content");
+        }
+    };
+    let mut model = vec![0u8; 64 * bs as usize];
+    let v = Vhd::open(&p, RW).unwrap();
+    // Blocks 0..4: reservations of 1, 2 and 4 blocks; three slots stay unused.
+    for b in 0..4u64 {
+        let d = vec![b as u8 + 1; 1024];
+        v.write(b * bs + 1024, &d).unwrap();
+        model[(b * bs + 1024) as usize..(b * bs + 2048) as usize].copy_from_slice(&d);
+    }
+    let unflushed = std::fs::read(&p).unwrap();
+    assert_eq!(unflushed.len() as u64, start + 7 * slot + 512);
+    assert_eq!(unflushed[unflushed.len() - 512..], unflushed[..512]);
+    assert!(
+        (0..4).all(|i| bat_entry(&unflushed, i) == 0xFFFF_FFFF),
+        "BAT deferred"
+    );
+    check_state("unflushed.vhd", &unflushed, &vec![0u8; model.len()]);
+    v.flush().unwrap();
+    let flushed = std::fs::read(&p).unwrap();
+    assert_eq!(flushed.len(), unflushed.len());
+    for i in 0..4 {
+        assert_eq!(bat_entry(&flushed, i) as u64 * 512, start + i as u64 * slot);
+    }
+    check_state("flushed.vhd", &flushed, &model);
+    // Halfway through close: the footer after the last used slot, not yet cut.
+    let mut half = flushed.clone();
+    let end = (start + 4 * slot) as usize;
+    half[end..end + 512].copy_from_slice(&flushed[..512]);
+    check_state("half.vhd", &half, &model);
+    v.write(5 * bs, &[9; 512]).unwrap();
+    model[5 * bs as usize..5 * bs as usize + 512].fill(9);
+    v.close().unwrap();
+    let closed = std::fs::read(&p).unwrap();
+    assert_eq!(closed.len() as u64, start + 5 * slot + 512);
+    check_state("closed.vhd", &closed, &model);
+    drop(v);
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        closed,
+        "a second close changes nothing"
+    );
+}
+
+/// In a differencing disk, sectors made present in an allocated block are exposed by a
+/// bitmap sector written at the next flush, after their data is durable.
+#[test]
+fn in_place_bitmap_changes_wait_for_a_flush() {
+    let t = TmpDir::new();
+    let base = t.join("base.vhd");
+    create_dynamic(&base, 64 << 10, 4096).unwrap();
+    {
+        let b = Vhd::open(&base, RW).unwrap();
+        b.write(0, &[0xAA; 4096]).unwrap();
+    }
+    let child = t.join("child.vhd");
+    create_differencing(&child, &Vhd::open(&base, RO).unwrap(), 4096).unwrap();
+    let c = Vhd::open(&child, RW).unwrap();
+    c.write(0, &[1; 1024]).unwrap();
+    c.flush().unwrap();
+    let first = std::fs::read(&child).unwrap();
+    c.write(2048, &[2; 1024]).unwrap();
+    // Readers of this open see it at once.
+    let mut runs = Vec::new();
+    c.map(0, 4096, &mut runs).unwrap();
+    assert!(
+        matches!(
+            runs[..],
+            [
+                Run::Held { len: 1024, .. },
+                Run::Absent { len: 1024 },
+                Run::Held { len: 1024, .. },
+                Run::Absent { len: 1024 }
+            ]
+        ),
+        "{runs:?}"
+    );
+    let read = |bytes: &[u8], name: &str| {
+        let v = open_bytes(&t, name, bytes, RO).unwrap();
+        assert!(v.check().unwrap().is_empty());
+        merged(vec![Arc::new(v), open(&base)])
+    };
+    let before = std::fs::read(&child).unwrap();
+    // The data is in the file, the bitmap is not yet: the sectors still come from the base.
+    assert_eq!(before.len(), first.len());
+    let got = read(&before, "before.vhd");
+    assert_eq!(got[..1024], [1; 1024]);
+    assert_eq!(got[1024..4096], [0xAA; 3072]);
+    c.flush().unwrap();
+    let got = read(&std::fs::read(&child).unwrap(), "after.vhd");
+    assert_eq!(got[2048..3072], [2; 1024]);
+    assert_eq!(got[3072..4096], [0xAA; 1024]);
 }
 
 /// A full file system while creating: an error, and no file (temporary or final) left.

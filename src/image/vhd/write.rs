@@ -1,51 +1,136 @@
 //! Writing into a VHD opened writable (the top of a chain).
 //!
 //! Fixed disks are written in place. In dynamic and differencing disks a write to an
-//! allocated block goes in place and then sets the bitmap bits of the written sectors;
-//! a write to an unallocated block allocates a new block where the footer is.
+//! allocated block goes in place (setting the bitmap bits of the written sectors); a
+//! write to an unallocated block takes a new block from space reserved past the data.
 //!
-//! Crash-safety order for a new block (each step flushed before the next):
-//! 1. write the footer at its new place, after the space the new block will take. The
-//!    old footer is still intact at its old place, and the file is valid throughout:
-//!    a reader sees a valid footer at the end, and the BAT does not point at the new
-//!    space yet. (Writing the block first, as the issue text orders it, would leave a
-//!    window where the end of the file holds block data instead of a footer; putting
-//!    the footer first removes that window and keeps every other guarantee.)
-//! 2. write the sector bitmap and the data into the new block. The rest of the block
-//!    lies past the old end of the file, so it reads as zeros (a hole), which is the
-//!    zero-fill a dynamic disk needs; the old footer's bytes are covered by the bitmap.
-//! 3. write the BAT entry (4 bytes; one sector write, atomic).
+//! Metadata is batched, as for VHDX, and the file stays valid at every moment:
 //!
-//! A crash before 3 leaves an orphan block that nothing points at; after 3 the block is
-//! fully written. For an in-place write that makes new sectors present, the data is
-//! flushed before the bitmap sector that exposes it is written.
+//! - **Reserved space.** When a block is needed and no reserved space is left, the
+//!   footer is written `k` blocks further on (past a hole) and flushed: one fdatasync
+//!   for `k` allocations (`k` doubles from 1 up to 16 blocks or 32 MiB, whichever is
+//!   more). The old footer is still at the old end until the flush completes; after it,
+//!   the file ends with the new one. The space in between (the reservation) is a hole
+//!   that no BAT entry points at; VHD readers ignore unreferenced space.
+//! - **Allocation** takes the next reserved slot: the block's sector bitmap and data are
+//!   written there, with no flush. The rest of the slot is still a hole, so it reads as
+//!   zeros (the zero fill a dynamic disk needs). The first slot of a reservation covers
+//!   the old footer with the bitmap (at least one sector). A slot is used up even when
+//!   its writes fail, so stale bytes are never exposed by reusing it.
+//! - **Deferred metadata.** The new block's BAT entry, and the bitmap sectors of in-place
+//!   writes that make new sectors present, change in memory at once (readers see them:
+//!   bitmap before BAT entry; bits only after their data was written) and are remembered
+//!   as dirty sectors.
+//! - **Flush** (fsync, FUSE flush, close, or `MAX_DIRTY` dirty sectors): fdatasync (every
+//!   data write so far, including the new blocks' bitmaps and data, is durable), then
+//!   write the dirty BAT and bitmap sectors from memory, then fdatasync. All of it runs
+//!   under the writer's lock, so everything it writes describes data that the first
+//!   fdatasync covered; a crash in between leaves each sector old or new, both of which
+//!   only point at durable data. The dirty set is cleared only once everything landed, so
+//!   a failed flush is retried in full by the next one.
+//! - **Close** gives the unused reservation back: flush, write the footer right after the
+//!   last used slot (inside the reservation: the footer at the end is untouched),
+//!   fdatasync, truncate the file after it, fdatasync. A crash in between leaves either
+//!   the old end (still a valid footer) or the new one.
+//!
+//! The footer copy at offset 0 never changes: no footer field depends on the file's
+//! length, so the footer written at each new end is byte for byte the same.
+//!
+//! After a crash, what a session had reserved and not given back stays as a sparse,
+//! unreferenced hole in front of the footer (at most one reservation).
 
+use std::collections::BTreeSet;
 use std::io;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use super::bat::{Bitmap, UNALLOCATED};
-use super::footer::DiskType;
+use super::footer::{DiskType, FOOTER_SIZE};
 use super::{Vhd, SECTOR};
 use crate::error::{Error, Result};
 use crate::layer::{Layer, WritableLayer};
 
-/// Serialises allocation and bitmap updates of one writable file.
-pub(super) struct Writer {
+/// Flush on our own when this many metadata sectors are dirty.
+const MAX_DIRTY: usize = 256;
+/// A reservation holds at most this many blocks, or `RESERVE_BYTES`, whichever is more.
+const RESERVE_BLOCKS: u64 = 16;
+const RESERVE_BYTES: u64 = 32 << 20;
+
+/// A metadata sector changed in memory and not yet written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Dirty {
+    /// BAT entries `128 * n .. 128 * n + 128` (one sector's worth).
+    Bat(usize),
+    /// Sector `sector` of the bitmap of block `block`.
+    Bitmap { block: usize, sector: u32 },
+}
+
+/// Where the writer stands. Guarded by `Writer::state`, which serialises allocation,
+/// bitmap changes and flushes of one writable file.
+struct State {
     /// Offset of the footer at the end of the file.
-    footer_pos: Mutex<u64>,
+    footer_pos: u64,
+    /// Where the next block goes. `[next_block, footer_pos)` is reserved: unreferenced,
+    /// never written (a hole).
+    next_block: u64,
+    /// Blocks the next reservation takes.
+    reserve_next: u64,
+    dirty: BTreeSet<Dirty>,
+}
+
+pub(super) struct Writer {
+    state: Mutex<State>,
+    /// `state.dirty.len()` as of the last change, so a write can see whether a flush is
+    /// due without waiting for the lock (which a flush holds across its fdatasyncs).
+    dirty_len: AtomicUsize,
 }
 
 impl Writer {
     pub(super) fn new(footer_pos: u64) -> Writer {
         Writer {
-            footer_pos: Mutex::new(footer_pos),
+            state: Mutex::new(State {
+                footer_pos,
+                // A 511-byte footer of an old tool may end off a sector boundary.
+                next_block: footer_pos.div_ceil(SECTOR) * SECTOR,
+                reserve_next: 1,
+                dirty: BTreeSet::new(),
+            }),
+            dirty_len: AtomicUsize::new(0),
         }
+    }
+}
+
+/// Set bits `[s0, s1)` in stored bitmap bytes (MSB first).
+fn set_bits(bytes: &mut [u8], s0: u32, s1: u32) {
+    for s in s0..s1 {
+        bytes[(s / 8) as usize] |= 0x80 >> (s % 8);
     }
 }
 
 impl Vhd {
     fn writer(&self) -> &Writer {
         self.writer.as_ref().expect("writable() checked")
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.writer()
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record a dirty metadata sector (writer's lock held).
+    fn mark_dirty(&self, st: &mut State, d: Dirty) {
+        st.dirty.insert(d);
+        self.writer()
+            .dirty_len
+            .store(st.dirty.len(), Ordering::Relaxed);
+    }
+
+    /// Bytes a block takes in the file (bitmap + data).
+    fn block_len(&self) -> u64 {
+        let bat = self.bat.as_ref().expect("sparse disk");
+        bat.bitmap_size as u64 + bat.block_size as u64
     }
 
     /// Write `data` (whole sectors) at `boff` inside block `b`.
@@ -55,24 +140,19 @@ impl Vhd {
         if e != UNALLOCATED {
             return self.write_in_place(b, e, boff, data);
         }
-        let mut footer_pos = self
-            .writer()
-            .footer_pos
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state();
         let e = bat.entry(b);
         if e != UNALLOCATED {
             // Another thread allocated it meanwhile.
-            drop(footer_pos);
+            drop(st);
             return self.write_in_place(b, e, boff, data);
         }
-        self.allocate(&mut footer_pos, b, boff, data)
+        self.allocate(&mut st, b, boff, data)
     }
 
     fn write_in_place(&self, b: usize, e: u32, boff: u64, data: &[u8]) -> Result<()> {
         let bat = self.bat.as_ref().expect("sparse disk");
-        let block = e as u64 * SECTOR;
-        let data_start = block + bat.bitmap_size as u64;
+        let data_start = e as u64 * SECTOR + bat.bitmap_size as u64;
         // Cache the bitmap before anything changes on disk (see bat.rs).
         let bm = bat.bitmap(&self.file, b)?;
         self.file.write_all_at(data, data_start + boff)?;
@@ -81,96 +161,158 @@ impl Vhd {
         if bm.run_from(s0, s1) == (true, s1 - s0) {
             return Ok(());
         }
-        // New sectors become present: data durable first, then the bitmap.
-        self.file.sync_data()?;
-        let _g = self
-            .writer()
-            .footer_pos
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let mut bytes = bm.to_bytes(bat.bitmap_size as usize);
-        for s in s0..s1 {
-            bytes[(s / 8) as usize] |= 0x80 >> (s % 8);
-        }
-        let first = (s0 / 8) as usize / 512 * 512;
-        let last = ((s1 - 1) / 8) as usize / 512 * 512 + 512;
-        self.file
-            .write_all_at(&bytes[first..last], block + first as u64)?;
+        // New sectors become present. Their data is written (in the page cache); the
+        // bits go to memory now and to the file at the next flush, after an fdatasync.
+        let mut st = self.state();
         bm.set_range(s0, s1);
+        let first = s0 / 8 / SECTOR as u32;
+        let last = (s1 - 1) / 8 / SECTOR as u32;
+        for sector in first..=last {
+            self.mark_dirty(&mut st, Dirty::Bitmap { block: b, sector });
+        }
         Ok(())
     }
 
-    /// Allocate block `b` at the footer's place and write `data` at `boff` in it, in the
-    /// order described at the top of this file. Called with the writer's lock held.
-    fn allocate(&self, footer_pos: &mut u64, b: usize, boff: u64, data: &[u8]) -> Result<()> {
-        let bat = self.bat.as_ref().expect("sparse disk");
+    /// Move the footer past `k` more blocks (see the top of this file).
+    fn reserve(&self, st: &mut State) -> Result<()> {
         let path = &self.file.path;
+        let block_len = self.block_len();
+        // A block must start below sector 0xFFFFFFFF (the BAT's "unallocated").
+        let limit = UNALLOCATED as u64 * SECTOR;
+        let fit = limit.saturating_sub(st.next_block).div_ceil(block_len);
+        let k = st.reserve_next.min(fit);
+        if k == 0 {
+            return Err(Error::io(
+                path,
+                "allocate a block (a VHD file cannot grow past 2 TiB)",
+                st.next_block,
+                io::Error::from_raw_os_error(libc::EFBIG),
+            ));
+        }
         let old_len = self
             .file
             .file
             .metadata()
             .map_err(|e| Error::file(path, "stat", e))?
             .len();
-        let new_block = footer_pos.div_ceil(SECTOR) * SECTOR;
-        let sector = new_block / SECTOR;
-        if sector >= UNALLOCATED as u64 {
-            return Err(Error::io(
-                path,
-                "allocate a block (a VHD file cannot grow past 2 TiB)",
-                new_block,
-                io::Error::from_raw_os_error(libc::EFBIG),
-            ));
-        }
-        let bitmap_size = bat.bitmap_size as u64;
-        let new_footer_pos = new_block + bitmap_size + bat.block_size as u64;
-
-        // 1. The footer after the new block; the old one stays valid until step 2.
+        let new_footer_pos = st.next_block + k * block_len;
         let footer = self.footer.to_bytes();
-        let step1 = self
+        let r = self
             .file
             .write_all_at(&footer, new_footer_pos)
             .and_then(|_| self.file.sync_data());
-        if let Err(e) = step1 {
+        if let Err(e) = r {
             // Put the file back as it was (a torn footer must not stay at the end).
             let _ = self.file.file.set_len(old_len);
             let _ = self.file.sync_data();
             return Err(e);
         }
+        st.footer_pos = new_footer_pos;
+        let cap = RESERVE_BLOCKS.max(RESERVE_BYTES / block_len);
+        st.reserve_next = (k * 2).min(cap);
+        Ok(())
+    }
 
-        // 2. Bitmap and data. A dynamic disk's block is zero around the data and every
-        //    sector is marked present (as qemu and Hyper-V do); a differencing disk marks
-        //    exactly the written sectors.
+    /// Allocate block `b` in a reserved slot and write `data` at `boff` in it. The BAT
+    /// entry reaches the file at the next flush. Called with the writer's lock held.
+    fn allocate(&self, st: &mut State, b: usize, boff: u64, data: &[u8]) -> Result<()> {
+        let bat = self.bat.as_ref().expect("sparse disk");
+        let block_len = self.block_len();
+        if st.next_block + block_len > st.footer_pos {
+            self.reserve(st)?;
+        }
+        let new_block = st.next_block;
+        // Used up from here on, whatever happens: a slot that may hold bytes of a failed
+        // write is never handed out again.
+        st.next_block += block_len;
+        let sector = (new_block / SECTOR) as u32; // < UNALLOCATED: checked by reserve
+
+        // A dynamic disk's block is zero around the data and every sector is marked
+        // present (as qemu and Hyper-V do); a differencing disk marks exactly the
+        // written sectors.
+        let bitmap_size = bat.bitmap_size as u64;
         let sectors = bat.sectors_per_block();
         let (bitmap, bytes) = if self.footer.disk_type == DiskType::Differencing {
             let s0 = (boff / SECTOR) as u32;
             let s1 = s0 + (data.len() as u64 / SECTOR) as u32;
             let mut bytes = vec![0u8; bitmap_size as usize];
-            for s in s0..s1 {
-                bytes[(s / 8) as usize] |= 0x80 >> (s % 8);
-            }
+            set_bits(&mut bytes, s0, s1);
             (Bitmap::from_bytes(&bytes, sectors), bytes)
         } else {
             (Bitmap::Full, vec![0xFF; bitmap_size as usize])
         };
-        // If this fails the footer written in step 1 keeps the file valid, and the next
-        // allocation reuses the same place.
         self.file.write_all_at(&bytes, new_block)?;
         self.file
             .write_all_at(data, new_block + bitmap_size + boff)?;
-        self.file.sync_data()?;
-
-        // 3. The BAT entry.
-        let bat_at = bat.table_offset + 4 * b as u64;
-        self.file
-            .write_all_at(&(sector as u32).to_be_bytes(), bat_at)?;
-        self.file.sync_data()?;
 
         // Publish: bitmap before entry, so a reader that sees the entry finds the bitmap.
         let fresh = bat.set_bitmap(b, bitmap);
         debug_assert!(fresh, "bitmap cached for an unallocated block");
-        bat.set_entry(b, sector as u32);
-        *footer_pos = new_footer_pos;
+        bat.set_entry(b, sector);
+        self.mark_dirty(st, Dirty::Bat(b / (SECTOR as usize / 4)));
         Ok(())
+    }
+
+    /// Write one dirty metadata sector from the in-memory tables.
+    fn write_dirty(&self, d: Dirty) -> Result<()> {
+        let bat = self.bat.as_ref().expect("sparse disk");
+        match d {
+            Dirty::Bat(n) => {
+                let per = SECTOR as usize / 4;
+                let first = n * per;
+                let end = (first + per).min(bat.len());
+                let mut buf = Vec::with_capacity((end - first) * 4);
+                for i in first..end {
+                    buf.extend_from_slice(&bat.entry(i).to_be_bytes());
+                }
+                self.file
+                    .write_all_at(&buf, bat.table_offset + first as u64 * 4)
+            }
+            Dirty::Bitmap { block, sector } => {
+                let e = bat.entry(block);
+                let bm = bat.bitmap(&self.file, block)?;
+                let bytes = bm.to_bytes(bat.bitmap_size as usize);
+                let from = sector as usize * SECTOR as usize;
+                let to = (from + SECTOR as usize).min(bytes.len());
+                self.file
+                    .write_all_at(&bytes[from..to], e as u64 * SECTOR + from as u64)
+            }
+        }
+    }
+
+    /// Make every write so far durable: data first, then the metadata that exposes it.
+    fn commit(&self, st: &mut State) -> Result<()> {
+        self.file.sync_data()?;
+        if st.dirty.is_empty() {
+            return Ok(());
+        }
+        // Cleared only when every sector reached its place: after a failure the next
+        // flush writes them all again (rewriting one that did land is harmless).
+        for &d in &st.dirty {
+            self.write_dirty(d)?;
+        }
+        self.file.sync_data()?;
+        st.dirty.clear();
+        self.writer().dirty_len.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Give back the unused reservation: the footer right after the last used slot,
+    /// then the file cut after it. The file ends with a valid footer at every step.
+    fn shrink(&self, st: &mut State) -> Result<()> {
+        if st.next_block >= st.footer_pos {
+            return Ok(());
+        }
+        let end = st.next_block;
+        self.file.write_all_at(&self.footer.to_bytes(), end)?;
+        self.file.sync_data()?;
+        let new_len = end + FOOTER_SIZE as u64;
+        self.file
+            .file
+            .set_len(new_len)
+            .map_err(|e| Error::io(&self.file.path, "truncate", new_len, e))?;
+        st.footer_pos = end;
+        self.file.sync_data()
     }
 }
 
@@ -200,11 +342,42 @@ impl WritableLayer for Vhd {
             self.write_block(b, boff, &data[done as usize..(done + n) as usize])?;
             done += n;
         }
+        if self.writer().dirty_len.load(Ordering::Relaxed) >= MAX_DIRTY {
+            let mut st = self.state();
+            if st.dirty.len() >= MAX_DIRTY {
+                self.commit(&mut st)?;
+            }
+        }
         Ok(())
     }
 
     fn flush(&self) -> Result<()> {
-        self.file.sync_data()
+        if self.bat.is_none() {
+            return self.file.sync_data();
+        }
+        let mut st = self.state();
+        self.commit(&mut st)
+    }
+
+    /// Flush, then give back the unused reservation. A failure to give it back leaves
+    /// a valid file (the footer at the end is untouched until the cut), so it is only
+    /// a warning.
+    fn close(&self) -> Result<()> {
+        if self.writer.is_none() {
+            return Ok(());
+        }
+        if self.bat.is_none() {
+            return self.file.sync_data();
+        }
+        let mut st = self.state();
+        self.commit(&mut st)?;
+        if let Err(e) = self.shrink(&mut st) {
+            log::warn!(
+                "{}: could not give back reserved space: {e}",
+                self.path().display()
+            );
+        }
+        Ok(())
     }
 
     /// 4 KiB (eight sectors, one bitmap byte) for a differencing disk, so every bitmap
@@ -217,6 +390,18 @@ impl WritableLayer for Vhd {
             4096
         } else {
             SECTOR as u32
+        }
+    }
+}
+
+impl Drop for Vhd {
+    /// A writable file is closed (flushed, reservation given back) when dropped, so
+    /// nothing acknowledged by a write is left only in memory at a clean end.
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            if let Err(e) = WritableLayer::close(self) {
+                ::log::error!("{}: closing: {e}", self.file.path.display());
+            }
         }
     }
 }
