@@ -32,6 +32,14 @@ if [ ! -d fuzz/corpus/vhdx_open ] || [ -z "$(ls -A fuzz/corpus/vhdx_open 2>/dev/
     fuzz/make_corpus.sh
 fi
 
+# This run's own scratch directory (the targets write their images there): a cleanup
+# never touches another run's files.
+shm=/dev/shm
+[ -d "$shm" ] || shm=${TMPDIR:-/tmp}
+export VDISKFS_FUZZ_SCRATCH="$shm/vdiskfs-fuzz-run-$$"
+mkdir -p "$VDISKFS_FUZZ_SCRATCH"
+trap 'rm -rf "$VDISKFS_FUZZ_SCRATCH"' EXIT
+
 build_flags=(--debug-assertions --sanitizer address)
 (cd fuzz && cargo fuzz build "${build_flags[@]}")
 
@@ -50,6 +58,6 @@ for t in "${targets[@]}"; do
         status=1
     fi
     # libFuzzer exits with _exit: remove the target's tmpfs scratch dirs.
-    rm -rf /dev/shm/vdiskfs-fuzz-* 2>/dev/null || true
+    rm -rf "${VDISKFS_FUZZ_SCRATCH:?}"/* 2>/dev/null || true
 done
 exit $status

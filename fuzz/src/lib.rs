@@ -24,10 +24,12 @@ pub const WALK_LIMIT: u64 = 1 << 40;
 pub fn scratch() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
+        // scripts/fuzz.sh gives each run its own directory, so concurrent runs (two
+        // checkouts fuzzing at once) never clean up each other's scratch files.
+        let base = match std::env::var_os("VDISKFS_FUZZ_SCRATCH") {
+            Some(d) => PathBuf::from(d),
+            None if Path::new("/dev/shm").is_dir() => PathBuf::from("/dev/shm"),
+            None => std::env::temp_dir(),
         };
         let d = base.join(format!("vdiskfs-fuzz-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
