@@ -63,7 +63,18 @@ impl ImageFile {
             .open(path)
             .map_err(|e| Error::file(path, "open", e))?;
         if writable {
-            match file.try_lock() {
+            // A short grace period: a daemon that was just unmounted may still be
+            // closing the file, and a process forked elsewhere in this program holds a
+            // copy of every descriptor (and so the lock) until it execs.
+            let mut lock = file.try_lock();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while matches!(lock, Err(std::fs::TryLockError::WouldBlock))
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                lock = file.try_lock();
+            }
+            match lock {
                 Ok(()) => {}
                 Err(std::fs::TryLockError::WouldBlock) => {
                     return Err(Error::Invalid(format!(
