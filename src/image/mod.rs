@@ -230,6 +230,14 @@ impl ImageFile {
 
     /// fdatasync the file.
     pub fn sync_data(&self) -> Result<()> {
+        #[cfg(test)]
+        if crash_sim::sync_fails() {
+            return Err(Error::file(
+                &self.path,
+                "fdatasync (simulated writeback error)",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
         self.file
             .sync_data()
             .map_err(|e| Error::file(&self.path, "fdatasync", e))
@@ -349,6 +357,16 @@ pub(crate) mod crash_sim {
     thread_local! {
         static LEFT: Cell<Option<usize>> = const { Cell::new(None) };
         static COUNT: Cell<usize> = const { Cell::new(0) };
+        static FAIL_SYNC: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Make every fdatasync on this thread fail (a writeback error) or work again.
+    pub fn fail_sync(on: bool) {
+        FAIL_SYNC.with(|f| f.set(on));
+    }
+
+    pub(super) fn sync_fails() -> bool {
+        FAIL_SYNC.with(|f| f.get())
     }
 
     /// Let `n` more writes through, then fail all (None: no limit).

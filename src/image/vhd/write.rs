@@ -41,7 +41,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::bat::{Bitmap, UNALLOCATED};
@@ -83,6 +83,10 @@ pub(super) struct Writer {
     /// `state.dirty.len()` as of the last change, so a write can see whether a flush is
     /// due without waiting for the lock (which a flush holds across its fdatasyncs).
     dirty_len: AtomicUsize,
+    /// An fdatasync of a flush failed: Linux reports a writeback error once, so data
+    /// acknowledged earlier may be gone. No metadata may be written after that (it could
+    /// point at lost data): every later write, flush and close fails.
+    poisoned: AtomicBool,
 }
 
 impl Writer {
@@ -96,6 +100,7 @@ impl Writer {
                 dirty: BTreeSet::new(),
             }),
             dirty_len: AtomicUsize::new(0),
+            poisoned: AtomicBool::new(false),
         }
     }
 }
@@ -280,9 +285,32 @@ impl Vhd {
         }
     }
 
+    /// fdatasync; a failure poisons the writer (see `Writer::poisoned`).
+    fn sync(&self) -> Result<()> {
+        let r = self.file.sync_data();
+        if r.is_err() {
+            self.writer().poisoned.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    /// EIO once an fdatasync has failed.
+    fn check_poisoned(&self) -> Result<()> {
+        if self.writer().poisoned.load(Ordering::Acquire) {
+            return Err(Error::io(
+                &self.file.path,
+                "write (an earlier flush failed; data may be lost, so nothing more is written)",
+                0,
+                io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(())
+    }
+
     /// Make every write so far durable: data first, then the metadata that exposes it.
     fn commit(&self, st: &mut State) -> Result<()> {
-        self.file.sync_data()?;
+        self.check_poisoned()?;
+        self.sync()?;
         if st.dirty.is_empty() {
             return Ok(());
         }
@@ -291,7 +319,7 @@ impl Vhd {
         for &d in &st.dirty {
             self.write_dirty(d)?;
         }
-        self.file.sync_data()?;
+        self.sync()?;
         st.dirty.clear();
         self.writer().dirty_len.store(0, Ordering::Relaxed);
         Ok(())
@@ -328,6 +356,9 @@ impl WritableLayer for Vhd {
                 "{}: write of {len} bytes at {offset} is not sector-aligned or lies past the virtual size {size}",
                 self.path().display()
             )));
+        }
+        if self.writer.is_some() {
+            self.check_poisoned()?;
         }
         let Some(bat) = &self.bat else {
             return self.file.write_all_at(data, offset);

@@ -827,3 +827,41 @@ fn stale_bitmap_bits_of_an_absent_block_are_cleared_on_allocation() {
     want[(3 << 20) + 4096..(3 << 20) + 4608].fill(2);
     assert!(got == want, "only written sectors come from the child");
 }
+
+/// Review finding: Linux reports a writeback error once. After a failed fdatasync no
+/// metadata may be committed (it could point at lost data), so the writer refuses every
+/// later write, flush and close, in both formats, even once syncs work again.
+#[test]
+fn a_failed_fdatasync_poisons_the_writer() {
+    use crate::image::crash_sim;
+    for ext in ["vhdx", "vhd"] {
+        let d = TempDir::new(&format!("poison-{ext}"));
+        let base = d.0.join(format!("base.{ext}"));
+        if ext == "vhdx" {
+            new_base(&base, 8 << 20, 1 << 20, 512);
+        } else {
+            crate::image::vhd::create::create_dynamic(&base, 8 << 20, 1 << 20).unwrap();
+        }
+        let disk = open_disk(&base, true);
+        disk.write_at(0, &[1u8; 4096]).unwrap();
+        disk.flush().unwrap();
+        disk.write_at(1 << 20, &[2u8; 4096]).unwrap();
+        crash_sim::fail_sync(true);
+        let e = disk.flush().unwrap_err();
+        crash_sim::fail_sync(false);
+        assert_eq!(e.errno(), libc::EIO, "{ext}: {e}");
+        assert!(disk.flush().is_err(), "{ext}: flush after a failed sync");
+        assert!(
+            disk.write_at(2 << 20, &[3u8; 4096]).is_err(),
+            "{ext}: write after it"
+        );
+        assert!(disk.close().is_err(), "{ext}: close after it");
+        drop(disk);
+        // What was flushed before the failure is there; the file is sound.
+        let disk = open_disk(&base, false);
+        let mut b = vec![0u8; 4096];
+        disk.read_at(0, &mut b).unwrap();
+        assert_eq!(b, vec![1u8; 4096], "{ext}");
+        assert!(disk.layers()[0].check().unwrap().is_empty(), "{ext}");
+    }
+}
