@@ -292,7 +292,7 @@ impl Disk {
 mod tests {
     use super::*;
     use crate::chain::ChainOptions;
-    use crate::image::vhdx::tests::{new_base, random_writes, Rng, TempDir};
+    use crate::image::vhdx::tests::{new_base, new_child, random_writes, Rng, TempDir};
 
     fn disk(path: &std::path::Path, writable: bool, cache_bytes: u64) -> Disk {
         let chain = Chain::open(
@@ -325,15 +325,7 @@ mod tests {
         for level in 0..3 {
             if level > 0 {
                 let img = d.0.join(format!("l{level}.vhdx"));
-                crate::commands::create::run(&crate::cli::CreateArgs {
-                    image: img.clone(),
-                    parent: Some(prev.clone()),
-                    size: None,
-                    block_size: Some("1M".into()),
-                    logical_sector_size: None,
-                    format: None,
-                })
-                .unwrap();
+                new_child(&img, &prev, Some("1M"));
                 prev = img;
             }
             let w = disk(&prev, true, 0);

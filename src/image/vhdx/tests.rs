@@ -43,6 +43,19 @@ pub(crate) fn new_base(path: &Path, size: u64, block: u32, lss: u32) {
     create_new_file(path, |f| write_new(f, path, &n, "test")).unwrap();
 }
 
+/// `vdiskfs create --parent PARENT CHILD [--block-size BS]`, as the command runs it.
+pub(crate) fn new_child(child: &Path, parent: &Path, block_size: Option<&str>) {
+    crate::commands::create::run(&crate::cli::CreateArgs {
+        image: child.to_path_buf(),
+        parent: Some(parent.to_path_buf()),
+        size: None,
+        block_size: block_size.map(str::to_string),
+        logical_sector_size: None,
+        format: None,
+    })
+    .unwrap();
+}
+
 fn patch(path: &Path, off: u64, bytes: &[u8]) {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.write_all_at(bytes, off).unwrap();
@@ -307,15 +320,7 @@ fn writes_to_base_and_child_match_a_model() {
         let base_sum = std::fs::read(&base).unwrap();
 
         let child = d.0.join("child.avhdx");
-        crate::commands::create::run(&crate::cli::CreateArgs {
-            image: child.clone(),
-            parent: Some(base.clone()),
-            size: None,
-            block_size: None,
-            logical_sector_size: None,
-            format: None,
-        })
-        .unwrap();
+        new_child(&child, &base, None);
         {
             let disk = open_disk(&child, true);
             assert!(read_all(&disk) == model, "child sees the parent");
@@ -491,15 +496,7 @@ fn shared_sector_bitmap_block_is_refused() {
     let base = d.0.join("base.vhdx");
     new_base(&base, 9 << 30, 2 << 20, 512);
     let child = d.0.join("child.vhdx");
-    crate::commands::create::run(&crate::cli::CreateArgs {
-        image: child.clone(),
-        parent: Some(base.clone()),
-        size: None,
-        block_size: None,
-        logical_sector_size: None,
-        format: None,
-    })
-    .unwrap();
+    new_child(&child, &base, None);
     {
         let disk = open_disk(&child, true);
         disk.write_at(0, &[9u8; 512]).unwrap();
@@ -569,15 +566,7 @@ fn full_host_disk_gives_enospc_and_keeps_the_file_consistent() {
             crate::image::vhd::create::create_dynamic(&base, 64 << 20, 1 << 20).unwrap();
         }
         let child = small.join(format!("child.{ext}"));
-        crate::commands::create::run(&crate::cli::CreateArgs {
-            image: child.clone(),
-            parent: Some(base.clone()),
-            size: None,
-            block_size: Some("1M".into()),
-            logical_sector_size: None,
-            format: None,
-        })
-        .unwrap();
+        new_child(&child, &base, Some("1M"));
         let mut model = vec![0u8; 64 << 20];
         let mut acked = model.clone();
         let mut rng = Rng(4242);
@@ -653,15 +642,7 @@ fn a_crash_after_any_write_of_an_allocation_leaves_old_or_new() {
             disk.close().unwrap();
         }
         let template = d.0.join(format!("template.{ext}"));
-        crate::commands::create::run(&crate::cli::CreateArgs {
-            image: template.clone(),
-            parent: Some(base.clone()),
-            size: None,
-            block_size: Some("1M".into()),
-            logical_sector_size: None,
-            format: None,
-        })
-        .unwrap();
+        new_child(&template, &base, Some("1M"));
         // The writes: 3 sectors in block 2, 8 KiB across the end of block 5, 4 KiB in
         // block 7 (VHD: a new reservation that close gives back in part), and 4 KiB more
         // in block 2 (in place, new sectors present: a bitmap change).
@@ -743,15 +724,7 @@ fn log_entries_of_mixed_sizes_never_get_stuck() {
     let base = d.0.join("base.vhdx");
     new_base(&base, 12 << 30, 1 << 20, 512);
     let child = d.0.join("child.vhdx");
-    crate::commands::create::run(&crate::cli::CreateArgs {
-        image: child.clone(),
-        parent: Some(base.clone()),
-        size: None,
-        block_size: Some("1M".into()),
-        logical_sector_size: None,
-        format: None,
-    })
-    .unwrap();
+    new_child(&child, &base, Some("1M"));
     let mut rng = Rng(31);
     let mut written = Vec::new();
     {
@@ -795,15 +768,7 @@ fn stale_bitmap_bits_of_an_absent_block_are_cleared_on_allocation() {
         disk.close().unwrap();
     }
     let child = d.0.join("child.vhdx");
-    crate::commands::create::run(&crate::cli::CreateArgs {
-        image: child.clone(),
-        parent: Some(base.clone()),
-        size: None,
-        block_size: Some("1M".into()),
-        logical_sector_size: None,
-        format: None,
-    })
-    .unwrap();
+    new_child(&child, &base, Some("1M"));
     {
         let disk = open_disk(&child, true);
         disk.write_at(0, &[1u8; 512]).unwrap();
