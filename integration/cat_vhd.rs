@@ -51,23 +51,7 @@ fn dynamic_header(img: &Path) -> (u64, Vec<u8>) {
 /// `vdiskfs cat` (to a redirected stdout and with --output) equals `oracle`, and
 /// `vdiskfs info --json` reports what the file and qemu-img say.
 fn check_image(dir: &TempDir, img: &Path, oracle: &Path, disk_type: &str) {
-    let stdout_copy = dir.join("cat-stdout.raw");
-    cat_to_file(img, &[], &stdout_copy);
-    assert_same_file(
-        &stdout_copy,
-        oracle,
-        "vdiskfs cat IMG > out vs qemu-img convert -O raw",
-    );
-    std::fs::remove_file(&stdout_copy).unwrap();
-    let output_copy = dir.join("cat-output.raw");
-    cat_output_option(img, &[], &output_copy);
-    assert_same_file(
-        &output_copy,
-        oracle,
-        "vdiskfs cat --output vs qemu-img convert -O raw",
-    );
-    std::fs::remove_file(&output_copy).unwrap();
-
+    assert_cat_equals(dir, img, oracle);
     // libvhdi, the second independent reader, must agree too.
     if require_tool("vhdimount") && require_fuse() {
         let mnt = dir.join("vhdimount");
@@ -140,22 +124,6 @@ fn raw_to_vhd(raw: &Path, opts: &str, out: &Path) {
         raw.as_os_str(),
         out.as_os_str(),
     ]);
-}
-
-/// A raw file of random bytes with zeroed holes.
-fn filled_raw(path: &Path, size: u64, seed: u64, holes: &[(u64, u64)]) {
-    make_random(path, size, seed);
-    for &(off, len) in holes {
-        write_byte_at(path, off, len, 0);
-    }
-}
-
-/// A sparse raw file with random data at `extents`.
-fn sparse_raw(path: &Path, size: u64, seed: u64, extents: &[(u64, u64)]) {
-    make_sparse(path, size);
-    for (i, &(off, len)) in extents.iter().enumerate() {
-        write_random_at(path, off, len, seed + i as u64);
-    }
 }
 
 /// Convert a raw file to VHD with `opts`, then check vdiskfs against qemu's raw view

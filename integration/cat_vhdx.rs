@@ -24,23 +24,7 @@ struct Expect {
 /// Check `img` against `oracle` (a raw file holding its merged view, from qemu-img):
 /// cat to stdout (redirected to a file), cat --output, and info --json.
 fn check_image(dir: &TempDir, img: &Path, oracle: &Path, qemu_twin: &Path, expect: &Expect) {
-    let stdout_copy = dir.join("cat-stdout.raw");
-    cat_to_file(img, &[], &stdout_copy);
-    assert_same_file(
-        &stdout_copy,
-        oracle,
-        "vdiskfs cat IMG > out vs qemu-img convert -O raw",
-    );
-    std::fs::remove_file(&stdout_copy).unwrap();
-
-    let output_copy = dir.join("cat-output.raw");
-    cat_output_option(img, &[], &output_copy);
-    assert_same_file(
-        &output_copy,
-        oracle,
-        "vdiskfs cat --output vs qemu-img convert -O raw",
-    );
-    std::fs::remove_file(&output_copy).unwrap();
+    assert_cat_equals(dir, img, oracle);
 
     check_info(img, oracle, qemu_twin, expect);
 }
@@ -211,23 +195,6 @@ fn metadata_virtual_disk_id(img: &Path) -> String {
 // ---------------------------------------------------------------------------
 // Making images
 // ---------------------------------------------------------------------------
-
-/// A raw file of `size` random bytes with zeroed holes at `holes` (offset, length),
-/// like `dd if=/dev/urandom` followed by `dd if=/dev/zero ... conv=notrunc`.
-fn filled_raw(path: &Path, size: u64, seed: u64, holes: &[(u64, u64)]) {
-    make_random(path, size, seed);
-    for &(off, len) in holes {
-        write_byte_at(path, off, len, 0);
-    }
-}
-
-/// A sparse raw file with random data only at `extents` (offset, length).
-fn sparse_raw(path: &Path, size: u64, seed: u64, extents: &[(u64, u64)]) {
-    make_sparse(path, size);
-    for (i, &(off, len)) in extents.iter().enumerate() {
-        write_random_at(path, off, len, seed + i as u64);
-    }
-}
 
 /// `qemu-img convert -f raw -O vhdx -o OPTS RAW OUT`.
 fn raw_to_vhdx(raw: &Path, opts: &str, out: &Path) {

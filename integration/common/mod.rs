@@ -929,3 +929,39 @@ pub fn write_file(path: &Path, data: &[u8]) {
     f.write_all(data)
         .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
+
+/// A raw file of random data with zeroed `holes` (offset, length).
+pub fn filled_raw(path: &Path, size: u64, seed: u64, holes: &[(u64, u64)]) {
+    make_random(path, size, seed);
+    for &(off, len) in holes {
+        write_byte_at(path, off, len, 0);
+    }
+}
+
+/// A sparse raw file with random data only at `extents` (offset, length).
+pub fn sparse_raw(path: &Path, size: u64, seed: u64, extents: &[(u64, u64)]) {
+    make_sparse(path, size);
+    for (i, &(off, len)) in extents.iter().enumerate() {
+        write_random_at(path, off, len, seed + i as u64);
+    }
+}
+
+/// `vdiskfs cat IMG > out` and `vdiskfs cat --output out IMG` both equal `oracle`.
+pub fn assert_cat_equals(dir: &TempDir, img: &Path, oracle: &Path) {
+    let stdout_copy = dir.join("cat-stdout.raw");
+    cat_to_file(img, &[], &stdout_copy);
+    assert_same_file(
+        &stdout_copy,
+        oracle,
+        "vdiskfs cat IMG > out vs qemu-img convert -O raw",
+    );
+    std::fs::remove_file(&stdout_copy).unwrap();
+    let output_copy = dir.join("cat-output.raw");
+    cat_output_option(img, &[], &output_copy);
+    assert_same_file(
+        &output_copy,
+        oracle,
+        "vdiskfs cat --output vs qemu-img convert -O raw",
+    );
+    std::fs::remove_file(&output_copy).unwrap();
+}
