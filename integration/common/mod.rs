@@ -23,7 +23,6 @@ pub const SETUP_TOOLS: &[&str] = &[
     "qemu-img",
     "qemu-io",
     "qemu-nbd",
-    "qemu-storage-daemon",
     "vhdimount",
     "vhdiinfo",
     "fusermount3",
@@ -38,8 +37,6 @@ pub const SETUP_TOOLS: &[&str] = &[
     "losetup",
     "mount",
     "umount",
-    "fio",
-    "hyperfine",
     "7zz",
     "sha256sum",
 ];
