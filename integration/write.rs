@@ -421,20 +421,6 @@ impl Drop for Loop {
 
 // ---------------------------------------------------------------- judges
 
-/// `7zz x -tvhdx -so IMG` (7-Zip's merged raw view of a VHDX chain) must equal `want`.
-fn judge_7zz(img: &Path, want: &Path) {
-    let mut c = Command::new("7zz");
-    c.args(["x", "-tvhdx", "-so"]).arg(img);
-    let o = stdout_vs_file(&mut c, want);
-    assert!(
-        o.success(),
-        "`{}` failed ({}): {}",
-        o.cmd,
-        o.status,
-        o.stderr
-    );
-}
-
 /// vhdimount's view of `img` compared with `want`; None when identical, else the first
 /// differing offset. vhdimount exposes one file per layer, base first (`vhdi1` is the
 /// base): the highest `vhdiN` is the image named on its command line, merged through

@@ -912,6 +912,36 @@ impl FuseMount {
     }
 }
 
+/// `vdiskfs mount [--read-only] IMAGE DIR` (detached), unmounted on drop. For a clean
+/// end use `vdiskfs umount DIR`: it returns once the daemon has flushed and closed IMAGE.
+pub fn vdiskfs_mount(image: &Path, dir: &Path, ro: bool) -> FuseMount {
+    fs::create_dir_all(dir).unwrap();
+    let guard = FuseMount::adopt(dir);
+    let mut args = vec!["mount".to_string()];
+    if ro {
+        args.push("--read-only".into());
+    }
+    args.push(image.display().to_string());
+    args.push(dir.display().to_string());
+    vdiskfs(args).assert_success();
+    guard
+}
+
+/// `7zz x -tvhdx -so IMG` (7-Zip's merged raw view of a VHDX chain; it finds parents
+/// only in IMG's folder) must equal `want`.
+pub fn judge_7zz(img: &Path, want: &Path) {
+    let mut c = Command::new("7zz");
+    c.args(["x", "-tvhdx", "-so"]).arg(img);
+    let o = stdout_vs_file(&mut c, want);
+    assert!(
+        o.success(),
+        "`{}` failed ({}): {}",
+        o.cmd,
+        o.status,
+        o.stderr
+    );
+}
+
 impl Drop for FuseMount {
     fn drop(&mut self) {
         if !fuse_unmount(&self.dir) {
