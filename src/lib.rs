@@ -1,8 +1,8 @@
 //! vdiskfs: Hyper-V VHDX and Virtual PC VHD differencing-disk chains on Linux.
 //!
 //! The library holds all the logic (format readers and writers, chain resolution, the
-//! merged view, the FUSE file system) so tests and fuzz targets can call it; `main.rs`
-//! is only the command line.
+//! merged view, the file system a mount exports and its FUSE adapter) so tests and fuzz
+//! targets can call it; `main.rs` is only the command line.
 
 pub mod cache;
 pub mod chain;
@@ -13,6 +13,7 @@ pub mod error;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod vfs;
 
 pub use chain::{Chain, ChainOptions};
 pub use disk::{Disk, DiskOptions};
