@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions};
+use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions, Intent};
 
 /// Write `data` at `offset` into the top of `image`'s chain with the library.
 fn write_into(image: &Path, writes: &[(u64, Vec<u8>)]) {
     let chain = Chain::open(
         image,
         &ChainOptions {
-            writable: true,
+            intent: Intent::WriteTop,
             ..Default::default()
         },
     )
