@@ -67,10 +67,10 @@ pub fn list_dir(dir: &Path) -> io::Result<Vec<OsString>> {
 /// copy of every descriptor (and so the lock) until it execs.
 const LOCK_GRACE: Duration = Duration::from_secs(2);
 
-/// Take an flock on `file`, exclusive or shared, trying again for a short grace
-/// period. Ok(true): locked; Ok(false): someone else holds a conflicting lock; Err: the
+/// Take an flock on `file`, exclusive or shared, with `grace` trying again for a short
+/// while. Ok(true): locked; Ok(false): someone else holds a conflicting lock; Err: the
 /// file system cannot lock (the caller goes on without a lock).
-pub fn lock(file: &File, exclusive: bool) -> io::Result<bool> {
+pub fn lock(file: &File, exclusive: bool, grace: bool) -> io::Result<bool> {
     let try_lock = || {
         if exclusive {
             file.try_lock()
@@ -78,7 +78,7 @@ pub fn lock(file: &File, exclusive: bool) -> io::Result<bool> {
             file.try_lock_shared()
         }
     };
-    let deadline = Instant::now() + LOCK_GRACE;
+    let deadline = Instant::now() + if grace { LOCK_GRACE } else { Duration::ZERO };
     loop {
         match try_lock() {
             Ok(()) => return Ok(true),
@@ -88,19 +88,6 @@ pub fn lock(file: &File, exclusive: bool) -> io::Result<bool> {
             }
             Err(std::fs::TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(10)),
         }
-    }
-}
-
-/// Whether someone else holds the exclusive lock of `file` right now (no waiting; our
-/// own descriptor must hold no lock).
-pub fn written_now(file: &File) -> bool {
-    match file.try_lock_shared() {
-        Ok(()) => {
-            let _ = file.unlock();
-            false
-        }
-        Err(std::fs::TryLockError::WouldBlock) => true,
-        Err(std::fs::TryLockError::Error(_)) => false,
     }
 }
 
@@ -255,7 +242,7 @@ mod tests {
         let a = open_file(&p, false).unwrap();
         let b = open_file(&p, false).unwrap();
         assert!(holders(&a).is_empty(), "{:?}", holders(&a));
-        assert!(lock(&b, false).unwrap());
+        assert!(lock(&b, false, false).unwrap());
         assert_eq!(
             holders(&a),
             [Holder {
@@ -266,12 +253,10 @@ mod tests {
         );
         // Our own descriptor's lock is not listed.
         assert!(holders(&b).is_empty());
-        assert!(!written_now(&a));
         b.unlock().unwrap();
         let w = open_file(&p, true).unwrap();
-        assert!(lock(&w, true).unwrap());
+        assert!(lock(&w, true, false).unwrap());
         assert!(holders(&a)[0].exclusive);
-        assert!(written_now(&a));
         assert_eq!(
             describe_holders(&a, true),
             format!("another process (pid {me}: this process)")

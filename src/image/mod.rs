@@ -74,7 +74,9 @@ impl ImageFile {
         let file = crate::access::open_file(path, opts.writable)
             .map_err(|e| Error::file(path, "open", e))?;
         let mut writer = None;
-        match crate::access::lock(&file, opts.writable) {
+        // A refusal is final only after a grace period; a mere warning needs none.
+        let grace = opts.writable || opts.if_written != IfWritten::Warn;
+        match crate::access::lock(&file, opts.writable, grace) {
             Ok(true) => {}
             Ok(false) if opts.writable => {
                 return Err(Error::Invalid(format!(
