@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
-use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions};
+use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions, Intent};
 
 /// Write `data` at `offset` into the top of `image`'s chain with the library.
 fn write_into(image: &Path, writes: &[(u64, Vec<u8>)]) {
     let chain = Chain::open(
         image,
         &ChainOptions {
-            writable: true,
+            intent: Intent::WriteTop,
             ..Default::default()
         },
     )
@@ -525,5 +525,37 @@ fn every_chunk_of_a_fresh_child_reads_its_parent_in_libvhdi() {
         drop(files);
         drop(ours);
         drop(vm);
+    }
+}
+
+/// Issue 11: where the file cannot be created, the error names the path given, not
+/// vdiskfs's temporary file next to it.
+#[test]
+fn unwritable_place_is_named_as_given() {
+    let d = TempDir::new("create-unwritable");
+    let base = d.join("base.vhdx");
+    vdiskfs(["create", "--size", "1M", &base.display().to_string()]).assert_success();
+    let vhd_base = d.join("base.vhd");
+    vdiskfs(["create", "--size", "1M", &vhd_base.display().to_string()]).assert_success();
+    for (target, parent) in [
+        ("/proc/z.vhdx", None),
+        ("/proc/z.vhd", None),
+        ("/proc/c.vhdx", Some(&base)),
+        ("/proc/c.vhd", Some(&vhd_base)),
+    ] {
+        let mut args = vec!["create".to_string()];
+        match parent {
+            Some(p) => args.extend(["--parent".to_string(), p.display().to_string()]),
+            None => args.extend(["--size".to_string(), "1M".to_string()]),
+        }
+        args.push(target.to_string());
+        let o = vdiskfs(&args);
+        assert_clean_failure(&o, Path::new(target));
+        assert!(
+            o.stderr.starts_with(&format!("vdiskfs: {target}: ")) && !o.stderr.contains("tmp"),
+            "`{}` must name {target} and no temporary file: {}",
+            o.cmd,
+            o.stderr
+        );
     }
 }

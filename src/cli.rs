@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::chain::ChainOptions;
+use crate::chain::{ChainOptions, Intent};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,12 +60,12 @@ pub struct ChainArgs {
 }
 
 impl ChainArgs {
-    pub fn options(&self, writable: bool) -> ChainOptions {
+    pub fn options(&self, intent: Intent) -> ChainOptions {
         ChainOptions {
             search_dirs: self.search_dirs.clone(),
             parents: self.parents.clone(),
             ignore_linkage: self.ignore_linkage,
-            writable,
+            intent,
             allow_device_parent: self.allow_device_parent,
         }
     }

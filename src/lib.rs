@@ -4,6 +4,7 @@
 //! merged view, the file system a mount exports and its FUSE adapter) so tests and fuzz
 //! targets can call it; `main.rs` is only the command line.
 
+pub mod access;
 pub mod cache;
 pub mod chain;
 pub mod cli;
@@ -15,7 +16,7 @@ pub mod image;
 pub mod layer;
 pub mod vfs;
 
-pub use chain::{Chain, ChainOptions};
+pub use chain::{Chain, ChainOptions, Intent};
 pub use disk::{Disk, DiskOptions};
 pub use error::{Error, Result};
 pub use layer::{Format, Layer, OpenOptions, Run, WritableLayer};

@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use vdiskfs::cli::{CreateArgs, FormatArg};
-use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions};
+use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions, Intent};
 use vdiskfs_fuzz::sparse;
 
 fn create(image: &Path, parent: Option<&Path>, size: Option<&str>, block: &str, lss: Option<u32>) {
@@ -34,7 +34,7 @@ fn writable(p: &Path) -> Disk {
     let c = Chain::open(
         p,
         &ChainOptions {
-            writable: true,
+            intent: Intent::WriteTop,
             ..Default::default()
         },
     )

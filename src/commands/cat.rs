@@ -13,7 +13,10 @@ use crate::error::{Error, Result};
 const CHUNK: usize = 4 << 20;
 
 pub fn run(args: &CatArgs) -> Result<i32> {
-    let chain = Chain::open(&args.image, &args.chain.options(false))?;
+    let chain = Chain::open(
+        &args.image,
+        &args.chain.options(crate::chain::Intent::Inspect),
+    )?;
     let disk = Disk::new(chain, DiskOptions::default());
     match &args.output {
         Some(path) => {

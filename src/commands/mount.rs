@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use fuser::{Config, Session, SessionACL};
 
-use crate::chain::Chain;
+use crate::chain::{Chain, Intent};
 use crate::cli::{parse_size, MountArgs, UmountArgs};
 use crate::disk::{Disk, DiskOptions};
 use crate::error::{Error, Result};
@@ -488,6 +488,14 @@ fn check_mountpoint(path: &Path, nonempty: bool) -> Result<PathBuf> {
     Ok(canon)
 }
 
+/// The machine's physical memory in bytes (MemTotal of /proc/meminfo), if known.
+fn physical_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 fn check_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name == "."
@@ -716,8 +724,18 @@ fn spawn_signal_thread(disk: Arc<Disk>, mountpoint: PathBuf, writable: bool) {
     }
 }
 
-/// Redirect stdin and stdout to /dev/null, stderr to `log` (appending) or /dev/null.
-fn detach_stdio(log: Option<&Path>) {
+/// Open (create, append to) the `--log-file` before detaching, so that a path that
+/// cannot be written is an error the user sees, not logs silently lost.
+fn open_log_file(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::file(path, "open log file (--log-file)", e))
+}
+
+/// Redirect stdin and stdout to /dev/null, stderr to `log` or /dev/null.
+fn detach_stdio(log: Option<&File>) {
     let Ok(null) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -725,14 +743,7 @@ fn detach_stdio(log: Option<&Path>) {
     else {
         return;
     };
-    let log = log.and_then(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .ok()
-    });
-    let err = log.as_ref().unwrap_or(&null);
+    let err = log.unwrap_or(&null);
     // SAFETY: dup2 of open descriptors onto the standard ones; nothing else in this
     // process holds Rust-level ownership of descriptors 0, 1 and 2.
     unsafe {
@@ -766,6 +777,17 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
         .cache_size
         .checked_mul(1 << 20)
         .ok_or_else(|| Error::Invalid(format!("--cache-size {}: too large", args.cache_size)))?;
+    // The cache takes memory only as it fills, but a size the machine cannot hold would
+    // end in an allocation failure once enough was read.
+    if let Some(total) = physical_memory() {
+        if cache_bytes > total {
+            return Err(Error::Invalid(format!(
+                "--cache-size {}: more than this machine's memory ({} MiB)",
+                args.cache_size,
+                total >> 20
+            )));
+        }
+    }
     if args.threads == 0 || args.threads > 256 {
         return Err(Error::Invalid(format!(
             "--threads {}: must be between 1 and 256",
@@ -775,10 +797,13 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
     let mountpoint = check_mountpoint(&args.mountpoint, parsed.nonempty)?;
     check_dev_fuse()?;
 
-    let chain = Chain::open(&args.image, &args.chain.options(!parsed.read_only))?;
-    for w in &chain.warnings {
-        log::warn!("{w}");
-    }
+    let intent = if parsed.read_only {
+        Intent::Inspect
+    } else {
+        Intent::WriteTop
+    };
+    // Warnings are logged as the chain is opened.
+    let chain = Chain::open(&args.image, &args.chain.options(intent))?;
     let disk = Arc::new(Disk::new(
         chain,
         DiskOptions {
@@ -848,7 +873,7 @@ fn raise_readahead(mountpoint: &Path) {
 
 /// Mount and serve until unmounted. `ready` is told "OK" once the mount is live, or the
 /// error if mounting fails.
-fn serve(p: Prepared, mut ready: Ready, log_file: Option<&Path>, detached: bool) -> Result<i32> {
+fn serve(p: Prepared, mut ready: Ready, log_file: Option<File>, detached: bool) -> Result<i32> {
     let Prepared {
         disk,
         fs,
@@ -896,7 +921,7 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<&Path>, detached: bool)
     ready.send("OK\n");
     drop(ready);
     if detached {
-        detach_stdio(log_file);
+        detach_stdio(log_file.as_ref());
     }
     spawn_signal_thread(disk.clone(), mountpoint.clone(), writable);
     let res = session.run();
@@ -924,6 +949,11 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<&Path>, detached: bool)
 }
 
 pub fn run(args: &MountArgs, _verbose: u8) -> Result<i32> {
+    // Only a detached daemon writes to the log file (in the foreground, stderr stays).
+    let log_file = match &args.log_file {
+        Some(p) if !args.foreground => Some(open_log_file(p)?),
+        _ => None,
+    };
     let prepared = prepare(args)?;
     if args.foreground {
         return serve(prepared, Ready(None), None, false);
@@ -975,14 +1005,10 @@ pub fn run(args: &MountArgs, _verbose: u8) -> Result<i32> {
     }
     // Child: a session of its own, so the terminal's signals and hangup do not reach it.
     drop(rd);
-    let log_file = args
-        .log_file
-        .as_ref()
-        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
     // SAFETY: setsid has no memory-safety preconditions.
     unsafe { libc::setsid() };
     let _ = std::env::set_current_dir("/");
-    let code = match serve(prepared, Ready(Some(wr)), log_file.as_deref(), true) {
+    let code = match serve(prepared, Ready(Some(wr)), log_file, true) {
         Ok(c) => c,
         Err(e) => {
             log::error!("{e}");

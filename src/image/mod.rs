@@ -7,13 +7,13 @@ pub mod vhdx;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::layer::{Format, Layer, OpenOptions};
+use crate::layer::{Format, IfWritten, Layer, OpenOptions};
 
 /// Size of an overlay page. VHDX log entries write whole 4 KiB sectors at 4 KiB-aligned
 /// file offsets, so an overlay keyed by 4 KiB page represents a replayed log exactly.
@@ -30,6 +30,9 @@ pub struct ImageFile {
     /// The file length as the image sees it (real length, or longer after in-memory replay).
     logical_len: AtomicU64,
     real_len: AtomicU64,
+    /// Read-only opens: who had the file open for writing (held its exclusive lock) at
+    /// open, when someone did; what is read may change.
+    pub writer: Option<String>,
 }
 
 impl ImageFile {
@@ -44,55 +47,60 @@ impl ImageFile {
             overlay: BTreeMap::new(),
             logical_len: AtomicU64::new(real_len),
             real_len: AtomicU64::new(real_len),
+            writer: None,
         })
     }
 
-    /// Open `path` read-only or read-write, with an advisory lock (flock): exclusive for
-    /// a writable open, so a second writer, or a writer of a file some other process uses
-    /// as a parent, is refused; shared for a read-only open. A read-only open of a file
-    /// another process is writing still works (forensic users must always be able to
-    /// look), with a warning that the view may change under it.
+    /// Open `path` read-only or read-write (see `open_with`), a read-only open warning
+    /// (not failing) when another process writes the file.
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
-        // O_NONBLOCK: if a parent path was swapped for a FIFO after the chain checked it
-        // was a regular file, the open and reads fail instead of blocking forever. It
-        // changes nothing for regular files.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
+        let opts = if writable {
+            OpenOptions::writable()
+        } else {
+            OpenOptions::read_only()
+        };
+        Self::open_with(path, opts)
+    }
+
+    /// Open `path` with an advisory lock (flock): exclusive for a writable open, so a
+    /// second writer, or a writer of a file some other process uses as a parent, is
+    /// refused; shared for a read-only open, so nobody starts writing the file while it is
+    /// read. When another process already writes the file, a read-only open fails with
+    /// `IfWritten::Refuse` and otherwise goes on without a lock (forensic users must
+    /// always be able to look), recording who writes it (`writer`). Which rule applies to
+    /// which file of a chain is decided by `chain::Intent`. Read-only opens do not change
+    /// the file's access time (`O_NOATIME` when permitted).
+    pub fn open_with(path: &Path, opts: OpenOptions) -> Result<Self> {
+        let file = crate::access::open_file(path, opts.writable)
             .map_err(|e| Error::file(path, "open", e))?;
-        if writable {
-            // A short grace period: a daemon that was just unmounted may still be
-            // closing the file, and a process forked elsewhere in this program holds a
-            // copy of every descriptor (and so the lock) until it execs.
-            let mut lock = file.try_lock();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-            while matches!(lock, Err(std::fs::TryLockError::WouldBlock))
-                && std::time::Instant::now() < deadline
-            {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                lock = file.try_lock();
+        let mut writer = None;
+        // A refusal is final only after a grace period; a mere warning needs none.
+        let grace = opts.writable || opts.if_written != IfWritten::Warn;
+        match crate::access::lock(&file, opts.writable, grace) {
+            Ok(true) => {}
+            Ok(false) if opts.writable => {
+                return Err(Error::Invalid(format!(
+                    "{}: in use by {} (it is mounted, or is the parent of a mounted disk); \
+                     refusing to open it for writing",
+                    path.display(),
+                    crate::access::describe_holders(&file, false)
+                )))
             }
-            match lock {
-                Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => {
+            Ok(false) => {
+                let who = crate::access::describe_holders(&file, true);
+                if let IfWritten::Refuse(why) = opts.if_written {
                     return Err(Error::Invalid(format!(
-                        "{}: in use by another process (it is mounted, or is the parent of a mounted disk); refusing to open it for writing",
+                        "{}: open for writing by {who}; refusing {why}",
                         path.display()
-                    )))
+                    )));
                 }
-                Err(std::fs::TryLockError::Error(e)) => {
-                    log::warn!("{}: cannot lock: {e}", path.display())
-                }
+                writer = Some(who);
             }
-        } else if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock_shared() {
-            log::warn!(
-                "{}: another process has it open for writing; what is read may change",
-                path.display()
-            );
+            Err(e) => log::warn!("{}: cannot lock: {e}", path.display()),
         }
-        Self::new(path, file)
+        let mut f = Self::new(path, file)?;
+        f.writer = writer;
+        Ok(f)
     }
 
     pub fn len(&self) -> u64 {
@@ -246,11 +254,7 @@ impl ImageFile {
 
 /// What the first bytes of a file say it is.
 pub fn detect_format(path: &Path) -> Result<Option<Format>> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| Error::file(path, "open", e))?;
+    let file = crate::access::open_file(path, false).map_err(|e| Error::file(path, "open", e))?;
     let len = file
         .metadata()
         .map_err(|e| Error::file(path, "stat", e))?
@@ -325,9 +329,10 @@ pub fn create_new_file(path: &Path, fill: impl FnOnce(&File) -> Result<()>) -> R
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .map_err(|e| Error::file(&tmp, "create", e))?;
+            // The temporary name means nothing to the user: name the file asked for.
+            .map_err(|e| Error::file(path, "create", e))?;
         fill(&f)?;
-        f.sync_all().map_err(|e| Error::file(&tmp, "fsync", e))?;
+        f.sync_all().map_err(|e| Error::file(path, "fsync", e))?;
         std::fs::hard_link(&tmp, path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 Error::Invalid(format!(

@@ -21,7 +21,7 @@ impl Raw {
                 path.display()
             )));
         }
-        let file = ImageFile::open(path, false)?;
+        let file = ImageFile::open_with(path, opts)?;
         let size = file.len();
         Ok(Raw { file, size })
     }
@@ -30,6 +30,9 @@ impl Raw {
 impl Layer for Raw {
     fn path(&self) -> &Path {
         &self.file.path
+    }
+    fn written_by(&self) -> Option<&str> {
+        self.file.writer.as_deref()
     }
     fn format(&self) -> Format {
         Format::Raw

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::chain::{Chain, ChainOptions};
+use crate::chain::{Chain, ChainOptions, Intent};
 use crate::disk::DiskOptions;
 use crate::image::crash_sim;
 use crate::image::vhdx::tests::{new_base, new_child, Rng, TempDir};
@@ -45,7 +45,11 @@ fn open_disk(path: &Path, writable: bool) -> Arc<Disk> {
     let chain = Chain::open(
         path,
         &ChainOptions {
-            writable,
+            intent: if writable {
+                Intent::WriteTop
+            } else {
+                Intent::Inspect
+            },
             ..Default::default()
         },
     )

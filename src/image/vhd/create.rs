@@ -247,7 +247,8 @@ fn write_new_file(
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .map_err(|e| Error::file(&tmp, "create", e))?;
+        // The temporary name means nothing to the user: name the file asked for.
+        .map_err(|e| Error::file(path, "create", e))?;
     let mut guard = TempGuard(Some(tmp.clone()));
     // The BAT: every entry unallocated (0xFFFFFFFF), written in chunks of at most 1 MiB.
     let bat_bytes = header.max_table_entries as u64 * 4;
@@ -257,14 +258,14 @@ fn write_new_file(
         let n = (chunk.len() as u64).min(bat_bytes - done);
         let at = TABLE_OFFSET + done;
         file.write_all_at(&chunk[..n as usize], at)
-            .map_err(|e| Error::io(&tmp, "write", at, e))?;
+            .map_err(|e| Error::io(path, "write", at, e))?;
         done += n;
     }
     for (at, data) in &pieces {
         file.write_all_at(data, *at)
-            .map_err(|e| Error::io(&tmp, "write", *at, e))?;
+            .map_err(|e| Error::io(path, "write", *at, e))?;
     }
-    file.sync_all().map_err(|e| Error::file(&tmp, "fsync", e))?;
+    file.sync_all().map_err(|e| Error::file(path, "fsync", e))?;
     drop(file);
     rename_noreplace(&tmp, path)?;
     guard.0 = None;

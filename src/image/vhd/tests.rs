@@ -13,8 +13,8 @@ use crate::disk::{Disk, DiskOptions};
 use crate::layer::{Layer, OpenOptions, Run, WritableLayer};
 
 const FIXTURES: &str = "/work/shared/fixtures";
-const RO: OpenOptions = OpenOptions { writable: false };
-const RW: OpenOptions = OpenOptions { writable: true };
+const RO: OpenOptions = OpenOptions::read_only();
+const RW: OpenOptions = OpenOptions::writable();
 
 struct TmpDir(PathBuf);
 

@@ -54,7 +54,7 @@ pub struct Vhdx {
 
 impl Vhdx {
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Vhdx> {
-        let mut file = ImageFile::open(path, opts.writable)?;
+        let mut file = ImageFile::open_with(path, opts)?;
         let creator = header::read_file_identifier(&file)?;
         let (mut hdr, mut slot, mut warnings) = header::read_current_header(&file)?;
 
@@ -378,6 +378,9 @@ fn parent_ref(meta: &Metadata) -> ParentRef {
 impl Layer for Vhdx {
     fn path(&self) -> &Path {
         &self.file.path
+    }
+    fn written_by(&self) -> Option<&str> {
+        self.file.writer.as_deref()
     }
     fn format(&self) -> Format {
         Format::Vhdx

@@ -256,7 +256,11 @@ fn open_disk(path: &Path, writable: bool) -> crate::disk::Disk {
     let chain = crate::chain::Chain::open(
         path,
         &crate::chain::ChainOptions {
-            writable,
+            intent: if writable {
+                crate::chain::Intent::WriteTop
+            } else {
+                crate::chain::Intent::Inspect
+            },
             ..Default::default()
         },
     )
