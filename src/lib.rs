@@ -13,6 +13,7 @@ pub mod error;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod progress;
 
 pub use chain::{Chain, ChainOptions};
 pub use disk::{Disk, DiskOptions};
