@@ -256,6 +256,13 @@ fn mount_helper_protocol() {
         .args(["-o", "ro,cache_size=lots"]));
     assert_clean_failure(&o, Path::new("cache_size"));
     assert!(!is_mounted(&mnt));
+    // A typo in an option is named, not left to the kernel's EINVAL.
+    let o = run(Command::new(&helper)
+        .arg(&c.child)
+        .arg(&mnt)
+        .args(["-o", "ro,searchdir=/x"]));
+    assert_clean_failure(&o, Path::new("searchdir"));
+    assert!(!is_mounted(&mnt));
 }
 
 /// A link put into a system directory for the duration of a test.

@@ -187,7 +187,7 @@ fn extra_sections(r: &mut Roff, name: &str) {
 
 fn mount_sections(r: &mut Roff) {
     r.control("SH", ["MOUNT OPTIONS"]);
-    para(r, "The -o list takes the generic mount options and FUSE's: ro, rw, allow_other (implies default_permissions), allow_root, default_permissions, auto_unmount, nonempty, noexec, exec, noatime, sync, dirsync, dev, suid, nodev, nosuid (nodev and nosuid are the default), fsname=NAME (the mount's source; default: the image's path), subtype=NAME. Options only mount(8) and fstab use (defaults, auto, noauto, user, users, nouser, owner, group, nofail, _netdev, x-*, comment=) and access-time options (relatime, strictatime, nodiratime, lazytime ...) are accepted and ignored. Anything else is passed to the kernel as it is.");
+    para(r, "The -o list takes the generic mount options and FUSE's: ro, rw, allow_other (implies default_permissions), allow_root, default_permissions, auto_unmount, nonempty, noexec, exec, noatime, sync, dirsync, dev, suid, nodev, nosuid (nodev and nosuid are the default), fsname=NAME (the mount's source; default: the image's path), subtype=NAME. Options only mount(8) and fstab use (defaults, auto, noauto, user, users, nouser, owner, group, nofail, _netdev, x-*, comment=) and access-time options (relatime, strictatime, nodiratime, lazytime ...) are accepted and ignored. max_read=N goes to the kernel; any other option is an error that names it.");
     para(r, "vdiskfs's own options can be given in the -o list as well, which is how an fstab entry gives them; each stands for the flag of the same meaning (keys may be written with _ or -):");
     for (opt, flag) in super::mount_helper::OWN_OPTIONS {
         item(r, vec![bold(*opt)], &format!("as {flag}"));

@@ -104,8 +104,17 @@ fn parse_options(lists: &[String], read_only: bool) -> Result<ParsedOptions> {
                     return Err(Error::Invalid(format!(
                         "-o {opt:?}: mount options cannot contain white space"
                     )));
-                } else {
+                } else if opt.starts_with("max_read=") || opt.starts_with("blksize=") {
+                    // The kernel's own FUSE options that vdiskfs does not set itself.
                     p.custom.push(opt.to_string());
+                } else {
+                    // The kernel would only say EINVAL; name the culprit (a typo in an
+                    // fstab line, say).
+                    return Err(Error::Invalid(format!(
+                        "-o {opt}: unknown mount option (vdiskfs's own are parent=, \
+                         search_dir=, ignore_linkage, allow_device_parent, name=, \
+                         cache_size=, cache_block=, threads=, log_file=)"
+                    )));
                 }
             }
         }
@@ -1082,6 +1091,7 @@ mod tests {
 
         assert!(parse_options(&["auto_unmount".into()], false).is_err());
         assert!(parse_options(&["fd=3".into()], false).is_err());
+        assert!(parse_options(&["searchdir=/x".into()], false).is_err());
         assert!(parse_options(&["user_id=0".into()], false).is_err());
     }
 
