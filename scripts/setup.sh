@@ -183,6 +183,15 @@ if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
 fi
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolchain (https://rustup.rs, stable, 1.89 or newer) and make sure cargo is on PATH"
 
+# cargo-deb builds the Debian package (scripts/deb.sh, integration/package.rs). Pinned to
+# a version that builds with rustc 1.95 (and needs >= 1.85); installing it compiles ~70
+# crates: about 2 CPU-minutes (7 min wall on a busy 2-core machine). Kept if present.
+CARGO_DEB_VERSION=3.8.0
+if ! command -v cargo-deb >/dev/null 2>&1; then
+    say "installing cargo-deb $CARGO_DEB_VERSION (cargo install --locked)"
+    cargo install --locked --version "$CARGO_DEB_VERSION" cargo-deb
+fi
+
 say "building release binary"
 cargo build --release --locked
 say "done: $(pwd)/target/release/vdiskfs"

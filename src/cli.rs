@@ -39,6 +39,9 @@ pub enum Command {
     Mount(MountArgs),
     /// Unmount a vdiskfs mount point.
     Umount(UmountArgs),
+    /// Write the man pages or shell completions (for packaging; see scripts/deb.sh).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
 }
 
 /// Options for finding and checking parents; every command that opens an image takes them.
@@ -90,6 +93,19 @@ pub struct CatArgs {
     pub output: Option<PathBuf>,
     #[command(flatten)]
     pub chain: ChainArgs,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
+}
+
+/// `--quiet` / `--progress`, for every command that copies many bytes.
+#[derive(Debug, Clone, Args)]
+pub struct ProgressArgs {
+    /// Show no progress bar (by default one is shown when stderr is a terminal).
+    #[arg(short, long, conflicts_with = "progress")]
+    pub quiet: bool,
+    /// Show progress even when stderr is not a terminal (then one line per second).
+    #[arg(long)]
+    pub progress: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -130,7 +146,7 @@ pub struct CheckArgs {
     pub chain: ChainArgs,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct MountArgs {
     pub image: PathBuf,
     pub mountpoint: PathBuf,
@@ -165,6 +181,25 @@ pub struct MountArgs {
 #[derive(Debug, Args)]
 pub struct UmountArgs {
     pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(subcommand)]
+    pub what: GenerateWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenerateWhat {
+    /// Write vdiskfs.1 and one vdiskfs-COMMAND.1 per command into DIR.
+    Man { dir: PathBuf },
+    /// Print the completion script for SHELL, or write it into DIR under the name the
+    /// shell looks for (vdiskfs.bash, _vdiskfs, vdiskfs.fish).
+    Completions {
+        shell: clap_complete::Shell,
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Parse "64K", "2M", "1G", "1T" or plain bytes.

@@ -14,6 +14,7 @@ pub mod error;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod progress;
 pub mod vfs;
 
 pub use chain::{Chain, ChainOptions, Intent};

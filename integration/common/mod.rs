@@ -39,6 +39,11 @@ pub const SETUP_TOOLS: &[&str] = &[
     "umount",
     "7zz",
     "sha256sum",
+    "mount.fuse3",
+    "findmnt",
+    "man",
+    "script",
+    "cargo-deb",
 ];
 
 /// The vdiskfs binary cargo built for this test run.

@@ -3,8 +3,10 @@
 pub mod cat;
 pub mod check;
 pub mod create;
+pub mod generate;
 pub mod info;
 pub mod mount;
+pub mod mount_helper;
 
 use crate::cli::{Cli, Command};
 use crate::error::Result;
@@ -18,5 +20,6 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Check(a) => check::run(&a),
         Command::Mount(a) => mount::run(&a, cli.verbose),
         Command::Umount(a) => mount::umount(&a),
+        Command::Generate(a) => generate::run(&a),
     }
 }

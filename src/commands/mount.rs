@@ -77,6 +77,12 @@ fn parse_options(lists: &[String], read_only: bool) -> Result<ParsedOptions> {
             "dev" => dev = true,
             "suid" => suid = true,
             "nodev" | "nosuid" => {}
+            // What mount(8) and fstab use (userspace options, no kernel meaning here),
+            // and access-time options (the file system keeps no access times).
+            "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "owner" | "group"
+            | "nofail" | "_netdev" | "loud" | "silent" | "diratime" | "nodiratime" | "relatime"
+            | "norelatime" | "strictatime" | "nostrictatime" | "lazytime" | "nolazytime" => {}
+            _ if opt.starts_with("x-") || opt.starts_with("comment=") => {}
             "noexec" => p.flags.push("noexec"),
             "noatime" => p.flags.push("noatime"),
             "sync" => p.flags.push("sync"),
@@ -98,8 +104,17 @@ fn parse_options(lists: &[String], read_only: bool) -> Result<ParsedOptions> {
                     return Err(Error::Invalid(format!(
                         "-o {opt:?}: mount options cannot contain white space"
                     )));
-                } else {
+                } else if opt.starts_with("max_read=") || opt.starts_with("blksize=") {
+                    // The kernel's own FUSE options that vdiskfs does not set itself.
                     p.custom.push(opt.to_string());
+                } else {
+                    // The kernel would only say EINVAL; name the culprit (a typo in an
+                    // fstab line, say).
+                    return Err(Error::Invalid(format!(
+                        "-o {opt}: unknown mount option (vdiskfs's own are parent=, \
+                         search_dir=, ignore_linkage, allow_device_parent, name=, \
+                         cache_size=, cache_block=, threads=, log_file=)"
+                    )));
                 }
             }
         }
@@ -154,8 +169,10 @@ impl ParsedOptions {
 
     /// The `-o` list for fusermount3.
     fn fusermount_options(&self) -> String {
+        // fusermount3 takes `\` as an escape, so a comma in the name stays in it.
+        let fsname = self.fsname.replace('\\', "\\\\").replace(',', "\\,");
         let mut v = vec![
-            format!("fsname={}", self.fsname),
+            format!("fsname={fsname}"),
             format!("subtype={}", self.subtype),
         ];
         v.extend(self.flags.iter().map(|s| s.to_string()));
@@ -764,7 +781,22 @@ struct Prepared {
 
 fn prepare(args: &MountArgs) -> Result<Prepared> {
     check_name(&args.name)?;
-    let parsed = parse_options(&args.options, args.read_only)?;
+    let mut parsed = parse_options(&args.options, args.read_only)?;
+    // The mount's source (findmnt, mountinfo) is the image, as for a disk: mount(8)
+    // also compares it with fstab's to tell whether an entry is mounted already.
+    let fsname_given = args
+        .options
+        .iter()
+        .flat_map(|l| l.split(','))
+        .any(|o| o.trim().starts_with("fsname="));
+    if !fsname_given {
+        if let Some(p) = std::fs::canonicalize(&args.image)
+            .ok()
+            .and_then(|p| p.to_str().map(str::to_string))
+        {
+            parsed.fsname = p;
+        }
+    }
     let cache_block =
         parse_size(&args.cache_block).map_err(|e| Error::Invalid(format!("--cache-block: {e}")))?;
     if cache_block < 4096 || !cache_block.is_power_of_two() || cache_block > 64 << 20 {
@@ -949,6 +981,8 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<File>, detached: bool) 
 }
 
 pub fn run(args: &MountArgs, _verbose: u8) -> Result<i32> {
+    // `-o parent=...` and the other vdiskfs options, as fstab gives them.
+    let args = &super::mount_helper::absorb_own_options(args)?;
     // Only a detached daemon writes to the log file (in the foreground, stderr stays).
     let log_file = match &args.log_file {
         Some(p) if !args.foreground => Some(open_log_file(p)?),
@@ -1065,8 +1099,25 @@ mod tests {
             .fusermount_options()
             .starts_with("fsname=x,subtype=vdiskfs"));
 
+        // What mount(8), fstab and mount.fuse3 pass along is accepted and not sent on.
+        let p = parse_options(
+            &["rw,defaults,noauto,user,_netdev,nofail,x-systemd.automount,comment=x,relatime,dev,suid".into()],
+            false,
+        )
+        .unwrap();
+        assert!(p.custom.is_empty(), "{:?}", p.custom);
+        assert!(!p.flags.contains(&"nodev") && !p.flags.contains(&"nosuid"));
+        let p = ParsedOptions {
+            fsname: "/i/a,b\\c.vhdx".into(),
+            ..p
+        };
+        assert!(p
+            .fusermount_options()
+            .starts_with("fsname=/i/a\\,b\\\\c.vhdx,"));
+
         assert!(parse_options(&["auto_unmount".into()], false).is_err());
         assert!(parse_options(&["fd=3".into()], false).is_err());
+        assert!(parse_options(&["searchdir=/x".into()], false).is_err());
         assert!(parse_options(&["user_id=0".into()], false).is_err());
     }
 
