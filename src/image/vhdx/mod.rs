@@ -68,6 +68,8 @@ impl Vhdx {
 
         let mut log_state = "clean (no pending log)".to_string();
         let mut log_problems = Vec::new();
+        // A read-only replay's (file length before, after).
+        let mut growth = None;
         if !hdr.log_guid.is_nil() {
             // checked_add: LogOffset comes from the file and may be near u64::MAX.
             let log_end = hdr.log_offset.checked_add(hdr.log_length as u64);
@@ -141,17 +143,8 @@ impl Vhdx {
                         );
                     } else {
                         log::apply_in_memory(&mut file, replay);
-                        // A file that fails to parse fails below with its own error.
-                        if let Ok(bound) = addressable_size(&file, log_length) {
-                            if grown > real_len.max(bound) {
-                                let p = format!(
-                                    "{}; replayed in memory only, a writable open refuses it",
-                                    growth_problem(real_len, grown, bound)
-                                );
-                                warnings.push(p.clone());
-                                log_problems.push(p);
-                            }
-                        }
+                        // Checked once the replayed regions and metadata are read.
+                        growth = Some((real_len, grown));
                         log_state = format!(
                             "pending log replayed in memory ({entries} entries, {n} writes; the file was not modified)"
                         );
@@ -184,6 +177,17 @@ impl Vhdx {
         let meta = metadata::read_metadata(&file, regions.metadata)?;
         for g in &meta.unknown_items {
             warnings.push(format!("unknown optional metadata item {g} ignored"));
+        }
+        if let Some((real_len, grown)) = growth {
+            let bound = addressable(&regions, &meta, hdr.log_length as u64);
+            if grown > real_len.max(bound) {
+                let p = format!(
+                    "{}; replayed in memory only, a writable open refuses it",
+                    growth_problem(real_len, grown, bound)
+                );
+                warnings.push(p.clone());
+                log_problems.push(p);
+            }
         }
         let bat = Bat::new(&file, regions.bat, &meta)?;
         let bitmaps = SectorBitmaps::new(bat.bitmap_blocks);
@@ -399,6 +403,11 @@ impl Vhdx {
 fn addressable_size(file: &ImageFile, log_length: u64) -> Result<u64> {
     let regions = region::read_regions(file)?;
     let meta = metadata::read_metadata(file, regions.metadata)?;
+    Ok(addressable(&regions, &meta, log_length))
+}
+
+/// `addressable_size` of parsed regions and metadata.
+fn addressable(regions: &Regions, meta: &Metadata, log_length: u64) -> u64 {
     let bs = (meta.block_size as u64).max(1);
     let data_blocks = meta.virtual_size.div_ceil(bs);
     let chunk_ratio = (SECTORS_PER_BITMAP * meta.logical_sector_size as u64 / bs).max(1);
@@ -418,7 +427,7 @@ fn addressable_size(file: &ImageFile, log_length: u64) -> Result<u64> {
     ]
     .into_iter()
     .fold(0u64, u64::saturating_add);
-    Ok(size.saturating_add(MIB - 1) / MIB * MIB)
+    size.saturating_add(MIB - 1) / MIB * MIB
 }
 
 const MIB: u64 = 1 << 20;
@@ -651,7 +660,11 @@ impl Vhdx {
             .filter(|w| w.contains("header") || w.contains("region"))
             .cloned()
             .collect();
-        problems.extend(self.log_problems.iter().cloned());
+        for p in &self.log_problems {
+            if !problems.contains(p) {
+                problems.push(p.clone());
+            }
+        }
         // Both region table copies must be valid and equal.
         let mut copies = Vec::new();
         for off in region::REGION_TABLE_OFFSETS {
