@@ -21,7 +21,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::image::open_layer;
+use crate::image::{open_layer_within, vhdx::log::ReplayBudget};
 use crate::layer::{Format, IfWritten, Layer, OpenOptions, ParentRef};
 
 /// The deepest chain vdiskfs opens (top and base included).
@@ -126,7 +126,11 @@ impl Chain {
 
     /// Open `path` and every parent it names.
     pub fn open(path: &Path, opts: &ChainOptions) -> Result<Chain> {
-        Self::open_with(path, opts, open_layer)
+        // One memory budget for the in-memory log replays of all layers (security.md).
+        let budget = ReplayBudget::for_chain();
+        Self::open_with(path, opts, |p, o, raw| {
+            open_layer_within(p, o, raw, &budget)
+        })
     }
 
     /// `open` with the function that opens one file as a layer passed in (tests use
@@ -706,6 +710,7 @@ pub(crate) fn check_link(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::open_layer;
     use crate::layer::{LayerInfo, Run};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use uuid::Uuid;

@@ -15,18 +15,42 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::layer::{Format, IfWritten, Layer, OpenOptions};
 
-/// Size of an overlay page. VHDX log entries write whole 4 KiB sectors at 4 KiB-aligned
-/// file offsets, so an overlay keyed by 4 KiB page represents a replayed log exactly.
+/// Size of an overlay page. VHDX log entries write whole 4 KiB sectors and zero runs of
+/// whole 4 KiB sectors at 4 KiB-aligned file offsets, so overlay pieces (pages and zero
+/// runs) on 4 KiB boundaries represent a replayed log exactly.
 pub const OVERLAY_PAGE: u64 = 4096;
 
+/// One replayed piece of an in-memory VHDX log replay.
+#[derive(Debug)]
+pub enum OverlayPiece {
+    /// A 4 KiB page.
+    Page(Box<[u8]>),
+    /// This many bytes of zeros (a zero descriptor costs the same whatever its length).
+    Zeros(u64),
+}
+
+impl OverlayPiece {
+    pub fn len(&self) -> u64 {
+        match self {
+            OverlayPiece::Page(p) => p.len() as u64,
+            OverlayPiece::Zeros(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A backing file read with positioned I/O. When a VHDX log is replayed into memory
-/// (read-only open), `overlay` holds the replayed pages and shadows the file; reads past
-/// the end of the file inside `logical_len` return zeros (a log may extend the file).
+/// (read-only open), `overlay` holds the replayed pieces (keyed by file offset, never
+/// overlapping) and shadows the file; reads past the end of the file inside
+/// `logical_len` return zeros (a log may extend the file).
 #[derive(Debug)]
 pub struct ImageFile {
     pub path: PathBuf,
     pub file: File,
-    overlay: BTreeMap<u64, Box<[u8]>>,
+    overlay: BTreeMap<u64, OverlayPiece>,
     /// The file length as the image sees it (real length, or longer after in-memory replay).
     logical_len: AtomicU64,
     real_len: AtomicU64,
@@ -132,14 +156,22 @@ impl ImageFile {
         Ok(())
     }
 
-    /// Record a replayed page (in-memory replay). `offset` is 4 KiB aligned and
-    /// `data` is 4 KiB long.
-    pub fn overlay_page(&mut self, offset: u64, data: &[u8]) {
+    /// Record a replayed piece at `offset` (in-memory replay; 4 KiB aligned, not
+    /// overlapping any piece recorded before).
+    pub fn overlay_piece(&mut self, offset: u64, piece: OverlayPiece) {
         debug_assert_eq!(offset % OVERLAY_PAGE, 0);
-        debug_assert_eq!(data.len() as u64, OVERLAY_PAGE);
-        self.overlay.insert(offset, data.into());
-        self.logical_len
-            .fetch_max(offset + OVERLAY_PAGE, Ordering::AcqRel);
+        if piece.is_empty() {
+            return;
+        }
+        let end = offset.saturating_add(piece.len());
+        debug_assert!(self.overlay.range(offset..end).next().is_none());
+        self.overlay.insert(offset, piece);
+        self.logical_len.fetch_max(end, Ordering::AcqRel);
+    }
+
+    /// Number of replayed pieces held (tests: zero ranges must not become pages).
+    pub fn overlay_pieces(&self) -> usize {
+        self.overlay.len()
     }
 
     /// Make the logical length at least `len` (in-memory replay of LastFileOffset).
@@ -197,24 +229,46 @@ impl ImageFile {
         })
     }
 
-    /// Page by page: overlay pages win, then the real file, then zeros past its end.
+    /// Piece by piece: overlay pieces win, then the real file, then zeros past its end.
     fn read_slow(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let page = pos - pos % OVERLAY_PAGE;
-            let in_page = (pos - page) as usize;
-            let n = (OVERLAY_PAGE as usize - in_page).min(buf.len() - done);
-            let dst = &mut buf[done..done + n];
-            if let Some(p) = self.overlay.get(&page) {
-                dst.copy_from_slice(&p[in_page..in_page + n]);
-            } else if pos >= self.real_len() {
-                dst.fill(0);
+            let left = (buf.len() - done) as u64;
+            let covering = self
+                .overlay
+                .range(..=pos)
+                .next_back()
+                .filter(|(&s, p)| pos - s < p.len());
+            let n = if let Some((&start, piece)) = covering {
+                let n = (start + piece.len() - pos).min(left) as usize;
+                let dst = &mut buf[done..done + n];
+                match piece {
+                    OverlayPiece::Page(p) => {
+                        let i = (pos - start) as usize;
+                        dst.copy_from_slice(&p[i..i + n]);
+                    }
+                    OverlayPiece::Zeros(_) => dst.fill(0),
+                }
+                n
             } else {
-                let real = ((self.real_len() - pos) as usize).min(n);
-                self.pread(&mut dst[..real], pos)?;
-                dst[real..].fill(0);
-            }
+                // Up to the next piece: the real file, then zeros past its end.
+                let next = self
+                    .overlay
+                    .range(pos..)
+                    .next()
+                    .map_or(u64::MAX, |(&s, _)| s);
+                let n = (next - pos).min(left) as usize;
+                let dst = &mut buf[done..done + n];
+                if pos >= self.real_len() {
+                    dst.fill(0);
+                } else {
+                    let real = ((self.real_len() - pos) as usize).min(n);
+                    self.pread(&mut dst[..real], pos)?;
+                    dst[real..].fill(0);
+                }
+                n
+            };
             done += n;
         }
         Ok(())
@@ -287,8 +341,19 @@ pub fn detect_format(path: &Path) -> Result<Option<Format>> {
 /// Open one image file as a layer, detecting its format. A file that is neither VHDX nor
 /// VHD is an error unless `allow_raw` (an explicit `--parent` base may be raw).
 pub fn open_layer(path: &Path, opts: OpenOptions, allow_raw: bool) -> Result<Arc<dyn Layer>> {
+    open_layer_within(path, opts, allow_raw, &vhdx::log::ReplayBudget::for_chain())
+}
+
+/// `open_layer` for one layer of a chain: a pending VHDX log replayed in memory is
+/// charged to `budget`, which all layers of the chain share.
+pub fn open_layer_within(
+    path: &Path,
+    opts: OpenOptions,
+    allow_raw: bool,
+    budget: &vhdx::log::ReplayBudget,
+) -> Result<Arc<dyn Layer>> {
     match detect_format(path)? {
-        Some(Format::Vhdx) => Ok(Arc::new(vhdx::Vhdx::open(path, opts)?)),
+        Some(Format::Vhdx) => Ok(Arc::new(vhdx::Vhdx::open_within(path, opts, budget)?)),
         Some(Format::Vhd) => Ok(Arc::new(vhd::Vhd::open(path, opts)?)),
         _ if allow_raw => Ok(Arc::new(raw::Raw::open(path, opts)?)),
         _ => Err(Error::corrupt(
