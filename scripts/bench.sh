@@ -65,6 +65,11 @@ MIB=$((1 << 20))
 [ $((SIZE % MIB)) -eq 0 ] || die "BENCH_SIZE must be a whole number of MiB"
 
 [ "$(id -u)" -eq 0 ] || die "run as root (drop_caches, FUSE mounts)"
+# cargo from rustup, as setup.sh and test.sh find it (a fresh root shell lacks it on PATH).
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+fi
 # fio runs every read and write row: without it there is nothing to compare.
 command -v fio >/dev/null 2>&1 ||
     die "fio not found: it runs every read and write measurement, so nothing can be compared. Install it with 'scripts/setup.sh --bench' (Debian package fio)."

@@ -196,7 +196,15 @@ if [ "$BENCH" = 1 ] && ! command -v qemu-storage-daemon >/dev/null 2>&1; then
         safe_install --try "qemu-system-common=$qv" ||
             warn "qemu-storage-daemon not installed; bench.sh skips the qemu-storage-daemon rows."
     else
-        warn "qemu-storage-daemon needs qemu-system-common $qv (the version of the installed qemu-utils; qemu-utils 10.x would include it), which no configured apt source offers. bench.sh skips the qemu-storage-daemon rows. To get them: add the apt source that qemu-utils $qv came from (a ~bpo version: 'deb http://deb.debian.org/debian bookworm-backports main') and rerun 'scripts/setup.sh --bench'."
+        how="add the apt source that qemu-utils $qv came from (a ~bpo version: 'deb http://deb.debian.org/debian bookworm-backports main') and rerun 'scripts/setup.sh --bench'"
+        # Or move qemu-utils up to a version that apt has both packages of (setup never
+        # changes the judge's version by itself).
+        cand=$(apt-cache policy qemu-utils 2>/dev/null | awk '/Candidate:/ {print $2}')
+        if [ -n "$cand" ] && dpkg --compare-versions "$cand" gt "$qv" &&
+            apt-cache madison qemu-system-common 2>/dev/null | awk -F'|' '{gsub(/ /,"",$2); print $2}' | grep -qxF "$cand"; then
+            how="$how, or upgrade qemu-img with it: apt-get install qemu-utils=$cand qemu-system-common=$cand"
+        fi
+        warn "qemu-storage-daemon needs qemu-system-common $qv (the version of the installed qemu-utils; qemu-utils 10.x would include it), which no configured apt source offers. bench.sh skips the qemu-storage-daemon rows. To get them: $how."
     fi
 fi
 if [ "$BENCH" = 1 ] && command -v qemu-storage-daemon >/dev/null 2>&1; then
