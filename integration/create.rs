@@ -139,10 +139,14 @@ fn chains_agree_with_libvhdi(depth: usize, writes_per_level: u64) {
 #[test]
 fn created_bases_pass_qemu() {
     let d = TempDir::new("create-qemu");
-    for (name, args) in [
-        ("a.vhdx", vec!["--size", "100M"]),
-        ("b.vhdx", vec!["--size", "1G", "--block-size", "32M"]),
-        ("d.vhd", vec!["--size", "100M"]),
+    for (name, args, size) in [
+        ("a.vhdx", vec!["--size", "100M"], 100 << 20),
+        (
+            "b.vhdx",
+            vec!["--size", "1G", "--block-size", "32M"],
+            1 << 30,
+        ),
+        ("d.vhd", vec!["--size", "100M"], 100 << 20),
     ] {
         let img = d.join(name);
         let mut a = vec!["create".to_string()];
@@ -154,8 +158,44 @@ fn created_bases_pass_qemu() {
         } else {
             "vpc"
         };
-        let info = qemu_info(fmt, &img);
-        assert!(info["virtual-size"].as_u64().unwrap() > 0, "{name}: {info}");
+        // qemu's view at the footer's current size: the size asked for, all zeros.
+        let spec = qemu_image_opts(fmt, &img);
+        let info = qemu_info_opts(&spec);
+        assert_eq!(json_u64(&info, "virtual-size"), size, "{name}: {info}");
+        if size <= 100 << 20 {
+            // (Not for the 1 GiB one: hashing it takes long on a busy machine.)
+            let zeros = d.join("zeros.raw");
+            make_sparse(&zeros, size);
+            let qraw = d.join("qemu.raw");
+            qemu_img(&[
+                "convert",
+                "--image-opts",
+                &spec,
+                "-O",
+                "raw",
+                &qraw.display().to_string(),
+            ]);
+            assert_same_file(&qraw, &zeros, &format!("{name}: qemu's view of a new base"));
+            std::fs::remove_file(&qraw).unwrap();
+            std::fs::remove_file(&zeros).unwrap();
+        }
+        if fmt == "vpc" {
+            // qemu's default size for it: the current size (qemu 10) or, as qemu 7.2
+            // reads a creator it does not know, the footer's CHS geometry: at most the
+            // current size, and less than one cylinder short of it.
+            let dflt = json_u64(&qemu_info(fmt, &img), "virtual-size");
+            let f = read_at(&img, file_len(&img) - 512, 512);
+            let cylinder = f[58] as u64 * f[59] as u64 * 512;
+            let chs = u16::from_be_bytes([f[56], f[57]]) as u64 * cylinder;
+            assert!(
+                chs <= size && size - chs < cylinder,
+                "{name}: footer geometry {chs} bytes for a {size}-byte disk"
+            );
+            assert!(
+                dflt == size || dflt == chs,
+                "{name}: qemu-img info says {dflt}, neither the current size {size} nor the CHS size {chs}"
+            );
+        }
         if fmt == "vhdx" {
             // qemu-img check does not support VHD at all.
             qemu_img(&["check", "-f", "vhdx", &img.display().to_string()]).assert_success();

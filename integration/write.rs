@@ -913,18 +913,9 @@ fn written_dynamic_top(fmt: Fmt, qemu_made: bool) {
     check_ok(&img);
     let model_file = t.join("model.raw");
     write_file(&model_file, &model);
-    // qemu takes a VHD's size from its CHS geometry unless the creator is one it knows
-    // (vdiskfs writes "vdfs"); ask for the footer's current size, as Hyper-V uses.
-    let spec = format!(
-        "driver={},{}file.filename={}",
-        fmt.qemu(),
-        if fmt == Fmt::Vhd {
-            "force_size_calc=current_size,"
-        } else {
-            ""
-        },
-        img.display()
-    );
+    // qemu 7.2 takes a VHD's size from its CHS geometry unless the creator is one it
+    // knows (vdiskfs writes "vdfs"); ask for the footer's current size, as Hyper-V uses.
+    let spec = qemu_image_opts(fmt.qemu(), &img);
     let qraw = t.join("qemu.raw");
     run_ok(
         Command::new("qemu-img")
