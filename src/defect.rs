@@ -19,14 +19,24 @@ pub enum Defect {
     Vhd(#[from] VhdDefect),
     /// A read of `len` bytes at `offset` goes past the end of the `file_len`-byte file
     /// (a structure points outside the file).
-    #[error("read of {len} bytes at offset {offset} is past the end of the file ({file_len} bytes)")]
-    ReadPastEnd { len: usize, offset: u64, file_len: u64 },
+    #[error(
+        "read of {len} bytes at offset {offset} is past the end of the file ({file_len} bytes)"
+    )]
+    ReadPastEnd {
+        len: usize,
+        offset: u64,
+        file_len: u64,
+    },
     /// Neither a VHDX nor a VHD signature.
     #[error("not a VHDX or VHD image (no \"vhdxfile\" signature at offset 0 and no \"conectix\" footer)")]
     NotAnImage,
     /// A layer's allocation map described a different number of bytes than asked for.
     #[error("internal: map of {len} bytes at {offset} described {described} bytes (damaged allocation tables?)")]
-    MapLength { len: usize, offset: u64, described: u64 },
+    MapLength {
+        len: usize,
+        offset: u64,
+        described: u64,
+    },
     /// Free text, for test doubles only.
     #[error("{0}")]
     Other(String),
@@ -117,7 +127,9 @@ pub enum VhdxDefect {
     LogInHeaderSection { offset: u64 },
 
     // Log (MS-VHDX 2.3).
-    #[error("pending log at offset {offset} length {length} lies outside the file ({file_len} bytes)")]
+    #[error(
+        "pending log at offset {offset} length {length} lies outside the file ({file_len} bytes)"
+    )]
     PendingLogOutside {
         offset: u64,
         length: u32,
@@ -142,7 +154,11 @@ pub enum VhdxDefect {
          {factor} x its length of reading (a genuine log needs at most twice its length); it \
          is damaged or crafted, so the file is corrupt"
     )]
-    LogScanBudget { offset: u64, length: u64, factor: u64 },
+    LogScanBudget {
+        offset: u64,
+        length: u64,
+        factor: u64,
+    },
     #[error(
         "the header's LogGuid {guid} is set but the log at offset {offset} holds no valid \
          entry sequence for it, so the file is corrupt (MS-VHDX 2.3.3)"
@@ -241,11 +257,15 @@ pub enum VhdxDefect {
     BlockOverlapsRegions { block: u64, offset: u64 },
     #[error("BAT entry for block {block} has reserved state {state}")]
     ReservedState { block: u64, state: u64 },
-    #[error("chunk {chunk} has PARTIALLY_PRESENT blocks but its sector bitmap block is not present")]
+    #[error(
+        "chunk {chunk} has PARTIALLY_PRESENT blocks but its sector bitmap block is not present"
+    )]
     BitmapNotPresent { chunk: u64 },
     #[error("sector bitmap block of chunk {chunk} at file offset {offset} is outside the file")]
     BitmapOutside { chunk: u64, offset: u64 },
-    #[error("the sector bitmap block of chunk {chunk} at file offset {offset} is also another chunk's")]
+    #[error(
+        "the sector bitmap block of chunk {chunk} at file offset {offset} is also another chunk's"
+    )]
     BitmapShared { chunk: u64, offset: u64 },
 }
 
@@ -373,9 +393,13 @@ pub enum Feature {
     VhdxReplayBudget { limit_mib: u64, held_kib: u64 },
     #[error("VHD footer at offset {offset}: disk type {disk_type} (only fixed 2, dynamic 3 and differencing 4 exist)")]
     VhdDiskType { offset: u64, disk_type: u32 },
-    #[error("VHD footer at offset {offset}: file format version {major}.{minor} (only 1.x is known)")]
+    #[error(
+        "VHD footer at offset {offset}: file format version {major}.{minor} (only 1.x is known)"
+    )]
     VhdFooterVersion { offset: u64, major: u32, minor: u32 },
-    #[error("VHD dynamic disk header at offset {offset}: version {major}.{minor} (only 1.x is known)")]
+    #[error(
+        "VHD dynamic disk header at offset {offset}: version {major}.{minor} (only 1.x is known)"
+    )]
     VhdHeaderVersion { offset: u64, major: u32, minor: u32 },
     #[error("VHD BAT of {count} entries (more than {max}; blocks too small for the disk size)")]
     VhdBatEntries { count: u32, max: u32 },
@@ -419,7 +443,7 @@ pub enum Warning {
     LinkageUnchecked {
         child: PathBuf,
         parent: PathBuf,
-        problem: String,
+        problem: LinkageProblem,
     },
     /// The parent is not the one the child was made from; read because of
     /// --ignore-linkage.
@@ -427,19 +451,84 @@ pub enum Warning {
     LinkageMismatch {
         child: PathBuf,
         parent: PathBuf,
-        problem: String,
+        problem: LinkageProblem,
     },
     /// The parent's modification time differs from the one the child recorded.
     #[error("{}: parent {} time stamp is {actual} but the child recorded {recorded} (the parent was touched after the child was made; this alone does not stop the open)", child.display(), parent.display())]
     TimeStamp {
         child: PathBuf,
         parent: PathBuf,
-        actual: String,
-        recorded: String,
+        actual: u32,
+        recorded: u32,
     },
 }
 
 /// Warnings as text, for the JSON of `info` and `check`.
 pub fn warning_lines(warnings: &[Warning]) -> Vec<String> {
     warnings.iter().map(ToString::to_string).collect()
+}
+
+/// Why a parent is not (or cannot be shown to be) the file its child was made from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkageProblem {
+    /// The parent (a raw file given with --parent) has no id; `expected` lists the ids
+    /// the child records.
+    #[error("it is a {format} file with no id to check against the recorded parent id {expected}")]
+    NoId {
+        format: &'static str,
+        expected: String,
+    },
+    /// The parent's id (`id_name`: DataWriteGuid, unique id) is not the recorded one.
+    #[error(
+        "the child records parent id {expected}, the parent's {id_name} is {id}; the parent \
+         was changed after the child was made, so the merged view would be garbage"
+    )]
+    Changed {
+        expected: String,
+        id_name: &'static str,
+        id: Uuid,
+    },
+}
+
+/// A request vdiskfs refuses: a chain rule broken or options that do not fit the files.
+/// `Display` is the whole line (each variant names its files).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Request {
+    /// `layer` (the `depth`-th layer of the chain opened from `top`) still names a parent.
+    #[error("{}: the chain is deeper than {max} layers ({} is layer {depth} and still names a parent); vdiskfs refuses deeper chains", top.display(), layer.display())]
+    ChainTooDeep {
+        top: PathBuf,
+        max: usize,
+        layer: PathBuf,
+        depth: usize,
+    },
+    /// `child`'s parent `parent` is the same file as `same`, layer `level` of the chain.
+    #[error("{}: parent cycle: its parent {} is the same file as {} (layer {level} of the chain), so the chain never reaches a base", child.display(), parent.display(), same.display())]
+    ParentCycle {
+        child: PathBuf,
+        parent: PathBuf,
+        same: PathBuf,
+        level: usize,
+    },
+    /// The `number`-th --parent (`parent`) has no layer to replace: `base` has no parent.
+    #[error("--parent number {number} ({}) has no layer to replace: {} is not a differencing disk (it has no parent); give one --parent per parent, the top image's first", parent.display(), base.display())]
+    ExtraParent {
+        number: usize,
+        parent: PathBuf,
+        base: PathBuf,
+    },
+    #[error("{} is {child_format} but its parent {} is {parent_format}: a chain must be all VHDX or all VHD (a raw base is allowed under either)", child.display(), parent.display())]
+    FormatMix {
+        child: PathBuf,
+        child_format: &'static str,
+        parent: PathBuf,
+        parent_format: &'static str,
+    },
+    #[error("{} has {child_size}-byte logical sectors but its parent {} has {parent_size}-byte sectors: the layers of a chain must agree", child.display(), parent.display())]
+    SectorSize {
+        child: PathBuf,
+        child_size: u32,
+        parent: PathBuf,
+        parent_size: u32,
+    },
 }

@@ -48,10 +48,15 @@ pub enum Error {
     Linkage {
         child: PathBuf,
         parent: PathBuf,
-        msg: String,
+        msg: LinkageProblem,
     },
 
-    /// A problem with what the user asked for (bad option combination, chain rule broken).
+    /// A request vdiskfs refuses (a chain rule broken); the message names the files.
+    #[error("{0}")]
+    Request(Request),
+
+    /// A problem with what the user asked for, as free text (bad option combinations of
+    /// the commands; see `Request` for the typed ones).
     #[error("{0}")]
     Invalid(String),
 }

@@ -82,7 +82,7 @@ pub fn describe(chain: &Chain) -> Result<Value> {
         "virtual_size": chain.top().virtual_size(),
         "depth": chain.layers.len(),
         "layers": layers,
-        "warnings": chain.warnings,
+        "warnings": warning_lines(&chain.warnings),
     }))
 }
 

@@ -11,12 +11,7 @@ impl Vhd {
         let mut problems: Vec<String> = self
             .warnings
             .iter()
-            .filter(|w| {
-                matches!(
-                    w,
-                    Warning::VhdChecksum { .. } | Warning::VhdFooterMissing
-                )
-            })
+            .filter(|w| matches!(w, Warning::VhdChecksum { .. } | Warning::VhdFooterMissing))
             .map(ToString::to_string)
             .collect();
         if self.footer.disk_type == DiskType::Fixed {

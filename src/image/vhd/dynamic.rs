@@ -45,10 +45,7 @@ impl DynamicHeader {
     /// whether its checksum matched.
     pub fn parse(path: &Path, b: &[u8; HEADER_SIZE], at: u64) -> Result<(DynamicHeader, bool)> {
         if &b[0..8] != HEADER_COOKIE {
-            return Err(Error::corrupt(
-                path,
-                VhdDefect::HeaderCookie { offset: at },
-            ));
+            return Err(Error::corrupt(path, VhdDefect::HeaderCookie { offset: at }));
         }
         let be32 = |o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let be64 = |o: usize| {
@@ -89,12 +86,8 @@ impl DynamicHeader {
             .map(|c| u16::from_be_bytes([c[0], c[1]]))
             .take_while(|&u| u != 0)
             .collect();
-        let parent_unicode_name = String::from_utf16(&units).map_err(|_| {
-            Error::corrupt(
-                path,
-                VhdDefect::ParentName { offset: at },
-            )
-        })?;
+        let parent_unicode_name = String::from_utf16(&units)
+            .map_err(|_| Error::corrupt(path, VhdDefect::ParentName { offset: at }))?;
         let mut parent_locators = [LocatorEntry::default(); 8];
         for (i, l) in parent_locators.iter_mut().enumerate() {
             let o = LOCATORS_AT + i * ENTRY_SIZE;

@@ -166,10 +166,7 @@ impl Footer {
         let n = buf.len().min(FOOTER_SIZE);
         b[..n].copy_from_slice(&buf[..n]);
         if &b[0..8] != FOOTER_COOKIE {
-            return Err(Error::corrupt(
-                path,
-                VhdDefect::FooterCookie { offset: at },
-            ));
+            return Err(Error::corrupt(path, VhdDefect::FooterCookie { offset: at }));
         }
         let disk_type = match be32(&b, 60) {
             2 => DiskType::Fixed,

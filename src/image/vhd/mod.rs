@@ -286,10 +286,7 @@ impl Vhd {
                 }
             }
         }
-        Err(Error::corrupt(
-            path,
-            VhdDefect::NoFooter { file_len: len },
-        ))
+        Err(Error::corrupt(path, VhdDefect::NoFooter { file_len: len }))
     }
 
     /// Parent candidates in the order W2ru, W2ku, Wi2r, Wi2k, Mac, MacX, then the parent

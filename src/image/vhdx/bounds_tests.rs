@@ -305,7 +305,11 @@ fn payload_blocks_overlapping_headers_bat_or_metadata_are_never_read_as_data() {
         assert!(
             match what {
                 "header section" => matches!(e, VhdxDefect::BlockOutside { block: 1, .. }),
-                _ => e == VhdxDefect::BlockOverlapsRegions { block: 1, offset: off },
+                _ =>
+                    e == VhdxDefect::BlockOverlapsRegions {
+                        block: 1,
+                        offset: off
+                    },
             },
             "{what}: {e}"
         );

@@ -81,10 +81,7 @@ fn crafted_64_mib_log_is_scanned_in_linear_work_and_refused() {
         let e = open_defect(&p);
         let work = scan_work_on_this_thread() - before;
         eprintln!("{what}: {work} bytes of scan work for a {log_len}-byte log");
-        assert!(
-            matches!(e, VhdxDefect::LogNoSequence { .. }),
-            "{what}: {e}"
-        );
+        assert!(matches!(e, VhdxDefect::LogNoSequence { .. }), "{what}: {e}");
         // Every slot's first sector is read, and not much more (the old scan read the
         // whole claimed entry at every slot: 16384 x 64 MiB).
         assert!(

@@ -42,7 +42,11 @@ struct Item {
     length: u32,
 }
 
-fn utf16le(bytes: &[u8], index: usize, part: &'static str) -> std::result::Result<String, LocatorProblem> {
+fn utf16le(
+    bytes: &[u8],
+    index: usize,
+    part: &'static str,
+) -> std::result::Result<String, LocatorProblem> {
     if !bytes.len().is_multiple_of(2) {
         return Err(LocatorProblem::OddLength {
             index,

@@ -121,7 +121,10 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
             continue;
         };
         if slot.is_some() {
-            return Err(Error::corrupt(&file.path, VhdxDefect::RegionTwice { id: g }));
+            return Err(Error::corrupt(
+                &file.path,
+                VhdxDefect::RegionTwice { id: g },
+            ));
         }
         *slot = Some(r);
     }

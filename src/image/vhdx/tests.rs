@@ -147,18 +147,13 @@ fn one_bad_header_is_survivable_two_are_not() {
     new_base(&p, 4 << 20, 1 << 20, 512);
     patch(&p, HEADER_OFFSETS[1] + 100, &[0xff]);
     let v = Vhdx::open(&p, OpenOptions::default()).unwrap();
-    assert!(v
-        .info()
-        .unwrap()
-        .warnings
-        .iter()
-        .any(|w| matches!(
-            w,
-            Warning::VhdxHeaderInvalid {
-                copy: 2,
-                problem: HeaderProblem::Checksum { .. }
-            }
-        )));
+    assert!(v.info().unwrap().warnings.iter().any(|w| matches!(
+        w,
+        Warning::VhdxHeaderInvalid {
+            copy: 2,
+            problem: HeaderProblem::Checksum { .. }
+        }
+    )));
     patch(&p, HEADER_OFFSETS[0] + 100, &[0xff]);
     let e = open_defect(&p);
     assert!(
