@@ -20,7 +20,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LinkageProblem, Request, Result, Warning};
 use crate::image::{open_layer_within, vhdx::log::ReplayBudget};
 use crate::layer::{Format, IfWritten, Layer, OpenOptions, ParentRef};
 
@@ -116,7 +116,7 @@ pub struct Chain {
     /// `found[i]` says how `layers[i]` was found (None for the top).
     pub found: Vec<Option<ParentFound>>,
     /// Non-fatal problems seen while resolving.
-    pub warnings: Vec<String>,
+    pub warnings: Vec<Warning>,
 }
 
 impl Chain {
@@ -151,24 +151,22 @@ impl Chain {
             let Some(pref) = child.parent() else { break };
             let level = chain.layers.len() - 1;
             if chain.layers.len() >= MAX_CHAIN_DEPTH {
-                return Err(Error::Invalid(format!(
-                    "{}: the chain is deeper than {MAX_CHAIN_DEPTH} layers ({} is layer {} and \
-                     still names a parent); vdiskfs refuses deeper chains",
-                    path.display(),
-                    child.path().display(),
-                    chain.layers.len()
-                )));
+                return Err(Error::Request(Request::ChainTooDeep {
+                    top: path.to_path_buf(),
+                    max: MAX_CHAIN_DEPTH,
+                    layer: child.path().to_path_buf(),
+                    depth: chain.layers.len(),
+                }));
             }
             let found = resolve_parent(child.path(), pref, level, opts)?;
             let id = file_id(&found.path)?;
             if let Some(k) = ids.iter().position(|&x| x == id) {
-                return Err(Error::Invalid(format!(
-                    "{}: parent cycle: its parent {} is the same file as {} (layer {k} of the \
-                     chain), so the chain never reaches a base",
-                    child.path().display(),
-                    found.path.display(),
-                    chain.layers[k].path().display()
-                )));
+                return Err(Error::Request(Request::ParentCycle {
+                    child: child.path().to_path_buf(),
+                    parent: found.path.clone(),
+                    same: chain.layers[k].path().to_path_buf(),
+                    level: k,
+                }));
             }
             let via_override = found.locator == LOCATOR_OVERRIDE;
             let parent = opener(
@@ -198,23 +196,20 @@ impl Chain {
             if let Some(who) = l.written_by() {
                 warn(
                     &mut chain.warnings,
-                    format!(
-                        "{}: open for writing by {who}; reading it anyway: what is read may be \
-                         inconsistent (it can change while it is read)",
-                        l.path().display()
-                    ),
+                    Warning::OpenForWriting {
+                        path: l.path().to_path_buf(),
+                        who: who.to_string(),
+                    },
                 );
             }
         }
         let parents_found = chain.layers.len() - 1;
         if let Some(extra) = opts.parents.get(parents_found) {
-            return Err(Error::Invalid(format!(
-                "--parent number {} ({}) has no layer to replace: {} is not a differencing \
-                 disk (it has no parent); give one --parent per parent, the top image's first",
-                parents_found + 1,
-                extra.display(),
-                chain.layers[parents_found].path().display()
-            )));
+            return Err(Error::Request(Request::ExtraParent {
+                number: parents_found + 1,
+                parent: extra.clone(),
+                base: chain.layers[parents_found].path().to_path_buf(),
+            }));
         }
         Ok(chain)
     }
@@ -594,7 +589,7 @@ fn id_name(format: Format) -> &'static str {
     }
 }
 
-fn warn(warnings: &mut Vec<String>, msg: String) {
+fn warn(warnings: &mut Vec<Warning>, msg: Warning) {
     log::warn!("{msg}");
     warnings.push(msg);
 }
@@ -606,29 +601,25 @@ pub(crate) fn check_link(
     parent: &dyn Layer,
     pref: &ParentRef,
     opts: &ChainOptions,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Result<()> {
     let (cf, pf) = (child.format(), parent.format());
     if pf != Format::Raw && pf != cf {
-        return Err(Error::Invalid(format!(
-            "{} is {} but its parent {} is {}: a chain must be all VHDX or all VHD (a raw \
-             base is allowed under either)",
-            child.path().display(),
-            cf.name(),
-            parent.path().display(),
-            pf.name()
-        )));
+        return Err(Error::Request(Request::FormatMix {
+            child: child.path().to_path_buf(),
+            child_format: cf.name(),
+            parent: parent.path().to_path_buf(),
+            parent_format: pf.name(),
+        }));
     }
     // A raw file has no sector size of its own: it takes the chain's.
     if pf != Format::Raw && child.logical_sector_size() != parent.logical_sector_size() {
-        return Err(Error::Invalid(format!(
-            "{} has {}-byte logical sectors but its parent {} has {}-byte sectors: the \
-             layers of a chain must agree",
-            child.path().display(),
-            child.logical_sector_size(),
-            parent.path().display(),
-            parent.logical_sector_size()
-        )));
+        return Err(Error::Request(Request::SectorSize {
+            child: child.path().to_path_buf(),
+            child_size: child.logical_sector_size(),
+            parent: parent.path().to_path_buf(),
+            parent_size: parent.logical_sector_size(),
+        }));
     }
     if !pref.linkage.is_empty() {
         let expected = pref
@@ -641,18 +632,18 @@ pub(crate) fn check_link(
             None => {
                 // A raw file (given with --parent) has no id: the link cannot be verified,
                 // and a wrong base gives a garbage view, so it takes --ignore-linkage.
-                let msg = format!(
-                    "it is a {} file with no id to check against the recorded parent id {expected}",
-                    pf.name()
-                );
+                let msg = LinkageProblem::NoId {
+                    format: pf.name(),
+                    expected,
+                };
                 if opts.ignore_linkage {
                     warn(
                         warnings,
-                        format!(
-                            "{}: parent {}: {msg}; reading anyway because of --ignore-linkage",
-                            child.path().display(),
-                            parent.path().display()
-                        ),
+                        Warning::LinkageUnchecked {
+                            child: child.path().to_path_buf(),
+                            parent: parent.path().to_path_buf(),
+                            problem: msg,
+                        },
                     );
                 } else {
                     return Err(Error::Linkage {
@@ -664,21 +655,19 @@ pub(crate) fn check_link(
             }
             Some(id) if pref.linkage.contains(&id) => {}
             Some(id) => {
-                let msg = format!(
-                    "the child records parent id {expected}, the parent's {} is {id}; the \
-                     parent was changed after the child was made, so the merged view would be \
-                     garbage",
-                    id_name(pf)
-                );
+                let msg = LinkageProblem::Changed {
+                    expected,
+                    id_name: id_name(pf),
+                    id,
+                };
                 if opts.ignore_linkage {
                     warn(
                         warnings,
-                        format!(
-                            "{}: parent {} does not match ({msg}); reading anyway because of \
-                             --ignore-linkage: the merged view may be garbage",
-                            child.path().display(),
-                            parent.path().display()
-                        ),
+                        Warning::LinkageMismatch {
+                            child: child.path().to_path_buf(),
+                            parent: parent.path().to_path_buf(),
+                            problem: msg,
+                        },
                     );
                 } else {
                     return Err(Error::Linkage {
@@ -695,12 +684,12 @@ pub(crate) fn check_link(
         if rec != 0 && rec != actual {
             warn(
                 warnings,
-                format!(
-                    "{}: parent {} time stamp is {actual} but the child recorded {rec} (the \
-                     parent was touched after the child was made; this alone does not stop the open)",
-                    child.path().display(),
-                    parent.path().display()
-                ),
+                Warning::TimeStamp {
+                    child: child.path().to_path_buf(),
+                    parent: parent.path().to_path_buf(),
+                    actual,
+                    recorded: rec,
+                },
             );
         }
     }
@@ -1189,8 +1178,19 @@ mod tests {
         assert!(msg.contains(&Uuid::from_u128(5).to_string()), "{msg}");
         assert!(msg.contains(&Uuid::from_u128(6).to_string()), "{msg}");
         assert!(msg.contains(&Uuid::from_u128(7).to_string()), "{msg}");
-        assert!(msg.contains("DataWriteGuid"), "{msg}");
-        assert!(msg.contains("--ignore-linkage"), "{msg}");
+        assert!(
+            matches!(
+                &e,
+                Error::Linkage {
+                    msg: LinkageProblem::Changed {
+                        id_name: "DataWriteGuid",
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{msg}"
+        );
         assert!(w.is_empty());
 
         let opts = ChainOptions {
@@ -1199,7 +1199,16 @@ mod tests {
         };
         check_link(&child, &parent, &r, &opts, &mut w).unwrap();
         assert_eq!(w.len(), 1);
-        assert!(w[0].contains("--ignore-linkage"), "{w:?}");
+        assert!(
+            matches!(
+                w[0],
+                Warning::LinkageMismatch {
+                    problem: LinkageProblem::Changed { .. },
+                    ..
+                }
+            ),
+            "{w:?}"
+        );
 
         // parent_linkage2 matches: fine, no warning.
         let parent6 = fake(Format::Vhdx, 512, Some(6));
@@ -1221,7 +1230,7 @@ mod tests {
         let mut w = Vec::new();
         check_link(&child, &parent, &r, &ChainOptions::default(), &mut w).unwrap();
         assert_eq!(w.len(), 1);
-        assert!(w[0].contains("time stamp"), "{w:?}");
+        assert!(matches!(w[0], Warning::TimeStamp { .. }), "{w:?}");
         // 0 means the child did not record one (qemu-img): no warning.
         let r0 = ParentRef {
             timestamp: Some(0),
@@ -1231,10 +1240,20 @@ mod tests {
         check_link(&child, &parent, &r0, &ChainOptions::default(), &mut w0).unwrap();
         assert!(w0.is_empty(), "{w0:?}");
         let wrong = fake(Format::Vhd, 512, Some(3));
-        let msg = check_link(&child, &wrong, &r, &ChainOptions::default(), &mut w)
-            .unwrap_err()
-            .to_string();
-        assert!(msg.contains("unique id"), "{msg}");
+        let e = check_link(&child, &wrong, &r, &ChainOptions::default(), &mut w).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Linkage {
+                    msg: LinkageProblem::Changed {
+                        id_name: "unique id",
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1244,21 +1263,25 @@ mod tests {
         let mut w = Vec::new();
         let vhdx = fake(Format::Vhdx, 512, Some(1));
         let vhd = fake(Format::Vhd, 512, Some(1));
-        let msg = check_link(&vhdx, &vhd, &r, &o, &mut w)
-            .unwrap_err()
-            .to_string();
+        let e = check_link(&vhdx, &vhd, &r, &o, &mut w).unwrap_err();
         assert!(
-            msg.contains("/x/VHDX-512") && msg.contains("/x/VHD-512"),
-            "{msg}"
+            matches!(&e, Error::Request(Request::FormatMix { child, parent, .. })
+                if child == Path::new("/x/VHDX-512") && parent == Path::new("/x/VHD-512")),
+            "{e}"
         );
         assert!(check_link(&vhd, &vhdx, &r, &o, &mut w).is_err());
         let vhdx4k = fake(Format::Vhdx, 4096, Some(1));
-        let msg = check_link(&vhdx4k, &vhdx, &r, &o, &mut w)
-            .unwrap_err()
-            .to_string();
+        let e = check_link(&vhdx4k, &vhdx, &r, &o, &mut w).unwrap_err();
         assert!(
-            msg.contains("/x/VHDX-4096") && msg.contains("/x/VHDX-512"),
-            "{msg}"
+            matches!(
+                &e,
+                Error::Request(Request::SectorSize {
+                    child_size: 4096,
+                    parent_size: 512,
+                    ..
+                })
+            ),
+            "{e}"
         );
         // A raw base fits under either format, whatever the sector size.
         let raw = fake(Format::Raw, 512, None);
@@ -1274,14 +1297,32 @@ mod tests {
         // takes --ignore-linkage, and then it is a warning.
         let e = check_link(&vhd, &raw, &r, &o, &mut w).unwrap_err();
         assert!(matches!(e, Error::Linkage { .. }), "{e}");
-        assert!(e.to_string().contains("no id to check"), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Linkage {
+                    msg: LinkageProblem::NoId { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let ig = ChainOptions {
             ignore_linkage: true,
             ..Default::default()
         };
         check_link(&vhd, &raw, &r, &ig, &mut w).unwrap();
         assert_eq!(w.len(), 1);
-        assert!(w[0].contains("--ignore-linkage"), "{w:?}");
+        assert!(
+            matches!(
+                w[0],
+                Warning::LinkageUnchecked {
+                    problem: LinkageProblem::NoId { .. },
+                    ..
+                }
+            ),
+            "{w:?}"
+        );
     }
 
     #[test]
@@ -1356,8 +1397,12 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(msg.contains("cycle"), "{msg}");
-        assert!(msg.contains("c.vhdx") && msg.contains("a.vhdx"), "{msg}");
+        let e = open_fake(&a, &ChainOptions::default()).err().unwrap();
+        assert!(
+            matches!(&e, Error::Request(Request::ParentCycle { child, same, level: 0, .. })
+                if child.ends_with("c.vhdx") && *same == a),
+            "{msg}"
+        );
 
         // A hard link to an ancestor is the same file.
         let t = TempDir::new();
@@ -1368,7 +1413,12 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(msg.contains("cycle") && msg.contains("alias.vhdx"), "{msg}");
+        let e = open_fake(&a, &ChainOptions::default()).err().unwrap();
+        assert!(
+            matches!(&e, Error::Request(Request::ParentCycle { parent, .. })
+                if parent.ends_with("alias.vhdx")),
+            "{msg}"
+        );
 
         // A layer naming itself is "parent not found" (the child itself is skipped).
         let s = t.file("self.vhdx", "loc=relative_path|self.vhdx");
@@ -1394,11 +1444,20 @@ mod tests {
             fake_open(p, o, r)
         };
         let top = t.path().join("l0.vhdx");
-        let msg = Chain::open_with(&top, &ChainOptions::default(), opener)
+        let e = Chain::open_with(&top, &ChainOptions::default(), opener)
             .err()
-            .unwrap()
-            .to_string();
-        assert!(msg.contains("deeper than 256"), "{msg}");
+            .unwrap();
+        assert!(
+            matches!(
+                e,
+                Error::Request(Request::ChainTooDeep {
+                    max: 256,
+                    depth: 256,
+                    ..
+                })
+            ),
+            "{e}"
+        );
         assert_eq!(opens.load(Ordering::SeqCst), MAX_CHAIN_DEPTH);
 
         // Exactly 256 layers is fine.
@@ -1544,7 +1603,10 @@ mod tests {
         };
         let c = Chain::open(&top, &opts).unwrap();
         assert_eq!(c.found[1].as_ref().unwrap().locator, "--parent");
-        assert!(c.warnings.iter().any(|w| w.contains("--ignore-linkage")));
+        assert!(c
+            .warnings
+            .iter()
+            .any(|w| matches!(w, Warning::LinkageMismatch { .. })));
         let data = read_all(c);
         assert_eq!(data.len(), 4 << 20);
         // Sectors the child does not hold come from the (wrong) parent.
@@ -1686,7 +1748,9 @@ mod tests {
         assert!(c.layers[1].written_by().is_some_and(|w| w.contains(&me)));
         assert!(c.layers[0].written_by().is_none());
         assert!(
-            c.warnings.iter().any(|w| w.contains("may be inconsistent")),
+            c.warnings
+                .iter()
+                .any(|w| matches!(w, Warning::OpenForWriting { .. })),
             "{:?}",
             c.warnings
         );
@@ -1849,13 +1913,11 @@ mod tests {
             4096,
             Some((&base, &[("relative_path", "base.vhdx")])),
         );
-        let msg = Chain::open(&child, &ChainOptions::default())
-            .err()
-            .unwrap()
-            .to_string();
+        let e = Chain::open(&child, &ChainOptions::default()).err().unwrap();
         assert!(
-            msg.contains("child4k.avhdx") && msg.contains("base.vhdx") && msg.contains("4096"),
-            "{msg}"
+            matches!(&e, Error::Request(Request::SectorSize { child: c, child_size: 4096, parent, parent_size: 512 })
+                if *c == child && *parent == base),
+            "{e}"
         );
 
         // A VHDX child over a VHD parent (given with --parent) is refused.
@@ -1870,12 +1932,11 @@ mod tests {
             parents: vec![vhd.clone()],
             ..Default::default()
         };
-        let msg = Chain::open(&child, &opts).err().unwrap().to_string();
+        let e = Chain::open(&child, &opts).err().unwrap();
         assert!(
-            msg.contains("child.avhdx")
-                && msg.contains("l0.vhd")
-                && msg.contains("all VHDX or all VHD"),
-            "{msg}"
+            matches!(&e, Error::Request(Request::FormatMix { child: c, parent, .. })
+                if *c == child && *parent == vhd),
+            "{e}"
         );
     }
 }

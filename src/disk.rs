@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::cache::BlockCache;
 use crate::chain::Chain;
-use crate::error::{Error, Result};
+use crate::error::{Defect, Error, Result};
 use crate::layer::{Layer, Run};
 
 /// Cache settings for the parent layers.
@@ -117,9 +117,11 @@ impl Disk {
         if total != n as u64 {
             return Err(Error::corrupt(
                 layer.path(),
-                format!(
-                    "internal: map of {n} bytes at {offset} described {total} bytes (damaged allocation tables?)"
-                ),
+                Defect::MapLength {
+                    len: n,
+                    offset,
+                    described: total,
+                },
             ));
         }
         let mut pos = 0usize;

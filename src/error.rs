@@ -4,17 +4,20 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub use crate::defect::*;
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The file is not a valid image of its format, or a structure in it is damaged.
-    #[error("{}: {msg}", path.display())]
-    Corrupt { path: PathBuf, msg: String },
+    /// The file is not a valid image of its format, or a structure in it is damaged:
+    /// `defect` says what is wrong, in which structure, at which offset.
+    #[error("{}: {defect}", path.display())]
+    Corrupt { path: PathBuf, defect: Defect },
 
     /// The file is valid but uses a feature vdiskfs does not implement.
-    #[error("{}: unsupported: {msg}", path.display())]
-    Unsupported { path: PathBuf, msg: String },
+    #[error("{}: unsupported: {feature}", path.display())]
+    Unsupported { path: PathBuf, feature: Feature },
 
     /// An I/O error on a backing file, with the operation and offset.
     #[error("{}: {op} at offset {offset}: {source}", path.display())]
@@ -45,26 +48,39 @@ pub enum Error {
     Linkage {
         child: PathBuf,
         parent: PathBuf,
-        msg: String,
+        msg: LinkageProblem,
     },
 
-    /// A problem with what the user asked for (bad option combination, chain rule broken).
+    /// A request vdiskfs refuses (a chain rule broken); the message names the files.
+    #[error("{0}")]
+    Request(Request),
+
+    /// A problem with what the user asked for, as free text (bad option combinations of
+    /// the commands; see `Request` for the typed ones).
     #[error("{0}")]
     Invalid(String),
 }
 
 impl Error {
-    pub fn corrupt(path: &Path, msg: impl Into<String>) -> Self {
+    pub fn corrupt(path: &Path, defect: impl Into<Defect>) -> Self {
         Error::Corrupt {
             path: path.to_path_buf(),
-            msg: msg.into(),
+            defect: defect.into(),
         }
     }
 
-    pub fn unsupported(path: &Path, msg: impl Into<String>) -> Self {
+    pub fn unsupported(path: &Path, feature: impl Into<Feature>) -> Self {
         Error::Unsupported {
             path: path.to_path_buf(),
-            msg: msg.into(),
+            feature: feature.into(),
+        }
+    }
+
+    /// The defect, when this is a corrupt-file error.
+    pub fn defect(&self) -> Option<&Defect> {
+        match self {
+            Error::Corrupt { defect, .. } => Some(defect),
+            _ => None,
         }
     }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::error::{Result, Warning};
 
 /// One stretch of a layer's view of the virtual disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +118,7 @@ pub struct LayerInfo {
     /// Anything else worth showing (creator, version, ...).
     pub extra: Vec<(String, String)>,
     /// Problems that did not stop the open (checksum mismatches in read-only use...).
-    pub warnings: Vec<String>,
+    pub warnings: Vec<Warning>,
 }
 
 /// One opened image file.

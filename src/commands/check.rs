@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::chain::Chain;
 use crate::cli::CheckArgs;
-use crate::error::{Error, Result};
+use crate::error::{warning_lines, Error, Result};
 
 pub fn run(args: &CheckArgs) -> Result<i32> {
     let mut layers = Vec::new();
@@ -34,7 +34,7 @@ pub fn run(args: &CheckArgs) -> Result<i32> {
                 damaged |= !problems.is_empty();
                 let warnings: Vec<String> = info
                     .as_ref()
-                    .map(|i| i.warnings.clone())
+                    .map(|i| warning_lines(&i.warnings))
                     .unwrap_or_default()
                     .into_iter()
                     .filter(|w| !problems.contains(w))

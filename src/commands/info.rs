@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 
 use crate::chain::Chain;
 use crate::cli::InfoArgs;
-use crate::error::Result;
+use crate::error::{warning_lines, Result};
 use crate::layer::LayerInfo;
 
 pub fn run(args: &InfoArgs) -> Result<i32> {
@@ -68,7 +68,7 @@ fn layer_json(i: usize, chain: &Chain, info: &LayerInfo) -> Value {
         "held_percent": share,
         "found_by": found,
         "extra": pairs(&info.extra),
-        "warnings": info.warnings,
+        "warnings": warning_lines(&info.warnings),
     })
 }
 
@@ -82,7 +82,7 @@ pub fn describe(chain: &Chain) -> Result<Value> {
         "virtual_size": chain.top().virtual_size(),
         "depth": chain.layers.len(),
         "layers": layers,
-        "warnings": chain.warnings,
+        "warnings": warning_lines(&chain.warnings),
     }))
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::{Defect, Error, Result};
 use crate::layer::{Format, IfWritten, Layer, OpenOptions};
 
 /// Size of an overlay page. VHDX log entries write whole 4 KiB sectors and zero runs of
@@ -200,11 +200,11 @@ impl ImageFile {
             .ok_or_else(|| {
                 Error::corrupt(
                     &self.path,
-                    format!(
-                        "read of {} bytes at offset {offset} is past the end of the file ({} bytes)",
-                        buf.len(),
-                        self.len()
-                    ),
+                    Defect::ReadPastEnd {
+                        len: buf.len(),
+                        offset,
+                        file_len: self.len(),
+                    },
                 )
             })?;
         if self.overlay.is_empty() && end <= self.real_len() {
@@ -356,10 +356,7 @@ pub fn open_layer_within(
         Some(Format::Vhdx) => Ok(Arc::new(vhdx::Vhdx::open_within(path, opts, budget)?)),
         Some(Format::Vhd) => Ok(Arc::new(vhd::Vhd::open(path, opts)?)),
         _ if allow_raw => Ok(Arc::new(raw::Raw::open(path, opts)?)),
-        _ => Err(Error::corrupt(
-            path,
-            "not a VHDX or VHD image (no \"vhdxfile\" signature at offset 0 and no \"conectix\" footer)",
-        )),
+        _ => Err(Error::corrupt(path, Defect::NotAnImage)),
     }
 }
 

@@ -17,7 +17,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::OnceLock;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Feature, Result, VhdDefect};
 use crate::image::ImageFile;
 
 /// BAT value of a block not allocated in this file.
@@ -143,7 +143,10 @@ impl Bat {
         if count > MAX_BAT_ENTRIES {
             return Err(Error::unsupported(
                 path,
-                format!("VHD BAT of {count} entries (more than {MAX_BAT_ENTRIES}; blocks too small for the disk size)"),
+                Feature::VhdBatEntries {
+                    count,
+                    max: MAX_BAT_ENTRIES,
+                },
             ));
         }
         let bytes_len = count as u64 * 4;
@@ -153,10 +156,11 @@ impl Bat {
             .ok_or_else(|| {
                 Error::corrupt(
                     path,
-                    format!(
-                        "VHD BAT of {count} entries at offset {table_offset} lies past the end of the file ({} bytes)",
-                        file.len()
-                    ),
+                    VhdDefect::BatPastEnd {
+                        count,
+                        offset: table_offset,
+                        file_len: file.len(),
+                    },
                 )
             })?;
         // Bounded by the file length, checked just above.
@@ -173,15 +177,22 @@ impl Bat {
                 if start < min_start || end > data_end {
                     return Err(Error::corrupt(
                         path,
-                        format!(
-                            "VHD BAT entry {i} points at sector {e} (offset {start}): the block ({block_len} bytes with its bitmap) does not lie between the headers and the footer (offset {data_end})"
-                        ),
+                        VhdDefect::BlockOutside {
+                            entry: i,
+                            sector: e,
+                            offset: start,
+                            block_len,
+                            data_end,
+                        },
                     ));
                 }
                 if start < table_end && end > table_offset {
                     return Err(Error::corrupt(
                         path,
-                        format!("VHD BAT entry {i}: block at offset {start} overlaps the BAT"),
+                        VhdDefect::BlockOverlapsBat {
+                            entry: i,
+                            offset: start,
+                        },
                     ));
                 }
                 extents.push((start, i));
@@ -193,10 +204,12 @@ impl Bat {
             if w[0].0 + block_len > w[1].0 {
                 return Err(Error::corrupt(
                     path,
-                    format!(
-                        "VHD BAT entries {} and {} point at overlapping blocks (offsets {} and {})",
-                        w[0].1, w[1].1, w[0].0, w[1].0
-                    ),
+                    VhdDefect::BlocksOverlap {
+                        first: w[0].1,
+                        second: w[1].1,
+                        first_offset: w[0].0,
+                        second_offset: w[1].0,
+                    },
                 ));
             }
         }

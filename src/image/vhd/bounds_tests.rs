@@ -9,6 +9,7 @@ use super::bat::MAX_BAT_ENTRIES;
 use super::create::create_dynamic;
 use super::footer::checksum;
 use super::Vhd;
+use crate::error::{Defect, Error, Feature, VhdDefect};
 use crate::layer::{Layer, OpenOptions, Run};
 
 const RO: OpenOptions = OpenOptions::read_only();
@@ -58,10 +59,22 @@ fn dynamic(t: &Tmp, size: u64, block: u32, extra: usize) -> Vec<u8> {
     b
 }
 
-fn open(t: &Tmp, name: &str, b: &[u8]) -> Result<Vhd, String> {
+fn open(t: &Tmp, name: &str, b: &[u8]) -> crate::error::Result<Vhd> {
     let p: &Path = &t.0.join(name);
     std::fs::write(p, b).unwrap();
-    Vhd::open(p, RO).map_err(|e| e.to_string())
+    Vhd::open(p, RO)
+}
+
+/// The VHD defect an open fails with.
+fn defect(r: crate::error::Result<Vhd>) -> VhdDefect {
+    match r {
+        Err(Error::Corrupt {
+            defect: Defect::Vhd(d),
+            ..
+        }) => d,
+        Err(e) => panic!("expected a VHD defect: {e}"),
+        Ok(_) => panic!("opened but should not"),
+    }
 }
 
 fn set_current_size(b: &mut [u8], size: u64) {
@@ -76,8 +89,11 @@ fn current_size_beyond_what_the_bat_can_cover_is_refused() {
     let mut b = dynamic(&t, 4 << 20, 512 << 10, 0);
     for size in [u64::MAX, 1 << 63, (64u64 << 40) + 512] {
         set_current_size(&mut b, size);
-        let e = open(&t, "big.vhd", &b).unwrap_err();
-        assert!(e.contains("BAT entries cannot cover"), "{size}: {e}");
+        let e = defect(open(&t, "big.vhd", &b));
+        assert!(
+            matches!(e, VhdDefect::BatTooSmall { current_size, .. } if current_size == size),
+            "{size}: {e}"
+        );
     }
     // A header that claims enough entries for 64 TiB in 512-byte blocks: refused by the
     // entry ceiling before anything is allocated.
@@ -85,7 +101,19 @@ fn current_size_beyond_what_the_bat_can_cover_is_refused() {
     b[HDR + 28..HDR + 32].copy_from_slice(&u32::MAX.to_be_bytes());
     set_current_size(&mut b, (MAX_BAT_ENTRIES as u64 + 1) * 512);
     let e = open(&t, "many.vhd", &b).unwrap_err();
-    assert!(e.contains(&MAX_BAT_ENTRIES.to_string()), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::Unsupported {
+                feature: Feature::VhdBatEntries {
+                    max: MAX_BAT_ENTRIES,
+                    ..
+                },
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -114,8 +142,17 @@ fn bat_larger_than_the_file_is_refused() {
     // 8 Mi entries would be 32 MiB of BAT in a file of a few KiB.
     b[HDR + 28..HDR + 32].copy_from_slice(&MAX_BAT_ENTRIES.to_be_bytes());
     set_current_size(&mut b, MAX_BAT_ENTRIES as u64 * 512 * 1024);
-    let e = open(&t, "batbig.vhd", &b).unwrap_err();
-    assert!(e.contains("past the end of the file"), "{e}");
+    let e = defect(open(&t, "batbig.vhd", &b));
+    assert!(
+        matches!(
+            e,
+            VhdDefect::BatPastEnd {
+                count: MAX_BAT_ENTRIES,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -134,8 +171,14 @@ fn data_block_overlapping_the_dynamic_header_is_refused() {
     open(&t, "moved.vhd", &b).unwrap();
     // Block 0 at sector 31: its bitmap at 15872, its data from 16384, over the header.
     b[BAT..BAT + 4].copy_from_slice(&31u32.to_be_bytes());
-    let e = open(&t, "onhdr.vhd", &b).unwrap_err();
-    assert!(e.contains("dynamic disk header"), "{e}");
+    assert_eq!(
+        defect(open(&t, "onhdr.vhd", &b)),
+        VhdDefect::BlockOverlaps {
+            entry: 0,
+            offset: 31 * 512,
+            structure: "the dynamic disk header".into()
+        }
+    );
 }
 
 #[test]
@@ -155,8 +198,14 @@ fn data_block_overlapping_parent_locator_data_is_refused() {
     open(&t, "locok.vhd", &b).unwrap();
     // Block 0 at sector 15: bitmap at 7680, data from 8192, over the locator.
     b[BAT..BAT + 4].copy_from_slice(&15u32.to_be_bytes());
-    let e = open(&t, "onloc.vhd", &b).unwrap_err();
-    assert!(e.contains("parent locator"), "{e}");
+    assert_eq!(
+        defect(open(&t, "onloc.vhd", &b)),
+        VhdDefect::BlockOverlaps {
+            entry: 0,
+            offset: 15 * 512,
+            structure: "parent locator 0's data".into()
+        }
+    );
 }
 
 #[test]

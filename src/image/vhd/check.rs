@@ -3,7 +3,7 @@
 
 use super::footer::{DiskType, FOOTER_SIZE};
 use super::Vhd;
-use crate::error::Result;
+use crate::error::{Result, Warning};
 
 impl Vhd {
     pub(crate) fn check_structure(&self) -> Result<Vec<String>> {
@@ -11,8 +11,8 @@ impl Vhd {
         let mut problems: Vec<String> = self
             .warnings
             .iter()
-            .filter(|w| w.contains("checksum") || w.contains("footer missing"))
-            .cloned()
+            .filter(|w| matches!(w, Warning::VhdChecksum { .. } | Warning::VhdFooterMissing))
+            .map(ToString::to_string)
             .collect();
         if self.footer.disk_type == DiskType::Fixed {
             return Ok(problems);

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::footer::checksum;
 use super::locator::{LocatorEntry, ENTRY_SIZE};
-use crate::error::{Error, Result};
+use crate::error::{Error, Feature, Result, VhdDefect};
 
 /// Size of the dynamic disk header.
 pub const HEADER_SIZE: usize = 1024;
@@ -45,10 +45,7 @@ impl DynamicHeader {
     /// whether its checksum matched.
     pub fn parse(path: &Path, b: &[u8; HEADER_SIZE], at: u64) -> Result<(DynamicHeader, bool)> {
         if &b[0..8] != HEADER_COOKIE {
-            return Err(Error::corrupt(
-                path,
-                format!("no VHD dynamic disk header at offset {at} (cookie is not \"cxsparse\")"),
-            ));
+            return Err(Error::corrupt(path, VhdDefect::HeaderCookie { offset: at }));
         }
         let be32 = |o: usize| u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let be64 = |o: usize| {
@@ -60,11 +57,11 @@ impl DynamicHeader {
         if header_version >> 16 != 1 {
             return Err(Error::unsupported(
                 path,
-                format!(
-                    "VHD dynamic disk header at offset {at}: version {}.{} (only 1.x is known)",
-                    header_version >> 16,
-                    header_version & 0xffff
-                ),
+                Feature::VhdHeaderVersion {
+                    offset: at,
+                    major: header_version >> 16,
+                    minor: header_version & 0xffff,
+                },
             ));
         }
         let block_size = be32(32);
@@ -72,9 +69,12 @@ impl DynamicHeader {
         {
             return Err(Error::corrupt(
                 path,
-                format!(
-                    "VHD dynamic disk header at offset {at}: block size {block_size} is not a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}"
-                ),
+                VhdDefect::BlockSize {
+                    offset: at,
+                    block_size,
+                    min: MIN_BLOCK_SIZE,
+                    max: MAX_BLOCK_SIZE,
+                },
             ));
         }
         let stored = be32(CHECKSUM_AT);
@@ -86,12 +86,8 @@ impl DynamicHeader {
             .map(|c| u16::from_be_bytes([c[0], c[1]]))
             .take_while(|&u| u != 0)
             .collect();
-        let parent_unicode_name = String::from_utf16(&units).map_err(|_| {
-            Error::corrupt(
-                path,
-                format!("VHD dynamic disk header at offset {at}: parent Unicode name is not valid UTF-16"),
-            )
-        })?;
+        let parent_unicode_name = String::from_utf16(&units)
+            .map_err(|_| Error::corrupt(path, VhdDefect::ParentName { offset: at }))?;
         let mut parent_locators = [LocatorEntry::default(); 8];
         for (i, l) in parent_locators.iter_mut().enumerate() {
             let o = LOCATORS_AT + i * ENTRY_SIZE;
@@ -198,14 +194,22 @@ mod tests {
             h.block_size = bs;
             let b = h.to_bytes();
             let e = DynamicHeader::parse(Path::new("d.vhd"), &b, 512).unwrap_err();
-            assert!(e.to_string().contains("block size"), "{e}");
+            assert!(
+                matches!(
+                    e.defect(),
+                    Some(crate::error::Defect::Vhd(VhdDefect::BlockSize { block_size, offset: 512, .. })) if *block_size == bs
+                ),
+                "{e}"
+            );
         }
         let mut b = sample().to_bytes();
         b[1] = b'?';
-        assert!(DynamicHeader::parse(Path::new("d.vhd"), &b, 512)
-            .unwrap_err()
-            .to_string()
-            .contains("cxsparse"));
+        assert_eq!(
+            DynamicHeader::parse(Path::new("d.vhd"), &b, 512)
+                .unwrap_err()
+                .defect(),
+            Some(&VhdDefect::HeaderCookie { offset: 512 }.into())
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VhdDefect};
 
 /// Size of one entry in the dynamic disk header.
 pub const ENTRY_SIZE: usize = 24;
@@ -76,10 +76,12 @@ impl LocatorEntry {
         if self.platform_data_length > MAX_LOCATOR_DATA {
             return Err(Error::corrupt(
                 path,
-                format!(
-                    "parent locator {index} ({name}): data length {} exceeds {MAX_LOCATOR_DATA} bytes",
-                    self.platform_data_length
-                ),
+                VhdDefect::LocatorTooLong {
+                    index,
+                    code: name.to_string(),
+                    length: self.platform_data_length,
+                    max: MAX_LOCATOR_DATA,
+                },
             ));
         }
         let end = self
@@ -89,10 +91,13 @@ impl LocatorEntry {
             Some(e) if e <= file_len => Ok(()),
             _ => Err(Error::corrupt(
                 path,
-                format!(
-                    "parent locator {index} ({name}): data at offset {} length {} lies past the end of the file ({file_len} bytes)",
-                    self.platform_data_offset, self.platform_data_length
-                ),
+                VhdDefect::LocatorPastEnd {
+                    index,
+                    code: name.to_string(),
+                    offset: self.platform_data_offset,
+                    length: self.platform_data_length,
+                    file_len,
+                },
             )),
         }
     }
@@ -107,11 +112,11 @@ pub fn decode(path: &Path, index: usize, code: &[u8; 4], data: &[u8]) -> Result<
             if !data.len().is_multiple_of(2) {
                 return Err(Error::corrupt(
                     path,
-                    format!(
-                        "parent locator {index} ({}): UTF-16 data has an odd length of {} bytes",
-                        String::from_utf8_lossy(code),
-                        data.len()
-                    ),
+                    VhdDefect::LocatorOddLength {
+                        index,
+                        code: String::from_utf8_lossy(code).into_owned(),
+                        length: data.len(),
+                    },
                 ));
             }
             let units: Vec<u16> = data
@@ -121,10 +126,10 @@ pub fn decode(path: &Path, index: usize, code: &[u8; 4], data: &[u8]) -> Result<
             String::from_utf16(&units).map_err(|_| {
                 Error::corrupt(
                     path,
-                    format!(
-                        "parent locator {index} ({}): invalid UTF-16",
-                        String::from_utf8_lossy(code)
-                    ),
+                    VhdDefect::LocatorUtf16 {
+                        index,
+                        code: String::from_utf8_lossy(code).into_owned(),
+                    },
                 )
             })?
         }
@@ -134,10 +139,10 @@ pub fn decode(path: &Path, index: usize, code: &[u8; 4], data: &[u8]) -> Result<
         _ => String::from_utf8(data.to_vec()).map_err(|_| {
             Error::corrupt(
                 path,
-                format!(
-                    "parent locator {index} ({}): invalid UTF-8",
-                    String::from_utf8_lossy(code)
-                ),
+                VhdDefect::LocatorUtf8 {
+                    index,
+                    code: String::from_utf8_lossy(code).into_owned(),
+                },
             )
         })?,
     };
@@ -166,8 +171,21 @@ mod tests {
             decode(p, 0, b"MacX", b"file://localhost/a/b.vhd").unwrap(),
             "file://localhost/a/b.vhd"
         );
-        let e = decode(p, 3, b"W2ku", &w[..5]).unwrap_err().to_string();
-        assert!(e.contains("odd length") && e.contains("c.vhd"), "{e}");
+        let e = decode(p, 3, b"W2ku", &w[..5]).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                Error::Corrupt {
+                    path,
+                    defect: crate::error::Defect::Vhd(VhdDefect::LocatorOddLength {
+                        index: 3,
+                        length: 5,
+                        ..
+                    })
+                } if path == p
+            ),
+            "{e}"
+        );
         assert!(decode(p, 0, b"MacX", &[0xff, 0xfe]).is_err());
     }
 

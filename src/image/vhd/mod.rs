@@ -26,7 +26,7 @@ use std::path::Path;
 
 use uuid::Uuid;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VhdDefect, Warning};
 use crate::image::ImageFile;
 use crate::layer::{
     push_run, Format, Layer, LayerInfo, OpenOptions, ParentRef, Run, WritableLayer,
@@ -48,7 +48,7 @@ pub struct Vhd {
     bat: Option<Bat>,
     parent: Option<ParentRef>,
     locator_info: Vec<(String, String)>,
-    warnings: Vec<String>,
+    warnings: Vec<Warning>,
     writer: Option<write::Writer>,
 }
 
@@ -90,18 +90,18 @@ impl Vhd {
         let mut warnings = Vec::new();
         let len = file.len();
         let (footer, footer_ok, footer_pos) = Self::find_footer(&file, opts, &mut warnings)?;
-        let what = |w: &str| format!("VHD {w} checksum does not match");
         if !footer_ok {
             if opts.writable {
                 return Err(Error::corrupt(
                     path,
-                    format!(
-                        "{} (refusing to write to a damaged file; open it read-only)",
-                        what("footer")
-                    ),
+                    VhdDefect::ChecksumWritable {
+                        structure: "footer",
+                    },
                 ));
             }
-            warnings.push(what("footer"));
+            warnings.push(Warning::VhdChecksum {
+                structure: "footer",
+            });
         }
 
         let mut header = None;
@@ -113,10 +113,10 @@ impl Vhd {
                 if footer.current_size > footer_pos {
                     return Err(Error::corrupt(
                         path,
-                        format!(
-                            "fixed VHD: current size {} is larger than the {footer_pos} bytes in front of the footer",
-                            footer.current_size
-                        ),
+                        VhdDefect::FixedSize {
+                            current_size: footer.current_size,
+                            data_len: footer_pos,
+                        },
                     ));
                 }
             }
@@ -129,7 +129,10 @@ impl Vhd {
                 {
                     return Err(Error::corrupt(
                         path,
-                        format!("VHD footer: dynamic disk header offset {at} lies past the end of the file ({len} bytes)"),
+                        VhdDefect::HeaderPastEnd {
+                            offset: at,
+                            file_len: len,
+                        },
                     ));
                 }
                 let mut hb = [0u8; HEADER_SIZE];
@@ -139,22 +142,25 @@ impl Vhd {
                     if opts.writable {
                         return Err(Error::corrupt(
                             path,
-                            format!(
-                                "{} (refusing to write to a damaged file; open it read-only)",
-                                what("dynamic disk header")
-                            ),
+                            VhdDefect::ChecksumWritable {
+                                structure: "dynamic disk header",
+                            },
                         ));
                     }
-                    warnings.push(what("dynamic disk header"));
+                    warnings.push(Warning::VhdChecksum {
+                        structure: "dynamic disk header",
+                    });
                 }
                 let needed = footer.current_size.div_ceil(h.block_size as u64);
                 if needed > h.max_table_entries as u64 {
                     return Err(Error::corrupt(
                         path,
-                        format!(
-                            "VHD dynamic disk header: {} BAT entries cannot cover the current size {} with {}-byte blocks ({needed} needed)",
-                            h.max_table_entries, footer.current_size, h.block_size
-                        ),
+                        VhdDefect::BatTooSmall {
+                            entries: h.max_table_entries,
+                            current_size: footer.current_size,
+                            block_size: h.block_size,
+                            needed,
+                        },
                     ));
                 }
                 bat = Some(Bat::load(
@@ -234,7 +240,11 @@ impl Vhd {
             if let Some((_, _, what)) = taken.iter().find(|(s, t, _)| start < *t && *s < end) {
                 return Err(Error::corrupt(
                     &file.path,
-                    format!("VHD BAT entry {b}: block at offset {start} overlaps {what}"),
+                    VhdDefect::BlockOverlaps {
+                        entry: b,
+                        offset: start,
+                        structure: what.clone(),
+                    },
                 ));
             }
         }
@@ -247,7 +257,7 @@ impl Vhd {
     fn find_footer(
         file: &ImageFile,
         opts: OpenOptions,
-        warnings: &mut Vec<String>,
+        warnings: &mut Vec<Warning>,
     ) -> Result<(Footer, bool, u64)> {
         let path = &file.path;
         let len = file.len();
@@ -269,21 +279,14 @@ impl Vhd {
                 let (f, ok) = Footer::parse(path, &b, 0)?;
                 if f.disk_type != DiskType::Fixed {
                     if opts.writable {
-                        return Err(Error::corrupt(
-                            path,
-                            "VHD footer missing at the end of the file (truncated?); open it read-only",
-                        ));
+                        return Err(Error::corrupt(path, VhdDefect::FooterMissingWritable));
                     }
-                    warnings.push("VHD footer missing at the end of the file (truncated or still being written); using the copy at offset 0".into(),
-                    );
+                    warnings.push(Warning::VhdFooterMissing);
                     return Ok((f, ok, len));
                 }
             }
         }
-        Err(Error::corrupt(
-            path,
-            format!("no VHD footer (\"conectix\") at the end of the file ({len} bytes) nor a usable copy at offset 0"),
-        ))
+        Err(Error::corrupt(path, VhdDefect::NoFooter { file_len: len }))
     }
 
     /// Parent candidates in the order W2ru, W2ku, Wi2r, Wi2k, Mac, MacX, then the parent
@@ -291,7 +294,7 @@ impl Vhd {
     fn read_parent(
         file: &ImageFile,
         h: &DynamicHeader,
-        warnings: &mut Vec<String>,
+        warnings: &mut Vec<Warning>,
     ) -> Result<(ParentRef, Vec<(String, String)>)> {
         let path = &file.path;
         let mut decoded: Vec<Option<(String, String)>> = vec![None; h.parent_locators.len()];
@@ -300,10 +303,10 @@ impl Vhd {
                 continue;
             }
             let Some(name) = e.name() else {
-                warnings.push(format!(
-                    "parent locator {i} has unknown platform code {:?}; ignored",
-                    fourcc(&e.platform_code)
-                ));
+                warnings.push(Warning::VhdLocatorPlatform {
+                    index: i,
+                    code: fourcc(&e.platform_code),
+                });
                 continue;
             };
             e.check_bounds(path, i, file.len())?;

@@ -10,6 +10,7 @@ use super::footer::{checksum, Geometry};
 use super::Vhd;
 use crate::chain::Chain;
 use crate::disk::{Disk, DiskOptions};
+use crate::error::{Defect, Error, VhdDefect, Warning};
 use crate::layer::{Layer, OpenOptions, Run, WritableLayer};
 
 const FIXTURES: &str = "/work/shared/fixtures";
@@ -181,15 +182,21 @@ fn image_pair_with_bad_checksums_reads_with_warnings() {
     let b = Vhd::open(&base, RO).unwrap();
     let bi = b.info().unwrap();
     assert!(
-        bi.warnings.iter().any(|w| w.contains("footer checksum")),
+        bi.warnings.contains(&Warning::VhdChecksum {
+            structure: "footer"
+        }),
         "{:?}",
         bi.warnings
     );
     let c = Vhd::open(&child, RO).unwrap();
     let ci = c.info().unwrap();
     assert_eq!(ci.disk_type, "differencing");
-    assert!(ci.warnings.iter().any(|w| w.contains("footer checksum")));
-    assert!(ci.warnings.iter().any(|w| w.contains("header checksum")));
+    assert!(ci.warnings.contains(&Warning::VhdChecksum {
+        structure: "footer"
+    }));
+    assert!(ci.warnings.contains(&Warning::VhdChecksum {
+        structure: "dynamic disk header"
+    }));
     let pr = c.parent().unwrap();
     assert_eq!(
         pr.candidates,
@@ -209,8 +216,17 @@ fn image_pair_with_bad_checksums_reads_with_warnings() {
     // A writable open of a file with a bad checksum is refused.
     let copy = t.join("image.vhd");
     std::fs::copy(&base, &copy).unwrap();
-    let e = Vhd::open(&copy, RW).err().unwrap().to_string();
-    assert!(e.contains("checksum") && e.contains("image.vhd"), "{e}");
+    let e = Vhd::open(&copy, RW).err().unwrap();
+    assert!(
+        matches!(
+            &e,
+            Error::Corrupt {
+                path,
+                defect: Defect::Vhd(VhdDefect::ChecksumWritable { .. })
+            } if *path == copy
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -334,10 +350,21 @@ fn small_dynamic(t: &TmpDir) -> Vec<u8> {
     b
 }
 
-fn open_bytes(t: &TmpDir, name: &str, b: &[u8], opts: OpenOptions) -> Result<Vhd, String> {
+fn open_bytes(t: &TmpDir, name: &str, b: &[u8], opts: OpenOptions) -> crate::error::Result<Vhd> {
     let p = t.join(name);
     std::fs::write(&p, b).unwrap();
-    Vhd::open(&p, opts).map_err(|e| e.to_string())
+    Vhd::open(&p, opts)
+}
+
+/// The VHD defect of an error.
+fn vhd_defect(e: &Error) -> &VhdDefect {
+    match e {
+        Error::Corrupt {
+            defect: Defect::Vhd(d),
+            ..
+        } => d,
+        e => panic!("expected a VHD defect: {e}"),
+    }
 }
 
 #[test]
@@ -355,7 +382,8 @@ fn damaged_files_give_clear_errors() {
         }
         let e = open_bytes(&t, name, &b, RO)
             .err()
-            .unwrap_or_else(|| panic!("{name} opened"));
+            .unwrap_or_else(|| panic!("{name} opened"))
+            .to_string();
         assert!(e.contains(name), "{name}: {e}");
         assert!(e.contains(want), "{name}: {e}");
     };
@@ -494,17 +522,33 @@ fn checksum_mismatch_is_warning_read_only_and_error_writable() {
     let n = b.len();
     b[n - 512 + 100] ^= 1; // reserved byte: checksum no longer matches
     let v = open_bytes(&t, "ck.vhd", &b, RO).unwrap();
-    assert!(v.info().unwrap().warnings[0].contains("footer checksum"));
-    assert!(open_bytes(&t, "ck2.vhd", &b, RW)
-        .unwrap_err()
-        .contains("checksum"));
+    assert_eq!(
+        v.info().unwrap().warnings,
+        [Warning::VhdChecksum {
+            structure: "footer"
+        }]
+    );
+    assert_eq!(
+        vhd_defect(&open_bytes(&t, "ck2.vhd", &b, RW).unwrap_err()),
+        &VhdDefect::ChecksumWritable {
+            structure: "footer"
+        }
+    );
     let mut b = small_dynamic(&t);
     b[HDR + 900] ^= 1;
     let v = open_bytes(&t, "hck.vhd", &b, RO).unwrap();
-    assert!(v.info().unwrap().warnings[0].contains("header checksum"));
-    assert!(open_bytes(&t, "hck2.vhd", &b, RW)
-        .unwrap_err()
-        .contains("header checksum"));
+    assert_eq!(
+        v.info().unwrap().warnings,
+        [Warning::VhdChecksum {
+            structure: "dynamic disk header"
+        }]
+    );
+    assert_eq!(
+        vhd_defect(&open_bytes(&t, "hck2.vhd", &b, RW).unwrap_err()),
+        &VhdDefect::ChecksumWritable {
+            structure: "dynamic disk header"
+        }
+    );
 }
 
 #[test]
@@ -515,9 +559,12 @@ fn footer_only_at_start_and_old_511_byte_footer() {
     let expect = merged(vec![Arc::new(open_bytes(&t, "g.vhd", &good, RO).unwrap())]);
     // Truncated: the footer at the end is gone, the copy at 0 is used with a warning.
     let v = open_bytes(&t, "trunc.vhd", &good[..n - 512], RO).unwrap();
-    assert!(v.info().unwrap().warnings[0].contains("missing at the end"));
+    assert_eq!(v.info().unwrap().warnings, [Warning::VhdFooterMissing]);
     assert_eq!(merged(vec![Arc::new(v)]), expect);
-    assert!(open_bytes(&t, "trunc2.vhd", &good[..n - 512], RW).is_err());
+    assert_eq!(
+        vhd_defect(&open_bytes(&t, "trunc2.vhd", &good[..n - 512], RW).unwrap_err()),
+        &VhdDefect::FooterMissingWritable
+    );
     // 511-byte footer at the end.
     let v = open_bytes(&t, "old.vhd", &good[..n - 1], RO).unwrap();
     assert!(v.info().unwrap().warnings.is_empty());

@@ -8,7 +8,7 @@ use std::sync::{Mutex, OnceLock};
 
 use super::metadata::Metadata;
 use super::region::Region;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VhdxDefect};
 use crate::image::ImageFile;
 
 pub const PAYLOAD_BLOCK_NOT_PRESENT: u64 = 0;
@@ -66,10 +66,12 @@ impl Bat {
         if need > region.length {
             return Err(Error::corrupt(
                 &file.path,
-                format!(
-                    "BAT region is {} bytes but a {}-byte disk with {}-byte blocks needs {need}",
-                    region.length, meta.virtual_size, bs
-                ),
+                VhdxDefect::BatSize {
+                    length: region.length,
+                    virtual_size: meta.virtual_size,
+                    block_size: meta.block_size,
+                    need,
+                },
             ));
         }
         let pages = (0..entries.div_ceil(PAGE_ENTRIES))
@@ -122,7 +124,10 @@ impl Bat {
         if index >= self.entries {
             return Err(Error::corrupt(
                 &file.path,
-                format!("BAT index {index} out of range ({} entries)", self.entries),
+                VhdxDefect::BatIndex {
+                    index,
+                    entries: self.entries,
+                },
             ));
         }
         let page = self.page(file, (index / PAGE_ENTRIES) as usize)?;

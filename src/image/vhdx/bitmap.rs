@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VhdxDefect};
 use crate::image::ImageFile;
 
 pub const BITMAP_BLOCK_SIZE: usize = 1 << 20;
@@ -44,9 +44,10 @@ impl SectorBitmaps {
         if !loaded.insert(file_offset) {
             return Err(Error::corrupt(
                 &file.path,
-                format!(
-                    "the sector bitmap block of chunk {chunk} at file offset {file_offset} is also another chunk's"
-                ),
+                VhdxDefect::BitmapShared {
+                    chunk,
+                    offset: file_offset,
+                },
             ));
         }
         let mut raw = vec![0u8; BITMAP_BLOCK_SIZE];

@@ -12,9 +12,9 @@ use super::header::{Header, HEADER_OFFSETS};
 use super::log::MAX_REPLAY_LOG_LENGTH;
 use super::metadata::{MAX_VIRTUAL_SIZE, VIRTUAL_DISK_SIZE};
 use super::region::REGION_TABLE_OFFSETS;
-use super::tests::{new_base, TempDir};
+use super::tests::{new_base, open_defect, open_feature, TempDir};
 use super::Vhdx;
-use crate::error::Error;
+use crate::error::{Error, Feature, VhdxDefect};
 use crate::image::vhdx::metadata::FILE_PARAMETERS;
 use crate::layer::{Layer, OpenOptions, Run};
 
@@ -105,13 +105,6 @@ fn open(path: &Path) -> crate::error::Result<Vhdx> {
     Vhdx::open(path, OpenOptions::default())
 }
 
-pub(super) fn open_err(path: &Path) -> String {
-    match open(path) {
-        Ok(_) => panic!("{} opened but should not", path.display()),
-        Err(e) => e.to_string(),
-    }
-}
-
 pub(super) fn base(d: &TempDir, name: &str, size: u64, block: u32) -> std::path::PathBuf {
     let p = d.0.join(name);
     new_base(&p, size, block, 512);
@@ -124,10 +117,12 @@ fn virtual_size_beyond_64_tib_is_refused() {
     let p = base(&d, "b.vhdx", 4 * MIB, MIB as u32);
     for size in [MAX_VIRTUAL_SIZE + 512, u64::MAX - 511, 1 << 63] {
         set_virtual_size(&p, size);
-        let e = open_err(&p);
-        assert!(
-            e.contains("virtual disk size") && e.contains("64 TiB"),
-            "{e}"
+        assert_eq!(
+            open_defect(&p),
+            VhdxDefect::VirtualSize {
+                size,
+                sector_size: 512
+            }
         );
     }
 }
@@ -138,12 +133,24 @@ fn virtual_size_not_a_sector_multiple_is_refused() {
     let p = base(&d, "b.vhdx", 4 * MIB, MIB as u32);
     for size in [4 * MIB + 1, 4 * MIB - 100, 511] {
         set_virtual_size(&p, size);
-        assert!(open_err(&p).contains("multiple"));
+        assert_eq!(
+            open_defect(&p),
+            VhdxDefect::VirtualSize {
+                size,
+                sector_size: 512
+            }
+        );
     }
     let p4 = d.0.join("b4.vhdx");
     new_base(&p4, 4 * MIB, MIB as u32, 4096);
     set_virtual_size(&p4, 4 * MIB + 512);
-    assert!(open_err(&p4).contains("4096-byte sector"));
+    assert_eq!(
+        open_defect(&p4),
+        VhdxDefect::VirtualSize {
+            size: 4 * MIB + 512,
+            sector_size: 4096
+        }
+    );
 }
 
 #[test]
@@ -152,13 +159,19 @@ fn bat_larger_than_its_region_or_the_file_is_refused() {
     // 64 TiB in 1 MiB blocks needs a 512 MiB BAT; the file's BAT region is 1 MiB.
     let p = base(&d, "b.vhdx", 4 * MIB, MIB as u32);
     set_virtual_size(&p, MAX_VIRTUAL_SIZE);
-    let e = open_err(&p);
-    assert!(e.contains("BAT region is") && e.contains("needs"), "{e}");
+    let e = open_defect(&p);
+    assert!(
+        matches!(e, VhdxDefect::BatSize { length, need, .. } if length == MIB && need > 512 * MIB),
+        "{e}"
+    );
     // A BAT region that claims 4 GiB - 1 MiB in a 4 MiB file.
     let p = base(&d, "c.vhdx", 4 * MIB, MIB as u32);
     set_bat_region_length(&p, (4096 - 1) * MIB as u32);
-    let e = open_err(&p);
-    assert!(e.contains("extends past the end of the file"), "{e}");
+    let e = open_defect(&p);
+    assert!(
+        matches!(e, VhdxDefect::RegionPastEnd { name: "BAT", .. }),
+        "{e}"
+    );
 }
 
 #[test]
@@ -191,9 +204,9 @@ fn log_offset_near_the_end_of_the_address_space_is_an_error_not_an_overflow() {
         h.log_length = MIB as u32;
         h.log_guid = Uuid::new_v4();
     });
-    let e = open_err(&p);
+    let e = open_defect(&p);
     assert!(
-        e.contains("pending log") && e.contains("outside the file"),
+        matches!(e, VhdxDefect::PendingLogOutside { offset, .. } if offset == u64::MAX - MIB + 1),
         "{e}"
     );
     // Without a pending log the log region is not read: a read-only open works, and
@@ -216,12 +229,20 @@ fn pending_log_too_long_to_replay_is_refused_before_any_allocation() {
         h.log_length = log_len as u32;
         h.log_guid = Uuid::new_v4();
     });
-    let e = open_err(&p);
-    assert!(e.contains("pending log of") && e.contains("at most"), "{e}");
+    assert_eq!(
+        open_feature(&p),
+        Feature::VhdxLogLength {
+            length: log_len as u32,
+            max: MAX_REPLAY_LOG_LENGTH
+        }
+    );
     // At the ceiling itself the log is scanned (and found empty: corrupt, not a panic).
     edit_headers(&p, |h| h.log_length = MAX_REPLAY_LOG_LENGTH as u32);
-    let e = open_err(&p);
-    assert!(e.contains("no valid entry sequence"), "{e}");
+    let e = open_defect(&p);
+    assert!(
+        matches!(e, VhdxDefect::LogNoSequence { offset, .. } if offset == 4 * MIB),
+        "{e}"
+    );
 }
 
 #[test]
@@ -239,21 +260,33 @@ fn metadata_items_past_the_region_are_refused() {
     ] {
         patch(&p, entry + 16, &off.to_le_bytes());
         patch(&p, entry + 20, &len.to_le_bytes());
-        let e = open_err(&p);
+        let e = open_defect(&p);
         assert!(
-            e.contains("outside the metadata region"),
+            matches!(e, VhdxDefect::MetadataItemOutside { offset, length, .. } if offset == off && length == len),
             "{off} {len}: {e}"
         );
     }
     // Longer than any item may be.
     patch(&p, entry + 16, &(64u32 << 10).to_le_bytes());
     patch(&p, entry + 20, &u32::MAX.to_le_bytes());
-    assert!(open_err(&p).contains("at most 1 MiB"));
+    assert!(matches!(
+        open_defect(&p),
+        VhdxDefect::MetadataItemTooLarge {
+            length: u32::MAX,
+            ..
+        }
+    ));
     patch(&p, entry + 16, &orig);
     open(&p).unwrap();
     // An entry count past the table's capacity.
     patch(&p, META + 10, &u16::MAX.to_le_bytes());
-    assert!(open_err(&p).contains("entries"));
+    assert_eq!(
+        open_defect(&p),
+        VhdxDefect::MetadataEntries {
+            count: u16::MAX,
+            max: 2047
+        }
+    );
 }
 
 #[test]
@@ -268,9 +301,16 @@ fn payload_blocks_overlapping_headers_bat_or_metadata_are_never_read_as_data() {
         ("BAT", BAT),
     ] {
         set_bat(&p, 1, make_entry(PAYLOAD_BLOCK_FULLY_PRESENT, off));
-        let e = open_err(&p);
+        let e = open_defect(&p);
         assert!(
-            e.contains("header section") || e.contains("overlaps the BAT, metadata or log"),
+            match what {
+                "header section" => matches!(e, VhdxDefect::BlockOutside { block: 1, .. }),
+                _ =>
+                    e == VhdxDefect::BlockOverlapsRegions {
+                        block: 1,
+                        offset: off
+                    },
+            },
             "{what}: {e}"
         );
     }

@@ -2,7 +2,7 @@
 
 use uuid::Uuid;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Feature, HeaderProblem, Result, VhdxDefect, Warning};
 use crate::image::ImageFile;
 
 pub const FILE_TYPE_SIGNATURE: &[u8; 8] = b"vhdxfile";
@@ -49,20 +49,18 @@ pub struct Header {
 
 impl Header {
     /// Parse a 4 KiB header; Err says why it is not valid (signature or checksum).
-    pub fn parse(buf: &[u8]) -> std::result::Result<Header, String> {
+    pub fn parse(buf: &[u8]) -> std::result::Result<Header, HeaderProblem> {
         if buf.len() < HEADER_SIZE {
-            return Err("short header".into());
+            return Err(HeaderProblem::Short);
         }
         let buf = &buf[..HEADER_SIZE];
         if &buf[0..4] != HEADER_SIGNATURE {
-            return Err("bad signature (expected \"head\")".into());
+            return Err(HeaderProblem::Signature);
         }
         let stored = le32(buf, 4);
         let computed = crc_with_zeroed_field(buf, 4);
         if stored != computed {
-            return Err(format!(
-                "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
-            ));
+            return Err(HeaderProblem::Checksum { stored, computed });
         }
         Ok(Header {
             sequence_number: le64(buf, 8),
@@ -99,10 +97,7 @@ pub fn read_file_identifier(file: &ImageFile) -> Result<String> {
     let mut buf = vec![0u8; 8 + 512];
     file.read_exact_at(&mut buf, 0)?;
     if &buf[0..8] != FILE_TYPE_SIGNATURE {
-        return Err(Error::corrupt(
-            &file.path,
-            "bad VHDX file type identifier (expected \"vhdxfile\" at offset 0)",
-        ));
+        return Err(Error::corrupt(&file.path, VhdxDefect::FileIdentifier));
     }
     let units: Vec<u16> = buf[8..]
         .chunks_exact(2)
@@ -115,13 +110,13 @@ pub fn read_file_identifier(file: &ImageFile) -> Result<String> {
 /// Read both headers and pick the current one (MS-VHDX 2.2.2: the only valid one, or
 /// the valid one with the greater SequenceNumber). Returns the header, its index (0 for
 /// 64 KiB, 1 for 128 KiB) and warnings about an invalid copy.
-pub fn read_current_header(file: &ImageFile) -> Result<(Header, usize, Vec<String>)> {
+pub fn read_current_header(file: &ImageFile) -> Result<(Header, usize, Vec<Warning>)> {
     let mut parsed = Vec::with_capacity(2);
     for off in HEADER_OFFSETS {
         let mut buf = vec![0u8; HEADER_SIZE];
         let r = match file.read_exact_at(&mut buf, off) {
             Ok(()) => Header::parse(&buf),
-            Err(_) => Err("past the end of the file".into()),
+            Err(_) => Err(HeaderProblem::PastEnd),
         };
         parsed.push(r);
     }
@@ -135,17 +130,26 @@ pub fn read_current_header(file: &ImageFile) -> Result<(Header, usize, Vec<Strin
             }
         }
         (Ok(_), Err(e)) => {
-            warnings.push(format!("header 2 (at 128 KiB) is invalid: {e}"));
+            warnings.push(Warning::VhdxHeaderInvalid {
+                copy: 2,
+                problem: e.clone(),
+            });
             0
         }
         (Err(e), Ok(_)) => {
-            warnings.push(format!("header 1 (at 64 KiB) is invalid: {e}"));
+            warnings.push(Warning::VhdxHeaderInvalid {
+                copy: 1,
+                problem: e.clone(),
+            });
             1
         }
         (Err(a), Err(b)) => {
             return Err(Error::corrupt(
                 &file.path,
-                format!("both VHDX headers are invalid: header 1 (at 64 KiB): {a}; header 2 (at 128 KiB): {b}"),
+                VhdxDefect::BothHeaders {
+                    first: a.clone(),
+                    second: b.clone(),
+                },
             ))
         }
     };
@@ -153,31 +157,32 @@ pub fn read_current_header(file: &ImageFile) -> Result<(Header, usize, Vec<Strin
     if h.version != 1 {
         return Err(Error::unsupported(
             &file.path,
-            format!("VHDX version {} (only version 1 is defined)", h.version),
+            Feature::VhdxVersion { version: h.version },
         ));
     }
     if !h.log_guid.is_nil() && h.log_version != 0 {
         return Err(Error::unsupported(
             &file.path,
-            format!(
-                "log version {} with a pending log (only version 0 is defined)",
-                h.log_version
-            ),
+            Feature::VhdxLogVersion {
+                version: h.log_version,
+            },
         ));
     }
     if !(h.log_length as u64).is_multiple_of(1 << 20) || h.log_offset % (1 << 20) != 0 {
         return Err(Error::corrupt(
             &file.path,
-            format!(
-                "log offset {} / length {} are not multiples of 1 MiB",
-                h.log_offset, h.log_length
-            ),
+            VhdxDefect::LogAlignment {
+                offset: h.log_offset,
+                length: h.log_length,
+            },
         ));
     }
     if h.log_length != 0 && h.log_offset < HEADER_SECTION_SIZE {
         return Err(Error::corrupt(
             &file.path,
-            format!("log at offset {} overlaps the header section", h.log_offset),
+            VhdxDefect::LogInHeaderSection {
+                offset: h.log_offset,
+            },
         ));
     }
     Ok((h, chosen, warnings))

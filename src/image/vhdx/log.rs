@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use uuid::Uuid;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Feature, Result, VhdxDefect};
 use crate::image::{ImageFile, OverlayPiece};
 
 /// Log sectors (and the granularity of every log write) are 4 KiB.
@@ -152,13 +152,10 @@ impl ReplayBudget {
         r.map(|_| ()).map_err(|used| {
             Error::unsupported(
                 path,
-                format!(
-                    "replaying its pending log in memory needs more than the {} MiB that the \
-                     log replays of all layers of one chain may hold together ({} KiB held \
-                     already); vdiskfs refuses it",
-                    self.limit >> 20,
-                    used >> 10
-                ),
+                Feature::VhdxReplayBudget {
+                    limit_mib: self.limit >> 20,
+                    held_kib: used >> 10,
+                },
             )
         })
     }
@@ -237,23 +234,20 @@ struct Ring {
 
 impl Ring {
     fn new(file: &ImageFile, offset: u64, length: u64) -> Result<Ring> {
-        let bad = |what: String| Err(Error::corrupt(&file.path, what));
+        let bad = |defect: VhdxDefect| Err(Error::corrupt(&file.path, defect));
         if length == 0 || !length.is_multiple_of(MIB) || length > u64::from(u32::MAX) {
-            return bad(format!(
-                "header LogLength {length} is not a non-zero multiple of 1 MiB below 4 GiB"
-            ));
+            return bad(VhdxDefect::LogLength { length });
         }
         if !offset.is_multiple_of(MIB) || offset < MIB {
-            return bad(format!(
-                "header LogOffset {offset} is not a multiple of 1 MiB after the header section"
-            ));
+            return bad(VhdxDefect::LogOffset { offset });
         }
         match offset.checked_add(length) {
             Some(end) if end <= file.len() => Ok(Ring { offset, length }),
-            _ => bad(format!(
-                "the log at offset {offset} length {length} lies outside the file ({} bytes)",
-                file.len()
-            )),
+            _ => bad(VhdxDefect::LogOutside {
+                offset,
+                length,
+                file_len: file.len(),
+            }),
         }
     }
 
@@ -451,12 +445,11 @@ impl<'a> Scanner<'a> {
         if self.work > self.limit {
             return Err(Error::corrupt(
                 &self.file.path,
-                format!(
-                    "the log at offset {} ({} bytes) holds no active sequence found within \
-                     {SCAN_WORK_FACTOR} x its length of reading (a genuine log needs at most \
-                     twice its length); it is damaged or crafted, so the file is corrupt",
-                    self.ring.offset, self.ring.length
-                ),
+                VhdxDefect::LogScanBudget {
+                    offset: self.ring.offset,
+                    length: self.ring.length,
+                    factor: SCAN_WORK_FACTOR,
+                },
             ));
         }
         Ok(())
@@ -672,23 +665,20 @@ impl<'a> Scanner<'a> {
         let Some(head) = candidate.last().copied() else {
             return Err(Error::corrupt(
                 path,
-                format!(
-                    "the header's LogGuid {} is set but the log at offset {} holds no valid \
-                     entry sequence for it, so the file is corrupt (MS-VHDX 2.3.3)",
-                    self.guid, ring.offset
-                ),
+                VhdxDefect::LogNoSequence {
+                    guid: self.guid,
+                    offset: ring.offset,
+                },
             ));
         };
         if self.file.len() < head.flushed_file_offset {
             return Err(Error::corrupt(
                 path,
-                format!(
-                    "the file is {} bytes but its log says it was at least {} bytes \
-                     (FlushedFileOffset of log entry {}): the file was truncated",
-                    self.file.len(),
-                    head.flushed_file_offset,
-                    head.sequence
-                ),
+                VhdxDefect::LogTruncated {
+                    file_len: self.file.len(),
+                    flushed: head.flushed_file_offset,
+                    sequence: head.sequence,
+                },
             ));
         }
 
@@ -726,10 +716,10 @@ impl<'a> Scanner<'a> {
             if !ok {
                 return Err(Error::corrupt(
                     &self.file.path,
-                    format!(
-                        "log entry {} at log offset {} changed while it was being read",
-                        e.sequence, e.pos
-                    ),
+                    VhdxDefect::LogEntryChanged {
+                        sequence: e.sequence,
+                        pos: e.pos,
+                    },
                 ));
             }
         }

@@ -4,7 +4,7 @@ use uuid::{uuid, Uuid};
 
 use super::header::{guid, le16, le32, le64};
 use super::region::Region;
-use crate::error::{Error, Result};
+use crate::error::{Error, Feature, LocatorProblem, Result, VhdxDefect};
 use crate::image::ImageFile;
 
 pub const FILE_PARAMETERS: Uuid = uuid!("CAA16737-FA36-4D43-B3B6-33F0AA44E76B");
@@ -42,58 +42,66 @@ struct Item {
     length: u32,
 }
 
-fn utf16le(bytes: &[u8]) -> std::result::Result<String, String> {
+fn utf16le(
+    bytes: &[u8],
+    index: usize,
+    part: &'static str,
+) -> std::result::Result<String, LocatorProblem> {
     if !bytes.len().is_multiple_of(2) {
-        return Err(format!("odd UTF-16 byte length {}", bytes.len()));
+        return Err(LocatorProblem::OddLength {
+            index,
+            part,
+            length: bytes.len(),
+        });
     }
     let units: Vec<u16> = bytes
         .chunks_exact(2)
         .map(|c| u16::from_le_bytes([c[0], c[1]]))
         .collect();
-    String::from_utf16(&units).map_err(|_| "invalid UTF-16".to_string())
+    String::from_utf16(&units).map_err(|_| LocatorProblem::Utf16 { index, part })
 }
 
 /// Parse a parent locator item (MS-VHDX 2.6.2.6).
-pub fn parse_parent_locator(item: &[u8]) -> std::result::Result<Vec<(String, String)>, String> {
+pub fn parse_parent_locator(
+    item: &[u8],
+) -> std::result::Result<Vec<(String, String)>, LocatorProblem> {
     if item.len() < 20 {
-        return Err(format!(
-            "parent locator is {} bytes (header needs 20)",
-            item.len()
-        ));
+        return Err(LocatorProblem::Short { len: item.len() });
     }
     let ltype = guid(item, 0);
     if ltype != VHDX_LOCATOR_TYPE {
-        return Err(format!("unknown parent locator type {ltype}"));
+        return Err(LocatorProblem::UnknownType { id: ltype });
     }
     let count = le16(item, 18) as usize;
     let table_end = 20 + count * 12;
     if table_end > item.len() {
-        return Err(format!(
-            "parent locator claims {count} entries, more than its {} bytes hold",
-            item.len()
-        ));
+        return Err(LocatorProblem::TooManyEntries {
+            count,
+            len: item.len(),
+        });
     }
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let e = 20 + i * 12;
         let (ko, vo) = (le32(item, e) as usize, le32(item, e + 4) as usize);
         let (kl, vl) = (le16(item, e + 8) as usize, le16(item, e + 10) as usize);
-        let slice = |o: usize, l: usize, what: &str| {
+        let slice = |o: usize, l: usize, part: &'static str| {
             if o == 0 || l == 0 || o.checked_add(l).is_none_or(|end| end > item.len()) {
-                Err(format!(
-                    "parent locator entry {i}: {what} at offset {o} length {l} is outside the item ({} bytes)",
-                    item.len()
-                ))
+                Err(LocatorProblem::EntryOutside {
+                    index: i,
+                    part,
+                    offset: o,
+                    length: l,
+                    len: item.len(),
+                })
             } else {
                 Ok(&item[o..o + l])
             }
         };
-        let key = utf16le(slice(ko, kl, "key")?)
-            .map_err(|e| format!("parent locator entry {i} key: {e}"))?;
-        let value = utf16le(slice(vo, vl, "value")?)
-            .map_err(|e| format!("parent locator entry {i} value: {e}"))?;
+        let key = utf16le(slice(ko, kl, "key")?, i, "key")?;
+        let value = utf16le(slice(vo, vl, "value")?, i, "value")?;
         if out.iter().any(|(k, _)| *k == key) {
-            return Err(format!("parent locator key {key:?} appears twice"));
+            return Err(LocatorProblem::KeyTwice { key });
         }
         out.push((key, value));
     }
@@ -109,20 +117,20 @@ pub fn parse_guid_string(s: &str) -> Option<Uuid> {
 }
 
 pub fn read_metadata(file: &ImageFile, region: Region) -> Result<Metadata> {
-    let bad = |msg: String| Error::corrupt(&file.path, msg);
+    let bad = |defect: VhdxDefect| Error::corrupt(&file.path, defect);
     let mut table = vec![0u8; TABLE_SIZE];
     file.read_exact_at(&mut table, region.file_offset)?;
     if &table[0..8] != b"metadata" {
-        return Err(bad(format!(
-            "bad metadata table signature at offset {} (expected \"metadata\")",
-            region.file_offset
-        )));
+        return Err(bad(VhdxDefect::MetadataSignature {
+            offset: region.file_offset,
+        }));
     }
     let count = le16(&table, 10);
     if count > MAX_ENTRIES {
-        return Err(bad(format!(
-            "metadata table has {count} entries (at most {MAX_ENTRIES} allowed)"
-        )));
+        return Err(bad(VhdxDefect::MetadataEntries {
+            count,
+            max: MAX_ENTRIES,
+        }));
     }
     let mut items: Vec<(Uuid, bool, Item)> = Vec::new();
     for i in 0..count as usize {
@@ -134,17 +142,17 @@ pub fn read_metadata(file: &ImageFile, region: Region) -> Result<Metadata> {
         let is_user = flags & 1 != 0;
         let is_required = flags & 4 != 0;
         if length > MAX_ITEM {
-            return Err(bad(format!(
-                "metadata item {id} is {length} bytes (at most 1 MiB allowed)"
-            )));
+            return Err(bad(VhdxDefect::MetadataItemTooLarge { id, length }));
         }
         if length != 0 {
             let end = offset as u64 + length as u64;
             if (offset as usize) < TABLE_SIZE || end > region.length {
-                return Err(bad(format!(
-                    "metadata item {id} at offset {offset} length {length} lies outside the metadata region ({} bytes)",
-                    region.length
-                )));
+                return Err(bad(VhdxDefect::MetadataItemOutside {
+                    id,
+                    offset,
+                    length,
+                    region_length: region.length,
+                }));
             }
         }
         let known = !is_user
@@ -160,11 +168,11 @@ pub fn read_metadata(file: &ImageFile, region: Region) -> Result<Metadata> {
         if !known && is_required {
             return Err(Error::unsupported(
                 &file.path,
-                format!("unknown required metadata item {id}"),
+                Feature::VhdxRequiredMetadata { id },
             ));
         }
         if items.iter().any(|(g, u, _)| *g == id && *u == is_user) {
-            return Err(bad(format!("metadata item {id} appears twice")));
+            return Err(bad(VhdxDefect::MetadataItemTwice { id }));
         }
         items.push((id, !known, Item { offset, length }));
     }
@@ -173,37 +181,34 @@ pub fn read_metadata(file: &ImageFile, region: Region) -> Result<Metadata> {
             return Ok(None);
         };
         if it.length < min {
-            return Err(bad(format!(
-                "metadata item {id} is {} bytes, expected at least {min}",
-                it.length
-            )));
+            return Err(bad(VhdxDefect::MetadataItemShort {
+                id,
+                length: it.length,
+                min,
+            }));
         }
         let mut buf = vec![0u8; it.length as usize];
         file.read_exact_at(&mut buf, region.file_offset + it.offset as u64)?;
         Ok(Some(buf))
     };
-    let need = |id: Uuid, min: u32, name: &str| -> Result<Vec<u8>> {
-        read_item(id, min)?.ok_or_else(|| bad(format!("required metadata item {name} is missing")))
+    let need = |id: Uuid, min: u32, name: &'static str| -> Result<Vec<u8>> {
+        read_item(id, min)?.ok_or_else(|| bad(VhdxDefect::MetadataItemMissing { name }))
     };
 
     let fp = need(FILE_PARAMETERS, 8, "File Parameters")?;
     let block_size = le32(&fp, 0);
     let flags = le32(&fp, 4);
     if !block_size.is_power_of_two() || !(1 << 20..=256 << 20).contains(&block_size) {
-        return Err(bad(format!(
-            "block size {block_size} is invalid (must be a power of two from 1 MiB to 256 MiB)"
-        )));
+        return Err(bad(VhdxDefect::BlockSize { block_size }));
     }
     let logical_sector_size = le32(&need(LOGICAL_SECTOR_SIZE, 4, "Logical Sector Size")?, 0);
     let physical_sector_size = le32(&need(PHYSICAL_SECTOR_SIZE, 4, "Physical Sector Size")?, 0);
-    for (name, v) in [
+    for (which, size) in [
         ("logical", logical_sector_size),
         ("physical", physical_sector_size),
     ] {
-        if v != 512 && v != 4096 {
-            return Err(bad(format!(
-                "{name} sector size {v} is invalid (must be 512 or 4096)"
-            )));
+        if size != 512 && size != 4096 {
+            return Err(bad(VhdxDefect::SectorSize { which, size }));
         }
     }
     let virtual_size = le64(&need(VIRTUAL_DISK_SIZE, 8, "Virtual Disk Size")?, 0);
@@ -211,15 +216,16 @@ pub fn read_metadata(file: &ImageFile, region: Region) -> Result<Metadata> {
         || virtual_size > MAX_VIRTUAL_SIZE
         || !virtual_size.is_multiple_of(logical_sector_size as u64)
     {
-        return Err(bad(format!(
-            "virtual disk size {virtual_size} is invalid (must be a non-zero multiple of the {logical_sector_size}-byte sector size, at most 64 TiB)"
-        )));
+        return Err(bad(VhdxDefect::VirtualSize {
+            size: virtual_size,
+            sector_size: logical_sector_size,
+        }));
     }
     let virtual_disk_id = guid(&need(VIRTUAL_DISK_ID, 16, "Virtual Disk ID")?, 0);
     let has_parent = flags & 2 != 0;
     let parent_locator = if has_parent {
         let item = need(PARENT_LOCATOR, 20, "Parent Locator")?;
-        parse_parent_locator(&item).map_err(bad)?
+        parse_parent_locator(&item).map_err(|p| bad(VhdxDefect::ParentLocator(p)))?
     } else {
         Vec::new()
     };
@@ -272,21 +278,45 @@ mod tests {
         // Value length past the end.
         let e = 20 + 10;
         item[e..e + 2].copy_from_slice(&1000u16.to_le_bytes());
-        assert!(parse_parent_locator(&item).unwrap_err().contains("outside"));
+        assert!(matches!(
+            parse_parent_locator(&item).unwrap_err(),
+            LocatorProblem::EntryOutside {
+                index: 0,
+                part: "value",
+                length: 1000,
+                ..
+            }
+        ));
         // Odd UTF-16 length.
         let mut item = locator(&[("relative_path", "x.vhdx")]);
         item[e..e + 2].copy_from_slice(&3u16.to_le_bytes());
-        assert!(parse_parent_locator(&item).unwrap_err().contains("odd"));
+        assert_eq!(
+            parse_parent_locator(&item).unwrap_err(),
+            LocatorProblem::OddLength {
+                index: 0,
+                part: "value",
+                length: 3
+            }
+        );
         // Entry count larger than the item.
         let mut item = locator(&[("relative_path", "x.vhdx")]);
         item[18..20].copy_from_slice(&5000u16.to_le_bytes());
-        assert!(parse_parent_locator(&item).is_err());
+        assert!(matches!(
+            parse_parent_locator(&item).unwrap_err(),
+            LocatorProblem::TooManyEntries { count: 5000, .. }
+        ));
         // Wrong locator type.
         let mut item = locator(&[("relative_path", "x.vhdx")]);
         item[0] ^= 1;
-        assert!(parse_parent_locator(&item).unwrap_err().contains("type"));
+        assert!(matches!(
+            parse_parent_locator(&item).unwrap_err(),
+            LocatorProblem::UnknownType { .. }
+        ));
         // Duplicate key.
         let item = locator(&[("a", "1"), ("a", "2")]);
-        assert!(parse_parent_locator(&item).unwrap_err().contains("twice"));
+        assert_eq!(
+            parse_parent_locator(&item).unwrap_err(),
+            LocatorProblem::KeyTwice { key: "a".into() }
+        );
     }
 }

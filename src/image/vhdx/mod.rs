@@ -27,7 +27,7 @@ use self::bitmap::SectorBitmaps;
 use self::header::{Header, HEADER_OFFSETS, HEADER_SECTION_SIZE};
 use self::metadata::{parse_guid_string, Metadata};
 use self::region::Regions;
-use crate::error::{Error, Result};
+use crate::error::{Error, Feature, LogGrowth, Result, VhdxDefect, Warning};
 use crate::image::ImageFile;
 use crate::layer::{push_run, Format, Layer, LayerInfo, OpenOptions, ParentRef, Run};
 
@@ -49,7 +49,7 @@ pub struct Vhdx {
     log_state: String,
     /// Problems of the pending log that did not stop a read-only open (`check` lists them).
     log_problems: Vec<String>,
-    warnings: Vec<String>,
+    warnings: Vec<Warning>,
     writable: bool,
     pub(crate) write_state: Option<Mutex<write::WriteState>>,
 }
@@ -76,12 +76,11 @@ impl Vhdx {
             if hdr.log_length == 0 || log_end.is_none_or(|e| e > file.len()) {
                 return Err(Error::corrupt(
                     path,
-                    format!(
-                        "pending log at offset {} length {} lies outside the file ({} bytes)",
-                        hdr.log_offset,
-                        hdr.log_length,
-                        file.len()
-                    ),
+                    VhdxDefect::PendingLogOutside {
+                        offset: hdr.log_offset,
+                        length: hdr.log_length,
+                        file_len: file.len(),
+                    },
                 ));
             }
             // The scan reads a bounded multiple of the log and replay holds its sectors
@@ -90,11 +89,10 @@ impl Vhdx {
             if hdr.log_length as u64 > log::MAX_REPLAY_LOG_LENGTH {
                 return Err(Error::unsupported(
                     path,
-                    format!(
-                        "pending log of {} bytes; vdiskfs replays logs of at most {} bytes",
-                        hdr.log_length,
-                        log::MAX_REPLAY_LOG_LENGTH
-                    ),
+                    Feature::VhdxLogLength {
+                        length: hdr.log_length,
+                        max: log::MAX_REPLAY_LOG_LENGTH,
+                    },
                 ));
             }
             let log_length = hdr.log_length as u64;
@@ -127,10 +125,7 @@ impl Vhdx {
                             if grown > real_len.max(bound) {
                                 return Err(Error::corrupt(
                                     path,
-                                    format!(
-                                        "{}; refusing to replay it (the file was not modified)",
-                                        growth_problem(real_len, grown, bound)
-                                    ),
+                                    VhdxDefect::LogGrowth(growth_problem(real_len, grown, bound)),
                                 ));
                             }
                             log::apply_to_file(&file, &replay)
@@ -168,25 +163,19 @@ impl Vhdx {
                 length: hdr.log_length as u64,
             };
             if log_region.overlaps(&regions.bat) || log_region.overlaps(&regions.metadata) {
-                return Err(Error::corrupt(
-                    path,
-                    "the log overlaps the BAT or metadata region",
-                ));
+                return Err(Error::corrupt(path, VhdxDefect::LogOverlapsRegions));
             }
         }
         let meta = metadata::read_metadata(&file, regions.metadata)?;
         for g in &meta.unknown_items {
-            warnings.push(format!("unknown optional metadata item {g} ignored"));
+            warnings.push(Warning::VhdxUnknownMetadata { id: *g });
         }
         if let Some((real_len, grown)) = growth {
             let bound = addressable(&regions, &meta, hdr.log_length as u64);
             if grown > real_len.max(bound) {
-                let p = format!(
-                    "{}; replayed in memory only, a writable open refuses it",
-                    growth_problem(real_len, grown, bound)
-                );
-                warnings.push(p.clone());
-                log_problems.push(p);
+                let w = Warning::VhdxLogGrowth(growth_problem(real_len, grown, bound));
+                log_problems.push(w.to_string());
+                warnings.push(w);
             }
         }
         let bat = Bat::new(&file, regions.bat, &meta)?;
@@ -194,16 +183,10 @@ impl Vhdx {
         let parent = meta.has_parent.then(|| parent_ref(&meta));
         if let Some(p) = &parent {
             if p.linkage.is_empty() {
-                return Err(Error::corrupt(
-                    path,
-                    "differencing disk without a valid parent_linkage in its parent locator",
-                ));
+                return Err(Error::corrupt(path, VhdxDefect::NoParentLinkage));
             }
             if p.candidates.is_empty() {
-                return Err(Error::corrupt(
-                    path,
-                    "differencing disk whose parent locator has no relative_path, volume_path or absolute_win32_path",
-                ));
+                return Err(Error::corrupt(path, VhdxDefect::NoParentPath));
             }
         }
         let log_region = (hdr.log_offset, hdr.log_length as u64);
@@ -279,7 +262,7 @@ impl Vhdx {
                 if st == PAYLOAD_BLOCK_PARTIALLY_PRESENT && !self.meta.has_parent {
                     return Err(Error::corrupt(
                         &self.file.path,
-                        format!("BAT entry for block {block} is PARTIALLY_PRESENT in a file without a parent"),
+                        VhdxDefect::PartialWithoutParent { block },
                     ));
                 }
                 let off = file_offset(entry);
@@ -291,10 +274,11 @@ impl Vhdx {
                 {
                     return Err(Error::corrupt(
                         &self.file.path,
-                        format!(
-                            "BAT entry for block {block} points at file offset {off}, outside the file ({} bytes) or inside the header section",
-                            self.file.len()
-                        ),
+                        VhdxDefect::BlockOutside {
+                            block,
+                            offset: off,
+                            file_len: self.file.len(),
+                        },
                     ));
                 }
                 // Never hand out the BAT, metadata or log as disk data (`check` reports
@@ -313,16 +297,14 @@ impl Vhdx {
                 {
                     return Err(Error::corrupt(
                         &self.file.path,
-                        format!(
-                            "BAT entry for block {block} points at file offset {off}, which overlaps the BAT, metadata or log region"
-                        ),
+                        VhdxDefect::BlockOverlapsRegions { block, offset: off },
                     ));
                 }
                 Ok(st)
             }
             _ => Err(Error::corrupt(
                 &self.file.path,
-                format!("BAT entry for block {block} has reserved state {st}"),
+                VhdxDefect::ReservedState { block, state: st },
             )),
         }
     }
@@ -333,7 +315,7 @@ impl Vhdx {
         if state(e) != SB_BLOCK_PRESENT {
             return Err(Error::corrupt(
                 &self.file.path,
-                format!("chunk {chunk} has PARTIALLY_PRESENT blocks but its sector bitmap block is not present"),
+                VhdxDefect::BitmapNotPresent { chunk },
             ));
         }
         if off < HEADER_SECTION_SIZE
@@ -341,9 +323,7 @@ impl Vhdx {
         {
             return Err(Error::corrupt(
                 &self.file.path,
-                format!(
-                    "sector bitmap block of chunk {chunk} at file offset {off} is outside the file"
-                ),
+                VhdxDefect::BitmapOutside { chunk, offset: off },
             ));
         }
         Ok(off)
@@ -432,12 +412,12 @@ fn addressable(regions: &Regions, meta: &Metadata, log_length: u64) -> u64 {
 
 const MIB: u64 = 1 << 20;
 
-fn growth_problem(real_len: u64, grown: u64, bound: u64) -> String {
-    format!(
-        "the pending log would grow the file from {real_len} to {grown} bytes, beyond the \
-         {bound} bytes its structures can address (header section, log, regions and every \
-         block of the disk)"
-    )
+fn growth_problem(real_len: u64, grown: u64, bound: u64) -> LogGrowth {
+    LogGrowth {
+        from: real_len,
+        to: grown,
+        bound,
+    }
 }
 
 /// Write `next` (SequenceNumber = current + 1) over the non-current header, flush, then
@@ -660,8 +640,8 @@ impl Vhdx {
         let mut problems: Vec<String> = self
             .warnings
             .iter()
-            .filter(|w| w.contains("header") || w.contains("region"))
-            .cloned()
+            .filter(|w| matches!(w, Warning::VhdxHeaderInvalid { .. }))
+            .map(ToString::to_string)
             .collect();
         for p in &self.log_problems {
             if !problems.contains(p) {

@@ -3,7 +3,7 @@
 use uuid::{uuid, Uuid};
 
 use super::header::{crc_with_zeroed_field, guid, le32, le64, HEADER_SECTION_SIZE};
-use crate::error::{Error, Result};
+use crate::error::{Error, Feature, Result, VhdxDefect};
 use crate::image::ImageFile;
 
 pub const REGION_TABLE_OFFSETS: [u64; 2] = [192 << 10, 256 << 10];
@@ -99,7 +99,7 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
     let Some(entries) = entries else {
         return Err(Error::corrupt(
             &file.path,
-            format!("both VHDX region tables are invalid: {}", errors.join("; ")),
+            VhdxDefect::BothRegionTables { problems: errors },
         ));
     };
     let mut bat = None;
@@ -114,7 +114,7 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
             if required {
                 return Err(Error::unsupported(
                     &file.path,
-                    format!("unknown required region {g}"),
+                    Feature::VhdxRequiredRegion { id: g },
                 ));
             }
             others = others.saturating_add(r.length);
@@ -123,20 +123,21 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
         if slot.is_some() {
             return Err(Error::corrupt(
                 &file.path,
-                format!("region {g} appears twice"),
+                VhdxDefect::RegionTwice { id: g },
             ));
         }
         *slot = Some(r);
     }
-    let name_check = |name: &str, r: Option<Region>| -> Result<Region> {
-        let r = r.ok_or_else(|| Error::corrupt(&file.path, format!("no {name} region")))?;
+    let name_check = |name: &'static str, r: Option<Region>| -> Result<Region> {
+        let r = r.ok_or_else(|| Error::corrupt(&file.path, VhdxDefect::RegionMissing { name }))?;
         if r.file_offset % (1 << 20) != 0 || r.file_offset < HEADER_SECTION_SIZE || r.length == 0 {
             return Err(Error::corrupt(
                 &file.path,
-                format!(
-                    "{name} region at offset {} length {} is misplaced (must be 1 MiB aligned, after the header section, non-empty)",
-                    r.file_offset, r.length
-                ),
+                VhdxDefect::RegionMisplaced {
+                    name,
+                    offset: r.file_offset,
+                    length: r.length,
+                },
             ));
         }
         if r.file_offset
@@ -145,12 +146,12 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
         {
             return Err(Error::corrupt(
                 &file.path,
-                format!(
-                    "{name} region at offset {} length {} extends past the end of the file ({} bytes)",
-                    r.file_offset,
-                    r.length,
-                    file.len()
-                ),
+                VhdxDefect::RegionPastEnd {
+                    name,
+                    offset: r.file_offset,
+                    length: r.length,
+                    file_len: file.len(),
+                },
             ));
         }
         Ok(r)
@@ -158,10 +159,7 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
     let bat = name_check("BAT", bat)?;
     let metadata = name_check("metadata", metadata)?;
     if bat.overlaps(&metadata) {
-        return Err(Error::corrupt(
-            &file.path,
-            "BAT and metadata regions overlap",
-        ));
+        return Err(Error::corrupt(&file.path, VhdxDefect::RegionsOverlap));
     }
     Ok(Regions {
         bat,

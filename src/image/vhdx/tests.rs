@@ -7,7 +7,7 @@ use super::create::{write_new, NewVhdx};
 use super::header::HEADER_OFFSETS;
 use super::region::REGION_TABLE_OFFSETS;
 use super::Vhdx;
-use crate::error::Error;
+use crate::error::{Defect, Error, Feature, HeaderProblem, VhdxDefect, Warning};
 use crate::image::create_new_file;
 use crate::layer::{Layer, OpenOptions, Run};
 
@@ -76,7 +76,8 @@ fn fix_region_crc(path: &Path, off: u64) {
     patch(path, off + 4, &c.to_le_bytes());
 }
 
-fn open_err(path: &Path) -> String {
+/// The error an open fails with, checked to be one line naming the file.
+fn open_error(path: &Path) -> Error {
     match Vhdx::open(path, OpenOptions::default()) {
         Ok(_) => panic!("{} opened but should not", path.display()),
         Err(e) => {
@@ -86,8 +87,27 @@ fn open_err(path: &Path) -> String {
                 "error names the file: {s}"
             );
             assert!(!s.contains('\n'), "one line: {s}");
-            s
+            e
         }
+    }
+}
+
+/// The VHDX defect an open fails with.
+pub(crate) fn open_defect(path: &Path) -> VhdxDefect {
+    match open_error(path) {
+        Error::Corrupt {
+            defect: Defect::Vhdx(d),
+            ..
+        } => d,
+        e => panic!("expected a VHDX defect: {e}"),
+    }
+}
+
+/// The unsupported feature an open fails with.
+pub(crate) fn open_feature(path: &Path) -> Feature {
+    match open_error(path) {
+        Error::Unsupported { feature, .. } => feature,
+        e => panic!("expected an unsupported feature: {e}"),
     }
 }
 
@@ -117,7 +137,7 @@ fn bad_signature() {
     let p = d.0.join("b.vhdx");
     new_base(&p, 4 << 20, 1 << 20, 512);
     patch(&p, 0, b"XXXX");
-    assert!(open_err(&p).contains("file type identifier"));
+    assert_eq!(open_defect(&p), VhdxDefect::FileIdentifier);
 }
 
 #[test]
@@ -127,16 +147,25 @@ fn one_bad_header_is_survivable_two_are_not() {
     new_base(&p, 4 << 20, 1 << 20, 512);
     patch(&p, HEADER_OFFSETS[1] + 100, &[0xff]);
     let v = Vhdx::open(&p, OpenOptions::default()).unwrap();
-    assert!(v
-        .info()
-        .unwrap()
-        .warnings
-        .iter()
-        .any(|w| w.contains("checksum")));
+    assert!(v.info().unwrap().warnings.iter().any(|w| matches!(
+        w,
+        Warning::VhdxHeaderInvalid {
+            copy: 2,
+            problem: HeaderProblem::Checksum { .. }
+        }
+    )));
     patch(&p, HEADER_OFFSETS[0] + 100, &[0xff]);
-    let e = open_err(&p);
-    assert!(e.contains("both VHDX headers are invalid"), "{e}");
-    assert!(e.contains("checksum mismatch"), "{e}");
+    let e = open_defect(&p);
+    assert!(
+        matches!(
+            e,
+            VhdxDefect::BothHeaders {
+                first: HeaderProblem::Checksum { .. },
+                second: HeaderProblem::Checksum { .. }
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -154,28 +183,54 @@ fn region_table_problems() {
         patch(&p, e + 28, &1u32.to_le_bytes());
         fix_region_crc(&p, off);
     }
-    assert!(open_err(&p).contains("unknown required region"));
+    assert_eq!(
+        open_feature(&p),
+        Feature::VhdxRequiredRegion {
+            id: uuid::Uuid::from_bytes_le([0x11; 16])
+        }
+    );
     // Both copies with bad checksums.
     for off in REGION_TABLE_OFFSETS {
         patch(&p, off + 200, &[0xee]);
     }
-    assert!(open_err(&p).contains("region tables are invalid"));
+    assert!(matches!(
+        open_defect(&p),
+        VhdxDefect::BothRegionTables { problems } if problems.len() == 2
+    ));
 }
 
 #[test]
 fn bad_metadata_values() {
-    let cases: [(u64, Vec<u8>, &str); 4] = [
-        (ITEMS, (3u32 << 20).to_le_bytes().to_vec(), "block size"),
-        (ITEMS, (512u32 << 20).to_le_bytes().to_vec(), "block size"),
+    let cases: [(u64, Vec<u8>, VhdxDefect); 4] = [
+        (
+            ITEMS,
+            (3u32 << 20).to_le_bytes().to_vec(),
+            VhdxDefect::BlockSize {
+                block_size: 3 << 20,
+            },
+        ),
+        (
+            ITEMS,
+            (512u32 << 20).to_le_bytes().to_vec(),
+            VhdxDefect::BlockSize {
+                block_size: 512 << 20,
+            },
+        ),
         (
             ITEMS + 32,
             1000u32.to_le_bytes().to_vec(),
-            "sector size 1000",
+            VhdxDefect::SectorSize {
+                which: "logical",
+                size: 1000,
+            },
         ),
         (
             ITEMS + 8,
             (65u64 << 40).to_le_bytes().to_vec(),
-            "virtual disk size",
+            VhdxDefect::VirtualSize {
+                size: 65 << 40,
+                sector_size: 512,
+            },
         ),
     ];
     for (i, (off, bytes, want)) in cases.iter().enumerate() {
@@ -183,8 +238,7 @@ fn bad_metadata_values() {
         let p = d.0.join("b.vhdx");
         new_base(&p, 4 << 20, 1 << 20, 512);
         patch(&p, *off, bytes);
-        let e = open_err(&p);
-        assert!(e.contains(want), "case {i}: {e}");
+        assert_eq!(&open_defect(&p), want, "case {i}");
     }
 }
 
@@ -195,12 +249,12 @@ fn unknown_required_metadata_item() {
     new_base(&p, 4 << 20, 1 << 20, 512);
     // Change the Physical Sector Size item's GUID (entry 5 of the table) to an unknown one.
     patch(&p, META + 32 + 4 * 32, &[0x42; 16]);
-    let e = open_err(&p);
-    assert!(e.contains("unknown required metadata item"), "{e}");
-    assert!(matches!(
-        Vhdx::open(&p, OpenOptions::default()),
-        Err(Error::Unsupported { .. })
-    ));
+    assert_eq!(
+        open_feature(&p),
+        Feature::VhdxRequiredMetadata {
+            id: uuid::Uuid::from_bytes_le([0x42; 16])
+        }
+    );
 }
 
 #[test]
@@ -211,14 +265,16 @@ fn bat_entry_past_end_of_file() {
     // Block 1 FULLY_PRESENT at 1000 MiB.
     let entry = (1000u64 << 20) | 6;
     patch(&p, (3 << 20) + 8, &entry.to_le_bytes());
-    let e = open_err(&p);
-    assert!(
-        e.contains("block 1") && e.contains("outside the file"),
-        "{e}"
-    );
+    assert!(matches!(
+        open_defect(&p),
+        VhdxDefect::BlockOutside { block: 1, offset, .. } if offset == 1000 << 20
+    ));
     // A reserved state.
     patch(&p, (3 << 20) + 8, &4u64.to_le_bytes());
-    assert!(open_err(&p).contains("reserved state"));
+    assert_eq!(
+        open_defect(&p),
+        VhdxDefect::ReservedState { block: 1, state: 4 }
+    );
 }
 
 #[test]
@@ -228,8 +284,8 @@ fn truncated_file() {
     new_base(&p, 4 << 20, 1 << 20, 512);
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     f.set_len(200 << 10).unwrap();
-    let e = open_err(&p);
-    assert!(e.contains("region"), "{e}");
+    let e = open_defect(&p);
+    assert!(matches!(e, VhdxDefect::BothRegionTables { .. }), "{e}");
 }
 
 /// A small deterministic PRNG (xorshift) so failures reproduce.
@@ -518,11 +574,14 @@ fn shared_sector_bitmap_block_is_refused() {
     let mut buf = vec![0u8; 512];
     disk.read_at(0, &mut buf).unwrap();
     assert_eq!(buf, vec![9u8; 512]);
-    let e = disk
-        .read_at(cr * (2 << 20), &mut buf)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("also another chunk"), "{e}");
+    let e = disk.read_at(cr * (2 << 20), &mut buf).unwrap_err();
+    assert!(
+        matches!(
+            e.defect(),
+            Some(Defect::Vhdx(VhdxDefect::BitmapShared { chunk: 1, offset })) if *offset == sb0 & !0xfffff
+        ),
+        "{e}"
+    );
 }
 
 fn open_disk_result(path: &Path) -> crate::disk::Disk {
