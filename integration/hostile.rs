@@ -194,7 +194,7 @@ fn windows_paths_with_multibyte_characters_do_not_panic() {
         "\\\\.\\\u{e9}\u{e9}",
         "\\\\?\\UN\u{e9}",
     ] {
-        let _ = vdiskfs::chain::windows_to_linux(p, Path::new("/tmp"));
+        let _ = vdiskfs::paths::windows_to_linux(p, Path::new("/tmp"));
     }
 }
 

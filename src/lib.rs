@@ -14,6 +14,7 @@ pub mod error;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod paths;
 pub mod progress;
 pub mod vfs;
 
