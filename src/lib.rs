@@ -16,6 +16,7 @@ pub mod image;
 pub mod layer;
 pub mod paths;
 pub mod progress;
+pub mod sys;
 pub mod vfs;
 
 pub use chain::{Chain, ChainOptions, Intent};
