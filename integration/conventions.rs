@@ -29,8 +29,7 @@ fn lock_system() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    vdiskfs::sys::euid() == 0
 }
 
 /// Skip (or fail under VDISKFS_REQUIRE_FUSE) unless root.

@@ -194,7 +194,7 @@ fn windows_paths_with_multibyte_characters_do_not_panic() {
         "\\\\.\\\u{e9}\u{e9}",
         "\\\\?\\UN\u{e9}",
     ] {
-        let _ = vdiskfs::chain::windows_to_linux(p, Path::new("/tmp"));
+        let _ = vdiskfs::paths::windows_to_linux(p, Path::new("/tmp"));
     }
 }
 
@@ -544,12 +544,10 @@ fn mount_options_and_namespace() {
         assert!(fs::create_dir(m.dir.join("d")).is_err());
         // Owned by the mounting user.
         let md = fs::metadata(m.dir.join("disk.raw")).unwrap();
-        // SAFETY: getuid/getgid have no preconditions.
-        assert_eq!(md.uid(), unsafe { libc::getuid() });
-        assert_eq!(md.gid(), unsafe { libc::getgid() });
+        assert_eq!(md.uid(), vdiskfs::sys::uid());
+        assert_eq!(md.gid(), vdiskfs::sys::gid());
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if vdiskfs::sys::euid() == 0 {
         let m = Mounted::start(
             &base,
             &t.join("m2"),

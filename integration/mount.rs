@@ -42,8 +42,7 @@ fn can_run(test: &str, tools: &[&str], needs_root: bool) -> bool {
             missing.push(t.to_string());
         }
     }
-    // SAFETY: geteuid has no preconditions.
-    if needs_root && unsafe { libc::geteuid() } != 0 {
+    if needs_root && vdiskfs::sys::euid() != 0 {
         missing.push("root (for loop devices)".into());
     }
     if missing.is_empty() {
@@ -369,8 +368,7 @@ fn parallel_odd_reads(file: &Path, want: &Arc<Vec<u8>>) {
 }
 
 fn uid_gid() -> (u32, u32) {
-    // SAFETY: getuid/getgid have no preconditions.
-    unsafe { (libc::getuid(), libc::getgid()) }
+    (vdiskfs::sys::uid(), vdiskfs::sys::gid())
 }
 
 /// Make an ext4 base image (raw) holding `make_tree`.
@@ -676,8 +674,12 @@ fn sigterm_unmounts_cleanly() {
     let got = fs::read(m.file("my.img")).unwrap();
     assert!(got[..data.len()] == data[..]);
     let mut child = m.child.take().unwrap();
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    // SIGTERM to our own child.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let out = {
         let st = child.wait().unwrap();
         let mut err = String::new();

@@ -25,8 +25,7 @@ const BLOCK: u64 = 2 * MIB;
 // ---------------------------------------------------------------- environment
 
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    vdiskfs::sys::euid() == 0
 }
 
 /// FUSE, root and loop devices, qemu-img and `tools`; skip with a message or, under

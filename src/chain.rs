@@ -2,9 +2,10 @@
 //!
 //! For every differencing layer the parent is found in this order:
 //! 1. an explicit `--parent` for that level (replaces everything else);
-//! 2. the paths the child records, in the format's order (VHDX: `relative_path`, then
-//!    `absolute_win32_path`, then `volume_path`; VHD: W2ru, W2ku, Wi2r, Wi2k, Mac, MacX,
-//!    then the parent Unicode name), each turned from Windows form into a Linux path;
+//! 2. the paths the child records, in the order of `paths::LOCATORS` (VHDX:
+//!    `relative_path`, then `absolute_win32_path`, then `volume_path`; VHD: W2ru, W2ku,
+//!    Wi2r, Wi2k, Mac, MacX, then the parent Unicode name), each turned from Windows form
+//!    into a Linux path (`paths::windows_to_linux`);
 //! 3. the file name alone of each of those, in the child's directory;
 //! 4. the file name in each `--search-dir`.
 //!
@@ -17,12 +18,13 @@
 use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, LinkageProblem, Request, Result, Warning};
 use crate::image::{open_layer_within, vhdx::log::ReplayBudget};
 use crate::layer::{Format, IfWritten, Layer, OpenOptions, ParentRef};
+use crate::paths::{self, file_name_of, find_case_insensitive, windows_to_linux};
 
 /// The deepest chain vdiskfs opens (top and base included).
 pub const MAX_CHAIN_DEPTH: usize = 256;
@@ -234,23 +236,6 @@ pub fn file_id(path: &Path) -> Result<FileId> {
     })
 }
 
-/// The order a locator is tried in; unknown names keep their place after known ones.
-fn locator_rank(name: &str) -> u32 {
-    match name {
-        "relative_path" => 0,
-        "absolute_win32_path" => 1,
-        "volume_path" => 2,
-        "W2ru" => 10,
-        "W2ku" => 11,
-        "Wi2r" => 12,
-        "Wi2k" => 13,
-        "Mac" => 14,
-        "MacX" => 15,
-        "parent_unicode_name" => 16,
-        _ => 100,
-    }
-}
-
 /// The child's recorded candidates in the order to try, without empty entries.
 fn ordered_candidates(parent: &ParentRef) -> Vec<(String, String)> {
     let mut c: Vec<(String, String)> = parent
@@ -259,186 +244,8 @@ fn ordered_candidates(parent: &ParentRef) -> Vec<(String, String)> {
         .map(|(n, r)| (n.clone(), r.trim_end_matches('\0').to_string()))
         .filter(|(_, r)| !r.trim().is_empty())
         .collect();
-    c.sort_by_key(|(n, _)| locator_rank(n)); // stable: equal ranks keep the file's order
+    c.sort_by_key(|(n, _)| paths::rank(n)); // stable: equal ranks keep the file's order
     c
-}
-
-/// Decode `%XX` escapes of a URL path (invalid escapes are kept as they are).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The path of a `file:` URL (`file://localhost/Users/x/a%20b.vhd` -> `/Users/x/a b.vhd`),
-/// or None when `s` is not a file URL.
-fn file_url_path(s: &str) -> Option<String> {
-    let lower = s.get(..5)?.to_ascii_lowercase();
-    if lower != "file:" {
-        return None;
-    }
-    let rest = &s[5..];
-    let path = if let Some(after) = rest.strip_prefix("//") {
-        // Skip the host ("localhost" or empty).
-        match after.find('/') {
-            Some(i) => &after[i..],
-            None => "/",
-        }
-    } else {
-        rest
-    };
-    Some(percent_decode(path))
-}
-
-/// Split a slash-separated Windows path into (is absolute, the rest after any drive,
-/// volume or UNC prefix).
-fn strip_windows_prefix(s: &str) -> (bool, &str) {
-    fn after_drive(s: &str) -> Option<&str> {
-        let b = s.as_bytes();
-        if b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b':' {
-            Some(&s[2..])
-        } else {
-            None
-        }
-    }
-    // Skip the component of `s` up to the first '/', returning what follows it.
-    fn skip_component(s: &str) -> &str {
-        match s.find('/') {
-            Some(i) => &s[i + 1..],
-            None => "",
-        }
-    }
-    if let Some(dev) = s.strip_prefix("//?/").or_else(|| s.strip_prefix("//./")) {
-        if let Some(rest) = after_drive(dev) {
-            return (true, rest);
-        }
-        // `get`: the recorded path comes from the image and need not be ASCII, so byte 4
-        // may be inside a character (found by the read_anywhere fuzz target).
-        if dev.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("UNC/")) {
-            // \\?\UNC\server\share\rest
-            return (true, skip_component(skip_component(&dev[4..])));
-        }
-        // \\?\Volume{GUID}\rest (or any other device name)
-        return (true, skip_component(dev));
-    }
-    if let Some(unc) = s.strip_prefix("//") {
-        // \\server\share\rest
-        return (true, skip_component(skip_component(unc)));
-    }
-    if let Some(rest) = after_drive(s) {
-        // "C:/dir" is absolute; "C:dir" is relative to the drive's current directory,
-        // which means nothing here: take it as relative to the child.
-        return match rest.strip_prefix('/') {
-            Some(r) => (true, r),
-            None => (false, rest),
-        };
-    }
-    match s.strip_prefix('/') {
-        Some(r) => (true, r),
-        None => (false, s),
-    }
-}
-
-/// Join `rel` (slash-separated) onto `base`, resolving "." and ".." lexically, as Windows
-/// does.
-fn join_lexical(base: &Path, rel: &str) -> PathBuf {
-    let mut out = base.to_path_buf();
-    for part in rel.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                if out.file_name().is_some() {
-                    out.pop();
-                } else if !out.has_root() {
-                    // A relative start, or already above it: keep the "..".
-                    out.push("..");
-                } // at the root: ".." is the root itself
-            }
-            p => out.push(p),
-        }
-    }
-    out
-}
-
-/// Turn a path recorded in a child (Windows form, a file URL, or a plain name) into the
-/// Linux path to try. Backslashes become slashes; a drive letter (`C:`), `\\?\C:\`,
-/// `\\?\Volume{GUID}\` or UNC `\\server\share\` prefix is dropped and the rest is taken
-/// as absolute from `/`; a relative path is relative to `child_dir`.
-pub fn windows_to_linux(recorded: &str, child_dir: &Path) -> PathBuf {
-    let recorded = recorded.trim_end_matches('\0');
-    if let Some(p) = file_url_path(recorded) {
-        return join_lexical(Path::new("/"), &p);
-    }
-    let s = recorded.replace('\\', "/");
-    let (absolute, rest) = strip_windows_prefix(&s);
-    if absolute {
-        join_lexical(Path::new("/"), rest)
-    } else {
-        join_lexical(child_dir, rest)
-    }
-}
-
-/// The file name alone of a recorded path (Windows form, file URL or plain name).
-pub fn file_name_of(recorded: &str) -> Option<String> {
-    let recorded = recorded.trim_end_matches('\0');
-    let s = match file_url_path(recorded) {
-        Some(p) => p,
-        None => recorded.replace('\\', "/"),
-    };
-    let (_, rest) = strip_windows_prefix(&s);
-    rest.rsplit('/')
-        .find(|p| !p.is_empty())
-        .filter(|p| *p != "." && *p != "..")
-        .map(str::to_string)
-}
-
-/// `path` itself when it exists; otherwise the existing path whose components match
-/// `path`'s case-insensitively (the first in sorted order when several do), or None.
-pub fn find_case_insensitive(path: &Path) -> Option<PathBuf> {
-    if fs::symlink_metadata(path).is_ok() {
-        return Some(path.to_path_buf());
-    }
-    let mut cur = PathBuf::new();
-    for comp in path.components() {
-        match comp {
-            Component::Normal(name) => {
-                let exact = cur.join(name);
-                if fs::symlink_metadata(&exact).is_ok() {
-                    cur = exact;
-                    continue;
-                }
-                let want = name.to_string_lossy().to_lowercase();
-                let dir = if cur.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    cur.as_path()
-                };
-                // Listed without changing the directory's access time.
-                let mut matches: Vec<_> = crate::access::list_dir(dir)
-                    .ok()?
-                    .into_iter()
-                    .filter(|n| n.to_string_lossy().to_lowercase() == want)
-                    .collect();
-                matches.sort();
-                cur.push(matches.first()?);
-            }
-            other => cur.push(other.as_os_str()),
-        }
-    }
-    Some(cur)
 }
 
 /// Why `path` cannot be a parent of the file `child`, or Ok when it can.
@@ -762,60 +569,6 @@ mod tests {
     }
 
     #[test]
-    fn windows_paths_become_linux_paths() {
-        let dir = Path::new("/data/vms/child");
-        let cases = [
-            ("..\\base.vhdx", "/data/vms/base.vhdx"),
-            (".\\base.vhdx", "/data/vms/child/base.vhdx"),
-            ("base.vhdx", "/data/vms/child/base.vhdx"),
-            ("sub\\Base.VHDX", "/data/vms/child/sub/Base.VHDX"),
-            ("..\\..\\..\\..\\x.vhd", "/x.vhd"),
-            ("C:\\dir\\base.vhdx", "/dir/base.vhdx"),
-            ("c:/dir/base.vhdx", "/dir/base.vhdx"),
-            ("C:base.vhdx", "/data/vms/child/base.vhdx"),
-            (
-                "\\\\?\\Volume{26a21bda-a627-11d7-9931-806e6f6e6963}\\dir\\base.vhdx",
-                "/dir/base.vhdx",
-            ),
-            ("\\\\?\\C:\\dir\\base.vhdx", "/dir/base.vhdx"),
-            ("\\\\?\\UNC\\server\\share\\dir\\b.vhd", "/dir/b.vhd"),
-            ("\\\\server\\share\\dir\\b.vhd", "/dir/b.vhd"),
-            ("\\dir\\base.vhd", "/dir/base.vhd"),
-            ("/home/u/base.vhdx", "/home/u/base.vhdx"),
-            (
-                "file://localhost/Users/x/my%20base.vhd",
-                "/Users/x/my base.vhd",
-            ),
-            ("file:///Users/x/b%C3%A4se.vhd", "/Users/x/b\u{e4}se.vhd"),
-            ("file:///Users/x/100%.vhd", "/Users/x/100%.vhd"),
-            ("C:\\dir\\base.vhdx\0\0", "/dir/base.vhdx"),
-        ];
-        for (rec, want) in cases {
-            assert_eq!(windows_to_linux(rec, dir), PathBuf::from(want), "{rec:?}");
-        }
-    }
-
-    #[test]
-    fn file_name_alone() {
-        let cases = [
-            ("..\\base.vhdx", Some("base.vhdx")),
-            ("C:\\dir\\Base.vhdx", Some("Base.vhdx")),
-            ("\\\\?\\Volume{x}\\dir\\base.vhdx", Some("base.vhdx")),
-            (
-                "file://localhost/Users/x/my%20base.vhd",
-                Some("my base.vhd"),
-            ),
-            ("base.vhd", Some("base.vhd")),
-            ("C:\\", None),
-            ("..", None),
-            ("dir\\..", None),
-        ];
-        for (rec, want) in cases {
-            assert_eq!(file_name_of(rec).as_deref(), want, "{rec:?}");
-        }
-    }
-
-    #[test]
     fn recorded_strings_shown_as_recorded() {
         assert_eq!(show("C:\\dir\\a.vhd"), "C:\\dir\\a.vhd");
         assert_eq!(show("a\nb\u{1b}"), "a\\nb\\u{1b}");
@@ -934,8 +687,7 @@ mod tests {
         let child = t.file("c/child.vhdx", "");
         fs::create_dir_all(t.path().join("c/dir.vhdx")).unwrap();
         let fifo = t.path().join("c/fifo.vhdx");
-        let cpath = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(cpath.as_ptr(), 0o600) }, 0);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let link = t.path().join("c/link-to-child.vhdx");
         std::os::unix::fs::symlink(&child, &link).unwrap();
         let r = pref(&[

@@ -15,7 +15,9 @@ pub mod error;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod paths;
 pub mod progress;
+pub mod sys;
 pub mod vfs;
 
 pub use chain::{Chain, ChainOptions, Intent};

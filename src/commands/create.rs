@@ -1,19 +1,22 @@
 //! `vdiskfs create`: a differencing child of a parent, or an empty dynamic base.
 
+//!
+//! Policy only: which format, which parent (resolved as the Virtual PC API did), the
+//! parent's chain opened with the locks of `chain::Intent::CreateChild`; the files
+//! themselves are made by the formats (`image::vhdx::create`, `image::vhd::create`).
+
 use std::cell::RefCell;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::chain::{Chain, ChainOptions, Intent};
 use crate::cli::{parse_size, CreateArgs, FormatArg};
 use crate::error::{Error, Result};
-use crate::image::vhd::create::windows_relative_path;
-use crate::image::vhdx::create::NewVhdx;
+use crate::image::vhd::Vhd;
 use crate::image::vhdx::Vhdx;
-use crate::image::{create_new_file, detect_format, open_layer};
+use crate::image::{detect_format, open_layer, vhd, vhdx};
 use crate::layer::{Format, Layer, OpenOptions};
 
-const CREATOR: &str = concat!("vdiskfs ", env!("CARGO_PKG_VERSION"));
 const DEFAULT_BLOCK: u64 = 2 << 20;
 
 fn format_for(args: &CreateArgs) -> Result<FormatArg> {
@@ -51,18 +54,7 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
             let lss = args.logical_sector_size.unwrap_or(512);
             match format {
                 FormatArg::Vhdx => {
-                    let n = NewVhdx {
-                        virtual_size: size,
-                        block_size,
-                        logical_sector_size: lss,
-                        physical_sector_size: lss.max(4096),
-                        parent_locator: None,
-                        virtual_disk_id: None,
-                    };
-                    n.validate(&args.image)?;
-                    create_new_file(&args.image, |f| {
-                        crate::image::vhdx::create::write_new(f, &args.image, &n, CREATOR)
-                    })?;
+                    vhdx::create::create_base(&args.image, size, block_size, lss)?;
                 }
                 FormatArg::Vhd => {
                     if lss != 512 {
@@ -72,7 +64,7 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
                         )));
                     }
                     make_dir(&args.image)?;
-                    crate::image::vhd::create::create_dynamic(&args.image, size, block_size)?;
+                    vhd::create::create_dynamic(&args.image, size, block_size)?;
                 }
             }
             Ok(0)
@@ -117,43 +109,6 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::fs::canonicalize(p).map_err(|e| Error::file(p, "resolve", e))
 }
 
-/// The child's directory as an absolute path, without requiring it to exist.
-fn absolute_dir(child: &Path) -> Result<PathBuf> {
-    let dir = child.parent().unwrap_or(Path::new(""));
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let cwd = std::env::current_dir().map_err(|e| Error::file(Path::new("."), "getcwd", e))?;
-    let mut out = PathBuf::new();
-    // Existing prefix canonicalised, the rest appended lexically.
-    let joined = if dir.is_absolute() {
-        dir.to_path_buf()
-    } else {
-        cwd.join(dir)
-    };
-    for comp in joined.components() {
-        match comp {
-            Component::ParentDir => {
-                out.pop();
-            }
-            Component::CurDir => {}
-            c => out.push(c),
-        }
-        if let Ok(c) = std::fs::canonicalize(&out) {
-            out = c;
-        }
-    }
-    Ok(out)
-}
-
-/// An absolute Linux path in Win32 extended form on drive Z:, the drive Wine maps to
-/// the Linux root (a Linux path has no drive letter of its own).
-pub fn absolute_win32_path(p: &Path) -> String {
-    format!("\\\\?\\Z:{}", p.display().to_string().replace('/', "\\"))
-}
-
 /// Open the chain of the parent `path` for creating a child over it
 /// (`Intent::CreateChild`, the lock rules in `chain.rs`), its top with `open_top` (so its
 /// format-specific fields can be read). The chain holds the locks: keep it until the child
@@ -193,50 +148,19 @@ fn create_child(
         )));
     }
     let parent_abs = resolve_parent(&args.image, parent)?;
-    let child_dir = absolute_dir(&args.image)?;
-    let relative = windows_relative_path(&child_dir, &parent_abs);
-    let absolute = absolute_win32_path(&parent_abs);
     let pformat = detect_format(&parent_abs)?;
+    // The parent's chain is opened read-only, with the locks of a child to be created
+    // (`Intent::CreateChild`): no file of it may be changing, and none can start changing
+    // until the child exists (the chain is held until then).
     match (format, pformat) {
         (FormatArg::Vhdx, Some(Format::Vhdx)) => {
-            // The parent's chain is opened read-only, with the locks of a child to be
-            // created (`Intent::CreateChild`): no file of it may be changing, and none can
-            // start changing until the child exists.
             let (p, _chain) = open_parent_chain(&parent_abs, Vhdx::open)?;
-            let m = p.metadata();
-            let h = p.header();
-            if !h.log_guid.is_nil() {
-                log::warn!(
-                    "{}: the parent has a pending log (it was not closed cleanly); vdiskfs replays it in memory, but 7-Zip and Hyper-V refuse such a chain until the parent is opened writable once (e.g. `vdiskfs mount` it and unmount)",
-                    parent_abs.display()
-                );
-            }
-            let locator = vec![
-                (
-                    "parent_linkage".to_string(),
-                    format!("{{{}}}", h.data_write_guid),
-                ),
-                ("relative_path".to_string(), relative),
-                ("absolute_win32_path".to_string(), absolute),
-            ];
-            let n = NewVhdx {
-                virtual_size: p.virtual_size(),
-                block_size,
-                logical_sector_size: m.logical_sector_size,
-                physical_sector_size: m.physical_sector_size,
-                parent_locator: Some(locator),
-                // A differencing disk shares its parent's identity (IsVirtualDisk item).
-                virtual_disk_id: Some(m.virtual_disk_id),
-            };
-            n.validate(&args.image)?;
-            create_new_file(&args.image, |f| {
-                crate::image::vhdx::create::write_new(f, &args.image, &n, CREATOR)
-            })?;
+            vhdx::create::create_child(&args.image, &p, block_size)?;
         }
         (FormatArg::Vhd, Some(Format::Vhd)) => {
-            let (p, _chain) = open_parent_chain(&parent_abs, crate::image::vhd::Vhd::open)?;
+            let (p, _chain) = open_parent_chain(&parent_abs, Vhd::open)?;
             make_dir(&args.image)?;
-            crate::image::vhd::create::create_differencing(&args.image, &p, block_size)?;
+            vhd::create::create_differencing(&args.image, &p, block_size)?;
         }
         (want, got) => {
             let got = got.map(|f| f.name()).unwrap_or("neither VHDX nor VHD");
@@ -252,17 +176,4 @@ fn create_child(
         }
     }
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn relative_paths_use_windows_separators() {
-        assert_eq!(
-            absolute_win32_path(Path::new("/srv/img/base.vhdx")),
-            "\\\\?\\Z:\\srv\\img\\base.vhdx"
-        );
-    }
 }

@@ -5,10 +5,10 @@
 //! exits non-zero before it detaches. Detaching is a fork: the parent waits on a pipe
 //! until the child reports that the mount is live (or why it is not), then exits.
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +22,7 @@ use crate::cli::{parse_size, MountArgs, UmountArgs};
 use crate::disk::{Disk, DiskOptions};
 use crate::error::{Error, Result};
 use crate::fuse::{FsOptions, VdiskFs, STATS_NAME};
+use crate::sys;
 
 /// The file system type shown in /proc/self/mountinfo ("fuse." + subtype).
 pub const FSTYPE: &str = "fuse.vdiskfs";
@@ -187,14 +188,14 @@ impl ParsedOptions {
 /// A live mount's connection to the kernel: the /dev/fuse descriptor, plus (with
 /// `auto_unmount`) the socket whose closing tells fusermount3 to unmount.
 struct Mounted {
-    dev: std::os::fd::OwnedFd,
-    _auto_unmount: Option<std::os::fd::OwnedFd>,
+    dev: OwnedFd,
+    _auto_unmount: Option<OwnedFd>,
 }
 
 /// Mount a FUSE file system at `mountpoint`: with mount(2) when root, else (or for
 /// auto_unmount, or when the kernel says EPERM) through the setuid fusermount3.
 fn fuse_mount(mountpoint: &Path, p: &ParsedOptions) -> Result<Mounted> {
-    if euid() == 0 && !p.auto_unmount {
+    if sys::euid() == 0 && !p.auto_unmount {
         match mount_sys(mountpoint, p) {
             Ok(dev) => {
                 return Ok(Mounted {
@@ -211,59 +212,34 @@ fn fuse_mount(mountpoint: &Path, p: &ParsedOptions) -> Result<Mounted> {
     mount_fusermount(mountpoint, p)
 }
 
-fn mount_sys(mountpoint: &Path, p: &ParsedOptions) -> io::Result<std::os::fd::OwnedFd> {
+fn mount_sys(mountpoint: &Path, p: &ParsedOptions) -> io::Result<OwnedFd> {
     let dev = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")?;
-    // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let mut data = vec![
         format!("fd={}", dev.as_raw_fd()),
         "rootmode=40000".to_string(),
-        format!("user_id={uid}"),
-        format!("group_id={gid}"),
+        format!("user_id={}", sys::uid()),
+        format!("group_id={}", sys::gid()),
     ];
     data.extend(p.fuse_data());
-    let bad = |_| io::Error::from(io::ErrorKind::InvalidInput);
-    let source = CString::new(p.fsname.as_str()).map_err(bad)?;
-    let fstype = CString::new(format!("fuse.{}", p.subtype)).map_err(bad)?;
-    let data = CString::new(data.join(",")).map_err(bad)?;
-    let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(bad)?;
-    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
-    let r = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            p.ms_flags(),
-            data.as_ptr().cast(),
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    sys::mount(
+        &p.fsname,
+        mountpoint,
+        &format!("fuse.{}", p.subtype),
+        p.ms_flags(),
+        &data.join(","),
+    )?;
     Ok(dev.into())
 }
 
 fn mount_fusermount(mountpoint: &Path, p: &ParsedOptions) -> Result<Mounted> {
-    use std::os::fd::OwnedFd;
     use std::process::Stdio;
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
-    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) } != 0 {
-        return Err(Error::file(
-            Path::new("socketpair"),
-            "create",
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: socketpair succeeded: both descriptors are open and owned by nobody else.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // Our end must not leak into fusermount3 (or any later child); theirs must reach it,
     // so it is created without close-on-exec (this process has no other threads yet).
-    // SAFETY: fcntl on an open descriptor we own.
-    unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    let (ours, theirs) = sys::socketpair_for_child()
+        .map_err(|e| Error::file(Path::new("socketpair"), "create", e))?;
     let mut child = None;
     let mut last_err = None;
     for bin in ["fusermount3", "fusermount"] {
@@ -293,7 +269,7 @@ fn mount_fusermount(mountpoint: &Path, p: &ParsedOptions) -> Result<Mounted> {
             last_err.unwrap_or_else(|| io::Error::from(io::ErrorKind::NotFound)),
         ));
     };
-    match recv_fd(&ours) {
+    match sys::recv_fd(&ours) {
         Ok(dev) => {
             if p.auto_unmount {
                 // fusermount3 stays to unmount when `ours` closes (when we exit).
@@ -324,59 +300,6 @@ fn mount_fusermount(mountpoint: &Path, p: &ParsedOptions) -> Result<Mounted> {
                 msg.trim()
             )))
         }
-    }
-}
-
-/// Receive one descriptor sent with SCM_RIGHTS (fusermount3's protocol).
-fn recv_fd(sock: &std::os::fd::OwnedFd) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::OwnedFd;
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
-    // u64 elements keep the control buffer aligned for cmsghdr.
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    loop {
-        // SAFETY: `msg` points at live buffers (`iov`/`byte`, `cbuf`) of the sizes given.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        break;
-    }
-    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/CMSG_DATA stay within `cbuf`
-    // (the kernel sets msg_controllen to what it wrote), and the data of an SCM_RIGHTS
-    // message of this size is one int, read unaligned.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        if c.is_null() || (*c).cmsg_level != libc::SOL_SOCKET || (*c).cmsg_type != libc::SCM_RIGHTS
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "fusermount3 sent no descriptor",
-            ));
-        }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
-        if fd < 0 {
-            return Err(io::ErrorKind::InvalidData.into());
-        }
-        Ok(OwnedFd::from_raw_fd(fd))
     }
 }
 
@@ -540,40 +463,21 @@ fn check_dev_fuse() -> Result<()> {
     }
 }
 
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
-fn cpath(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::Invalid(format!("{}: path contains a NUL byte", path.display())))
-}
-
 /// Unmount `path`. As root with umount(2), otherwise with `fusermount3 -u`. With `lazy`,
 /// a busy mount (e.g. `disk.raw` attached to a loop device) is detached lazily: it
 /// disappears from the name space now and the daemon ends when the last user closes it.
 pub fn unmount(path: &Path, lazy: bool) -> Result<()> {
-    if euid() == 0 {
-        let c = cpath(path)?;
-        // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
-        let r = unsafe { libc::umount2(c.as_ptr(), 0) };
-        if r == 0 {
+    if sys::euid() == 0 {
+        let Err(e) = sys::umount(path, false) else {
             return Ok(());
-        }
-        let e = io::Error::last_os_error();
+        };
         if e.raw_os_error() == Some(libc::EBUSY) && lazy {
             log::warn!(
                 "{} is busy (disk image still open, e.g. by a loop device); detaching lazily: \
                  the daemon ends when the last user closes it",
                 path.display()
             );
-            // SAFETY: as above.
-            let r = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            if r == 0 {
-                return Ok(());
-            }
-            return Err(Error::file(path, "umount", io::Error::last_os_error()));
+            return sys::umount(path, true).map_err(|e| Error::file(path, "umount", e));
         }
         if e.raw_os_error() == Some(libc::EBUSY) {
             return Err(busy_error(path));
@@ -690,42 +594,19 @@ impl Ready {
     }
 }
 
-/// Block the termination signals in this thread (and so in every thread started from
-/// it), to be taken with sigwait by one thread.
-fn signal_set() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it fully.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        set
-    }
-}
-
-fn block_signals() {
-    let set = signal_set();
-    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-}
-
 /// Wait for SIGINT/SIGTERM/SIGHUP; on each, flush and unmount.
 fn spawn_signal_thread(disk: Arc<Disk>, mountpoint: PathBuf, writable: bool) {
     let r = std::thread::Builder::new()
         .name("vdiskfs-signals".into())
         .spawn(move || loop {
-            let set = signal_set();
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is initialised and `sig` is a valid out pointer; the signals
-            // are blocked in every thread, so sigwait is the only taker.
-            let r = unsafe { libc::sigwait(&set, &mut sig) };
-            if r != 0 {
-                log::error!("sigwait: {}", io::Error::from_raw_os_error(r));
-                return;
-            }
+            // The signals are blocked in every thread, so this is their only taker.
+            let sig = match sys::wait_termination_signal() {
+                Ok(s) => s,
+                Err(e) => {
+                    log::error!("sigwait: {e}");
+                    return;
+                }
+            };
             log::info!("signal {sig}: unmounting {}", mountpoint.display());
             if writable {
                 if let Err(e) = disk.flush() {
@@ -760,14 +641,7 @@ fn detach_stdio(log: Option<&File>) {
     else {
         return;
     };
-    let err = log.unwrap_or(&null);
-    // SAFETY: dup2 of open descriptors onto the standard ones; nothing else in this
-    // process holds Rust-level ownership of descriptors 0, 1 and 2.
-    unsafe {
-        libc::dup2(null.as_raw_fd(), 0);
-        libc::dup2(null.as_raw_fd(), 1);
-        libc::dup2(err.as_raw_fd(), 2);
-    }
+    sys::redirect_stdio(&null, log.unwrap_or(&null));
 }
 
 struct Prepared {
@@ -843,8 +717,7 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
             cache_block,
         },
     ));
-    // SAFETY: getuid/getgid have no preconditions and cannot fail.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let (uid, gid) = (sys::uid(), sys::gid());
     let fs = VdiskFs::new(
         disk.clone(),
         FsOptions {
@@ -914,7 +787,7 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<File>, detached: bool) 
         mountpoint,
         writable,
     } = p;
-    block_signals();
+    sys::block_termination_signals();
     let session = fuse_mount(&mountpoint, &options).and_then(|m| {
         let dev = m
             .dev
@@ -992,64 +865,44 @@ pub fn run(args: &MountArgs, _verbose: u8) -> Result<i32> {
     if args.foreground {
         return serve(prepared, Ready(None), None, false);
     }
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Error::file(
-            Path::new("pipe"),
-            "create",
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-    let (rd, wr) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-    // SAFETY: this process is single-threaded here (no thread has been started yet: the
-    // chain was opened on this thread and fuser's workers start after the fork), so the
-    // child gets a consistent copy of every lock and allocator state.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(Error::file(
-            Path::new("fork"),
-            "fork",
-            io::Error::last_os_error(),
-        ));
-    }
-    if pid > 0 {
-        // Parent: wait for the daemon's word, then exit without running destructors
-        // (the daemon owns the image files now).
-        drop(wr);
-        let mut msg = String::new();
-        let mut rd = rd;
-        let _ = rd.read_to_string(&mut msg);
-        if msg.starts_with("OK") {
-            std::process::exit(0);
-        }
-        match msg.strip_prefix("ERR ") {
-            Some(m) => eprintln!("vdiskfs: {}", m.trim_end()),
-            None => {
-                let mut status = 0;
-                // SAFETY: `pid` is our child; `status` is a valid out pointer.
-                unsafe { libc::waitpid(pid, &mut status, 0) };
-                eprintln!(
-                    "vdiskfs: the daemon exited before the mount was ready (status {status})"
-                );
-            }
-        }
-        std::process::exit(1);
-    }
-    // Child: a session of its own, so the terminal's signals and hangup do not reach it.
-    drop(rd);
-    // SAFETY: setsid has no memory-safety preconditions.
-    unsafe { libc::setsid() };
-    let _ = std::env::set_current_dir("/");
-    let code = match serve(prepared, Ready(Some(wr)), log_file, true) {
-        Ok(c) => c,
-        Err(e) => {
-            log::error!("{e}");
-            1
+    let (rd, wr) = sys::pipe().map_err(|e| Error::file(Path::new("pipe"), "create", e))?;
+    // The chain was opened on this thread and fuser's workers start after the fork, so
+    // this process is single-threaded here, as `sys::fork` requires.
+    let pid = match sys::fork().map_err(|e| Error::file(Path::new("fork"), "fork", e))? {
+        sys::Forked::Parent(pid) => pid,
+        sys::Forked::Child => {
+            // Child: a session of its own, so the terminal's signals and hangup do not
+            // reach it.
+            drop(rd);
+            sys::setsid();
+            let _ = std::env::set_current_dir("/");
+            let code = match serve(prepared, Ready(Some(wr)), log_file, true) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::error!("{e}");
+                    1
+                }
+            };
+            std::process::exit(code);
         }
     };
-    std::process::exit(code);
+    // Parent: wait for the daemon's word, then exit without running destructors (the
+    // daemon owns the image files now).
+    drop(wr);
+    let mut msg = String::new();
+    let mut rd = rd;
+    let _ = rd.read_to_string(&mut msg);
+    if msg.starts_with("OK") {
+        std::process::exit(0);
+    }
+    match msg.strip_prefix("ERR ") {
+        Some(m) => eprintln!("vdiskfs: {}", m.trim_end()),
+        None => {
+            let status = sys::wait_status(pid);
+            eprintln!("vdiskfs: the daemon exited before the mount was ready (status {status})");
+        }
+    }
+    std::process::exit(1);
 }
 
 #[cfg(test)]

@@ -7,25 +7,24 @@
 //! (renameat2 RENAME_NOREPLACE, or link + unlink where that is not supported); on any
 //! error the temporary file is removed.
 //!
-//! Parent paths on Linux: W2ru holds the parent relative to the child's directory in
-//! Windows form (".\\base.vhd", "..\\img\\base.vhd"). W2ku must be an absolute Windows
-//! path, which a Linux path cannot be; it holds the canonical Linux path with
-//! backslashes ("\\srv\\img\\base.vhd"), a rooted path without drive letter that Windows
-//! resolves against the current drive and that turns back into the Linux path when the
-//! backslashes are made slashes (what vdiskfs's resolver does). The parent Unicode name
-//! holds the same absolute path, as Windows writes it; libvhdi resolves a parent by the
-//! last `\`-separated component of that name in the child's directory.
+//! Parent paths on Linux (their forms are made in `paths.rs`): W2ru holds the parent
+//! relative to the child's directory in Windows form (".\\base.vhd", "..\\img\\base.vhd").
+//! W2ku must be an absolute Windows path, which a Linux path cannot be; it holds the
+//! canonical Linux path with backslashes ("\\srv\\img\\base.vhd"), a rooted path without
+//! drive letter that Windows resolves against the current drive and that turns back into
+//! the Linux path when the backslashes are made slashes (what vdiskfs's resolver does).
+//! The parent Unicode name holds the same absolute path, as Windows writes it; libvhdi
+//! resolves a parent by the last `\`-separated component of that name in the child's
+//! directory.
 //!
 //! Creator application "vdfs". qemu older than 10.0 sizes VHDs from unknown creators
 //! by their CHS geometry (rounded down), newer qemu, libvhdi and Hyper-V by the current
 //! size; the current size written is exactly the size asked for.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
@@ -35,6 +34,7 @@ use super::locator::{encode_utf16le, LocatorEntry};
 use super::Vhd;
 use crate::error::{Error, Result};
 use crate::layer::Layer;
+use crate::paths::{windows_absolute_path, windows_relative_path};
 
 /// Default block size for new VHDs (2 MiB, as Hyper-V and qemu use).
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
@@ -146,32 +146,6 @@ fn new_header(size: u64, block_size: u32) -> DynamicHeader {
     }
 }
 
-/// `parent` relative to `from_dir`, both absolute and canonical, in Windows form with a
-/// leading ".\" when it does not start with "..".
-pub fn windows_relative_path(from_dir: &Path, parent: &Path) -> String {
-    let a: Vec<Component> = from_dir.components().collect();
-    let b: Vec<Component> = parent.components().collect();
-    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let mut parts: Vec<String> = Vec::new();
-    for _ in common..a.len() {
-        parts.push("..".into());
-    }
-    for c in &b[common..] {
-        parts.push(c.as_os_str().to_string_lossy().into_owned());
-    }
-    let joined = parts.join("\\");
-    if joined.starts_with("..") {
-        joined
-    } else {
-        format!(".\\{joined}")
-    }
-}
-
-/// An absolute Linux path in the rooted Windows form described at the top of this file.
-pub fn windows_absolute_path(p: &Path) -> String {
-    p.to_string_lossy().replace('/', "\\")
-}
-
 /// The file as a list of (offset, bytes) pieces plus its total length. The BAT is
 /// not in the list (it can be large: up to 16 MiB for 2040 GiB in 512 KiB blocks, far
 /// more with tiny blocks); `write_new_file` writes it in bounded chunks.
@@ -278,27 +252,12 @@ fn write_new_file(
 
 /// Move `from` to `to`, failing if `to` exists.
 fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| Error::Invalid(format!("{}: path contains a NUL byte", p.display())))
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    // AT_FDCWD makes relative paths resolve as std::fs does.
+    let err = match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => return Ok(()),
+        Err(e) => io::Error::from(e),
     };
-    let (cf, ct) = (c(from)?, c(to)?);
-    // SAFETY: both pointers come from live CStrings (NUL-terminated, valid for the
-    // call); renameat2 only reads them. AT_FDCWD makes relative paths resolve as
-    // std::fs does.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            cf.as_ptr(),
-            libc::AT_FDCWD,
-            ct.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
     match err.raw_os_error() {
         Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
             // File system without RENAME_NOREPLACE: link fails if the target exists.
@@ -313,20 +272,6 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn relative_paths() {
-        let r = windows_relative_path(Path::new("/a/b"), Path::new("/a/b/base.vhd"));
-        assert_eq!(r, ".\\base.vhd");
-        let r = windows_relative_path(Path::new("/a/b/c"), Path::new("/a/x/base.vhd"));
-        assert_eq!(r, "..\\..\\x\\base.vhd");
-        let r = windows_relative_path(Path::new("/a"), Path::new("/a/d/base.vhd"));
-        assert_eq!(r, ".\\d\\base.vhd");
-        assert_eq!(
-            windows_absolute_path(Path::new("/srv/img/b.vhd")),
-            "\\srv\\img\\b.vhd"
-        );
-    }
 
     #[test]
     fn refuses_bad_parameters() {

@@ -10,9 +10,9 @@ pub const ENTRY_SIZE: usize = 24;
 /// Longest locator data we accept: a Windows path is at most 32,767 UTF-16 code units.
 pub const MAX_LOCATOR_DATA: u32 = 64 * 1024;
 
-/// Platform codes in the order a reader tries them (relative before absolute, Unicode
-/// before the deprecated ANSI forms, Windows before Macintosh), with their display names.
-pub const PLATFORM_ORDER: [(&[u8; 4], &str); 6] = [
+/// The platform codes vdiskfs knows, with their display names (the locator names of
+/// `paths::LOCATORS`, which says the order they are tried in).
+pub const PLATFORM_CODES: [(&[u8; 4], &str); 6] = [
     (b"W2ru", "W2ru"),
     (b"W2ku", "W2ku"),
     (b"Wi2r", "Wi2r"),
@@ -64,7 +64,7 @@ impl LocatorEntry {
 
     /// The display name of a known platform code.
     pub fn name(&self) -> Option<&'static str> {
-        PLATFORM_ORDER
+        PLATFORM_CODES
             .iter()
             .find(|(c, _)| **c == self.platform_code)
             .map(|(_, n)| *n)

@@ -35,7 +35,6 @@ use crate::layer::{
 use bat::{Bat, Bitmap, UNALLOCATED};
 use dynamic::{DynamicHeader, HEADER_SIZE};
 use footer::{fourcc, DiskType, Footer, FOOTER_SIZE};
-use locator::PLATFORM_ORDER;
 
 /// Sector size of every VHD.
 pub const SECTOR: u64 = 512;
@@ -289,8 +288,8 @@ impl Vhd {
         Err(Error::corrupt(path, VhdDefect::NoFooter { file_len: len }))
     }
 
-    /// Parent candidates in the order W2ru, W2ku, Wi2r, Wi2k, Mac, MacX, then the parent
-    /// Unicode name; plus the locator entries for `info`.
+    /// Parent candidates in the search order of `paths::LOCATORS` (W2ru, W2ku, Wi2r, Wi2k,
+    /// Mac, MacX, then the parent Unicode name); plus the locator entries for `info`.
     fn read_parent(
         file: &ImageFile,
         h: &DynamicHeader,
@@ -316,20 +315,21 @@ impl Vhd {
             let s = locator::decode(path, i, &e.platform_code, &data)?;
             decoded[i] = Some((name.to_string(), s));
         }
+        // In the search order (`paths::LOCATORS`): the locators by platform code, each
+        // code's entries in file order, then the parent Unicode name.
         let mut candidates = Vec::new();
-        for (code, _) in PLATFORM_ORDER {
-            for (i, e) in h.parent_locators.iter().enumerate() {
-                if &e.platform_code == code {
-                    if let Some((n, s)) = &decoded[i] {
-                        if !s.is_empty() {
-                            candidates.push((n.clone(), s.clone()));
-                        }
-                    }
+        for want in crate::paths::locators(Format::Vhd) {
+            if want == "parent_unicode_name" {
+                if !h.parent_unicode_name.is_empty() {
+                    candidates.push((want.to_string(), h.parent_unicode_name.clone()));
+                }
+                continue;
+            }
+            for (n, s) in decoded.iter().flatten() {
+                if n == want && !s.is_empty() {
+                    candidates.push((n.clone(), s.clone()));
                 }
             }
-        }
-        if !h.parent_unicode_name.is_empty() {
-            candidates.push(("parent_unicode_name".into(), h.parent_unicode_name.clone()));
         }
         let info = decoded.into_iter().flatten().collect();
         Ok((

@@ -24,7 +24,14 @@ use super::metadata::{
     TABLE_SIZE, VHDX_LOCATOR_TYPE, VIRTUAL_DISK_ID, VIRTUAL_DISK_SIZE,
 };
 use super::region::{BAT_GUID, METADATA_GUID, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE};
+use super::Vhdx;
 use crate::error::{Error, Result};
+use crate::image::create_new_file;
+use crate::layer::Layer;
+use crate::paths::{absolute_dir, absolute_win32_path, windows_relative_path};
+
+/// The creator string written into new files' file type identifier.
+pub const CREATOR: &str = concat!("vdiskfs ", env!("CARGO_PKG_VERSION"));
 
 const MIB: u64 = 1 << 20;
 const LOG_OFFSET: u64 = MIB;
@@ -200,6 +207,72 @@ fn metadata_region(n: &NewVhdx, disk_id: Uuid) -> Result<Vec<u8>> {
         off += data.len().div_ceil(8) * 8;
     }
     Ok(region)
+}
+
+/// Create an empty dynamic VHDX at `path` (never over an existing file; its directory
+/// is created when missing): `size` bytes in `block_size`-byte blocks, with
+/// `logical_sector_size`-byte sectors (and physical sectors of at least 4 KiB).
+pub fn create_base(
+    path: &Path,
+    size: u64,
+    block_size: u32,
+    logical_sector_size: u32,
+) -> Result<()> {
+    let n = NewVhdx {
+        virtual_size: size,
+        block_size,
+        logical_sector_size,
+        physical_sector_size: logical_sector_size.max(4096),
+        parent_locator: None,
+        virtual_disk_id: None,
+    };
+    n.validate(path)?;
+    create_new_file(path, |f| write_new(f, path, &n, CREATOR))
+}
+
+/// Create a differencing VHDX at `child` whose parent is the opened VHDX `parent` (which
+/// may itself be differencing; the caller holds the chain's locks,
+/// `chain::Intent::CreateChild`). The child takes the parent's size, sector sizes and
+/// virtual disk id, records the parent's DataWriteGuid as `parent_linkage`, and gets a
+/// `relative_path` (from the child's directory, which need not exist yet) and an
+/// `absolute_win32_path` computed from `parent.path()`. Never over an existing file.
+pub fn create_child(child: &Path, parent: &Vhdx, block_size: u32) -> Result<()> {
+    let parent_abs = std::fs::canonicalize(parent.path())
+        .map_err(|e| Error::file(parent.path(), "resolve", e))?;
+    let child_dir = absolute_dir(child)?;
+    let m = parent.metadata();
+    let h = parent.header();
+    if !h.log_guid.is_nil() {
+        log::warn!(
+            "{}: the parent has a pending log (it was not closed cleanly); vdiskfs replays it in memory, but 7-Zip and Hyper-V refuse such a chain until the parent is opened writable once (e.g. `vdiskfs mount` it and unmount)",
+            parent_abs.display()
+        );
+    }
+    let locator = vec![
+        (
+            "parent_linkage".to_string(),
+            format!("{{{}}}", h.data_write_guid),
+        ),
+        (
+            "relative_path".to_string(),
+            windows_relative_path(&child_dir, &parent_abs),
+        ),
+        (
+            "absolute_win32_path".to_string(),
+            absolute_win32_path(&parent_abs),
+        ),
+    ];
+    let n = NewVhdx {
+        virtual_size: parent.virtual_size(),
+        block_size,
+        logical_sector_size: m.logical_sector_size,
+        physical_sector_size: m.physical_sector_size,
+        parent_locator: Some(locator),
+        // A differencing disk shares its parent's identity (IsVirtualDisk item).
+        virtual_disk_id: Some(m.virtual_disk_id),
+    };
+    n.validate(child)?;
+    create_new_file(child, |f| write_new(f, child, &n, CREATOR))
 }
 
 /// Write a complete new VHDX into `file` (empty, freshly created).

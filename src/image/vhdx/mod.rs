@@ -31,9 +31,6 @@ use crate::error::{Error, Feature, LogGrowth, Result, VhdxDefect, Warning};
 use crate::image::ImageFile;
 use crate::layer::{push_run, Format, Layer, LayerInfo, OpenOptions, ParentRef, Run};
 
-/// The order parent locator paths are tried in.
-pub const LOCATOR_PATH_KEYS: [&str; 3] = ["relative_path", "absolute_win32_path", "volume_path"];
-
 pub struct Vhdx {
     pub(crate) file: ImageFile,
     /// The current header and which slot (0 = 64 KiB, 1 = 128 KiB) it is in.
@@ -450,8 +447,8 @@ fn parent_ref(meta: &Metadata) -> ParentRef {
         .iter()
         .filter_map(|k| get(k).and_then(|v| parse_guid_string(&v)))
         .collect();
-    let candidates = LOCATOR_PATH_KEYS
-        .iter()
+    // The path keys, in the search order (`paths::LOCATORS`).
+    let candidates = crate::paths::locators(Format::Vhdx)
         .filter_map(|k| get(k).map(|v| (k.to_string(), v)))
         .collect();
     ParentRef {
