@@ -15,6 +15,8 @@ pub mod fuse;
 pub mod image;
 pub mod layer;
 pub mod progress;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod vfs;
 
 pub use chain::{Chain, ChainOptions, Intent};

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::chain::{Chain, ChainOptions, Intent};
 use crate::cli::{parse_size, CreateArgs, FormatArg};
 use crate::error::{Error, Result};
+use crate::image::durable::refuse_existing;
 use crate::image::vhd::create::windows_relative_path;
 use crate::image::vhdx::create::NewVhdx;
 use crate::image::vhdx::Vhdx;
@@ -71,7 +72,6 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
                             args.image.display()
                         )));
                     }
-                    make_dir(&args.image)?;
                     crate::image::vhd::create::create_dynamic(&args.image, size, block_size)?;
                 }
             }
@@ -103,7 +103,9 @@ fn resolve_parent(child: &Path, parent: &Path) -> Result<PathBuf> {
     )))
 }
 
-/// Create the new file's directory when missing, as the Virtual PC API did.
+/// Create the new file's directory when missing, as the Virtual PC API did (a VHD
+/// child's locators are computed from its canonical directory, before the file is
+/// created).
 fn make_dir(image: &Path) -> Result<()> {
     match image.parent() {
         Some(d) if !d.as_os_str().is_empty() => {
@@ -186,12 +188,9 @@ fn create_child(
     parent: &Path,
     block_size: u32,
 ) -> Result<i32> {
-    if args.image.symlink_metadata().is_ok() {
-        return Err(Error::Invalid(format!(
-            "{}: already exists (vdiskfs never overwrites a file)",
-            args.image.display()
-        )));
-    }
+    // Before the parent's chain is opened and locked (the final guarantee is the
+    // no-replace move of `durable::create_file_atomically`).
+    refuse_existing(&args.image)?;
     let parent_abs = resolve_parent(&args.image, parent)?;
     let child_dir = absolute_dir(&args.image)?;
     let relative = windows_relative_path(&child_dir, &parent_abs);
