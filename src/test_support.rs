@@ -55,14 +55,14 @@ impl TempDir {
     }
 
     /// A subdirectory (created, with its parents).
-    pub fn dir(&self, name: impl AsRef<Path>) -> PathBuf {
+    pub fn dir(&self, name: &str) -> PathBuf {
         let p = self.join(name);
         fs::create_dir_all(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
         p
     }
 
     /// A file (and its directories) with `text`, returning its path.
-    pub fn file(&self, rel: impl AsRef<Path>, text: &str) -> PathBuf {
+    pub fn file(&self, rel: &str, text: &str) -> PathBuf {
         let p = self.join(rel);
         fs::create_dir_all(p.parent().expect("a file below the directory"))
             .unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
@@ -96,7 +96,8 @@ pub fn fixtures_dir() -> Option<PathBuf> {
         _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
     };
     if dir.is_dir() {
-        return Some(dir);
+        // Canonical, so paths compare equal to what chain resolution returns.
+        return Some(dir.canonicalize().unwrap_or(dir));
     }
     missing(&format!(
         "fixtures directory {} not found (it belongs beside the repository, or set {FIXTURES_ENV})",
