@@ -16,25 +16,14 @@ use serde_json::Value;
 const EXT2_SHA256: &str = "870be7ae16c1fa8faab05c6eb9205dc9a7ae35c5f552c5cf8a267c0bc6a5cb99";
 const IMAGE_SHA256: &str = "c6db12a7db548e193c29420c1b4533e4708b20c5033db5cc29ef075d48316d25";
 
-/// ../shared/fixtures relative to the repository (or $VDISKFS_FIXTURES).
+/// ../shared/fixtures relative to the repository (or $VDISKFS_FIXTURES). This file
+/// tests nothing else, so it fails when they are missing, even without
+/// VDISKFS_REQUIRE_FUSE.
 fn fixtures_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("VDISKFS_FIXTURES") {
-        return PathBuf::from(d);
-    }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for cand in [
-        repo.join("../shared/fixtures"),
-        repo.join("shared/fixtures"),
-        PathBuf::from("/work/shared/fixtures"),
-    ] {
-        if cand.join("README.md").is_file() {
-            return cand;
-        }
-    }
-    panic!(
+    common::fixtures_dir().expect(
         "fixtures not found: expected ../shared/fixtures beside the repository \
-         (or set VDISKFS_FIXTURES)"
-    );
+         (or set VDISKFS_FIXTURES)",
+    )
 }
 
 /// A private, writable copy of all fixtures.

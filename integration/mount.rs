@@ -11,8 +11,11 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+mod common;
+
+use common::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vdiskfs");
 
@@ -82,39 +85,6 @@ fn sh(cmd: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     run(&mut c)
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "vdiskfs-it-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn sub(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn dir(&self, name: &str) -> PathBuf {
-        let p = self.0.join(name);
-        fs::create_dir_all(&p).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        // Never recurse into something still mounted: remove only if nothing is.
-        if !mounted_under(&self.0) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 fn mountinfo() -> String {
     fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()
 }
@@ -127,13 +97,6 @@ fn mount_count(p: &Path) -> usize {
         .lines()
         .filter(|l| l.split(' ').nth(4) == Some(needle.as_str()))
         .count()
-}
-
-fn mounted_under(p: &Path) -> bool {
-    let s = p.to_string_lossy().to_string();
-    mountinfo()
-        .lines()
-        .any(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&s)))
 }
 
 /// A vdiskfs mount: unmounted (lazily, so it cannot fail on a busy mount) on drop, and
@@ -375,7 +338,7 @@ fn uid_gid() -> (u32, u32) {
 fn ext4_raw(t: &TempDir, size_mib: u64) -> (PathBuf, BTreeMap<PathBuf, Vec<u8>>) {
     let src = t.dir("src");
     let files = make_tree(&src);
-    let raw = t.sub("base.raw");
+    let raw = t.join("base.raw");
     File::create(&raw).unwrap().set_len(size_mib << 20).unwrap();
     sh("mkfs.ext4", &[&"-q", &"-F", &"-d", &src, &raw]);
     (raw, files)
@@ -386,13 +349,13 @@ fn ext4_raw(t: &TempDir, size_mib: u64) -> (PathBuf, BTreeMap<PathBuf, Vec<u8>>)
 fn ext4_guest(fmt: &str) {
     let t = TempDir::new(&format!("ext4-{fmt}"));
     let (raw, files) = ext4_raw(&t, 48);
-    let image = t.sub(if fmt == "vhdx" {
+    let image = t.join(if fmt == "vhdx" {
         "base.vhdx"
     } else {
         "base.vhd"
     });
     qemu_to(&raw, &image, fmt);
-    let want = Arc::new(qemu_raw(&image, &t.sub("ref.raw")));
+    let want = Arc::new(qemu_raw(&image, &t.join("ref.raw")));
 
     let mnt = t.dir("mnt");
     let guest = t.dir("guest");
@@ -415,7 +378,7 @@ fn ext4_guest(fmt: &str) {
     assert_eq!(names, [".stats", "disk.raw"]);
 
     // Whole-file compare with qemu-img's view, then odd parallel reads.
-    sh("cmp", &[&disk, &t.sub("ref.raw")]);
+    sh("cmp", &[&disk, &t.join("ref.raw")]);
     parallel_odd_reads(&disk, &want);
 
     // Changing the name space is refused; writing to a read-only mount too.
@@ -463,7 +426,7 @@ fn ntfs_guest_in_vhdx() {
         return;
     }
     let t = TempDir::new("ntfs");
-    let raw = t.sub("ntfs.raw");
+    let raw = t.join("ntfs.raw");
     File::create(&raw).unwrap().set_len(32 << 20).unwrap();
     sh("mkntfs", &[&"-F", &"-Q", &"-q", &"-L", &"guest", &raw]);
     let src = t.dir("src");
@@ -479,7 +442,7 @@ fn ntfs_guest_in_vhdx() {
         );
         files.insert(PathBuf::from(name), data);
     }
-    let image = t.sub("ntfs.vhdx");
+    let image = t.join("ntfs.vhdx");
     qemu_to(&raw, &image, "vhdx");
     let mnt = t.dir("mnt");
     let guest = t.dir("guest");
@@ -505,7 +468,7 @@ fn gpt_disk_with_two_partitions() {
         return;
     }
     let t = TempDir::new("gpt");
-    let raw = t.sub("gpt.raw");
+    let raw = t.join("gpt.raw");
     File::create(&raw).unwrap().set_len(64 << 20).unwrap();
     // Partition 1: sectors 2048.. (1 MiB) for 24 MiB; partition 2: the rest.
     sh(
@@ -517,7 +480,7 @@ fn gpt_disk_with_two_partitions() {
     for (i, (off, size)) in parts.iter().enumerate() {
         let src = t.dir(&format!("src{i}"));
         let files = make_tree(&src);
-        let fsimg = t.sub(&format!("p{i}.img"));
+        let fsimg = t.join(format!("p{i}.img"));
         File::create(&fsimg).unwrap().set_len(*size).unwrap();
         sh("mkfs.ext4", &[&"-q", &"-F", &"-d", &src, &fsimg]);
         let data = fs::read(&fsimg).unwrap();
@@ -529,7 +492,7 @@ fn gpt_disk_with_two_partitions() {
             .unwrap();
         trees.push(files);
     }
-    let image = t.sub("gpt.vhdx");
+    let image = t.join("gpt.vhdx");
     qemu_to(&raw, &image, "vhdx");
     let mnt = t.dir("mnt");
     let guest = t.dir("guest");
@@ -588,10 +551,10 @@ fn gpt_disk_with_two_partitions() {
 
 /// A small VHDX for the life-cycle and error tests.
 fn small_vhdx(t: &TempDir) -> (PathBuf, Vec<u8>) {
-    let raw = t.sub("small.raw");
+    let raw = t.join("small.raw");
     let data = prng_bytes(9, 4 << 20);
     fs::write(&raw, &data).unwrap();
-    let image = t.sub("small.vhdx");
+    let image = t.join("small.vhdx");
     qemu_to(&raw, &image, "vhdx");
     (image, data)
 }
@@ -622,7 +585,7 @@ fn bad_mounts_fail_cleanly() {
     let t = TempDir::new("bad");
     let (image, _) = small_vhdx(&t);
 
-    let missing = t.sub("no-such-dir");
+    let missing = t.join("no-such-dir");
     let e = expect_mount_error(&[&image, &missing], "missing mount point");
     assert!(e.contains("does not exist"), "{e}");
 
@@ -632,17 +595,17 @@ fn bad_mounts_fail_cleanly() {
     assert!(e.contains("not empty"), "{e}");
     assert_eq!(mount_count(&full), 0);
 
-    let file = t.sub("file");
+    let file = t.join("file");
     fs::write(&file, b"x").unwrap();
     let e = expect_mount_error(&[&image, &file], "mount point is a file");
     assert!(e.contains("not a directory"), "{e}");
 
     let mnt = t.dir("mnt");
-    let e = expect_mount_error(&[&t.sub("missing.vhdx"), &mnt], "missing image");
+    let e = expect_mount_error(&[&t.join("missing.vhdx"), &mnt], "missing image");
     assert!(e.contains("missing.vhdx"), "{e}");
     assert_eq!(mount_count(&mnt), 0, "missing image left a mount");
 
-    let e = expect_mount_error(&[&"-f", &t.sub("missing.vhdx"), &mnt], "missing image, -f");
+    let e = expect_mount_error(&[&"-f", &t.join("missing.vhdx"), &mnt], "missing image, -f");
     assert!(e.contains("missing.vhdx"), "{e}");
     assert_eq!(mount_count(&mnt), 0);
 
@@ -779,19 +742,15 @@ fn sha256(path: &Path) -> String {
 /// `vdiskfs cat` gives, and what libvhdi says the merged view is.
 #[test]
 fn chain_fixture_vhd() {
-    let fixture = Path::new("/work/shared/fixtures/image-differential.vhd");
-    if !fixture.exists() {
-        eprintln!(
-            "chain_fixture_vhd: {} not present; skipping",
-            fixture.display()
-        );
+    let Some(fixture) = common::fixture("image-differential.vhd") else {
         return;
-    }
+    };
+    let fixture = fixture.as_path();
     if !can_run("chain_fixture_vhd", &["sha256sum"], false) {
         return;
     }
     let t = TempDir::new("fixture");
-    let want = Arc::new(vdiskfs_cat(fixture, &t.sub("cat.raw")));
+    let want = Arc::new(vdiskfs_cat(fixture, &t.join("cat.raw")));
     let mnt = t.dir("mnt");
     let m = mount(fixture, &mnt, &["-r"]);
     let disk = m.file("disk.raw");
@@ -814,9 +773,9 @@ fn chain_fixture_vhd() {
 fn chain_write_and_read(ext: &str, qemu_fmt: &str) {
     let t = TempDir::new(&format!("chain-{ext}"));
     let (raw, files) = ext4_raw(&t, 40);
-    let base = t.sub(&format!("base.{ext}"));
+    let base = t.join(format!("base.{ext}"));
     qemu_to(&raw, &base, qemu_fmt);
-    let child = t.sub(&format!("child.{ext}"));
+    let child = t.join(format!("child.{ext}"));
     run(Command::new(BIN)
         .arg("create")
         .arg("--parent")
@@ -848,10 +807,10 @@ fn chain_write_and_read(ext: &str, qemu_fmt: &str) {
     assert_eq!(sha256(&base), base_sum, "the base changed");
 
     // Read-only remount: the changes are there, and the bytes equal `vdiskfs cat`.
-    let want = Arc::new(vdiskfs_cat(&child, &t.sub("cat.raw")));
+    let want = Arc::new(vdiskfs_cat(&child, &t.join("cat.raw")));
     let m = mount(&child, &mnt, &["-r"]);
     let disk = m.file("disk.raw");
-    sh("cmp", &[&disk, &t.sub("cat.raw")]);
+    sh("cmp", &[&disk, &t.join("cat.raw")]);
     parallel_odd_reads(&disk, &want);
     {
         let _g = GuestMount(guest.clone());
@@ -900,7 +859,7 @@ fn odd_writes_match_a_model() {
     }
     let t = TempDir::new("odd-writes");
     let (base, data) = small_vhdx(&t);
-    let child = t.sub("child.vhdx");
+    let child = t.join("child.vhdx");
     run(Command::new(BIN)
         .arg("create")
         .arg("--parent")
@@ -941,9 +900,9 @@ fn odd_writes_match_a_model() {
         run(Command::new(BIN).arg("umount").arg(&mnt));
     }
     assert_eq!(mount_count(&mnt), 0);
-    let got = vdiskfs_cat(&child, &t.sub("cat.raw"));
+    let got = vdiskfs_cat(&child, &t.join("cat.raw"));
     assert!(got == model, "child after unmount differs from the model");
-    let base_now = vdiskfs_cat(&base, &t.sub("base.raw"));
+    let base_now = vdiskfs_cat(&base, &t.join("base.raw"));
     assert!(base_now == data, "the base changed");
 }
 
@@ -957,7 +916,7 @@ fn truncated_backing_file_gives_eio() {
     let t = TempDir::new("eio");
     let (image, data) = small_vhdx(&t);
     let mnt = t.dir("mnt");
-    let log = t.sub("daemon.log");
+    let log = t.join("daemon.log");
     let m = mount(&image, &mnt, &["-r", "--log-file", log.to_str().unwrap()]);
     let image_len = fs::metadata(&image).unwrap().len();
     File::options()
@@ -1023,7 +982,7 @@ fn cache_size_costs_memory_only_as_it_fills() {
     }
     let t = TempDir::new("cache-size");
     let (base, _) = small_vhdx(&t);
-    let child = t.sub("child.vhdx");
+    let child = t.join("child.vhdx");
     run(Command::new(BIN)
         .args(["create", "--parent"])
         .arg(&base)
@@ -1086,7 +1045,7 @@ fn log_file_is_opened_before_detaching() {
     let t = TempDir::new("log-file");
     let (image, _) = small_vhdx(&t);
     let mnt = t.dir("mnt");
-    let bad = t.sub("no-such-dir/vdiskfs.log");
+    let bad = t.join("no-such-dir/vdiskfs.log");
     {
         let _guard = FuseMount {
             dir: mnt.clone(),
@@ -1099,7 +1058,7 @@ fn log_file_is_opened_before_detaching() {
         assert!(e.contains(&bad.display().to_string()), "{e}");
         assert_eq!(mount_count(&mnt), 0);
     }
-    let good = t.sub("vdiskfs.log");
+    let good = t.join("vdiskfs.log");
     let m = mount(
         &image,
         &mnt,

@@ -511,39 +511,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use uuid::Uuid;
 
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-    /// A temporary directory removed on drop.
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new() -> TempDir {
-            let p = std::env::temp_dir().join(format!(
-                "vdiskfs-chain-test-{}-{}",
-                std::process::id(),
-                COUNTER.fetch_add(1, Ordering::SeqCst)
-            ));
-            fs::create_dir_all(&p).unwrap();
-            // Canonical, so paths compare equal to what resolution returns.
-            TempDir(p.canonicalize().unwrap())
-        }
-        fn path(&self) -> &Path {
-            &self.0
-        }
-        /// Create a file (and its directories) with `text`, returning its path.
-        fn file(&self, rel: &str, text: &str) -> PathBuf {
-            let p = self.0.join(rel);
-            fs::create_dir_all(p.parent().unwrap()).unwrap();
-            fs::write(&p, text).unwrap();
-            p
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_support::{fixtures_dir, TempDir};
 
     /// `path` in Windows form on drive C: (`/tmp/x/a` -> `C:\tmp\x\a`).
     fn win(p: &Path) -> String {
@@ -576,7 +544,7 @@ mod tests {
 
     #[test]
     fn case_insensitive_lookup() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let f = t.file("Images/Parent Disks/Base.VHDX", "");
         // Exact path exists: returned as is.
         assert_eq!(find_case_insensitive(&f), Some(f.clone()));
@@ -601,7 +569,7 @@ mod tests {
 
     #[test]
     fn relative_locator_is_relative_to_child_dir_not_cwd() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let base = t.file("vms/Base.vhdx", "base");
         let child = t.file("vms/diffs/child.avhdx", "child");
         // The child named by a path relative to the current directory.
@@ -627,7 +595,7 @@ mod tests {
 
     #[test]
     fn vhdx_locator_order() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let child = t.file("c/child.avhdx", "");
         let rel = t.file("c/rel.vhdx", "");
         let abs = t.file("abs/abs.vhdx", "");
@@ -659,7 +627,7 @@ mod tests {
 
     #[test]
     fn file_name_in_child_dir_then_search_dirs() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let child = t.file("c/child.vhd", "");
         let rec = "C:\\Nowhere\\At\\All\\Parent.vhd";
         let r = pref(&[("W2ku", rec)]);
@@ -683,7 +651,7 @@ mod tests {
 
     #[test]
     fn unusable_candidates_are_skipped_and_all_listed() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let child = t.file("c/child.vhdx", "");
         fs::create_dir_all(t.path().join("c/dir.vhdx")).unwrap();
         let fifo = t.path().join("c/fifo.vhdx");
@@ -757,7 +725,7 @@ mod tests {
 
     #[test]
     fn no_locator_at_all() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let child = t.file("child.vhd", "");
         let r = pref(&[("W2ru", ""), ("W2ku", "\0\0")]);
         let tried = not_found_tried(resolve_parent(&child, &r, 0, &ChainOptions::default()));
@@ -767,7 +735,7 @@ mod tests {
 
     #[test]
     fn parent_override_replaces_resolution_for_its_level() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let child = t.file("child.vhdx", "");
         let recorded = t.file("base.vhdx", "");
         let other = t.file("elsewhere/other.img", "");
@@ -1079,7 +1047,7 @@ mod tests {
 
     #[test]
     fn fake_chain_of_three() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let top = t.file(
             "top/top.avhdx",
             "id=3\nloc=relative_path|..\\MID\\mid.avhdx\nlinkage=2",
@@ -1141,7 +1109,7 @@ mod tests {
 
     #[test]
     fn parent_cycles_are_refused() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let a = t.file("a.vhdx", "loc=relative_path|b.vhdx");
         t.file("b.vhdx", "loc=relative_path|c.vhdx");
         t.file("c.vhdx", "loc=relative_path|A.VHDX");
@@ -1157,7 +1125,7 @@ mod tests {
         );
 
         // A hard link to an ancestor is the same file.
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let a = t.file("a.vhdx", "loc=relative_path|b.vhdx");
         t.file("b.vhdx", "loc=relative_path|alias.vhdx");
         fs::hard_link(&a, t.path().join("alias.vhdx")).unwrap();
@@ -1180,7 +1148,7 @@ mod tests {
 
     #[test]
     fn depth_limit() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let n = 300;
         for i in 0..n {
             let body = if i + 1 < n {
@@ -1220,7 +1188,7 @@ mod tests {
 
     #[test]
     fn linkage_checked_along_the_chain() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let top = t.file(
             "top.vhd",
             "format=vhd\nid=3\nloc=W2ru|.\\base.vhd\nlinkage=2",
@@ -1238,8 +1206,6 @@ mod tests {
     }
 
     // ---- Real images (the VHD reader) ----
-
-    const FIXTURES: &str = "/work/shared/fixtures";
 
     /// A fixed VHD of `size` bytes of `fill`, with unique id `id`: `size` data bytes and
     /// a 512-byte footer (Virtual Hard Disk Image Format Specification, "Hard Disk
@@ -1278,22 +1244,24 @@ mod tests {
 
     #[test]
     fn real_vhd_chain_found_next_to_child() {
-        let top = Path::new(FIXTURES).join("image-differential.vhd");
+        let Some(fx) = fixtures_dir() else { return };
+        let top = fx.join("image-differential.vhd");
         let c = Chain::open(&top, &ChainOptions::default()).unwrap();
         assert_eq!(c.layers.len(), 2);
         let f = c.found[1].as_ref().unwrap();
-        assert_eq!(f.path, Path::new(FIXTURES).join("image.vhd"));
+        assert_eq!(f.path, fx.join("image.vhd"));
         assert!(f.recorded.ends_with("image.vhd"), "{f:?}");
-        let base = Chain::open(&Path::new(FIXTURES).join("image.vhd"), &Default::default());
+        let base = Chain::open(&fx.join("image.vhd"), &Default::default());
         assert_eq!(read_all(c), read_all(base.unwrap()));
     }
 
     #[test]
     fn real_vhd_chain_through_search_dir() {
+        let Some(fx) = fixtures_dir() else { return };
         // The child alone in a directory: its parent is found by --search-dir only.
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let child = t.path().join("Child.vhd");
-        fs::copy(Path::new(FIXTURES).join("image-differential.vhd"), &child).unwrap();
+        fs::copy(fx.join("image-differential.vhd"), &child).unwrap();
         let tried = match Chain::open(&child, &ChainOptions::default()) {
             Err(Error::ParentNotFound { tried, .. }) => tried,
             Err(e) => panic!("{e}"),
@@ -1301,18 +1269,19 @@ mod tests {
         };
         assert!(!tried.is_empty());
         let opts = ChainOptions {
-            search_dirs: vec![PathBuf::from(FIXTURES)],
+            search_dirs: vec![fx.clone()],
             ..Default::default()
         };
         let c = Chain::open(&child, &opts).unwrap();
         let f = c.found[1].as_ref().unwrap();
         assert_eq!(f.locator, "--search-dir");
-        assert_eq!(f.path, Path::new(FIXTURES).join("image.vhd"));
+        assert_eq!(f.path, fx.join("image.vhd"));
     }
 
     #[test]
     fn real_vhd_missing_parent_lists_paths_tried() {
-        let top = Path::new(FIXTURES).join("fat-differential.vhd");
+        let Some(fx) = fixtures_dir() else { return };
+        let top = fx.join("fat-differential.vhd");
         let e = Chain::open(&top, &ChainOptions::default()).err().unwrap();
         let msg = e.to_string();
         let Error::ParentNotFound { tried, .. } = e else {
@@ -1328,7 +1297,7 @@ mod tests {
                 .any(|t| t.contains("-> /Projects/dfvfs/test_data/fat-parent.vhd: no such file")),
             "{tried:?}"
         );
-        let next_to_child = format!("-> {FIXTURES}/fat-parent.vhd: no such file");
+        let next_to_child = format!("-> {}/fat-parent.vhd: no such file", fx.display());
         assert!(
             tried.iter().any(|t| t.contains(&next_to_child)),
             "{tried:?}"
@@ -1337,10 +1306,11 @@ mod tests {
 
     #[test]
     fn real_vhd_wrong_parent_fails_linkage_and_reads_when_ignored() {
-        let t = TempDir::new();
+        let Some(fx) = fixtures_dir() else { return };
+        let t = TempDir::new("chain");
         let wrong = t.path().join("not-the-parent.vhd");
         fixed_vhd(&wrong, 4 << 20, 0xA5, 0x1234);
-        let top = Path::new(FIXTURES).join("fat-differential.vhd");
+        let top = fx.join("fat-differential.vhd");
         let opts = ChainOptions {
             parents: vec![wrong.clone()],
             ..Default::default()
@@ -1406,7 +1376,7 @@ mod tests {
     #[test]
     fn real_vhd_chains_of_depth_2_3_40() {
         for depth in [2, 3, 40] {
-            let t = TempDir::new();
+            let t = TempDir::new("chain");
             let paths = vhd_chain(t.path(), depth);
             let top = paths.last().unwrap();
             let c = Chain::open(top, &ChainOptions::default()).unwrap();
@@ -1423,7 +1393,7 @@ mod tests {
 
     #[test]
     fn real_vhd_chain_moved_and_renamed() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         fs::create_dir(t.path().join("a")).unwrap();
         vhd_chain(&t.path().join("a"), 3);
         // Moving the directory makes the absolute locators stale; the relative ones
@@ -1439,7 +1409,7 @@ mod tests {
 
     #[test]
     fn real_vhd_writable_top_parents_read_only() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let paths = vhd_chain(t.path(), 3);
         let opts = ChainOptions {
             intent: Intent::WriteTop,
@@ -1455,7 +1425,7 @@ mod tests {
     /// locks of two descriptors conflict within one process as between processes).
     #[test]
     fn intents_apply_the_lock_rules() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let paths = vhd_chain(t.path(), 2);
         let (base, child) = (&paths[0], &paths[1]);
         let with = |intent| ChainOptions {
@@ -1533,7 +1503,7 @@ mod tests {
 
     #[test]
     fn real_vhd_over_smaller_raw_base_given_with_parent() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let paths = vhd_chain(t.path(), 2);
         // A raw base half the child's size, full of 0x77: page 0 (not held by the
         // child) comes from it, the child's page 1 from the child, the second half
@@ -1601,7 +1571,7 @@ mod tests {
 
     #[test]
     fn real_vhdx_chain_of_three() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let base = t.path().join("Base Disks/Base.vhdx");
         new_vhdx(&base, 512, None);
         write_page(&base, 0, 1);
@@ -1656,7 +1626,7 @@ mod tests {
 
     #[test]
     fn real_vhdx_sector_sizes_and_formats_must_agree() {
-        let t = TempDir::new();
+        let t = TempDir::new("chain");
         let base = t.path().join("base.vhdx");
         new_vhdx(&base, 512, None);
         let child = t.path().join("child4k.avhdx");

@@ -333,11 +333,11 @@ mod tests {
         let size = 12u64 << 20;
         let mut model = vec![0u8; size as usize];
         let mut rng = Rng(77);
-        let mut prev = d.0.join("l0.vhdx");
+        let mut prev = d.join("l0.vhdx");
         new_base(&prev, size, 1 << 20, 512);
         for level in 0..3 {
             if level > 0 {
-                let img = d.0.join(format!("l{level}.vhdx"));
+                let img = d.join(format!("l{level}.vhdx"));
                 new_child(&img, &prev, Some("1M"));
                 prev = img;
             }

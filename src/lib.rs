@@ -18,6 +18,8 @@ pub mod layer;
 pub mod paths;
 pub mod progress;
 pub mod sys;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod vfs;
 
 pub use chain::{Chain, ChainOptions, Intent};

@@ -12,11 +12,12 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Set by `.ci/run`: a test that needs FUSE, a loop device or a tool that
-/// `scripts/setup.sh` installs fails instead of skipping.
-pub const REQUIRE_ENV: &str = "VDISKFS_REQUIRE_FUSE";
+// Temporary directories, fixtures, `required()`, mount points: shared with the unit
+// tests.
+#[path = "../../src/test_support.rs"]
+mod test_support;
+pub use test_support::*;
 
 /// Tools `scripts/setup.sh` installs (keep in step with it).
 pub const SETUP_TOOLS: &[&str] = &[
@@ -49,62 +50,6 @@ pub const SETUP_TOOLS: &[&str] = &[
 /// The vdiskfs binary cargo built for this test run.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vdiskfs")
-}
-
-/// True when `.ci/run` (or a developer) asked for "fail, don't skip".
-pub fn required() -> bool {
-    std::env::var_os(REQUIRE_ENV).is_some_and(|v| !v.is_empty() && v != "0")
-}
-
-// ---------------------------------------------------------------------------
-// Temporary directories
-// ---------------------------------------------------------------------------
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A fresh directory under the system temp dir, removed (with its contents) on drop.
-/// Declare mount guards *after* the TempDir that holds their mount point, so they
-/// drop (unmount) first.
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!(
-            "vdiskfs-test-{tag}-{}-{n}-{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
-        self.path.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if is_mounted_below(&self.path) {
-            // Never recurse into a live mount (it could be someone's guest file system).
-            eprintln!(
-                "warning: leaving {} in place: something is still mounted below it",
-                self.path.display()
-            );
-            return;
-        }
-        let _ = fs::remove_dir_all(&self.path);
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -826,42 +771,6 @@ pub fn require_fuse() -> bool {
 }
 
 /// Mount points listed in /proc/self/mountinfo (field 5, unescaped).
-pub fn mount_points() -> Vec<PathBuf> {
-    let s = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    s.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(unescape_mountinfo(m)))
-        .collect()
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-pub fn is_mounted(dir: &Path) -> bool {
-    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    mount_points().contains(&dir)
-}
-
-fn is_mounted_below(dir: &Path) -> bool {
-    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    mount_points().iter().any(|m| m.starts_with(&dir))
-}
-
 /// Unmount a FUSE mount point: `fusermount3 -u`, retried while the mount is busy,
 /// then a lazy `fusermount3 -uz` as the last resort. Returns true when unmounted.
 pub fn fuse_unmount(dir: &Path) -> bool {

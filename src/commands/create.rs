@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::chain::{Chain, ChainOptions, Intent};
 use crate::cli::{parse_size, CreateArgs, FormatArg};
 use crate::error::{Error, Result};
+use crate::image::durable::refuse_existing;
 use crate::image::vhd::Vhd;
 use crate::image::vhdx::Vhdx;
 use crate::image::{detect_format, open_layer, vhd, vhdx};
@@ -95,7 +96,9 @@ fn resolve_parent(child: &Path, parent: &Path) -> Result<PathBuf> {
     )))
 }
 
-/// Create the new file's directory when missing, as the Virtual PC API did.
+/// Create the new file's directory when missing, as the Virtual PC API did (a VHD
+/// child's locators are computed from its canonical directory, before the file is
+/// created).
 fn make_dir(image: &Path) -> Result<()> {
     match image.parent() {
         Some(d) if !d.as_os_str().is_empty() => {
@@ -141,12 +144,9 @@ fn create_child(
     parent: &Path,
     block_size: u32,
 ) -> Result<i32> {
-    if args.image.symlink_metadata().is_ok() {
-        return Err(Error::Invalid(format!(
-            "{}: already exists (vdiskfs never overwrites a file)",
-            args.image.display()
-        )));
-    }
+    // Before the parent's chain is opened and locked (the final guarantee is the
+    // no-replace move of `durable::create_file_atomically`).
+    refuse_existing(&args.image)?;
     let parent_abs = resolve_parent(&args.image, parent)?;
     let pformat = detect_format(&parent_abs)?;
     // The parent's chain is opened read-only, with the locks of a child to be created

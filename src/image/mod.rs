@@ -1,6 +1,7 @@
 //! Opening image files: format detection by signature, and positioned I/O on a backing
 //! file with an optional in-memory overlay (a VHDX log replayed without touching the file).
 
+pub mod durable;
 pub mod raw;
 pub mod vhd;
 pub mod vhdx;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use crate::error::{Defect, Error, Result};
 use crate::layer::{Format, IfWritten, Layer, OpenOptions};
+pub use durable::{create_file_atomically, create_new_file, remove_stale_temps};
 
 /// Size of an overlay page. VHDX log entries write whole 4 KiB sectors and zero runs of
 /// whole 4 KiB sectors at 4 KiB-aligned file offsets, so overlay pieces (pages and zero
@@ -57,6 +59,8 @@ pub struct ImageFile {
     /// Read-only opens: who had the file open for writing (held its exclusive lock) at
     /// open, when someone did; what is read may change.
     pub writer: Option<String>,
+    /// Set by the first failed fdatasync (`durable::Poison`).
+    poison: durable::Poison,
 }
 
 impl ImageFile {
@@ -72,6 +76,7 @@ impl ImageFile {
             logical_len: AtomicU64::new(real_len),
             real_len: AtomicU64::new(real_len),
             writer: None,
+            poison: durable::Poison::new(),
         })
     }
 
@@ -290,8 +295,17 @@ impl ImageFile {
             .map_err(|e| Error::io(&self.path, "write", offset, e))
     }
 
-    /// fdatasync the file.
+    /// fdatasync the file. A failure sets the poison latch: every later
+    /// `check_poison` and `flush_ordered` fails (see `durable`).
     pub fn sync_data(&self) -> Result<()> {
+        let r = self.sync_data_once();
+        if r.is_err() {
+            self.poison.set();
+        }
+        r
+    }
+
+    fn sync_data_once(&self) -> Result<()> {
         #[cfg(test)]
         if crash_sim::sync_fails() {
             return Err(Error::file(
@@ -303,6 +317,57 @@ impl ImageFile {
         self.file
             .sync_data()
             .map_err(|e| Error::file(&self.path, "fdatasync", e))
+    }
+
+    /// EIO (`op`: `durable::POISONED_WRITE` or `POISONED_CLOSE`) once an fdatasync of
+    /// this file has failed. Writers call it before every write, flush and close.
+    pub fn check_poison(&self, op: &'static str) -> Result<()> {
+        self.poison.check(&self.path, op)
+    }
+
+    /// An ordered flush point: fdatasync the data written so far (when `data_unsynced`),
+    /// then `metadata` writes what points at it, then fdatasync again when `metadata`
+    /// says it wrote something. So metadata never reaches the disk before the data it
+    /// describes. Fails at once when the file is poisoned; a failed fdatasync poisons it.
+    /// Extra ordering inside `metadata` (a log entry before the places it covers) uses
+    /// `sync_data` between its steps.
+    pub fn flush_ordered(
+        &self,
+        data_unsynced: bool,
+        metadata: impl FnOnce() -> Result<bool>,
+    ) -> Result<()> {
+        self.check_poison(durable::POISONED_WRITE)?;
+        if data_unsynced {
+            self.sync_data()?;
+        }
+        if metadata()? {
+            self.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Read `len` bytes at `offset` into a new buffer, where `len` comes from the file:
+    /// refused (as corrupt, naming `what`) before anything is allocated when it exceeds
+    /// `limit` or reaches past the end of the file.
+    pub fn read_vec_at(&self, offset: u64, len: u64, limit: u64, what: &str) -> Result<Vec<u8>> {
+        if len > limit {
+            return Err(Error::corrupt(
+                &self.path,
+                format!("{what} of {len} bytes at offset {offset} is larger than the limit of {limit} bytes"),
+            ));
+        }
+        if offset.checked_add(len).is_none_or(|e| e > self.len()) {
+            return Err(Error::corrupt(
+                &self.path,
+                format!(
+                    "{what}: read of {len} bytes at offset {offset} is past the end of the file ({} bytes)",
+                    self.len()
+                ),
+            ));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
     }
 }
 
@@ -358,60 +423,6 @@ pub fn open_layer_within(
         _ if allow_raw => Ok(Arc::new(raw::Raw::open(path, opts)?)),
         _ => Err(Error::corrupt(path, Defect::NotAnImage)),
     }
-}
-
-/// Create `path` atomically and never over an existing file: `fill` writes the content into
-/// a temporary file in the same directory, which is fsynced and then linked into place
-/// (link(2) fails if the target exists, so a file that appeared meanwhile is never
-/// replaced). On any error the temporary file is removed. The directory is created when
-/// missing, as the Virtual PC API did.
-pub fn create_new_file(path: &Path, fill: impl FnOnce(&File) -> Result<()>) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if path.symlink_metadata().is_ok() {
-        return Err(Error::Invalid(format!(
-            "{}: already exists (vdiskfs never overwrites a file)",
-            path.display()
-        )));
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, "create directory", e))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.vdiskfs-tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            // The temporary name means nothing to the user: name the file asked for.
-            .map_err(|e| Error::file(path, "create", e))?;
-        fill(&f)?;
-        f.sync_all().map_err(|e| Error::file(path, "fsync", e))?;
-        std::fs::hard_link(&tmp, path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                Error::Invalid(format!(
-                    "{}: already exists (vdiskfs never overwrites a file)",
-                    path.display()
-                ))
-            } else {
-                Error::file(path, "link into place", e)
-            }
-        })
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result?;
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// Test-only crash simulation: after N more writes on this thread, every write fails,

@@ -23,7 +23,7 @@ struct Fixture {
 
 fn fixture(tag: &str) -> Fixture {
     let dir = TempDir::new(tag);
-    let base = dir.0.join("base.vhdx");
+    let base = dir.join("base.vhdx");
     new_base(&base, SIZE, MIB as u32, 512);
     let mut model = vec![0u8; SIZE as usize];
     Rng(12).fill(&mut model[MIB as usize..(MIB + (192 << 10)) as usize]);
@@ -32,7 +32,7 @@ fn fixture(tag: &str) -> Fixture {
         .unwrap();
     d.close().unwrap();
     drop(d);
-    let top = dir.0.join("child.vhdx");
+    let top = dir.join("child.vhdx");
     new_child(&top, &base, None);
     Fixture {
         _dir: dir,

@@ -164,8 +164,12 @@ impl Bat {
                 )
             })?;
         // Bounded by the file length, checked just above.
-        let mut raw = vec![0u8; bytes_len as usize];
-        file.read_exact_at(&mut raw, table_offset)?;
+        let raw = file.read_vec_at(
+            table_offset,
+            bytes_len,
+            MAX_BAT_ENTRIES as u64 * 4,
+            "VHD BAT",
+        )?;
         let block_len = bitmap_size as u64 + block_size as u64;
         let mut extents = Vec::new();
         let mut entries = Vec::with_capacity(count as usize);

@@ -3,7 +3,7 @@
 //! the dynamic disk header, parent locator data), so a read never returns metadata as
 //! disk data. See docs/security.md. (The basic damaged-file cases are in tests.rs.)
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::bat::MAX_BAT_ENTRIES;
 use super::create::create_dynamic;
@@ -17,22 +17,7 @@ const RO: OpenOptions = OpenOptions::read_only();
 const HDR: usize = 512;
 const BAT: usize = 1536;
 
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new() -> Tmp {
-        let p = std::env::temp_dir().join(format!(
-            "vdiskfs-vhd-bounds-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Tmp(p)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::test_support::TempDir as Tmp;
 
 /// Footer (end and copy) and dynamic header checksums after an edit.
 fn fix(b: &mut [u8]) {
@@ -47,7 +32,7 @@ fn fix(b: &mut [u8]) {
 /// An empty dynamic VHD of `size` bytes in `block`-byte blocks, with `extra` zero bytes
 /// in front of the footer (room for blocks).
 fn dynamic(t: &Tmp, size: u64, block: u32, extra: usize) -> Vec<u8> {
-    let p = t.0.join("src.vhd");
+    let p = t.join("src.vhd");
     let _ = std::fs::remove_file(&p);
     create_dynamic(&p, size, block).unwrap();
     let mut b = std::fs::read(&p).unwrap();
@@ -60,7 +45,7 @@ fn dynamic(t: &Tmp, size: u64, block: u32, extra: usize) -> Vec<u8> {
 }
 
 fn open(t: &Tmp, name: &str, b: &[u8]) -> crate::error::Result<Vhd> {
-    let p: &Path = &t.0.join(name);
+    let p: &Path = &t.join(name);
     std::fs::write(p, b).unwrap();
     Vhd::open(p, RO)
 }
@@ -85,7 +70,7 @@ fn set_current_size(b: &mut [u8], size: u64) {
 
 #[test]
 fn current_size_beyond_what_the_bat_can_cover_is_refused() {
-    let t = Tmp::new();
+    let t = Tmp::new("vhd-bounds");
     let mut b = dynamic(&t, 4 << 20, 512 << 10, 0);
     for size in [u64::MAX, 1 << 63, (64u64 << 40) + 512] {
         set_current_size(&mut b, size);
@@ -120,7 +105,7 @@ fn current_size_beyond_what_the_bat_can_cover_is_refused() {
 fn current_size_not_a_sector_multiple_reads_whole_bytes_without_panic() {
     // VHD sizes are whole sectors in every tool; a crafted odd size is read as given
     // (the tail is zeros) rather than refused, and never panics.
-    let t = Tmp::new();
+    let t = Tmp::new("vhd-bounds");
     let mut b = dynamic(&t, 4 << 20, 512 << 10, 0);
     set_current_size(&mut b, (4 << 20) - 100);
     let v = open(&t, "odd.vhd", &b).unwrap();
@@ -137,7 +122,7 @@ fn current_size_not_a_sector_multiple_reads_whole_bytes_without_panic() {
 
 #[test]
 fn bat_larger_than_the_file_is_refused() {
-    let t = Tmp::new();
+    let t = Tmp::new("vhd-bounds");
     let mut b = dynamic(&t, 4 << 20, 512 << 10, 0);
     // 8 Mi entries would be 32 MiB of BAT in a file of a few KiB.
     b[HDR + 28..HDR + 32].copy_from_slice(&MAX_BAT_ENTRIES.to_be_bytes());
@@ -161,7 +146,7 @@ fn data_block_overlapping_the_dynamic_header_is_refused() {
     // [512, footer) and off the BAT, so one over the dynamic header was accepted and
     // reads returned header bytes as disk data.
     // Our files put the header right before the BAT, so move it past the BAT first.
-    let t = Tmp::new();
+    let t = Tmp::new("vhd-bounds");
     let mut b = dynamic(&t, 4 << 20, 4096, 64 << 10);
     let moved = 16384;
     b.copy_within(HDR..HDR + 1024, moved);
@@ -183,7 +168,7 @@ fn data_block_overlapping_the_dynamic_header_is_refused() {
 
 #[test]
 fn data_block_overlapping_parent_locator_data_is_refused() {
-    let t = Tmp::new();
+    let t = Tmp::new("vhd-bounds");
     let mut b = dynamic(&t, 4 << 20, 4096, 64 << 10);
     let n = b.len();
     // Make it differencing with a W2ru locator whose data sits at 8 KiB.
@@ -210,7 +195,7 @@ fn data_block_overlapping_parent_locator_data_is_refused() {
 
 #[test]
 fn every_bat_entry_value_is_an_error_or_a_run_never_a_panic() {
-    let t = Tmp::new();
+    let t = Tmp::new("vhd-bounds");
     let base = dynamic(&t, 4 << 20, 4096, 16 << 10);
     for e in [0u32, 1, 2, 3, 4, 0x7FFF_FFFF, 0xFFFF_FFFE, u32::MAX] {
         let mut b = base.clone();
@@ -228,7 +213,7 @@ fn check_of_a_dynamic_disk_with_a_locator_at_the_end_of_the_address_space() {
     // Regression (fuzz/regressions/vhd_check_locator_overflow.bin, found by vhd_open):
     // a dynamic disk's parent locators are not bounds-checked at open (they are not
     // used), and `check` added offset + length with overflow (a panic in debug builds).
-    let t = Tmp::new();
+    let t = Tmp::new("vhd-bounds");
     let mut b = dynamic(&t, 4 << 20, 4096, 16 << 10);
     let loc = HDR + 576;
     b[loc..loc + 4].copy_from_slice(b"W2ru");

@@ -2,10 +2,8 @@
 //!
 //! Layout written: footer copy (0), dynamic disk header (512), BAT (1536, all
 //! unallocated), parent locator data (differencing: W2ru then W2ku, each in whole
-//! sectors), footer. The file is written under a temporary name in the target's
-//! directory, fsynced, and moved into place without ever replacing an existing file
-//! (renameat2 RENAME_NOREPLACE, or link + unlink where that is not supported); on any
-//! error the temporary file is removed.
+//! sectors), footer. The file appears atomically and never over an existing file
+//! (`durable::create_file_atomically`).
 //!
 //! Parent paths on Linux (their forms are made in `paths.rs`): W2ru holds the parent
 //! relative to the child's directory in Windows form (".\\base.vhd", "..\\img\\base.vhd").
@@ -21,10 +19,8 @@
 //! by their CHS geometry (rounded down), newer qemu, libvhdi and Hyper-V by the current
 //! size; the current size written is exactly the size asked for.
 
-use std::fs::File;
-use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use uuid::Uuid;
 
@@ -33,6 +29,7 @@ use super::footer::{now_time_stamp, DiskType, Footer, Geometry, FOOTER_SIZE};
 use super::locator::{encode_utf16le, LocatorEntry};
 use super::Vhd;
 use crate::error::{Error, Result};
+use crate::image::durable::create_file_atomically;
 use crate::layer::Layer;
 use crate::paths::{windows_absolute_path, windows_relative_path};
 
@@ -177,96 +174,33 @@ fn build(
     (pieces, pos + FOOTER_SIZE as u64)
 }
 
-/// Removes the temporary file unless disarmed.
-struct TempGuard(Option<PathBuf>);
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
+/// Write the new file through `durable::create_file_atomically` (temporary name,
+/// fsync, moved into place without replacing anything; removed on error).
 fn write_new_file(
     path: &Path,
     footer: &Footer,
     header: &DynamicHeader,
     locators: &[([u8; 4], Vec<u8>)],
 ) -> Result<()> {
-    if path.symlink_metadata().is_ok() {
-        return Err(Error::file(
-            path,
-            "create",
-            io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "the file already exists (vdiskfs never overwrites an image)",
-            ),
-        ));
-    }
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", path.display())))?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.vdiskfs-tmp-{}",
-        name.to_string_lossy(),
-        Uuid::new_v4().simple()
-    ));
     let (pieces, _len) = build(footer, header, locators);
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        // The temporary name means nothing to the user: name the file asked for.
-        .map_err(|e| Error::file(path, "create", e))?;
-    let mut guard = TempGuard(Some(tmp.clone()));
-    // The BAT: every entry unallocated (0xFFFFFFFF), written in chunks of at most 1 MiB.
-    let bat_bytes = header.max_table_entries as u64 * 4;
-    let chunk = vec![0xFFu8; (1u64 << 20).min(bat_bytes) as usize];
-    let mut done = 0u64;
-    while done < bat_bytes {
-        let n = (chunk.len() as u64).min(bat_bytes - done);
-        let at = TABLE_OFFSET + done;
-        file.write_all_at(&chunk[..n as usize], at)
-            .map_err(|e| Error::io(path, "write", at, e))?;
-        done += n;
-    }
-    for (at, data) in &pieces {
-        file.write_all_at(data, *at)
-            .map_err(|e| Error::io(path, "write", *at, e))?;
-    }
-    file.sync_all().map_err(|e| Error::file(path, "fsync", e))?;
-    drop(file);
-    rename_noreplace(&tmp, path)?;
-    guard.0 = None;
-    // Make the new directory entry durable.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// Move `from` to `to`, failing if `to` exists.
-fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
-    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
-    // AT_FDCWD makes relative paths resolve as std::fs does.
-    let err = match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
-        Ok(()) => return Ok(()),
-        Err(e) => io::Error::from(e),
-    };
-    match err.raw_os_error() {
-        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
-            // File system without RENAME_NOREPLACE: link fails if the target exists.
-            std::fs::hard_link(from, to).map_err(|e| Error::file(to, "create", e))?;
-            let _ = std::fs::remove_file(from);
-            Ok(())
+    create_file_atomically(path, false, |file| {
+        // The BAT: every entry unallocated (0xFFFFFFFF), written in chunks of at most 1 MiB.
+        let bat_bytes = header.max_table_entries as u64 * 4;
+        let chunk = vec![0xFFu8; (1u64 << 20).min(bat_bytes) as usize];
+        let mut done = 0u64;
+        while done < bat_bytes {
+            let n = (chunk.len() as u64).min(bat_bytes - done);
+            let at = TABLE_OFFSET + done;
+            file.write_all_at(&chunk[..n as usize], at)
+                .map_err(|e| Error::io(path, "write", at, e))?;
+            done += n;
         }
-        _ => Err(Error::file(to, "create", err)),
-    }
+        for (at, data) in &pieces {
+            file.write_all_at(data, *at)
+                .map_err(|e| Error::io(path, "write", *at, e))?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -310,8 +310,12 @@ impl Vhd {
             };
             e.check_bounds(path, i, file.len())?;
             // Bounded by MAX_LOCATOR_DATA in check_bounds.
-            let mut data = vec![0u8; e.platform_data_length as usize];
-            file.read_exact_at(&mut data, e.platform_data_offset)?;
+            let data = file.read_vec_at(
+                e.platform_data_offset,
+                e.platform_data_length as u64,
+                locator::MAX_LOCATOR_DATA as u64,
+                "parent locator data",
+            )?;
             let s = locator::decode(path, i, &e.platform_code, &data)?;
             decoded[i] = Some((name.to_string(), s));
         }

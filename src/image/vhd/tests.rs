@@ -1,7 +1,7 @@
 //! Tests of the VHD reader, writer and creator: real fixtures, files made by qemu-img,
 //! libvhdi (vhdiinfo, vhdimount) as an independent judge, and damaged files.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -13,38 +13,10 @@ use crate::disk::{Disk, DiskOptions};
 use crate::error::{Defect, Error, VhdDefect, Warning};
 use crate::layer::{Layer, OpenOptions, Run, WritableLayer};
 
-const FIXTURES: &str = "/work/shared/fixtures";
 const RO: OpenOptions = OpenOptions::read_only();
 const RW: OpenOptions = OpenOptions::writable();
 
-struct TmpDir(PathBuf);
-
-impl TmpDir {
-    fn new() -> TmpDir {
-        let p = std::env::temp_dir().join(format!("vdiskfs-vhd-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&p).unwrap();
-        TmpDir(p)
-    }
-    fn join(&self, n: &str) -> PathBuf {
-        self.0.join(n)
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn fixture(name: &str) -> Option<PathBuf> {
-    let p = Path::new(FIXTURES).join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        eprintln!("SKIP: fixture {} not present", p.display());
-        None
-    }
-}
+use crate::test_support::{fixture, TempDir as TmpDir};
 
 fn have(tool: &str) -> bool {
     let ok = Command::new("sh")
@@ -136,7 +108,7 @@ impl Rng {
 #[test]
 fn ext2_fixture_matches_known_hash() {
     let Some(p) = fixture("ext2.vhd") else { return };
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let v = Vhd::open(&p, RO).unwrap();
     let info = v.info().unwrap();
     assert_eq!(info.disk_type, "dynamic");
@@ -178,7 +150,7 @@ fn image_pair_with_bad_checksums_reads_with_warnings() {
     else {
         return;
     };
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let b = Vhd::open(&base, RO).unwrap();
     let bi = b.info().unwrap();
     assert!(
@@ -277,7 +249,7 @@ fn qemu_roundtrip(subformat: &str) {
     if !have("qemu-img") {
         return;
     }
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let raw = t.join("in.raw");
     let mut data = vec![0u8; 5 << 20];
     let mut rng = Rng(42);
@@ -369,7 +341,7 @@ fn vhd_defect(e: &Error) -> &VhdDefect {
 
 #[test]
 fn damaged_files_give_clear_errors() {
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let good = small_dynamic(&t);
     let ok = open_bytes(&t, "good.vhd", &good, RO).unwrap();
     assert_eq!(merged(vec![Arc::new(ok)])[4096..8192], [0x11; 4096]);
@@ -517,7 +489,7 @@ fn damaged_files_give_clear_errors() {
 
 #[test]
 fn checksum_mismatch_is_warning_read_only_and_error_writable() {
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let mut b = small_dynamic(&t);
     let n = b.len();
     b[n - 512 + 100] ^= 1; // reserved byte: checksum no longer matches
@@ -553,7 +525,7 @@ fn checksum_mismatch_is_warning_read_only_and_error_writable() {
 
 #[test]
 fn footer_only_at_start_and_old_511_byte_footer() {
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let good = small_dynamic(&t);
     let n = good.len();
     let expect = merged(vec![Arc::new(open_bytes(&t, "g.vhd", &good, RO).unwrap())]);
@@ -573,7 +545,7 @@ fn footer_only_at_start_and_old_511_byte_footer() {
 
 #[test]
 fn unaligned_map_and_partial_bitmaps() {
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let base = t.join("base.vhd");
     create_dynamic(&base, 64 << 10, 4096).unwrap();
     let child = t.join("child.vhd");
@@ -617,7 +589,7 @@ fn unaligned_map_and_partial_bitmaps() {
 
 #[test]
 fn created_dynamic_base_passes_qemu_check() {
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     // A CHS-exact size, so qemu (which sizes unknown creators by CHS before 10.0) agrees.
     let size = Geometry::for_sectors((20 << 20) / 512).bytes();
     let p = t.join("base.vhd");
@@ -633,7 +605,7 @@ fn created_dynamic_base_passes_qemu_check() {
     assert!(i.warnings.is_empty());
     assert_eq!(merged(vec![Arc::new(v)]), vec![0u8; size as usize]);
     // Nothing but the image is left in the directory.
-    let names: Vec<_> = std::fs::read_dir(&t.0)
+    let names: Vec<_> = std::fs::read_dir(t.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
@@ -650,7 +622,7 @@ fn created_dynamic_base_passes_qemu_check() {
 }
 
 fn vhdimount_read(image: &Path, t: &TmpDir) -> Vec<u8> {
-    let mnt = t.join(&format!("mnt-{}", uuid::Uuid::new_v4().simple()));
+    let mnt = t.join(format!("mnt-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&mnt).unwrap();
     run(Command::new("vhdimount").arg(image).arg(&mnt));
     // vhdimount exposes every layer of a chain: vhdi1 is the base, the highest number
@@ -697,7 +669,7 @@ fn random_writes(
 
 #[test]
 fn writes_to_dynamic_match_model_and_pass_qemu_check() {
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let size = Geometry::for_sectors((12 << 20) / 512).bytes();
     let p = t.join("dyn.vhd");
     create_dynamic(&p, size, 1 << 20).unwrap();
@@ -737,7 +709,7 @@ fn fixed_disk_writes_in_place() {
     if !have("qemu-img") {
         return;
     }
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let p = t.join("fixed.vhd");
     run(Command::new("qemu-img")
         .args(["create", "-f", "vpc", "-o", "subformat=fixed"])
@@ -764,7 +736,7 @@ fn fixed_disk_writes_in_place() {
 
 #[test]
 fn writes_to_differencing_child_match_model_and_libvhdi() {
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let size = Geometry::for_sectors((10 << 20) / 512).bytes();
     let base = t.join("base.vhd");
     create_dynamic(&base, size, DEFAULT_BLOCK_SIZE).unwrap();
@@ -856,7 +828,7 @@ fn writes_to_differencing_child_match_model_and_libvhdi() {
 
 #[test]
 fn concurrent_writers_allocate_once() {
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let p = t.join("c.vhd");
     create_dynamic(&p, 8 << 20, 1 << 20).unwrap();
     let v = Arc::new(Vhd::open(&p, RW).unwrap());
@@ -896,7 +868,7 @@ fn concurrent_writers_allocate_once() {
 /// intermediate state opens cleanly and shows either the old or the new data.
 #[test]
 fn every_allocation_step_leaves_a_valid_file() {
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let p = t.join("d.vhd");
     create_dynamic(&p, 64 << 10, 4096).unwrap();
     Vhd::open(&p, RW).unwrap().write(0, &[0x55; 4096]).unwrap();
@@ -949,7 +921,7 @@ fn every_allocation_step_leaves_a_valid_file() {
 /// and reads the flushed content or something newer.
 #[test]
 fn batched_allocation_states_are_valid() {
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let p = t.join("d.vhd");
     let bs = 4096u64;
     let slot = 512 + bs;
@@ -1012,7 +984,7 @@ fn batched_allocation_states_are_valid() {
 /// bitmap sector written at the next flush, after their data is durable.
 #[test]
 fn in_place_bitmap_changes_wait_for_a_flush() {
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let base = t.join("base.vhd");
     create_dynamic(&base, 64 << 10, 4096).unwrap();
     {
@@ -1061,7 +1033,7 @@ fn in_place_bitmap_changes_wait_for_a_flush() {
 /// A full file system while creating: an error, and no file (temporary or final) left.
 #[test]
 fn create_on_full_file_system_leaves_nothing() {
-    let t = TmpDir::new();
+    let t = TmpDir::new("vhd");
     let mnt = t.join("small");
     std::fs::create_dir(&mnt).unwrap();
     let ok = Command::new("mount")

@@ -41,13 +41,14 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::bat::{Bitmap, UNALLOCATED};
 use super::footer::{DiskType, FOOTER_SIZE};
 use super::{Vhd, SECTOR};
 use crate::error::{Error, Result};
+use crate::image::durable::POISONED_WRITE;
 use crate::layer::{Layer, WritableLayer};
 
 /// Flush on our own when this many metadata sectors are dirty.
@@ -83,10 +84,6 @@ pub(super) struct Writer {
     /// `state.dirty.len()` as of the last change, so a write can see whether a flush is
     /// due without waiting for the lock (which a flush holds across its fdatasyncs).
     dirty_len: AtomicUsize,
-    /// An fdatasync of a flush failed: Linux reports a writeback error once, so data
-    /// acknowledged earlier may be gone. No metadata may be written after that (it could
-    /// point at lost data): every later write, flush and close fails.
-    poisoned: AtomicBool,
 }
 
 impl Writer {
@@ -100,7 +97,6 @@ impl Writer {
                 dirty: BTreeSet::new(),
             }),
             dirty_len: AtomicUsize::new(0),
-            poisoned: AtomicBool::new(false),
         }
     }
 }
@@ -285,41 +281,18 @@ impl Vhd {
         }
     }
 
-    /// fdatasync; a failure poisons the writer (see `Writer::poisoned`).
-    fn sync(&self) -> Result<()> {
-        let r = self.file.sync_data();
-        if r.is_err() {
-            self.writer().poisoned.store(true, Ordering::Release);
-        }
-        r
-    }
-
-    /// EIO once an fdatasync has failed.
-    fn check_poisoned(&self) -> Result<()> {
-        if self.writer().poisoned.load(Ordering::Acquire) {
-            return Err(Error::io(
-                &self.file.path,
-                "write (an earlier flush failed; data may be lost, so nothing more is written)",
-                0,
-                io::Error::from_raw_os_error(libc::EIO),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Make every write so far durable: data first, then the metadata that exposes it.
+    /// Make every write so far durable: data first, then the metadata that exposes it
+    /// (an ordered flush point, `ImageFile::flush_ordered`; a failed fdatasync poisons
+    /// the file, and every later write, flush and close fails).
     fn commit(&self, st: &mut State) -> Result<()> {
-        self.check_poisoned()?;
-        self.sync()?;
-        if st.dirty.is_empty() {
-            return Ok(());
-        }
-        // Cleared only when every sector reached its place: after a failure the next
-        // flush writes them all again (rewriting one that did land is harmless).
-        for &d in &st.dirty {
-            self.write_dirty(d)?;
-        }
-        self.sync()?;
+        self.file.flush_ordered(true, || {
+            // Cleared only when every sector reached its place: after a failure the next
+            // flush writes them all again (rewriting one that did land is harmless).
+            for &d in &st.dirty {
+                self.write_dirty(d)?;
+            }
+            Ok(!st.dirty.is_empty())
+        })?;
         st.dirty.clear();
         self.writer().dirty_len.store(0, Ordering::Relaxed);
         Ok(())
@@ -358,7 +331,7 @@ impl WritableLayer for Vhd {
             )));
         }
         if self.writer.is_some() {
-            self.check_poisoned()?;
+            self.file.check_poison(POISONED_WRITE)?;
         }
         let Some(bat) = &self.bat else {
             return self.file.write_all_at(data, offset);
@@ -384,7 +357,7 @@ impl WritableLayer for Vhd {
 
     fn flush(&self) -> Result<()> {
         if self.bat.is_none() {
-            return self.file.sync_data();
+            return self.file.flush_ordered(true, || Ok(false));
         }
         let mut st = self.state();
         self.commit(&mut st)
@@ -398,7 +371,7 @@ impl WritableLayer for Vhd {
             return Ok(());
         }
         if self.bat.is_none() {
-            return self.file.sync_data();
+            return self.file.flush_ordered(true, || Ok(false));
         }
         let mut st = self.state();
         self.commit(&mut st)?;

@@ -106,7 +106,7 @@ fn open(path: &Path) -> crate::error::Result<Vhdx> {
 }
 
 pub(super) fn base(d: &TempDir, name: &str, size: u64, block: u32) -> std::path::PathBuf {
-    let p = d.0.join(name);
+    let p = d.join(name);
     new_base(&p, size, block, 512);
     p
 }
@@ -141,7 +141,7 @@ fn virtual_size_not_a_sector_multiple_is_refused() {
             }
         );
     }
-    let p4 = d.0.join("b4.vhdx");
+    let p4 = d.join("b4.vhdx");
     new_base(&p4, 4 * MIB, MIB as u32, 4096);
     set_virtual_size(&p4, 4 * MIB + 512);
     assert_eq!(
@@ -338,7 +338,7 @@ fn payload_blocks_overlapping_each_other_are_reported_by_check() {
 
 /// A differencing child of `base` (our create, through the command code).
 fn child_of(d: &TempDir, base: &Path, name: &str) -> std::path::PathBuf {
-    let c = d.0.join(name);
+    let c = d.join(name);
     crate::commands::create::run(&crate::cli::CreateArgs {
         image: c.clone(),
         parent: Some(base.to_path_buf()),

@@ -1193,26 +1193,7 @@ mod tests {
     const FILE_LEN: u64 = 4 * MIB;
     const FLUSHED: u64 = FILE_LEN;
 
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(name: &str) -> TempDir {
-            let p = std::env::temp_dir()
-                .join(format!("vdiskfs-log-test-{}-{name}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-        fn path(&self, f: &str) -> PathBuf {
-            self.0.join(f)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_support::TempDir;
 
     /// Deterministic bytes that differ between pages and within a page.
     fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -1223,7 +1204,7 @@ mod tests {
 
     /// A 4 MiB file full of pattern bytes (log region included, zeroed) at `name`.
     fn synthetic(dir: &TempDir, name: &str) -> PathBuf {
-        let path = dir.path(name);
+        let path = dir.join(name);
         let mut bytes = pattern(1, FILE_LEN as usize);
         bytes[LOG_OFF as usize..(LOG_OFF + LOG_LEN) as usize].fill(0);
         std::fs::write(&path, bytes).unwrap();
@@ -1911,12 +1892,12 @@ mod tests {
         let dir = TempDir::new("qemu");
         let blocks = 8u64;
         let raw = pattern(7, (blocks * MIB) as usize);
-        std::fs::write(dir.path("in.raw"), &raw).unwrap();
-        let clean = dir.path("clean.vhdx");
+        std::fs::write(dir.join("in.raw"), &raw).unwrap();
+        let clean = dir.join("clean.vhdx");
         run(Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "vhdx", "-o"])
             .arg("subformat=dynamic,block_size=1M,log_size=1M")
-            .arg(dir.path("in.raw"))
+            .arg(dir.join("in.raw"))
             .arg(&clean));
 
         // Where qemu put the blocks.
@@ -1939,7 +1920,7 @@ mod tests {
         let data_off = (entries[3] >> 20 << 20) + 8192;
         bat_page[40..48].copy_from_slice(&entries[6].to_le_bytes());
         bat_page[48..56].copy_from_slice(&entries[5].to_le_bytes());
-        let pending = dir.path("pending.vhdx");
+        let pending = dir.join("pending.vhdx");
         std::fs::copy(&clean, &pending).unwrap();
         let guid = testutil::make_pending_log_test_file(
             &pending,
@@ -1959,12 +1940,12 @@ mod tests {
             .copy_from_slice(&[&raw[b6..b6 + MIB as usize], &raw[b5..b6]].concat());
 
         // qemu: replay on a writable open (check -r all), then read.
-        let q = dir.path("q.vhdx");
+        let q = dir.join("q.vhdx");
         std::fs::copy(&pending, &q).unwrap();
         run(Command::new("qemu-img")
             .args(["check", "-r", "all"])
             .arg(&q));
-        let qemu_view = qemu_to_raw(&q, &dir.path("q.raw"));
+        let qemu_view = qemu_to_raw(&q, &dir.join("q.raw"));
         assert!(
             qemu_view == expected,
             "qemu does not see the logged changes"
@@ -1989,7 +1970,7 @@ mod tests {
         );
 
         // Ours, to the file; then mark the log empty and let qemu read it read-only.
-        let w = dir.path("w.vhdx");
+        let w = dir.join("w.vhdx");
         std::fs::copy(&pending, &w).unwrap();
         let f = open(&w, true);
         let r = find_replay(&f, hdr.log_offset, u64::from(hdr.log_length), hdr.log_guid)
@@ -2000,7 +1981,7 @@ mod tests {
         testutil::set_log_guid(&w, Uuid::nil()).unwrap();
         run(Command::new("qemu-img").arg("check").arg(&w));
         assert!(
-            qemu_to_raw(&w, &dir.path("w.raw")) == qemu_view,
+            qemu_to_raw(&w, &dir.join("w.raw")) == qemu_view,
             "replay to the file differs from qemu"
         );
     }

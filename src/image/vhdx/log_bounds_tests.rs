@@ -126,7 +126,7 @@ fn crafted_64_mib_log_is_scanned_in_linear_work_and_refused() {
 fn chain_of(d: &TempDir, n: usize) -> Vec<PathBuf> {
     let mut layers = vec![base(d, "l0.vhdx", 4 * MIB, MIB as u32)];
     for i in 1..n {
-        let c = d.0.join(format!("l{i}.vhdx"));
+        let c = d.join(format!("l{i}.vhdx"));
         new_child(&c, layers.last().unwrap(), Some("1M"));
         layers.push(c);
     }

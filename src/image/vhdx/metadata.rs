@@ -187,8 +187,12 @@ pub fn read_metadata(file: &ImageFile, region: Region) -> Result<Metadata> {
                 min,
             }));
         }
-        let mut buf = vec![0u8; it.length as usize];
-        file.read_exact_at(&mut buf, region.file_offset + it.offset as u64)?;
+        let buf = file.read_vec_at(
+            region.file_offset + it.offset as u64,
+            it.length as u64,
+            region.length,
+            "metadata item",
+        )?;
         Ok(Some(buf))
     };
     let need = |id: Uuid, min: u32, name: &'static str| -> Result<Vec<u8>> {

@@ -11,25 +11,7 @@ use crate::error::{Defect, Error, Feature, HeaderProblem, VhdxDefect, Warning};
 use crate::image::create_new_file;
 use crate::layer::{Layer, OpenOptions, Run};
 
-pub(crate) struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "vdiskfs-test-{tag}-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub(crate) use crate::test_support::TempDir;
 
 pub(crate) fn new_base(path: &Path, size: u64, block: u32, lss: u32) {
     let n = NewVhdx {
@@ -43,17 +25,20 @@ pub(crate) fn new_base(path: &Path, size: u64, block: u32, lss: u32) {
     create_new_file(path, |f| write_new(f, path, &n, "test")).unwrap();
 }
 
-/// `vdiskfs create --parent PARENT CHILD [--block-size BS]`, as the command runs it.
+/// A differencing child of `parent` at `child` (block size as `--block-size` takes it,
+/// default 2 MiB), made with the format's own API as `vdiskfs create --parent` makes
+/// it. VHDX (VHD when `child` ends in .vhd or .avhd): the parent's size, sector sizes and disk
+/// id, a locator with its DataWriteGuid, the relative path and the absolute path in
+/// Win32 form on drive Z:.
 pub(crate) fn new_child(child: &Path, parent: &Path, block_size: Option<&str>) {
-    crate::commands::create::run(&crate::cli::CreateArgs {
-        image: child.to_path_buf(),
-        parent: Some(parent.to_path_buf()),
-        size: None,
-        block_size: block_size.map(str::to_string),
-        logical_sector_size: None,
-        format: None,
-    })
-    .unwrap();
+    let block_size = block_size.map_or(2 << 20, |s| crate::cli::parse_size(s).unwrap()) as u32;
+    if child.extension().is_some_and(|e| e == "vhd" || e == "avhd") {
+        let p = crate::image::vhd::Vhd::open(parent, OpenOptions::read_only()).unwrap();
+        crate::image::vhd::create::create_differencing(child, &p, block_size).unwrap();
+        return;
+    }
+    let p = Vhdx::open(parent, OpenOptions::read_only()).unwrap();
+    crate::image::vhdx::create::create_child(child, &p, block_size).unwrap();
 }
 
 fn patch(path: &Path, off: u64, bytes: &[u8]) {
@@ -117,7 +102,7 @@ const ITEMS: u64 = META + (64 << 10);
 #[test]
 fn fresh_base_reads_zeros_and_reports_shape() {
     let d = TempDir::new("vhdx-fresh");
-    let p = d.0.join("b.vhdx");
+    let p = d.join("b.vhdx");
     new_base(&p, 10 << 20, 1 << 20, 4096);
     let v = Vhdx::open(&p, OpenOptions::default()).unwrap();
     assert_eq!(v.virtual_size(), 10 << 20);
@@ -134,7 +119,7 @@ fn fresh_base_reads_zeros_and_reports_shape() {
 #[test]
 fn bad_signature() {
     let d = TempDir::new("vhdx-sig");
-    let p = d.0.join("b.vhdx");
+    let p = d.join("b.vhdx");
     new_base(&p, 4 << 20, 1 << 20, 512);
     patch(&p, 0, b"XXXX");
     assert_eq!(open_defect(&p), VhdxDefect::FileIdentifier);
@@ -143,7 +128,7 @@ fn bad_signature() {
 #[test]
 fn one_bad_header_is_survivable_two_are_not() {
     let d = TempDir::new("vhdx-hdr");
-    let p = d.0.join("b.vhdx");
+    let p = d.join("b.vhdx");
     new_base(&p, 4 << 20, 1 << 20, 512);
     patch(&p, HEADER_OFFSETS[1] + 100, &[0xff]);
     let v = Vhdx::open(&p, OpenOptions::default()).unwrap();
@@ -171,7 +156,7 @@ fn one_bad_header_is_survivable_two_are_not() {
 #[test]
 fn region_table_problems() {
     let d = TempDir::new("vhdx-region");
-    let p = d.0.join("b.vhdx");
+    let p = d.join("b.vhdx");
     new_base(&p, 4 << 20, 1 << 20, 512);
     // An unknown required region (third entry) in both copies.
     for off in REGION_TABLE_OFFSETS {
@@ -235,7 +220,7 @@ fn bad_metadata_values() {
     ];
     for (i, (off, bytes, want)) in cases.iter().enumerate() {
         let d = TempDir::new(&format!("vhdx-meta{i}"));
-        let p = d.0.join("b.vhdx");
+        let p = d.join("b.vhdx");
         new_base(&p, 4 << 20, 1 << 20, 512);
         patch(&p, *off, bytes);
         assert_eq!(&open_defect(&p), want, "case {i}");
@@ -245,7 +230,7 @@ fn bad_metadata_values() {
 #[test]
 fn unknown_required_metadata_item() {
     let d = TempDir::new("vhdx-meta-unknown");
-    let p = d.0.join("b.vhdx");
+    let p = d.join("b.vhdx");
     new_base(&p, 4 << 20, 1 << 20, 512);
     // Change the Physical Sector Size item's GUID (entry 5 of the table) to an unknown one.
     patch(&p, META + 32 + 4 * 32, &[0x42; 16]);
@@ -260,7 +245,7 @@ fn unknown_required_metadata_item() {
 #[test]
 fn bat_entry_past_end_of_file() {
     let d = TempDir::new("vhdx-bat");
-    let p = d.0.join("b.vhdx");
+    let p = d.join("b.vhdx");
     new_base(&p, 4 << 20, 1 << 20, 512);
     // Block 1 FULLY_PRESENT at 1000 MiB.
     let entry = (1000u64 << 20) | 6;
@@ -280,7 +265,7 @@ fn bat_entry_past_end_of_file() {
 #[test]
 fn truncated_file() {
     let d = TempDir::new("vhdx-trunc");
-    let p = d.0.join("b.vhdx");
+    let p = d.join("b.vhdx");
     new_base(&p, 4 << 20, 1 << 20, 512);
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     f.set_len(200 << 10).unwrap();
@@ -362,7 +347,7 @@ pub(crate) fn random_writes(
 fn writes_to_base_and_child_match_a_model() {
     for lss in [512u32, 4096] {
         let d = TempDir::new("vhdx-write");
-        let base = d.0.join("base.vhdx");
+        let base = d.join("base.vhdx");
         let size = 24u64 << 20;
         new_base(&base, size, 1 << 20, lss);
         let mut model = vec![0u8; size as usize];
@@ -379,7 +364,7 @@ fn writes_to_base_and_child_match_a_model() {
         );
         let base_sum = std::fs::read(&base).unwrap();
 
-        let child = d.0.join("child.avhdx");
+        let child = d.join("child.avhdx");
         new_child(&child, &base, None);
         {
             let disk = open_disk(&child, true);
@@ -421,11 +406,11 @@ fn qemu_raw(img: &Path, out: &Path) -> Vec<u8> {
 /// A qemu-made dynamic VHDX with data, given a pending log that changes one data page and
 /// turns block 2 into a ZERO block. Returns (path, expected merged view).
 fn pending_log_file(d: &TempDir) -> (PathBuf, Vec<u8>) {
-    let raw = d.0.join("in.raw");
+    let raw = d.join("in.raw");
     let mut data = vec![0u8; 8 << 20];
     Rng(99).fill(&mut data);
     std::fs::write(&raw, &data).unwrap();
-    let img = d.0.join("p.vhdx");
+    let img = d.join("p.vhdx");
     run(std::process::Command::new("qemu-img")
         .args([
             "convert",
@@ -486,12 +471,12 @@ fn pending_log_read_only_replays_in_memory_and_never_writes() {
         meta_before
     );
     // qemu replays the log on a writable open (check -r all): it must agree with us.
-    let q = d.0.join("q.vhdx");
+    let q = d.join("q.vhdx");
     std::fs::copy(&img, &q).unwrap();
     run(std::process::Command::new("qemu-img")
         .args(["check", "-r", "all"])
         .arg(&q));
-    assert!(qemu_raw(&q, &d.0.join("q.raw")) == expected, "qemu agrees");
+    assert!(qemu_raw(&q, &d.join("q.raw")) == expected, "qemu agrees");
 }
 
 #[test]
@@ -512,7 +497,7 @@ fn pending_log_writable_open_replays_to_the_file() {
         .arg("check")
         .arg(&img));
     assert!(
-        qemu_raw(&img, &d.0.join("q.raw")) == expected,
+        qemu_raw(&img, &d.join("q.raw")) == expected,
         "qemu reads our replayed file"
     );
 }
@@ -520,7 +505,7 @@ fn pending_log_writable_open_replays_to_the_file() {
 #[test]
 fn check_reports_damage_instead_of_failing() {
     let d = TempDir::new("vhdx-check");
-    let p = d.0.join("b.vhdx");
+    let p = d.join("b.vhdx");
     new_base(&p, 4 << 20, 1 << 20, 512);
     let args = |json| crate::cli::CheckArgs {
         image: p.clone(),
@@ -537,8 +522,8 @@ fn check_reports_damage_instead_of_failing() {
     patch(&p, (3 << 20) + 8, &((1000u64 << 20) | 6).to_le_bytes());
     assert_eq!(crate::commands::check::run(&args(true)).unwrap(), 2);
     // One header copy damaged: reported too.
-    new_base(&d.0.join("c.vhdx"), 4 << 20, 1 << 20, 512);
-    let c = d.0.join("c.vhdx");
+    new_base(&d.join("c.vhdx"), 4 << 20, 1 << 20, 512);
+    let c = d.join("c.vhdx");
     patch(&c, HEADER_OFFSETS[0] + 200, &[1]);
     let v = Vhdx::open(&c, OpenOptions::default()).unwrap();
     assert!(v
@@ -553,9 +538,9 @@ fn check_reports_damage_instead_of_failing() {
 #[test]
 fn shared_sector_bitmap_block_is_refused() {
     let d = TempDir::new("vhdx-shared-sb");
-    let base = d.0.join("base.vhdx");
+    let base = d.join("base.vhdx");
     new_base(&base, 9 << 30, 2 << 20, 512);
-    let child = d.0.join("child.vhdx");
+    let child = d.join("child.vhdx");
     new_child(&child, &base, None);
     {
         let disk = open_disk(&child, true);
@@ -606,7 +591,7 @@ fn full_host_disk_gives_enospc_and_keeps_the_file_consistent() {
         return;
     }
     let d = TempDir::new("vhdx-enospc");
-    let small = d.0.join("small");
+    let small = d.join("small");
     std::fs::create_dir_all(&small).unwrap();
     run(std::process::Command::new("mount")
         .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
@@ -690,7 +675,7 @@ fn a_crash_after_any_write_of_an_allocation_leaves_old_or_new() {
     use crate::image::crash_sim;
     for ext in ["vhdx", "vhd"] {
         let d = TempDir::new(&format!("torn-{ext}"));
-        let base = d.0.join(format!("base.{ext}"));
+        let base = d.join(format!("base.{ext}"));
         let size = 8u64 << 20;
         if ext == "vhdx" {
             new_base(&base, size, 1 << 20, 512);
@@ -704,7 +689,7 @@ fn a_crash_after_any_write_of_an_allocation_leaves_old_or_new() {
             disk.write_at(0, &old).unwrap();
             disk.close().unwrap();
         }
-        let template = d.0.join(format!("template.{ext}"));
+        let template = d.join(format!("template.{ext}"));
         new_child(&template, &base, Some("1M"));
         // The writes: 3 sectors in block 2, 8 KiB across the end of block 5, 4 KiB in
         // block 7 (VHD: a new reservation that close gives back in part), and 4 KiB more
@@ -726,7 +711,7 @@ fn a_crash_after_any_write_of_an_allocation_leaves_old_or_new() {
                 v
             })
             .collect();
-        let work = d.0.join(format!("child.{ext}"));
+        let work = d.join(format!("child.{ext}"));
         let attempt = |limit: Option<usize>| -> usize {
             let _ = std::fs::remove_file(&work);
             std::fs::copy(&template, &work).unwrap();
@@ -784,9 +769,9 @@ fn a_crash_after_any_write_of_an_allocation_leaves_old_or_new() {
 #[test]
 fn log_entries_of_mixed_sizes_never_get_stuck() {
     let d = TempDir::new("vhdx-logwrap");
-    let base = d.0.join("base.vhdx");
+    let base = d.join("base.vhdx");
     new_base(&base, 12 << 30, 1 << 20, 512);
-    let child = d.0.join("child.vhdx");
+    let child = d.join("child.vhdx");
     new_child(&child, &base, Some("1M"));
     let mut rng = Rng(31);
     let mut written = Vec::new();
@@ -821,7 +806,7 @@ fn log_entries_of_mixed_sizes_never_get_stuck() {
 #[test]
 fn stale_bitmap_bits_of_an_absent_block_are_cleared_on_allocation() {
     let d = TempDir::new("vhdx-stalebits");
-    let base = d.0.join("base.vhdx");
+    let base = d.join("base.vhdx");
     new_base(&base, 16 << 20, 1 << 20, 512);
     let mut parent = vec![0u8; 16 << 20];
     Rng(8).fill(&mut parent);
@@ -830,7 +815,7 @@ fn stale_bitmap_bits_of_an_absent_block_are_cleared_on_allocation() {
         disk.write_at(0, &parent).unwrap();
         disk.close().unwrap();
     }
-    let child = d.0.join("child.vhdx");
+    let child = d.join("child.vhdx");
     new_child(&child, &base, Some("1M"));
     {
         let disk = open_disk(&child, true);
@@ -864,7 +849,7 @@ fn a_failed_fdatasync_poisons_the_writer() {
     use crate::image::crash_sim;
     for ext in ["vhdx", "vhd"] {
         let d = TempDir::new(&format!("poison-{ext}"));
-        let base = d.0.join(format!("base.{ext}"));
+        let base = d.join(format!("base.{ext}"));
         if ext == "vhdx" {
             new_base(&base, 8 << 20, 1 << 20, 512);
         } else {
@@ -936,11 +921,11 @@ fn create_gives_every_chunk_of_a_child_a_present_zero_sector_bitmap() {
     // 512-byte sectors: 4 GiB chunks, 3 of them (the last partial); 4096: 32 GiB, 2.
     for (lss, size, chunks) in [(512u32, 9 * GIB, 3u64), (4096, 33 * GIB, 2)] {
         let d = TempDir::new(&format!("vhdx-sb-{lss}"));
-        let base = d.0.join("base.vhdx");
+        let base = d.join("base.vhdx");
         let chunk = (1u64 << 23) * lss as u64;
         let marks: Vec<u64> = (0..chunks).map(|c| c * chunk + (3 << 20)).collect();
         let data = base_with_marks(&base, size, lss, &marks);
-        let child = d.0.join("child.vhdx");
+        let child = d.join("child.vhdx");
         new_child(&child, &base, None);
         let v = Vhdx::open(&child, OpenOptions::default()).unwrap();
         assert_eq!(v.bat.bitmap_blocks, chunks);
@@ -985,10 +970,10 @@ fn create_gives_every_chunk_of_a_child_a_present_zero_sector_bitmap() {
 fn writes_into_a_fresh_child_use_its_bitmap_blocks() {
     const GIB: u64 = 1 << 30;
     let d = TempDir::new("vhdx-sb-write");
-    let base = d.0.join("base.vhdx");
+    let base = d.join("base.vhdx");
     let marks = [3 << 20, 4 * GIB + (3 << 20)];
     let data = base_with_marks(&base, 9 * GIB, 512, &marks);
-    let child = d.0.join("child.vhdx");
+    let child = d.join("child.vhdx");
     new_child(&child, &base, None);
     let (before, len_before) = {
         let v = Vhdx::open(&child, OpenOptions::default()).unwrap();
@@ -1025,10 +1010,10 @@ fn a_child_without_bitmap_blocks_reads_and_writes() {
     use super::bat::{file_offset, state, SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT};
     const GIB: u64 = 1 << 30;
     let d = TempDir::new("vhdx-sb-foreign");
-    let base = d.0.join("base.vhdx");
+    let base = d.join("base.vhdx");
     let marks = [3 << 20, 4 * GIB + (3 << 20), 8 * GIB + (3 << 20)];
     let data = base_with_marks(&base, 9 * GIB, 512, &marks);
-    let child = d.0.join("child.vhdx");
+    let child = d.join("child.vhdx");
     new_child(&child, &base, None);
     let (bat_off, indexes) = {
         let v = Vhdx::open(&child, OpenOptions::default()).unwrap();

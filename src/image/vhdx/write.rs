@@ -26,6 +26,7 @@ use super::bitmap::{self, BITMAP_BLOCK_SIZE};
 use super::log::LogWriter;
 use super::{write_header_both, Vhdx};
 use crate::error::{Error, Result};
+use crate::image::durable::{POISONED_CLOSE, POISONED_WRITE};
 use crate::layer::WritableLayer;
 
 const MIB: u64 = 1 << 20;
@@ -69,10 +70,6 @@ pub(crate) struct WriteState {
     log_in_header: bool,
     /// Data written since the last fdatasync.
     unsynced: bool,
-    /// An fdatasync failed: Linux reports a writeback error once, so data acknowledged
-    /// earlier may be gone. Nothing more is committed (no metadata may point at data that
-    /// might be lost) and every later write, flush and close fails.
-    poisoned: bool,
 }
 
 impl WriteState {
@@ -90,14 +87,8 @@ impl Vhdx {
         match &self.write_state {
             Some(m) => {
                 let st = m.lock().unwrap_or_else(|e| e.into_inner());
-                if st.poisoned {
-                    return Err(Error::io(
-                        &self.file.path,
-                        "write (an earlier flush failed; data may be lost, so nothing more is written)",
-                        0,
-                        std::io::Error::from_raw_os_error(libc::EIO),
-                    ));
-                }
+                // After a failed fdatasync nothing more is committed (`durable::Poison`).
+                self.file.check_poison(POISONED_WRITE)?;
                 Ok(st)
             }
             None => Err(Error::Invalid(format!(
@@ -279,19 +270,20 @@ impl Vhdx {
         }
     }
 
-    /// fdatasync; a failure poisons the writer (see `WriteState::poisoned`).
-    fn sync(&self, st: &mut WriteState) -> Result<()> {
-        let r = self.file.sync_data();
-        if r.is_err() {
-            st.poisoned = true;
-        }
-        r
+    /// Make data durable, then log and apply the dirty metadata (an ordered flush point:
+    /// `ImageFile::flush_ordered`; a failed fdatasync poisons the file).
+    fn commit(&self, st: &mut WriteState) -> Result<()> {
+        let unsynced = st.unsynced;
+        self.file
+            .flush_ordered(unsynced, || self.commit_metadata(st, unsynced))?;
+        st.dirty.clear();
+        Ok(())
     }
 
-    /// Make data durable, then log and apply the dirty metadata.
-    fn commit(&self, st: &mut WriteState) -> Result<()> {
-        if st.unsynced {
-            self.sync(st)?;
+    /// The metadata half of `commit`, once the data is durable. Returns whether it wrote
+    /// anything (which `flush_ordered` then makes durable).
+    fn commit_metadata(&self, st: &mut WriteState, synced_now: bool) -> Result<bool> {
+        if synced_now {
             st.unsynced = false;
             st.flushed_len = self
                 .file
@@ -301,7 +293,7 @@ impl Vhdx {
                 .len();
         }
         if st.dirty.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         // The dirty set is cleared only when every page reached its place: after a failure
         // (a full disk, an I/O error) the next flush tries them all again. Re-applying a
@@ -319,7 +311,11 @@ impl Vhdx {
         let flushed = st.flushed_len / MIB * MIB;
         let last = st.next_free.div_ceil(MIB) * MIB;
         let limit = entry_page_limit(self.header().log_length as u64);
-        for group in pages.chunks(limit) {
+        for (i, group) in pages.chunks(limit).enumerate() {
+            if i > 0 {
+                // The previous group's pages are in place before the next entry.
+                self.file.sync_data()?;
+            }
             let refs: Vec<(u64, &[u8])> = group.iter().map(|(o, d)| (*o, d.as_slice())).collect();
             st.log
                 .as_mut()
@@ -338,10 +334,8 @@ impl Vhdx {
             for (off, data) in group {
                 self.file.write_all_at(data, *off)?;
             }
-            self.sync(st)?;
         }
-        st.dirty.clear();
-        Ok(())
+        Ok(true)
     }
 
     /// Commit everything and clear the header's LogGuid (clean close).
@@ -350,14 +344,7 @@ impl Vhdx {
             return Ok(());
         };
         let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
-        if st.poisoned {
-            return Err(Error::io(
-                &self.file.path,
-                "close (an earlier flush failed; the last writes may be lost)",
-                0,
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ));
-        }
+        self.file.check_poison(POISONED_CLOSE)?;
         self.commit(&mut st)?;
         st.log = None;
         if st.log_in_header {
