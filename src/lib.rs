@@ -11,6 +11,7 @@ pub mod commands;
 pub mod disk;
 pub mod error;
 pub mod fuse;
+pub mod guest;
 pub mod image;
 pub mod layer;
 pub mod vfs;
