@@ -21,7 +21,8 @@ use crate::chain::Chain;
 use crate::cli::{parse_size, MountArgs, UmountArgs};
 use crate::disk::{Disk, DiskOptions};
 use crate::error::{Error, Result};
-use crate::fuse::{FsOptions, VdiskFs, STATS_NAME};
+use crate::fuse::{start_notifier, FsOptions, VdiskFs, STATS_NAME};
+use crate::vfs::Vfs;
 
 /// The file system type shown in /proc/self/mountinfo ("fuse." + subtype).
 pub const FSTYPE: &str = "fuse.vdiskfs";
@@ -788,7 +789,7 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
     ));
     // SAFETY: getuid/getgid have no preconditions and cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let fs = VdiskFs::new(
+    let mut vfs = Vfs::new(
         disk.clone(),
         FsOptions {
             name: OsString::from(&args.name),
@@ -797,6 +798,11 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
             gid,
         },
     );
+    if !args.no_partitions {
+        // Its warnings are logged (on the terminal: we have not detached yet).
+        vfs.enable_partitions();
+    }
+    let fs = VdiskFs::from_vfs(vfs);
     let writable = fs.is_writable();
     let mut config = Config::default();
     config.acl = parsed.acl;
@@ -858,6 +864,7 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<&Path>, detached: bool)
         writable,
     } = p;
     block_signals();
+    let notify = fs.notify_slot();
     let session = fuse_mount(&mountpoint, &options).and_then(|m| {
         let dev = m
             .dev
@@ -876,7 +883,10 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<&Path>, detached: bool)
         }
     });
     let (session, _mounted) = match session {
-        Ok(s) => s,
+        Ok(s) => {
+            start_notifier(&notify, s.0.notifier());
+            s
+        }
         Err(err) => {
             if detached {
                 // The waiting parent prints it.

@@ -20,7 +20,7 @@ pub mod fs;
 mod types;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::HashSet;
 use std::io::{self, Cursor, Read, Seek, SeekFrom};

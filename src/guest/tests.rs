@@ -7,7 +7,7 @@ use super::*;
 const MIB: u64 = 1 << 20;
 
 /// CRC-32 (ISO-HDLC, as GPT uses), bit by bit: test-only.
-fn crc32(data: &[u8]) -> u32 {
+pub(crate) fn crc32(data: &[u8]) -> u32 {
     let mut c = !0u32;
     for &b in data {
         c ^= u32::from(b);
@@ -22,13 +22,13 @@ fn crc32(data: &[u8]) -> u32 {
     !c
 }
 
-fn put(img: &mut [u8], off: u64, data: &[u8]) {
+pub(crate) fn put(img: &mut [u8], off: u64, data: &[u8]) {
     let o = off as usize;
     img[o..o + data.len()].copy_from_slice(data);
 }
 
 /// A 16-byte MBR/EBR entry.
-fn mbr_entry(boot: u8, sys: u8, start: u32, sectors: u32) -> [u8; 16] {
+pub(crate) fn mbr_entry(boot: u8, sys: u8, start: u32, sectors: u32) -> [u8; 16] {
     let mut e = [0u8; 16];
     e[0] = boot;
     e[4] = sys;
@@ -38,7 +38,7 @@ fn mbr_entry(boot: u8, sys: u8, start: u32, sectors: u32) -> [u8; 16] {
 }
 
 /// An MBR-layout sector (MBR or EBR) at `lba` with up to four entries.
-fn mbr_sector(img: &mut [u8], lba: u64, ss: u64, entries: &[[u8; 16]]) {
+pub(crate) fn mbr_sector(img: &mut [u8], lba: u64, ss: u64, entries: &[[u8; 16]]) {
     let base = lba * ss;
     for (i, e) in entries.iter().enumerate() {
         put(img, base + 446 + 16 * i as u64, e);
@@ -46,36 +46,36 @@ fn mbr_sector(img: &mut [u8], lba: u64, ss: u64, entries: &[[u8; 16]]) {
     put(img, base + 510, &[0x55, 0xAA]);
 }
 
-const BASIC_DATA: &str = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7";
-const ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
-const MSR: &str = "E3C9E316-0B5C-4DB8-817D-F92DF00215AE";
-const RECOVERY: &str = "DE94BBA4-06D1-4D40-A16A-BFD50179D6AC";
+pub(crate) const BASIC_DATA: &str = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7";
+pub(crate) const ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+pub(crate) const MSR: &str = "E3C9E316-0B5C-4DB8-817D-F92DF00215AE";
+pub(crate) const RECOVERY: &str = "DE94BBA4-06D1-4D40-A16A-BFD50179D6AC";
 
-struct GptPart {
-    type_guid: &'static str,
-    first: u64,
-    last: u64,
-    name: &'static str,
+pub(crate) struct GptPart {
+    pub type_guid: &'static str,
+    pub first: u64,
+    pub last: u64,
+    pub name: &'static str,
 }
 
-fn guid_bytes(s: &str) -> [u8; 16] {
+pub(crate) fn guid_bytes(s: &str) -> [u8; 16] {
     uuid::Uuid::parse_str(s).unwrap().to_bytes_le()
 }
 
 /// GPT header fields a test may bend.
 #[derive(Clone)]
-struct Hdr {
-    my_lba: u64,
-    alt_lba: u64,
-    first_usable: u64,
-    last_usable: u64,
-    entries_lba: u64,
-    n_entries: u32,
-    entry_size: u32,
-    array_crc: Option<u32>,
+pub(crate) struct Hdr {
+    pub my_lba: u64,
+    pub alt_lba: u64,
+    pub first_usable: u64,
+    pub last_usable: u64,
+    pub entries_lba: u64,
+    pub n_entries: u32,
+    pub entry_size: u32,
+    pub array_crc: Option<u32>,
 }
 
-fn gpt_header(img: &mut [u8], ss: u64, h: &Hdr, array: &[u8]) {
+pub(crate) fn gpt_header(img: &mut [u8], ss: u64, h: &Hdr, array: &[u8]) {
     let mut b = vec![0u8; 92];
     b[0..8].copy_from_slice(b"EFI PART");
     b[8..12].copy_from_slice(&[0, 0, 1, 0]);
@@ -95,7 +95,7 @@ fn gpt_header(img: &mut [u8], ss: u64, h: &Hdr, array: &[u8]) {
     put(img, h.my_lba * ss, &b);
 }
 
-fn gpt_array(parts: &[GptPart], n: u32) -> Vec<u8> {
+pub(crate) fn gpt_array(parts: &[GptPart], n: u32) -> Vec<u8> {
     let mut a = vec![0u8; n as usize * 128];
     for (i, p) in parts.iter().enumerate() {
         let e = &mut a[i * 128..(i + 1) * 128];
@@ -114,7 +114,7 @@ fn gpt_array(parts: &[GptPart], n: u32) -> Vec<u8> {
 }
 
 /// A disk of `size` bytes with a protective MBR and both GPT copies.
-fn gpt_disk(size: u64, ss: u64, parts: &[GptPart], n: u32) -> (Vec<u8>, Hdr, Hdr) {
+pub(crate) fn gpt_disk(size: u64, ss: u64, parts: &[GptPart], n: u32) -> (Vec<u8>, Hdr, Hdr) {
     let mut img = vec![0u8; size as usize];
     let sectors = size / ss;
     mbr_sector(
@@ -154,7 +154,7 @@ fn gpt_disk(size: u64, ss: u64, parts: &[GptPart], n: u32) -> (Vec<u8>, Hdr, Hdr
 }
 
 /// The four partitions of a Generation 2 Windows VM, in MiB.
-fn windows_gpt_parts() -> Vec<GptPart> {
+pub(crate) fn windows_gpt_parts() -> Vec<GptPart> {
     vec![
         GptPart {
             type_guid: ESP,
