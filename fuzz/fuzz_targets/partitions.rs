@@ -41,5 +41,9 @@ fuzz_target!(|input: &[u8]| {
         assert!(s <= size && n <= size, "watch {s}+{n}");
     }
     let _ = l.to_json().to_string();
-    assert_eq!(guest::scan_table(&disk, ss).files(), files);
+    // What the mount uses agrees (checked on small tables: a long EBR chain costs
+    // milliseconds per pass under the sanitizers).
+    if l.partitions.len() <= 8 {
+        assert_eq!(guest::scan_table(&disk, ss).files(), files);
+    }
 });

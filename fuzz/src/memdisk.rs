@@ -1,18 +1,18 @@
 //! An in-memory disk for the `partitions` target: the sparse encoding's records
-//! (fuzz/src/sparse.rs) over zeros, plus an overlay of whole sectors (what the GPT
-//! checksum repair writes). Nothing touches the file system, so the target is fast.
+//! (fuzz/src/sparse.rs) applied in order over zeros, held as 4 KiB pages (only pages
+//! some record touches exist). Nothing touches the file system, so the target is fast.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use vdiskfs::guest::ReadAt;
 
 use crate::sparse;
 
-pub struct MemDisk<'a> {
+const PAGE: u64 = 4096;
+
+pub struct MemDisk {
     len: u64,
-    records: Vec<sparse::Record<'a>>,
-    /// Sector-aligned replacements, by byte offset.
-    overlay: BTreeMap<u64, Vec<u8>>,
+    pages: HashMap<u64, Box<[u8; PAGE as usize]>>,
 }
 
 /// CRC-32 (ISO-HDLC, as GPT uses), bit by bit.
@@ -31,24 +31,30 @@ pub fn crc32(data: &[u8]) -> u32 {
     !c
 }
 
-fn copy_overlap(buf: &mut [u8], at: u64, src: &[u8], src_at: u64) {
-    let end = at + buf.len() as u64;
-    let s_end = src_at + src.len() as u64;
-    let a = at.max(src_at);
-    let b = end.min(s_end);
-    if a < b {
-        buf[(a - at) as usize..(b - at) as usize]
-            .copy_from_slice(&src[(a - src_at) as usize..(b - src_at) as usize]);
-    }
-}
-
-impl<'a> MemDisk<'a> {
-    pub fn new(input: &'a [u8]) -> Self {
+impl MemDisk {
+    pub fn new(input: &[u8]) -> Self {
         let (len, records) = sparse::decode(input);
-        MemDisk {
+        let mut d = MemDisk {
             len,
-            records,
-            overlay: BTreeMap::new(),
+            pages: HashMap::new(),
+        };
+        for r in records {
+            d.write(r.offset, r.bytes);
+        }
+        d
+    }
+
+    fn write(&mut self, mut off: u64, mut data: &[u8]) {
+        while !data.is_empty() {
+            let page = self
+                .pages
+                .entry(off / PAGE)
+                .or_insert_with(|| Box::new([0; PAGE as usize]));
+            let at = (off % PAGE) as usize;
+            let n = data.len().min(PAGE as usize - at);
+            page[at..at + n].copy_from_slice(&data[..n]);
+            data = &data[n..];
+            off += n as u64;
         }
     }
 
@@ -96,7 +102,7 @@ impl<'a> MemDisk<'a> {
             h[16..20].fill(0);
             let c = crc32(&h[..hsize]);
             h[16..20].copy_from_slice(&c.to_le_bytes());
-            self.overlay.insert(lba * ss, h);
+            self.write(lba * ss, &h);
         }
     }
 
@@ -106,7 +112,7 @@ impl<'a> MemDisk<'a> {
     }
 }
 
-impl ReadAt for MemDisk<'_> {
+impl ReadAt for MemDisk {
     fn size(&self) -> u64 {
         self.len
     }
@@ -116,17 +122,17 @@ impl ReadAt for MemDisk<'_> {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(self.len - offset) as usize;
-        let buf = &mut buf[..n];
-        buf.fill(0);
-        for r in &self.records {
-            copy_overlap(buf, offset, r.bytes, r.offset);
-        }
-        // Overlay sectors start at most one sector (4 KiB) before the range.
-        for (&at, s) in self
-            .overlay
-            .range(offset.saturating_sub(4096)..offset + n as u64)
-        {
-            copy_overlap(buf, offset, s, at);
+        let mut done = 0;
+        while done < n {
+            let off = offset + done as u64;
+            let at = (off % PAGE) as usize;
+            let k = (n - done).min(PAGE as usize - at);
+            let dst = &mut buf[done..done + k];
+            match self.pages.get(&(off / PAGE)) {
+                Some(p) => dst.copy_from_slice(&p[at..at + k]),
+                None => dst.fill(0),
+            }
+            done += k;
         }
         Ok(n)
     }
