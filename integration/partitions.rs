@@ -939,6 +939,8 @@ fn an_unprivileged_user_reads_ntfs_and_ext4_partitions_without_loop_devices() {
         std::fs::create_dir_all(home.join(sub)).unwrap();
     }
     let name = format!("vdfs{}", std::process::id() % 1_000_000);
+    // A user left by an earlier run that was killed goes first.
+    let _ = Command::new("userdel").arg(&name).output();
     run_ok(Command::new("useradd").args(["-M", "-N", "-s", "/bin/sh", &name]));
     let user = TestUser(name.clone());
     run_ok(Command::new("chown").args(["-R", &name]).arg(&home));
