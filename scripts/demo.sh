@@ -143,7 +143,7 @@ run vdiskfs umount mnt-base
 note "Done. To do the same with your own images:"
 cat <<'EOF'
     vdiskfs mount --read-only  YOUR.avhdx /mnt/disk      # parents are found from the child's locators
-    mount -o loop,ro /mnt/disk/disk.raw /mnt/guest       # partitioned disk: losetup -P -r --show /mnt/disk/disk.raw
+    mount -o loop,ro /mnt/disk/disk.raw /mnt/guest       # partitioned disk: mount -o loop,ro /mnt/disk/p2 /mnt/guest
     ...
     umount /mnt/guest && vdiskfs umount /mnt/disk
 EOF

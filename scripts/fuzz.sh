@@ -15,7 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(vhdx_open vhd_open read_anywhere write_model)
+[ ${#targets[@]} -gt 0 ] || targets=(vhdx_open vhd_open read_anywhere write_model partitions)
 
 if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
     # shellcheck disable=SC1091
@@ -28,9 +28,12 @@ fi
 export RUSTC_BOOTSTRAP=1
 
 # Seeds (fuzz/corpus is gitignored and built by a script).
-if [ ! -d fuzz/corpus/vhdx_open ] || [ -z "$(ls -A fuzz/corpus/vhdx_open 2>/dev/null)" ]; then
-    fuzz/make_corpus.sh
-fi
+for t in "${targets[@]}"; do
+    if [ -z "$(ls -A "fuzz/corpus/$t" 2>/dev/null)" ]; then
+        fuzz/make_corpus.sh
+        break
+    fi
+done
 
 # This run's own scratch directory (the targets write their images there): a cleanup
 # never touches another run's files.

@@ -33,7 +33,12 @@
 #     needs it: fuser is built without libfuse (default-features = false), and the
 #     mount uses the fusermount3 binary from fuse3.
 #   - Preinstalled: e2fsprogs, libfuse3-3, man-db, util-linux, mount, bsdutils (script).
-#     Not preinstalled: fuse3, libvhdi-utils, ntfs-3g, dosfstools, mtools, gdisk, 7zip.
+#     Not preinstalled: fuse3, libvhdi-utils, ntfs-3g, dosfstools, mtools, gdisk, 7zip,
+#     fuse2fs (installing it upgrades e2fsprogs 1.47.0-2 to its binNMU 1.47.0-2+b2; no
+#     removal).
+#   - /dev/fuse is 0600 (Debian's default is 0666) and fusermount3 opens it with the
+#     caller's rights, so only root can make FUSE mounts; ntfs-3g is setuid root.
+#     integration/partitions.rs grants a test user FUSE for its duration.
 #   - The kernel has no vfat module (FAT guests are tested with mtools), /dev/fuse and
 #     loop devices work for root, and `losetup -P` creates no partition nodes.
 #   - The test suite accepts qemu 7.2 or 10.x as a judge (see integration/common).
@@ -66,6 +71,7 @@ done
 #                                  (any installed version is kept: 7.2 or 10.x)
 #   libvhdi-utils                  vhdimount/vhdiinfo: an independent VHD/VHDX reader
 #   e2fsprogs ntfs-3g dosfstools   guest file systems for the mount tests (mkfs.*)
+#   fuse2fs                        ext4 without root or loop devices, on a partition file
 #   mtools                         FAT guests without the kernel's vfat (mcopy, mdir...)
 #   gdisk util-linux mount         sgdisk, losetup, mount for partitioned guests
 #   7zip                           7zz, another independent VHD/VHDX reader
@@ -74,7 +80,7 @@ PACKAGES=(
     fuse3
     qemu-utils
     libvhdi-utils
-    e2fsprogs ntfs-3g dosfstools mtools
+    e2fsprogs ntfs-3g dosfstools mtools fuse2fs
     gdisk util-linux mount
     7zip
     man-db bsdutils
@@ -179,7 +185,7 @@ fi
 
 # The tools the tests call, by name: fail now rather than in the middle of a test.
 for tool in qemu-img qemu-io vhdimount vhdiinfo fusermount3 mkfs.ext4 mkntfs ntfs-3g \
-    mkfs.vfat mcopy sgdisk losetup 7zz sha256sum man script; do
+    mkfs.vfat mcopy sgdisk losetup 7zz sha256sum man script fuse2fs partx blkid runuser useradd; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found after installing packages"
 done
 say "qemu-img: $(qemu-img --version | head -1)"

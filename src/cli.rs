@@ -171,6 +171,9 @@ pub struct MountArgs {
     /// Worker threads serving requests.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Do not show the guest's partitions as files (p1, p2, ...) beside the raw file.
+    #[arg(long)]
+    pub no_partitions: bool,
     /// When detached, append the daemon's log to FILE (otherwise it is discarded).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,

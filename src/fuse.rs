@@ -4,24 +4,111 @@
 //!
 //! Each fuser worker thread keeps one reusable read buffer, so a 1 MiB read neither
 //! allocates nor zeroes memory after the first one on that thread.
+//!
+//! The cache invalidations the `Vfs` asks for (`vfs::Notify`) go through a channel to a
+//! thread of their own (`start_notifier`), which sends them to the kernel after the
+//! request that caused them has been answered.
 
 use std::cell::RefCell;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags,
-    PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags, PollEvents,
+    PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::disk::Disk;
-use crate::vfs::{self, Attr, FileKind, Opened, Refused, SetAttr, Vfs, XattrList, ATTR_TTL};
+use crate::vfs::{
+    self, Attr, FileKind, Notify, NotifySlot, Opened, Refused, SetAttr, Vfs, XattrList, ATTR_TTL,
+};
 
 pub use crate::vfs::{FsOptions, DISK_INO, MAX_IO, ROOT_INO, STATS_INO, STATS_NAME};
+
+/// One invalidation for the notifier thread.
+enum Inval {
+    Data { ino: u64, offset: u64, len: u64 },
+    Entry { parent: u64, name: OsString },
+}
+
+/// `vfs::Notify` as a queue to the notifier thread.
+struct Queue(mpsc::Sender<Inval>);
+
+impl Notify for Queue {
+    fn inval_data(&self, ino: u64, offset: u64, len: u64) {
+        let _ = self.0.send(Inval::Data { ino, offset, len });
+    }
+    fn inval_entry(&self, parent: u64, name: &OsStr) {
+        let _ = self.0.send(Inval::Entry {
+            parent,
+            name: name.to_os_string(),
+        });
+    }
+}
+
+/// Start the thread that sends the `Vfs`'s invalidations to the kernel through
+/// `notifier`, and plug it into `slot` (from `VdiskFs::notify_slot`, taken before the
+/// session was made). It ends when the file system is dropped.
+pub fn start_notifier(slot: &NotifySlot, notifier: Notifier) {
+    let (tx, rx) = mpsc::channel::<Inval>();
+    let spawned = std::thread::Builder::new()
+        .name("vdiskfs-notify".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                // Take what else is queued and merge touching ranges of one inode (a
+                // sequential writer queues one range per request).
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter().take(4096));
+                let mut merged: Vec<Inval> = Vec::with_capacity(batch.len());
+                for m in batch {
+                    if let (
+                        Some(Inval::Data { ino, offset, len }),
+                        Inval::Data {
+                            ino: i2,
+                            offset: o2,
+                            len: l2,
+                        },
+                    ) = (merged.last_mut(), &m)
+                    {
+                        if *ino == *i2 && offset.saturating_add(*len) == *o2 {
+                            *len = len.saturating_add(*l2);
+                            continue;
+                        }
+                    }
+                    merged.push(m);
+                }
+                for m in merged {
+                    // ENOENT: the kernel has nothing cached for it, which is fine.
+                    let r = match &m {
+                        Inval::Data { ino, offset, len } => notifier.inval_inode(
+                            INodeNo(*ino),
+                            i64::try_from(*offset).unwrap_or(i64::MAX),
+                            i64::try_from(*len).unwrap_or(i64::MAX),
+                        ),
+                        Inval::Entry { parent, name } => {
+                            notifier.inval_entry(INodeNo(*parent), name)
+                        }
+                    };
+                    if let Err(e) = r {
+                        if e.raw_os_error() != Some(libc::ENOENT) {
+                            log::debug!("cache invalidation: {e}");
+                        }
+                    }
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => {
+            let _ = slot.set(Box::new(Queue(tx)));
+        }
+        Err(e) => log::error!("cannot start the cache invalidation thread: {e}"),
+    }
+}
 
 /// The fuser `Filesystem` over a `Vfs`.
 pub struct VdiskFs {
@@ -109,6 +196,11 @@ impl VdiskFs {
     /// Whether the exported files accept writes.
     pub fn is_writable(&self) -> bool {
         self.vfs.is_writable()
+    }
+
+    /// Where `start_notifier` plugs in (take it before the session consumes `self`).
+    pub fn notify_slot(&self) -> NotifySlot {
+        self.vfs.notify_slot()
     }
 }
 

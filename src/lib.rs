@@ -13,6 +13,7 @@ pub mod defect;
 pub mod disk;
 pub mod error;
 pub mod fuse;
+pub mod guest;
 pub mod image;
 pub mod layer;
 pub mod paths;

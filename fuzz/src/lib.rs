@@ -1,6 +1,7 @@
 //! Helpers shared by the fuzz targets: a per-process scratch directory on tmpfs, the
 //! sparse input encoding, and the checks every opened layer must pass.
 
+pub mod memdisk;
 pub mod sparse;
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! `vdiskfs info`: the chain, top to base, each layer with what it is, how it was found,
-//! and how much of the virtual disk it holds.
+//! and how much of the virtual disk it holds; then what is inside the merged disk: the
+//! guest's partition table and the file system of each partition (`guest::scan`).
 
 use std::io::Write;
 use std::path::Path;
@@ -8,7 +9,9 @@ use serde_json::{json, Map, Value};
 
 use crate::chain::Chain;
 use crate::cli::InfoArgs;
+use crate::disk::{Disk, DiskOptions};
 use crate::error::{warning_lines, Result};
+use crate::guest;
 use crate::layer::LayerInfo;
 
 pub fn run(args: &InfoArgs) -> Result<i32> {
@@ -16,7 +19,17 @@ pub fn run(args: &InfoArgs) -> Result<i32> {
         &args.image,
         &args.chain.options(crate::chain::Intent::Inspect),
     )?;
-    let doc = describe(&chain)?;
+    let mut doc = describe(&chain)?;
+    let ss = u64::from(chain.top().logical_sector_size());
+    // Read-only, no cache: a few sectors per partition are read.
+    let disk = Disk::new(
+        chain,
+        DiskOptions {
+            cache_bytes: 0,
+            ..DiskOptions::default()
+        },
+    );
+    doc["partition_table"] = guest::scan(&disk, ss).to_json();
     let text = if args.json {
         serde_json::to_string_pretty(&doc).expect("JSON values serialise") + "\n"
     } else {
@@ -196,6 +209,111 @@ fn render_text(doc: &Value) -> String {
     }
     for w in doc["warnings"].as_array().into_iter().flatten() {
         s.push_str(&format!("\nwarning: {}\n", w.as_str().unwrap_or("")));
+    }
+    if doc["partition_table"].is_object() {
+        s.push('\n');
+        s.push_str(&render_partitions(&doc["partition_table"]));
+    }
+    s
+}
+
+/// "1.00 MiB" (no byte count: the table shows sectors).
+fn short_size(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+/// "NTFS, label "Windows", UUID 0123..." from a file_system object.
+fn fs_text(f: &Value) -> String {
+    let mut s = f["name"].as_str().unwrap_or("").to_string();
+    if let Some(l) = f["label"].as_str() {
+        s.push_str(&format!(", label {l:?}"));
+    }
+    if let Some(u) = f["uuid"].as_str() {
+        s.push_str(&format!(", UUID {u}"));
+    }
+    s
+}
+
+/// The "partition_table" object as text.
+fn render_partitions(t: &Value) -> String {
+    let mut s = String::new();
+    let ss = t["sector_size"].as_u64().unwrap_or(512);
+    match t["scheme"].as_str().unwrap_or("none") {
+        "gpt" => {
+            s.push_str("partition table: GPT");
+            if let Some(id) = t["disk_id"].as_str() {
+                s.push_str(&format!(", disk GUID {id}"));
+            }
+            if let Some(g) = t["gpt"].as_object() {
+                s.push_str(&format!(
+                    ", {} entries, header at LBA {}",
+                    g["entries"], g["header_lba"]
+                ));
+            }
+            s.push_str(&format!(", sector size {ss}\n"));
+        }
+        "mbr" => {
+            s.push_str("partition table: MBR");
+            if let Some(id) = t["disk_id"].as_str() {
+                s.push_str(&format!(", disk signature {id}"));
+            }
+            s.push_str(&format!(", sector size {ss}\n"));
+        }
+        _ => {
+            s.push_str("partition table: none");
+            match t["file_system"].as_object() {
+                Some(_) => s.push_str(&format!(
+                    "; file system on the whole disk: {}\n",
+                    fs_text(&t["file_system"])
+                )),
+                None => s.push_str("; no file system recognised at sector 0\n"),
+            }
+        }
+    }
+    for p in t["partitions"].as_array().into_iter().flatten() {
+        let u = |k: &str| p[k].as_u64().unwrap_or(0);
+        let label = match p["file"].as_str() {
+            Some(f) => f.to_string(),
+            None => format!("#{}", u("number")),
+        };
+        let first = u("first_sector");
+        let last = (first + u("sectors")).saturating_sub(1);
+        s.push_str(&format!(
+            "  {label:<4} {} sectors {first}-{last}, {} at {}",
+            p["kind"].as_str().unwrap_or(""),
+            short_size(u("size")),
+            short_size(u("start")),
+        ));
+        if p["bootable"] == true {
+            s.push_str(", bootable");
+        }
+        s.push('\n');
+        let mut ty = String::from("type ");
+        match p["type_name"].as_str() {
+            Some(n) => ty.push_str(&format!("{n} ({})", p["type"].as_str().unwrap_or(""))),
+            None => ty.push_str(p["type"].as_str().unwrap_or("")),
+        }
+        if let Some(n) = p["name"].as_str() {
+            ty.push_str(&format!(", name {n:?}"));
+        }
+        s.push_str(&format!("       {ty}\n"));
+        if p["file_system"].is_object() {
+            s.push_str(&format!("       {}\n", fs_text(&p["file_system"])));
+        }
+    }
+    for w in t["warnings"].as_array().into_iter().flatten() {
+        s.push_str(&format!("  warning: {}\n", w.as_str().unwrap_or("")));
     }
     s
 }

@@ -21,8 +21,9 @@ use crate::chain::{Chain, Intent};
 use crate::cli::{parse_size, MountArgs, UmountArgs};
 use crate::disk::{Disk, DiskOptions};
 use crate::error::{Error, Result};
-use crate::fuse::{FsOptions, VdiskFs, STATS_NAME};
+use crate::fuse::{start_notifier, FsOptions, VdiskFs, STATS_NAME};
 use crate::sys;
+use crate::vfs::Vfs;
 
 /// The file system type shown in /proc/self/mountinfo ("fuse." + subtype).
 pub const FSTYPE: &str = "fuse.vdiskfs";
@@ -718,7 +719,7 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
         },
     ));
     let (uid, gid) = (sys::uid(), sys::gid());
-    let fs = VdiskFs::new(
+    let mut vfs = Vfs::new(
         disk.clone(),
         FsOptions {
             name: OsString::from(&args.name),
@@ -727,6 +728,11 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
             gid,
         },
     );
+    if !args.no_partitions {
+        // Its warnings are logged (on the terminal: we have not detached yet).
+        vfs.enable_partitions();
+    }
+    let fs = VdiskFs::from_vfs(vfs);
     let writable = fs.is_writable();
     let mut config = Config::default();
     config.acl = parsed.acl;
@@ -788,6 +794,7 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<File>, detached: bool) 
         writable,
     } = p;
     sys::block_termination_signals();
+    let notify = fs.notify_slot();
     let session = fuse_mount(&mountpoint, &options).and_then(|m| {
         let dev = m
             .dev
@@ -806,7 +813,10 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<File>, detached: bool) 
         }
     });
     let (session, _mounted) = match session {
-        Ok(s) => s,
+        Ok(s) => {
+            start_notifier(&notify, s.0.notifier());
+            s
+        }
         Err(err) => {
             if detached {
                 // The waiting parent prints it.

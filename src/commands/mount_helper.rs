@@ -153,6 +153,7 @@ fn parse_helper_args(args: &[OsString]) -> Result<HelperCall> {
             cache_block: "64K".into(),
             threads: 4,
             log_file: None,
+            no_partitions: false,
             chain: ChainArgs {
                 search_dirs: Vec::new(),
                 parents: Vec::new(),
@@ -175,6 +176,7 @@ pub const OWN_OPTIONS: &[(&str, &str)] = &[
     ("cache_block=N", "--cache-block N"),
     ("threads=N", "--threads N"),
     ("log_file=FILE", "--log-file FILE"),
+    ("no_partitions", "--no-partitions"),
 ];
 
 /// Move vdiskfs's own options out of the `-o` lists into the fields they stand for
@@ -214,6 +216,7 @@ pub fn absorb_own_options(args: &MountArgs) -> Result<MountArgs> {
             "search_dir" => out.chain.search_dirs.push(PathBuf::from(need(value)?)),
             "ignore_linkage" => out.chain.ignore_linkage = flag(value)?,
             "allow_device_parent" => out.chain.allow_device_parent = flag(value)?,
+            "no_partitions" => out.no_partitions = flag(value)?,
             "name" => out.name = need(value)?,
             "cache_size" => out.cache_size = number(value)?,
             "cache_block" => out.cache_block = need(value)?,

@@ -10,22 +10,36 @@
 //!
 //! What the mount shows is a table of nodes: the root directory and, in it, one regular
 //! file per exported byte range of the disk (the whole disk as `disk.raw`; byte windows
-//! of it, such as partitions, can be added with `add_window`) and the hidden read-only
-//! `.stats` file with the counters of the running mount. Inode numbers are the table's
-//! indices plus one, fixed for the life of the mount.
+//! of it: fixed ones with `add_window`, and the guest's partitions `p1`, `p2`, ... with
+//! `enable_partitions`) and the hidden read-only `.stats` file with the counters of the
+//! running mount. Inode numbers are the table's indices plus one and are never reused:
+//! a partition that disappears (or moves) leaves a dead node behind, and a new one gets
+//! a new inode.
+//!
+//! Partitions follow the guest's table on a writable mount: a write that touches the
+//! table's sectors (see `guest::Layout::watch`) marks the list stale, and the next
+//! lookup or opendir in the root rereads the table and updates the nodes.
+//!
+//! Windows alias the bytes of `disk.raw` (and of each other) in different files, so the
+//! kernel caches the same bytes in several page caches. On a writable mount with windows
+//! the data files are therefore opened without FOPEN_KEEP_CACHE (each open drops what
+//! the kernel cached of that file), and after each write the overlapping ranges of the
+//! other data files are invalidated through `Notify` (for files open at the time), by
+//! the transport's own thread, never inside a request.
 //!
 //! Every request runs on the transport's thread that received it; `Disk` is `Sync` and
-//! reads are positioned, so parallel reads take no lock here.
+//! reads are positioned, so parallel reads take only a read lock of the node table.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::disk::Disk;
 use crate::error::Error;
+use crate::guest;
 
 #[cfg(test)]
 mod tests;
@@ -57,6 +71,9 @@ pub const ATTR_TTL: Duration = Duration::from_secs(1);
 /// Block size reported by getattr and statfs.
 const BLOCK_SIZE: u32 = 4096;
 
+/// Most nodes a mount ever has (partitions that come and go leave dead nodes behind).
+pub const MAX_NODES: usize = 1 << 16;
+
 /// Low bits of a file handle: what was opened, and whether for writing.
 const FH_STATS: u64 = 1;
 const FH_WRITE: u64 = 2;
@@ -85,6 +102,8 @@ pub enum NodeKind {
     Window { start: u64, len: u64 },
     /// The counters text, generated at open.
     Stats,
+    /// A partition that is no longer in the guest's table (its inode is not reused).
+    Gone,
 }
 
 /// One entry of the node table.
@@ -98,6 +117,8 @@ pub struct Node {
     pub size: u64,
     /// Permission bits.
     pub perm: u16,
+    /// A guest partition (follows the table), not a fixed window.
+    pub partition: bool,
 }
 
 impl Node {
@@ -106,7 +127,7 @@ impl Node {
         match self.kind {
             NodeKind::Disk => Some((0, self.size)),
             NodeKind::Window { start, len } => Some((start, len)),
-            NodeKind::Root | NodeKind::Stats => None,
+            NodeKind::Root | NodeKind::Stats | NodeKind::Gone => None,
         }
     }
 
@@ -162,6 +183,30 @@ pub struct DirEntry<'a> {
     pub next_offset: u64,
     pub kind: FileKind,
     pub name: &'a OsStr,
+}
+
+/// Cache invalidations the file system asks the kernel for. The transport sends them
+/// from a thread of its own, after the request that caused them has been answered: the
+/// kernel may hold locks (a page being written, the directory being looked up) that
+/// only that answer releases.
+pub trait Notify: Send + Sync {
+    /// Drop the kernel's cached pages of `ino` in `[offset, offset + len)`.
+    fn inval_data(&self, ino: u64, offset: u64, len: u64);
+    /// Make the kernel forget the entry `name` in directory `parent`.
+    fn inval_entry(&self, parent: u64, name: &OsStr);
+}
+
+/// Where the transport plugs in its `Notify` once it can (after the session exists).
+pub type NotifySlot = Arc<OnceLock<Box<dyn Notify>>>;
+
+/// The guest's partition table as the mount follows it.
+struct PartitionWatch {
+    /// A write touched the table's sectors since the last scan.
+    stale: AtomicBool,
+    /// The byte ranges whose change can change the table (from the last scan).
+    ranges: RwLock<Vec<(u64, u64)>>,
+    /// One rescan at a time.
+    rescan: Mutex<()>,
 }
 
 /// statfs numbers.
@@ -291,7 +336,13 @@ pub struct Vfs {
     /// Whether writes reach the disk (not read-only and the top layer is writable).
     writable: bool,
     /// Indexed by inode - 1.
-    nodes: Vec<Node>,
+    nodes: RwLock<Vec<Arc<Node>>>,
+    /// Set by `enable_partitions`.
+    partitions: Option<PartitionWatch>,
+    /// Whether data files keep the kernel's page cache across opens: not when writes
+    /// through one file can change another's bytes (windows on a writable mount).
+    keep_cache: bool,
+    notify: NotifySlot,
     mount_time: SystemTime,
     /// Last write, as nanoseconds since the epoch (0: never written while mounted).
     mtime_ns: AtomicU64,
@@ -313,6 +364,7 @@ impl Vfs {
                 kind: NodeKind::Root,
                 size: 0,
                 perm: 0o755,
+                partition: false,
             },
             Node {
                 ino: DISK_INO,
@@ -320,6 +372,7 @@ impl Vfs {
                 kind: NodeKind::Disk,
                 size: disk.len(),
                 perm: data_perm,
+                partition: false,
             },
             Node {
                 ino: STATS_INO,
@@ -328,6 +381,7 @@ impl Vfs {
                 // Size 0: the text is generated at open and read with direct I/O.
                 size: 0,
                 perm: 0o444,
+                partition: false,
             },
         ];
         Vfs {
@@ -335,7 +389,10 @@ impl Vfs {
             uid: opts.uid,
             gid: opts.gid,
             writable,
-            nodes,
+            nodes: RwLock::new(nodes.into_iter().map(Arc::new).collect()),
+            partitions: None,
+            keep_cache: true,
+            notify: Arc::new(OnceLock::new()),
             mount_time: SystemTime::now(),
             mtime_ns: AtomicU64::new(0),
             next_fh: AtomicU64::new(1),
@@ -347,6 +404,30 @@ impl Vfs {
     /// Add a file showing `len` bytes of the disk from `start`, named `name`, to the
     /// root; returns its inode. Only before serving (it takes `&mut self`).
     pub fn add_window(&mut self, name: &OsStr, start: u64, len: u64) -> crate::Result<u64> {
+        if self.writable {
+            self.keep_cache = false;
+        }
+        let nodes = self.nodes.get_mut().unwrap_or_else(|p| p.into_inner());
+        Self::push_window(
+            nodes,
+            self.disk.len(),
+            self.writable,
+            name,
+            start,
+            len,
+            false,
+        )
+    }
+
+    fn push_window(
+        nodes: &mut Vec<Arc<Node>>,
+        disk_len: u64,
+        writable: bool,
+        name: &OsStr,
+        start: u64,
+        len: u64,
+        partition: bool,
+    ) -> crate::Result<u64> {
         let shown = name.to_string_lossy();
         if name.is_empty()
             || name == "."
@@ -358,29 +439,179 @@ impl Vfs {
                 "{shown:?}: not a plain file name for the mount"
             )));
         }
-        if self.nodes.iter().any(|n| n.name == name) {
+        if nodes.iter().any(|n| n.name == name) {
             return Err(Error::Invalid(format!(
                 "{shown:?}: the mount already has a file of that name"
             )));
         }
-        if start
-            .checked_add(len)
-            .is_none_or(|end| end > self.disk.len())
-        {
+        if start.checked_add(len).is_none_or(|end| end > disk_len) {
             return Err(Error::Invalid(format!(
-                "{shown:?}: bytes {start}+{len} reach past the end of the disk ({} bytes)",
-                self.disk.len()
+                "{shown:?}: bytes {start}+{len} reach past the end of the disk ({disk_len} bytes)"
             )));
         }
-        let ino = self.nodes.len() as u64 + 1;
-        self.nodes.push(Node {
+        if nodes.len() >= MAX_NODES {
+            return Err(Error::Invalid(format!(
+                "{shown:?}: the mount already has {MAX_NODES} nodes"
+            )));
+        }
+        let ino = nodes.len() as u64 + 1;
+        nodes.push(Arc::new(Node {
             ino,
             name: name.to_os_string(),
             kind: NodeKind::Window { start, len },
             size: len,
-            perm: if self.writable { 0o644 } else { 0o444 },
-        });
+            perm: if writable { 0o644 } else { 0o444 },
+            partition,
+        }));
         Ok(ino)
+    }
+
+    /// Show the guest's partitions as files `p1`, `p2`, ... (see `guest::Layout::files`),
+    /// and on a writable mount follow changes of the table. Only before serving. Returns
+    /// the table's warnings (also logged).
+    pub fn enable_partitions(&mut self) -> Vec<String> {
+        let layout = self.scan_partitions();
+        if self.writable {
+            self.keep_cache = false;
+        }
+        self.partitions = Some(PartitionWatch {
+            stale: AtomicBool::new(false),
+            ranges: RwLock::new(layout.watch.clone()),
+            rescan: Mutex::new(()),
+        });
+        self.apply_partitions(&layout.files());
+        layout.warnings
+    }
+
+    fn scan_partitions(&self) -> guest::Layout {
+        let ss = u64::from(self.disk.chain().top().logical_sector_size());
+        let disk: &Disk = &self.disk;
+        let layout =
+            catch_unwind(AssertUnwindSafe(|| guest::scan_table(disk, ss))).unwrap_or_else(|_| {
+                log::error!(
+                    "reading the partition table: internal error (panic); no partition files"
+                );
+                guest::scan_table(&Vec::new(), ss)
+            });
+        for w in &layout.warnings {
+            log::warn!("partition table: {w}");
+        }
+        layout
+    }
+
+    /// Make the partition nodes match `files`: unchanged ones keep their inode, the
+    /// others die and new ones are added; the kernel is told to forget changed names.
+    fn apply_partitions(&self, files: &[(String, u64, u64)]) {
+        let mut forget = Vec::new();
+        {
+            let mut nodes = self.nodes_mut();
+            for n in nodes.iter_mut() {
+                let keep = !n.partition
+                    || n.kind == NodeKind::Gone
+                    || files.iter().any(|(name, s, l)| {
+                        n.name == name.as_str() && n.kind == NodeKind::Window { start: *s, len: *l }
+                    });
+                if !keep {
+                    forget.push(n.name.clone());
+                    *n = Arc::new(Node {
+                        ino: n.ino,
+                        name: OsString::new(),
+                        kind: NodeKind::Gone,
+                        size: 0,
+                        perm: 0,
+                        partition: true,
+                    });
+                }
+            }
+            for (name, start, len) in files {
+                let have = nodes.iter().any(|n| {
+                    n.partition
+                        && n.name == name.as_str()
+                        && n.kind
+                            == NodeKind::Window {
+                                start: *start,
+                                len: *len,
+                            }
+                });
+                if have {
+                    continue;
+                }
+                let r = Self::push_window(
+                    &mut nodes,
+                    self.disk.len(),
+                    self.writable,
+                    OsStr::new(name),
+                    *start,
+                    *len,
+                    true,
+                );
+                if let Err(e) = r {
+                    log::warn!("partition file not shown: {e}");
+                }
+            }
+        }
+        if let Some(n) = self.notify.get() {
+            for name in forget {
+                n.inval_entry(ROOT_INO, &name);
+            }
+        }
+    }
+
+    /// Reread the partition table if a write touched it since the last time.
+    fn refresh_partitions(&self) {
+        let Some(p) = &self.partitions else { return };
+        if !p.stale.load(Ordering::Acquire) {
+            return;
+        }
+        let _one = p.rescan.lock().unwrap_or_else(|e| e.into_inner());
+        if !p.stale.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let layout = self.scan_partitions();
+        *p.ranges.write().unwrap_or_else(|e| e.into_inner()) = layout.watch.clone();
+        self.apply_partitions(&layout.files());
+    }
+
+    /// Where the transport plugs in its cache invalidations.
+    pub fn notify_slot(&self) -> NotifySlot {
+        self.notify.clone()
+    }
+
+    /// After a write of disk bytes `[start, start + len)` through node `from`: mark the
+    /// partition list stale if the table was touched, and drop the other data files'
+    /// cached copies of those bytes.
+    fn after_write(&self, from: u64, start: u64, len: u64) {
+        if let Some(p) = &self.partitions {
+            let end = start.saturating_add(len);
+            let touched = p
+                .ranges
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|&(s, l)| start < s.saturating_add(l) && s < end);
+            if touched {
+                p.stale.store(true, Ordering::Release);
+            }
+        }
+        let Some(notify) = self.notify.get() else {
+            return;
+        };
+        if self.keep_cache {
+            // No windows on this writable mount: nothing aliases.
+            return;
+        }
+        for n in self.nodes().iter() {
+            if n.ino == from {
+                continue;
+            }
+            if let Some((s, l)) = n.data_range() {
+                let a = start.max(s);
+                let b = start.saturating_add(len).min(s + l);
+                if a < b {
+                    notify.inval_data(n.ino, a - s, b - a);
+                }
+            }
+        }
     }
 
     /// Whether the data files accept writes.
@@ -388,14 +619,34 @@ impl Vfs {
         self.writable
     }
 
-    /// The node table, root first.
-    pub fn nodes(&self) -> &[Node] {
-        &self.nodes
+    /// The node table, root first (dead partition nodes included).
+    pub fn nodes(&self) -> RwLockReadGuard<'_, Vec<Arc<Node>>> {
+        self.nodes.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn node(&self, ino: u64) -> Option<&Node> {
+    fn nodes_mut(&self) -> RwLockWriteGuard<'_, Vec<Arc<Node>>> {
+        self.nodes.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A live node.
+    fn node(&self, ino: u64) -> Option<Arc<Node>> {
         let i = usize::try_from(ino.checked_sub(1)?).ok()?;
-        self.nodes.get(i)
+        self.nodes()
+            .get(i)
+            .filter(|n| n.kind != NodeKind::Gone)
+            .cloned()
+    }
+
+    /// A node by inode, dead ones too (requests on a handle of a partition that went
+    /// away get ESTALE rather than ENOENT).
+    fn node_or_stale(&self, ino: u64) -> Reply<Arc<Node>> {
+        let i =
+            usize::try_from(ino.checked_sub(1).ok_or(libc::ENOENT)?).map_err(|_| libc::ENOENT)?;
+        match self.nodes().get(i) {
+            Some(n) if n.kind == NodeKind::Gone => Err(libc::ESTALE),
+            Some(n) => Ok(n.clone()),
+            None => Err(libc::ENOENT),
+        }
     }
 
     fn mtime(&self) -> SystemTime {
@@ -455,23 +706,24 @@ impl Vfs {
         if parent != ROOT_INO {
             return Err(libc::ENOENT);
         }
-        self.nodes
+        self.refresh_partitions();
+        self.nodes()
             .iter()
             .skip(1)
-            .find(|n| n.name == name)
+            .find(|n| n.kind != NodeKind::Gone && n.name == name)
             .map(|n| self.attr_of(n))
             .ok_or(libc::ENOENT)
     }
 
     pub fn getattr(&self, ino: u64) -> Reply<Attr> {
-        self.node(ino).map(|n| self.attr_of(n)).ok_or(libc::ENOENT)
+        self.node(ino).map(|n| self.attr_of(&n)).ok_or(libc::ENOENT)
     }
 
     /// The size is the disk's and never changes; ownership and mode are fixed. Time
     /// changes (touch) are accepted and ignored.
     pub fn setattr(&self, ino: u64, set: &SetAttr) -> Reply<Attr> {
         let node = self.node(ino).ok_or(libc::ENOENT)?;
-        let attr = self.attr_of(node);
+        let attr = self.attr_of(&node);
         if set.size.is_some_and(|s| s != attr.size) {
             return Err(if self.writable || node.data_range().is_none() {
                 libc::EPERM
@@ -521,11 +773,12 @@ impl Vfs {
                 }
                 // Only this daemon changes the data and every write goes through the
                 // kernel's page cache on its way here, so cached pages stay valid across
-                // opens. (Windows of the disk alias disk.raw's bytes in another file's
-                // cache; issue 17 has to settle that before adding any.)
+                // opens, unless the same bytes can be written through another file
+                // (windows on a writable mount): then each open drops the file's cached
+                // pages, and writes invalidate the other files' copies (`after_write`).
                 Ok(Opened {
                     fh: self.alloc_fh(if wants_write { FH_WRITE } else { 0 }),
-                    keep_cache: true,
+                    keep_cache: self.keep_cache,
                     direct_io: false,
                 })
             }
@@ -548,13 +801,14 @@ impl Vfs {
                 })
             }
             NodeKind::Root => Err(libc::EISDIR),
+            NodeKind::Gone => Err(libc::ENOENT),
         }
     }
 
     /// Read into `buf` (its length is the request's size); returns the bytes read, short
     /// only at the end of the file.
     pub fn read(&self, ino: u64, fh: u64, offset: u64, buf: &mut [u8]) -> Reply<usize> {
-        let node = self.node(ino).ok_or(libc::ENOENT)?;
+        let node = self.node_or_stale(ino)?;
         match node.kind {
             NodeKind::Disk | NodeKind::Window { .. } => {
                 let (start, len) = node.data_range().expect("a data node");
@@ -592,16 +846,18 @@ impl Vfs {
                 Ok(end - start)
             }
             NodeKind::Root => Err(libc::EISDIR),
+            NodeKind::Gone => Err(libc::ESTALE),
         }
     }
 
     /// Write `data` at `offset`; returns the bytes written, short at the end of the file.
     pub fn write(&self, ino: u64, _fh: u64, offset: u64, data: &[u8]) -> Reply<u32> {
-        let node = self.node(ino).ok_or(libc::ENOENT)?;
+        let node = self.node_or_stale(ino)?;
         let (start, len) = match node.kind {
             NodeKind::Disk | NodeKind::Window { .. } => node.data_range().expect("a data node"),
             NodeKind::Stats => return Err(libc::EBADF),
             NodeKind::Root => return Err(libc::EISDIR),
+            NodeKind::Gone => return Err(libc::ESTALE),
         };
         if !self.writable {
             return Err(libc::EROFS);
@@ -633,6 +889,7 @@ impl Vfs {
             .unwrap_or(1)
             .max(1);
         self.mtime_ns.store(now, Ordering::Relaxed);
+        self.after_write(ino, start + offset, n as u64);
         // n <= data.len() <= the kernel's max_write, far below u32::MAX.
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
@@ -669,6 +926,7 @@ impl Vfs {
 
     pub fn opendir(&self, ino: u64) -> Reply<Opened> {
         if ino == ROOT_INO {
+            self.refresh_partitions();
             Ok(Opened {
                 fh: 0,
                 keep_cache: false,
@@ -693,8 +951,10 @@ impl Vfs {
         let dots = [OsStr::new("."), OsStr::new("..")]
             .into_iter()
             .map(|name| (ROOT_INO, FileKind::Directory, name));
-        let files = self.nodes[1..]
+        let nodes = self.nodes();
+        let files = nodes[1..]
             .iter()
+            .filter(|n| n.kind != NodeKind::Gone)
             .map(|n| (n.ino, n.file_kind(), n.name.as_os_str()));
         // An entry's offset is the offset of the next one.
         for (i, (ino, kind, name)) in dots
@@ -724,7 +984,7 @@ impl Vfs {
             blocks: self.disk.len().div_ceil(u64::from(BLOCK_SIZE)),
             bfree: 0,
             bavail: 0,
-            files: self.nodes.len() as u64,
+            files: self.nodes().len() as u64,
             ffree: 0,
             bsize: BLOCK_SIZE,
             namelen: 255,

@@ -711,3 +711,232 @@ fn a_window_shows_and_changes_only_its_bytes_of_the_disk() {
     assert_eq!(ro.write(ino, 0, 0, b"x"), Err(libc::EROFS));
     assert_eq!(ro.access(ino, libc::W_OK), Err(libc::EROFS));
 }
+
+// ---------------------------------------------------------------------------
+// Partitions as files
+// ---------------------------------------------------------------------------
+
+use crate::guest::tests::{gpt_disk, windows_gpt_parts, GptPart, BASIC_DATA};
+
+const PSIZE: u64 = 16 * MIB;
+
+/// A base holding a Windows GPT layout (p1..p4 at 1, 3, 4 and 12 MiB) with random bytes
+/// in [1 MiB, 13 MiB), and an empty child on top.
+fn partitioned(tag: &str) -> Fixture {
+    let dir = TempDir::new(tag);
+    let base = dir.join("base.vhdx");
+    new_base(&base, PSIZE, MIB as u32, 512);
+    let (mut model, _, _) = gpt_disk(PSIZE, 512, &windows_gpt_parts(), 128);
+    Rng(17).fill(&mut model[MIB as usize..13 * MIB as usize]);
+    let d = open_disk(&base, true);
+    d.write_at(0, &model).unwrap();
+    d.close().unwrap();
+    drop(d);
+    let top = dir.join("child.vhdx");
+    new_child(&top, &base, None);
+    Fixture {
+        _dir: dir,
+        top,
+        model,
+    }
+}
+
+/// Records what the file system asks the kernel to invalidate.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<String>>>);
+
+impl Notify for Recorder {
+    fn inval_data(&self, ino: u64, offset: u64, len: u64) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("data {ino} {offset}+{len}"));
+    }
+    fn inval_entry(&self, parent: u64, name: &OsStr) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("entry {parent} {}", name.to_string_lossy()));
+    }
+}
+
+impl Recorder {
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+fn ino_of(v: &Vfs, name: &str) -> u64 {
+    v.lookup(ROOT_INO, OsStr::new(name)).unwrap().ino
+}
+
+fn stale(v: &Vfs) -> bool {
+    v.partitions.as_ref().unwrap().stale.load(Ordering::Acquire)
+}
+
+#[test]
+fn partitions_are_files_showing_and_changing_only_their_bytes() {
+    let f = partitioned("vfs-parts");
+    let mut v = mount(&f, true, false);
+    assert_eq!(v.enable_partitions(), Vec::<String>::new());
+    let rec = Recorder::default();
+    assert!(v.notify_slot().set(Box::new(rec.clone())).is_ok());
+    assert_eq!(
+        names(&v, 0),
+        [".", "..", "disk.raw", ".stats", "p1", "p2", "p3", "p4"]
+    );
+    let p3 = v.lookup(ROOT_INO, OsStr::new("p3")).unwrap();
+    assert_eq!((p3.size, p3.perm), (8 * MIB, 0o644));
+    let (start, len) = (4 * MIB, 8 * MIB);
+
+    // Data files do not keep the page cache across opens here (their bytes alias).
+    let fh = v.open(p3.ino, libc::O_RDWR).unwrap();
+    assert!(!fh.keep_cache && !fh.direct_io);
+    assert!(!v.open(DISK_INO, libc::O_RDONLY).unwrap().keep_cache);
+    let fh = fh.fh;
+
+    let mut model = f.model.clone();
+    assert!(
+        read(&v, p3.ino, fh, 0, len as usize).unwrap() == model[start as usize..][..len as usize]
+    );
+    assert_eq!(v.write(p3.ino, fh, 100, &[0x55; 1000]), Ok(1000));
+    assert_eq!(v.write(p3.ino, fh, len - 512, &[0x66; 4096]), Ok(512));
+    assert_eq!(v.write(p3.ino, fh, len, &[1; 512]), Err(libc::ENOSPC));
+    assert_eq!(
+        v.write(p3.ino, fh, len + 4096, &[1; 512]),
+        Err(libc::ENOSPC)
+    );
+    model[(start + 100) as usize..][..1000].fill(0x55);
+    model[(start + len - 512) as usize..][..512].fill(0x66);
+    assert!(read(&v, DISK_INO, fh, 0, PSIZE as usize).unwrap() == model);
+    // disk.raw's copy of the written bytes is invalidated (and no other file's: none
+    // overlaps p3).
+    assert_eq!(
+        rec.take(),
+        [
+            format!("data {DISK_INO} {}+1000", start + 100),
+            format!("data {DISK_INO} {}+512", start + len - 512),
+        ]
+    );
+    // A write through disk.raw across p1's end and p2's start invalidates both.
+    let p1 = ino_of(&v, "p1");
+    let p2 = ino_of(&v, "p2");
+    assert_eq!(
+        v.write(DISK_INO, fh, 3 * MIB - 512, &[0x77; 1024]),
+        Ok(1024)
+    );
+    assert_eq!(
+        rec.take(),
+        [
+            format!("data {p1} {}+512", 2 * MIB - 512),
+            format!("data {p2} 0+512"),
+        ]
+    );
+    // Writes in the partitions' data do not make the list stale.
+    assert!(!stale(&v));
+    assert_eq!(v.flush(p3.ino, fh), Ok(()));
+    assert_eq!(fresh_read(&f.top, start + 100, 1000), [0x55; 1000]);
+    v.destroy();
+    drop(v);
+    model[(3 * MIB - 512) as usize..][..1024].fill(0x77);
+
+    // Read-only: same files, 0444, cached across opens, EROFS.
+    let mut ro = mount(&f, false, false);
+    ro.enable_partitions();
+    let p3 = ro.lookup(ROOT_INO, OsStr::new("p3")).unwrap();
+    assert_eq!((p3.size, p3.perm), (8 * MIB, 0o444));
+    assert!(ro.open(p3.ino, libc::O_RDONLY).unwrap().keep_cache);
+    assert_eq!(ro.open(p3.ino, libc::O_RDWR), Err(libc::EROFS));
+    assert_eq!(ro.write(p3.ino, 0, 0, b"x"), Err(libc::EROFS));
+    assert!(read(&ro, p3.ino, 0, 0, 4096).unwrap() == model[start as usize..][..4096]);
+    drop(ro);
+    // Writable without partition files: nothing aliases, the cache is kept.
+    let plain = mount(&f, true, false);
+    assert!(plain.open(DISK_INO, libc::O_RDWR).unwrap().keep_cache);
+    assert_eq!(names(&plain, 0), [".", "..", "disk.raw", ".stats"]);
+}
+
+#[test]
+fn the_partition_list_follows_a_table_rewritten_through_the_mount() {
+    let f = partitioned("vfs-parts-follow");
+    let mut v = mount(&f, true, false);
+    v.enable_partitions();
+    let rec = Recorder::default();
+    assert!(v.notify_slot().set(Box::new(rec.clone())).is_ok());
+    let (p1, p2, p3) = (ino_of(&v, "p1"), ino_of(&v, "p2"), ino_of(&v, "p3"));
+    let fh3 = v.open(p3, libc::O_RDONLY).unwrap().fh;
+
+    // As sgdisk would: p3 grows to the end of the usable space, p4 is deleted, a new
+    // partition 5 appears. The first 34 and the last 33 sectors are rewritten.
+    let mut parts = windows_gpt_parts();
+    parts.truncate(3);
+    parts[2].last = PSIZE / 512 - 34 - 2048;
+    parts.push(GptPart {
+        type_guid: BASIC_DATA,
+        first: PSIZE / 512 - 34 - 2047,
+        last: PSIZE / 512 - 34,
+        name: "new",
+    });
+    let (table, _, _) = gpt_disk(PSIZE, 512, &parts, 128);
+    // Entry 5 instead of 4: move the fourth entry one slot on.
+    let mut table = table;
+    for at in [2 * 512, PSIZE as usize - 33 * 512] {
+        let e: Vec<u8> = table[at + 3 * 128..at + 4 * 128].to_vec();
+        table[at + 4 * 128..at + 5 * 128].copy_from_slice(&e);
+        table[at + 3 * 128..at + 4 * 128].fill(0);
+    }
+    // (The moved entry breaks the arrays' CRCs: recompute both headers.)
+    let (_, mut ph, mut bh) = gpt_disk(PSIZE, 512, &parts, 128);
+    ph.array_crc = None;
+    bh.array_crc = None;
+    let array = table[2 * 512..2 * 512 + 128 * 128].to_vec();
+    crate::guest::tests::gpt_header(&mut table, 512, &ph, &array);
+    crate::guest::tests::gpt_header(&mut table, 512, &bh, &array);
+    assert_eq!(
+        crate::guest::scan_table(&table, 512)
+            .files()
+            .iter()
+            .map(|f| f.0.as_str())
+            .collect::<Vec<_>>(),
+        ["p1", "p2", "p3", "p5"]
+    );
+    let head = 34 * 512;
+    assert_eq!(v.write(DISK_INO, 0, 0, &table[..head]), Ok(head as u32));
+    assert!(stale(&v));
+    let tail = PSIZE as usize - 33 * 512;
+    assert_eq!(
+        v.write(DISK_INO, 0, tail as u64, &table[tail..]),
+        Ok(33 * 512)
+    );
+    rec.take();
+    // Until a lookup or opendir the old list stands; then it follows.
+    assert_eq!(
+        names(&v, 0),
+        [".", "..", "disk.raw", ".stats", "p1", "p2", "p3", "p4"]
+    );
+    assert!(v.opendir(ROOT_INO).is_ok());
+    assert!(!stale(&v));
+    assert_eq!(
+        names(&v, 0),
+        [".", "..", "disk.raw", ".stats", "p1", "p2", "p3", "p5"]
+    );
+    assert_eq!((ino_of(&v, "p1"), ino_of(&v, "p2")), (p1, p2));
+    let new_p3 = v.lookup(ROOT_INO, OsStr::new("p3")).unwrap();
+    assert_ne!(new_p3.ino, p3);
+    assert_eq!(new_p3.size, (parts[2].last - parts[2].first + 1) * 512);
+    assert_eq!(rec.take(), ["entry 1 p3", "entry 1 p4"]);
+    // The old p3 is gone: its inode is not found, its open handle is stale.
+    assert_eq!(v.getattr(p3), Err(libc::ENOENT));
+    assert_eq!(v.open(p3, libc::O_RDONLY), Err(libc::ENOENT));
+    assert_eq!(read(&v, p3, fh3, 0, 512), Err(libc::ESTALE));
+    assert_eq!(v.write(p3, fh3, 0, b"x"), Err(libc::ESTALE));
+    assert_eq!(v.lookup(ROOT_INO, OsStr::new("p4")), Err(libc::ENOENT));
+
+    // The table wiped: no partition files left.
+    assert_eq!(v.write(DISK_INO, 0, 0, &[0; 1024]), Ok(1024));
+    assert_eq!(v.lookup(ROOT_INO, OsStr::new("p1")), Err(libc::ENOENT));
+    assert_eq!(names(&v, 0), [".", "..", "disk.raw", ".stats"]);
+    // The flushed image holds what was written.
+    v.destroy();
+    assert_eq!(fresh_read(&f.top, 0, 1024), [0u8; 1024]);
+}

@@ -1,0 +1,80 @@
+//! Common names of partition types: MBR type bytes and GPT type GUIDs (the values are
+//! from the UEFI specification, Microsoft's documentation and the Discoverable Partitions
+//! Specification).
+
+/// The name of an MBR partition type byte, if it is a common one.
+pub fn mbr_type_name(t: u8) -> Option<&'static str> {
+    Some(match t {
+        0x01 => "FAT12",
+        0x04 => "FAT16 <32M",
+        0x05 => "Extended",
+        0x06 => "FAT16",
+        0x07 => "NTFS/exFAT/HPFS",
+        0x0B => "FAT32",
+        0x0C => "FAT32 (LBA)",
+        0x0E => "FAT16 (LBA)",
+        0x0F => "Extended (LBA)",
+        0x11 => "Hidden FAT12",
+        0x12 => "Compaq/OEM diagnostics",
+        0x14 => "Hidden FAT16 <32M",
+        0x16 => "Hidden FAT16",
+        0x17 => "Hidden NTFS/exFAT/HPFS",
+        0x1B => "Hidden FAT32",
+        0x1C => "Hidden FAT32 (LBA)",
+        0x1E => "Hidden FAT16 (LBA)",
+        0x27 => "Windows Recovery (hidden NTFS)",
+        0x42 => "Windows dynamic disk (LDM)",
+        0x82 => "Linux swap",
+        0x83 => "Linux",
+        0x85 => "Linux extended",
+        0x8E => "Linux LVM",
+        0xA5 => "FreeBSD",
+        0xA6 => "OpenBSD",
+        0xA8 => "Apple UFS",
+        0xA9 => "NetBSD",
+        0xAF => "Apple HFS/HFS+",
+        0xDE => "Dell utility",
+        0xEE => "GPT protective",
+        0xEF => "EFI System",
+        0xFB => "VMware VMFS",
+        0xFD => "Linux RAID autodetect",
+        _ => return None,
+    })
+}
+
+/// The common name of a GPT partition type GUID (upper-case text form).
+pub fn gpt_type_name(guid: &str) -> Option<&'static str> {
+    Some(match guid {
+        "C12A7328-F81F-11D2-BA4B-00A0C93EC93B" => "EFI System",
+        "024DEE41-33E7-11D3-9D69-0008C781F39F" => "MBR partition scheme",
+        "21686148-6449-6E6F-744E-656564454649" => "BIOS boot",
+        "E3C9E316-0B5C-4DB8-817D-F92DF00215AE" => "Microsoft reserved",
+        "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7" => "Microsoft basic data",
+        "DE94BBA4-06D1-4D40-A16A-BFD50179D6AC" => "Windows Recovery",
+        "5808C8AA-7E8F-42E0-85D2-E1E90434CFB3" => "Microsoft LDM metadata",
+        "AF9B60A0-1431-4F62-BC68-3311714A69AD" => "Microsoft LDM data",
+        "E75CAF8F-F680-4CEE-AFA3-B001E56EFC2D" => "Microsoft Storage Spaces",
+        "558D43C5-A1AC-43C0-AAC8-D1472B2923D1" => "Microsoft Storage Replica",
+        "0FC63DAF-8483-4772-8E79-3D69D8477DE4" => "Linux file system",
+        "E6D6D379-F507-44C2-A23C-238F2A3DF928" => "Linux LVM",
+        "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F" => "Linux swap",
+        "A19D880F-05FC-4D3B-A006-743F0F84911E" => "Linux RAID",
+        "CA7D7CCB-63ED-4C53-861C-1742536059CC" => "Linux LUKS",
+        "933AC7E1-2EB4-4F13-B844-0E14E2AEF915" => "Linux home",
+        "3B8F8425-20E0-4F3B-907F-1A25A76F98E8" => "Linux server data",
+        "BC13C2FF-59E6-4262-A352-B275FD6F7172" => "Linux extended boot",
+        "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709" => "Linux root (x86-64)",
+        "44479540-F297-41B2-9AF7-D131D5F0458A" => "Linux root (x86)",
+        "B921B045-1DF0-41C3-AF44-4C6F280D3FAE" => "Linux root (ARM64)",
+        "8DA63339-0007-60C0-C436-083AC8230908" => "Linux reserved",
+        "48465300-0000-11AA-AA11-00306543ECAC" => "Apple HFS+",
+        "7C3457EF-0000-11AA-AA11-00306543ECAC" => "Apple APFS",
+        "516E7CB4-6ECF-11D6-8FF8-00022D09712B" => "FreeBSD data",
+        "83BD6B9D-7F41-11DC-BE0B-001560B84F0F" => "FreeBSD boot",
+        "516E7CB6-6ECF-11D6-8FF8-00022D09712B" => "FreeBSD UFS",
+        "516E7CBA-6ECF-11D6-8FF8-00022D09712B" => "FreeBSD ZFS",
+        "6A898CC3-1DD2-11B2-99A6-080020736631" => "ZFS (Solaris/Apple)",
+        "AA31E02A-400F-11DB-9590-000C2911D1B8" => "VMware VMFS",
+        _ => return None,
+    })
+}
