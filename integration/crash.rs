@@ -645,8 +645,8 @@ fn crash_cycles(fmt: Fmt) {
     eprintln!(
         "crash test {}: {cycles} kill cycles, {layers} children stacked, {issued_total} writes \
          issued, {acked_total} acknowledged, {libvhdi_checks} libvhdi checks ({in_place_behind} \
-         where libvhdi's view differed from vdiskfs's: an unacknowledged commit in the log, \
-         not yet in place), in {:.1} s",
+         where libvhdi's view differed from vdiskfs's: a VHDX log entry of an \
+         unacknowledged commit, not yet in place), in {:.1} s",
         fmt.ext(),
         t0.elapsed().as_secs_f64()
     );
