@@ -3,7 +3,8 @@
 //! remembering which writes an fsync acknowledged) while the test kills the daemon with
 //! SIGKILL at a random moment. After each kill: `vdiskfs check` reports no damage,
 //! `vdiskfs cat` holds every acknowledged write (an unacknowledged one may or may not be
-//! there, byte by byte; every fifth cycle libvhdi's view is held to the same rule), and
+//! there, byte by byte; every fifth cycle libvhdi's view is held to the same rule, judged
+//! by the last cycle that ran the writer, because libvhdi ignores a pending log), and
 //! the next cycle writes on into the same file (so a pending VHDX log is replayed by
 //! the next writable open). Every few cycles a new child is
 //! stacked on the current one, so allocation keeps happening. At the end the chain is
@@ -12,6 +13,10 @@
 //! VDISKFS_CRASH_CYCLES: kill cycles per format (default 100, about a minute).
 //! VDISKFS_CRASH_SEED: the random seed (default: from the clock; printed).
 //! VDISKFS_CRASH_NEW_CHILD_EVERY: cycles per child before a new one is stacked (25).
+//!
+//! A failure names the seed and cycle, the byte, its value in every view and in the parent
+//! chain, the ops covering it and the last ops, whether the kill came during an fsync,
+//! and the child's log state after the kill and now.
 //!
 //! Needs /dev/fuse, fusermount3, qemu-img, 7zz, vhdimount. Skips with a message unless
 //! VDISKFS_REQUIRE_FUSE=1, where it fails. Mounts are undone by drop guards.
@@ -198,12 +203,14 @@ struct Op {
     gen: u64,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Journal {
     /// Every write issued (recorded before the pwrite), in order.
     ops: Vec<Op>,
     /// ops[..acked] were followed by an fsync that returned success.
     acked: usize,
+    /// The writer was inside fsync when it stopped (the kill came during a flush).
+    syncing: bool,
 }
 
 /// Write until an error (the daemon died) or `stop`.
@@ -250,11 +257,17 @@ fn writer(
         }
         since_sync += 1;
         if since_sync >= sync_every {
-            let n = journal.lock().unwrap().ops.len();
+            let n = {
+                let mut j = journal.lock().unwrap();
+                j.syncing = true;
+                j.ops.len()
+            };
             if f.sync_all().is_err() {
                 return;
             }
-            journal.lock().unwrap().acked = n;
+            let mut j = journal.lock().unwrap();
+            j.acked = n;
+            j.syncing = false;
             since_sync = 0;
             sync_every = 1 + rng.below(6);
         }
@@ -287,10 +300,19 @@ fn cat(img: &Path, ctx: &str) -> Vec<u8> {
     o.stdout
 }
 
+/// A byte that breaks the rule `verify` checks.
+struct Mismatch {
+    pos: u64,
+    got: u8,
+    /// What the acknowledged writes leave there.
+    expected: u8,
+}
+
 /// `got` must hold `model` with the acknowledged ops applied; a byte may instead hold
-/// the value of an unacknowledged op covering it.
-fn verify(got: &[u8], model: &mut [u8], j: &Journal, ctx: &str) {
-    assert_eq!(got.len(), model.len(), "{ctx}: length of the merged view");
+/// the value of an unacknowledged op covering it. On success `model` becomes `got` (the
+/// baseline of the next cycle); on failure the first offending byte is returned.
+fn verify(got: &[u8], model: &mut [u8], j: &Journal) -> Result<(), Mismatch> {
+    assert_eq!(got.len(), model.len(), "length of the merged view");
     for op in &j.ops[..j.acked] {
         fill(
             &mut model[op.off as usize..(op.off + op.len) as usize],
@@ -313,33 +335,124 @@ fn verify(got: &[u8], model: &mut [u8], j: &Journal, ctx: &str) {
                 .iter()
                 .any(|o| pos >= o.off && pos < o.off + o.len && value(pos, o.gen) == gb);
             if !ok {
-                let covering: Vec<String> = j
-                    .ops
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, o)| pos >= o.off && pos < o.off + o.len)
-                    .map(|(k, o)| {
-                        format!(
-                            "#{k} {o:?} {} value {:#04x}",
-                            if k < j.acked { "acked" } else { "unacked" },
-                            value(pos, o.gen)
-                        )
-                    })
-                    .collect();
-                panic!(
-                    "{ctx}: byte {pos} (block {}, +{}) is {gb:#04x}, expected {mb:#04x} \
-                     (the acknowledged content); {} ops issued, {} acknowledged; ops \
-                     covering it: {covering:?}",
-                    pos / (2 * MIB),
-                    pos % (2 * MIB),
-                    j.ops.len(),
-                    j.acked
-                );
+                return Err(Mismatch {
+                    pos,
+                    got: gb,
+                    expected: mb,
+                });
             }
         }
     }
     // What is there now is the baseline of the next cycle.
     model.copy_from_slice(got);
+    Ok(())
+}
+
+/// How a kill cycle went, for the failure report.
+struct CycleInfo {
+    cycle: u64,
+    seed: u64,
+    child: PathBuf,
+    /// Parent of `child` (the one below it in the chain).
+    parent: PathBuf,
+    /// None: killed while opening/mounting, after this many ms; Some: the writer ran
+    /// this many ms before the kill.
+    kill: String,
+}
+
+/// Everything needed to understand a broken acknowledged byte, then panic.
+fn report(
+    what: &str,
+    info: &CycleInfo,
+    m: &Mismatch,
+    j: &Journal,
+    views: &[(&str, u8)],
+    log_state_after_kill: &str,
+) -> ! {
+    let pos = m.pos;
+    let covering: Vec<String> = j
+        .ops
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| pos >= o.off && pos < o.off + o.len)
+        .map(|(k, o)| {
+            format!(
+                "#{k} off {} len {} gen {} {} value {:#04x}",
+                o.off,
+                o.len,
+                o.gen,
+                if k < j.acked { "acked" } else { "unacked" },
+                value(pos, o.gen)
+            )
+        })
+        .collect();
+    let last: Vec<String> = j
+        .ops
+        .iter()
+        .enumerate()
+        .skip(j.ops.len().saturating_sub(8))
+        .map(|(k, o)| format!("#{k} off {} len {} gen {}", o.off, o.len, o.gen))
+        .collect();
+    // Which layer the byte comes from, as far as a reader can tell: the parent chain's
+    // view at the same offset (equal: most likely not in the child), and the child's
+    // log state now.
+    let parent_byte = {
+        let o = vdiskfs([OsStr::new("cat"), info.parent.as_os_str()]);
+        if o.success() {
+            o.stdout
+                .get(pos as usize)
+                .map(|b| format!("{b:#04x}"))
+                .unwrap_or_else(|| "past its end".into())
+        } else {
+            format!("cat failed: {}", o.stderr.trim())
+        }
+    };
+    let log_now = log_state(&info.child);
+    let views: Vec<String> = views.iter().map(|(n, b)| format!("{n} {b:#04x}")).collect();
+    panic!(
+        "{what}: an acknowledged byte differed from the model after a SIGKILL\n\
+         VDISKFS_CRASH_SEED={} (cycle {}; rerun with VDISKFS_CRASH_CYCLES={})\n\
+         image {}\n\
+         byte {pos} (2 MiB block {}, +{}, sector {}) is {:#04x}, the acknowledged content \
+         is {:#04x}\n\
+         other views of that byte: [{}]; the parent chain ({}) has {parent_byte}\n\
+         kill: {}; the kill came during an fsync: {}\n\
+         child's log state after the kill: {log_state_after_kill}; now: {log_now}\n\
+         {} ops issued this cycle, {} acknowledged; ops covering the byte: {covering:#?}\n\
+         last ops: {last:#?}",
+        info.seed,
+        info.cycle,
+        info.cycle + 1,
+        info.child.display(),
+        pos / (2 * MIB),
+        pos % (2 * MIB),
+        pos / 512,
+        m.got,
+        m.expected,
+        views.join(", "),
+        info.parent.display(),
+        info.kill,
+        j.syncing,
+        j.ops.len(),
+        j.acked,
+    );
+}
+
+/// `vdiskfs info --json`'s log_state of the top layer (read-only).
+fn log_state(img: &Path) -> String {
+    let o = vdiskfs([OsStr::new("info"), OsStr::new("--json"), img.as_os_str()]);
+    if !o.success() {
+        return format!("info failed: {}", o.stderr.trim());
+    }
+    serde_json::from_slice::<serde_json::Value>(&o.stdout)
+        .ok()
+        .and_then(|v| {
+            info_layers(&v)
+                .first()
+                .and_then(|l| l.get("log_state"))
+                .map(|s| s.to_string())
+        })
+        .unwrap_or_else(|| "(no log_state)".into())
 }
 
 // ---------------------------------------------------------------- the test
@@ -393,6 +506,18 @@ fn crash_cycles(fmt: Fmt) {
     let mut layers = 0;
     let mut acked_total = 0usize;
     let mut issued_total = 0usize;
+    // What libvhdi's view of the top is judged against. libvhdi ignores a VHDX log, so it
+    // sees the file as written in place: every acknowledged write (they were applied
+    // before the fsync returned), and each unacknowledged one old or new, but not
+    // necessarily a pending log's pages. vdiskfs's view (`model`) does include those: an
+    // unacknowledged commit whose log entry became durable before the kill is replayed
+    // by every reader. They reach the file's place only when the next writable open
+    // replays the log; a cycle killed while opening may not get that far, so its
+    // libvhdi view still has to be judged by the last cycle that ran the writer: its
+    // baseline and journal. None: the file in place is `model` (a clean close).
+    let mut in_place: Option<(Vec<u8>, Journal)> = None;
+    let mut in_place_behind = 0usize;
+    let mut libvhdi_checks = 0usize;
     let mnt = t.join("mnt");
     for cycle in 0..cycles {
         if cycle % every == 0 {
@@ -415,6 +540,7 @@ fn crash_cycles(fmt: Fmt) {
             .assert_success();
             frozen.push((child.clone(), sha256_file(&child)));
             child = next;
+            in_place = None;
         }
         let ctx = format!(
             "cycle {cycle} of {} (VDISKFS_CRASH_SEED={seed}), {}",
@@ -423,10 +549,15 @@ fn crash_cycles(fmt: Fmt) {
         );
         let journal = Arc::new(Mutex::new(Journal::default()));
         let mut d = Daemon::spawn(&child, &mnt);
-        if rng.below(10) == 0 {
+        let (kill, went_live) = if rng.below(10) == 0 {
             // Kill while the daemon opens the chain (replaying a pending log) or mounts.
-            std::thread::sleep(Duration::from_millis(rng.below(40)));
+            let ms = rng.below(40);
+            std::thread::sleep(Duration::from_millis(ms));
             d.kill9();
+            (
+                format!("while opening/mounting, {ms} ms after the spawn"),
+                false,
+            )
         } else {
             d.wait_live();
             let stop = Arc::new(AtomicBool::new(false));
@@ -435,33 +566,87 @@ fn crash_cycles(fmt: Fmt) {
                 let (wseed, g) = (rng.next_u64(), gen);
                 std::thread::spawn(move || writer(disk, size, wseed, g, j, s))
             };
-            std::thread::sleep(Duration::from_millis(5 + rng.below(300)));
+            let ms = 5 + rng.below(300);
+            std::thread::sleep(Duration::from_millis(ms));
             d.kill9();
             stop.store(true, Ordering::Relaxed);
             w.join().expect("writer thread");
-        }
+            (format!("the writer ran {ms} ms"), true)
+        };
         drop(d);
         assert!(!is_mounted(&mnt), "{ctx}: mount left behind");
-        let j = journal.lock().unwrap();
+        let j = journal.lock().unwrap().clone();
         gen += j.ops.len() as u64;
         issued_total += j.ops.len();
         acked_total += j.acked;
+        let info = CycleInfo {
+            cycle,
+            seed,
+            child: child.clone(),
+            parent: frozen.last().expect("a parent").0.clone(),
+            kill,
+        };
+        let log_after_kill = if fmt == Fmt::Vhdx {
+            log_state(&child)
+        } else {
+            "(VHD: no log)".into()
+        };
         check_ok(&child, &ctx);
         let got = cat(&child, &ctx);
-        let before = (cycle % 5 == 4).then(|| model.clone());
-        verify(&got, &mut model, &j, &ctx);
-        if let Some(mut before) = before {
-            // libvhdi ignores a VHDX log, but every acknowledged write has been applied
-            // in place: it must see each write old or new, and every acknowledged one.
+        if went_live {
+            // The daemon replayed any pending log before mounting: the file in place
+            // was `model`, then this cycle's writes happened.
+            in_place = Some((model.clone(), j.clone()));
+        }
+        if let Err(m) = verify(&got, &mut model, &j) {
+            report(&ctx, &info, &m, &j, &[], &log_after_kill);
+        }
+        if cycle % 5 == 4 {
             let m = FuseMount::vhdimount(&child, &t.join("vm"));
             let lv = fs::read(m.merged()).expect("read vhdimount's view");
             drop(m);
-            verify(&lv, &mut before, &j, &format!("{ctx}, vhdimount's view"));
+            libvhdi_checks += 1;
+            let (mut base_view, jj) = match &in_place {
+                Some((b, jj)) => (b.clone(), jj.clone()),
+                None => (model.clone(), Journal::default()),
+            };
+            if lv != model {
+                in_place_behind += 1;
+                let diff = lv.iter().zip(&model).filter(|(a, b)| a != b).count();
+                let at = lv.iter().zip(&model).position(|(a, b)| a != b).unwrap_or(0);
+                // When this cycle was killed while opening, before its replay, this is
+                // what a rule of "libvhdi sees exactly vdiskfs's view after a cycle
+                // without writes" got wrong.
+                eprintln!(
+                    "{ctx}: libvhdi's view differs from vdiskfs's in {diff} bytes (first: \
+                     byte {at}, {:#04x} vs {:#04x}; before the last writer cycle {:#04x}); \
+                     kill {}; log state after the kill {log_after_kill}",
+                    lv[at], model[at], base_view[at], info.kill
+                );
+            }
+            if let Err(m) = verify(&lv, &mut base_view, &jj) {
+                let vd = got[m.pos as usize];
+                report(
+                    &format!(
+                        "{ctx}, vhdimount's view (judged by the journal of the last cycle \
+                         that ran the writer: {} ops, {} acknowledged)",
+                        jj.ops.len(),
+                        jj.acked
+                    ),
+                    &info,
+                    &m,
+                    &jj,
+                    &[("vdiskfs cat", vd)],
+                    &log_after_kill,
+                );
+            }
         }
     }
     eprintln!(
         "crash test {}: {cycles} kill cycles, {layers} children stacked, {issued_total} writes \
-         issued, {acked_total} acknowledged, in {:.1} s",
+         issued, {acked_total} acknowledged, {libvhdi_checks} libvhdi checks ({in_place_behind} \
+         where libvhdi's view differed from vdiskfs's: a VHDX log entry of an \
+         unacknowledged commit, not yet in place), in {:.1} s",
         fmt.ext(),
         t0.elapsed().as_secs_f64()
     );
