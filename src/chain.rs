@@ -1624,6 +1624,7 @@ mod tests {
             physical_sector_size: 4096,
             parent_locator,
             virtual_disk_id: None,
+            fixed: false,
         };
         crate::image::create_new_file(path, |f| write_new(f, path, &n, "chain test")).unwrap();
     }

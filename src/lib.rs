@@ -8,11 +8,13 @@ pub mod cache;
 pub mod chain;
 pub mod cli;
 pub mod commands;
+pub mod convert;
 pub mod disk;
 pub mod error;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod progress;
 
 pub use chain::{Chain, ChainOptions};
 pub use disk::{Disk, DiskOptions};

@@ -55,6 +55,7 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
                         physical_sector_size: lss.max(4096),
                         parent_locator: None,
                         virtual_disk_id: None,
+                        fixed: false,
                     };
                     n.validate(&args.image)?;
                     create_new_file(&args.image, |f| {
@@ -196,6 +197,7 @@ fn create_child(
                 parent_locator: Some(locator),
                 // A differencing disk shares its parent's identity (IsVirtualDisk item).
                 virtual_disk_id: Some(m.virtual_disk_id),
+                fixed: false,
             };
             n.validate(&args.image)?;
             create_new_file(&args.image, |f| {

@@ -2,6 +2,7 @@
 
 pub mod cat;
 pub mod check;
+pub mod convert;
 pub mod create;
 pub mod info;
 pub mod mount;
@@ -16,6 +17,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Cat(a) => cat::run(&a),
         Command::Create(a) => create::run(&a),
         Command::Check(a) => check::run(&a),
+        Command::Convert(a) => convert::run(&a),
         Command::Mount(a) => mount::run(&a, cli.verbose),
         Command::Umount(a) => mount::umount(&a),
     }

@@ -300,11 +300,60 @@ pub fn open_layer(path: &Path, opts: OpenOptions, allow_raw: bool) -> Result<Arc
 /// replaced). On any error the temporary file is removed. The directory is created when
 /// missing, as the Virtual PC API did.
 pub fn create_new_file(path: &Path, fill: impl FnOnce(&File) -> Result<()>) -> Result<()> {
+    create_file_atomically(path, false, fill)
+}
+
+/// The temporary name `create_file_atomically` uses for `path` in process `pid`.
+fn temp_name(dir: &Path, name: &std::ffi::OsStr, pid: u32) -> PathBuf {
+    dir.join(format!(".{}.vdiskfs-tmp-{pid}", name.to_string_lossy()))
+}
+
+/// Remove temporary files a killed earlier run left for `path` (same name pattern, a
+/// process id that no longer exists). Returns how many were removed.
+pub fn remove_stale_temps(path: &Path) -> usize {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    if path.symlink_metadata().is_ok() {
+    let Some(name) = path.file_name() else {
+        return 0;
+    };
+    let prefix = format!(".{}.vdiskfs-tmp-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let fname = e.file_name();
+        let Some(pid) = fname
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && std::fs::remove_file(e.path()).is_ok() {
+            log::info!("removed {} left by an interrupted run", e.path().display());
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// `create_new_file`, or with `replace` an atomic replacement of an existing `path`
+/// (rename over it after the new content is durable: readers see the old or the new
+/// file, never a part).
+pub fn create_file_atomically(
+    path: &Path,
+    replace: bool,
+    fill: impl FnOnce(&File) -> Result<()>,
+) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !replace && path.symlink_metadata().is_ok() {
         return Err(Error::Invalid(format!(
             "{}: already exists (vdiskfs never overwrites a file)",
             path.display()
@@ -314,20 +363,20 @@ pub fn create_new_file(path: &Path, fill: impl FnOnce(&File) -> Result<()>) -> R
     let name = path
         .file_name()
         .ok_or_else(|| Error::Invalid(format!("{}: not a file name", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.vdiskfs-tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = temp_name(&dir, name, std::process::id());
     let result = (|| {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .map_err(|e| Error::file(&tmp, "create", e))?;
+            .map_err(|e| Error::file(path, "create", e))?;
         fill(&f)?;
-        f.sync_all().map_err(|e| Error::file(&tmp, "fsync", e))?;
+        f.sync_all().map_err(|e| Error::file(path, "fsync", e))?;
+        if replace {
+            return std::fs::rename(&tmp, path)
+                .map_err(|e| Error::file(path, "rename into place", e));
+        }
         std::fs::hard_link(&tmp, path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 Error::Invalid(format!(

@@ -37,6 +37,9 @@ pub struct NewVhdx {
     pub parent_locator: Option<Vec<(String, String)>>,
     /// Defaults to a new random id.
     pub virtual_disk_id: Option<Uuid>,
+    /// A fixed disk: the file parameters' LeaveBlockAllocated flag is set (the caller
+    /// then makes every payload block present).
+    pub fixed: bool,
 }
 
 impl NewVhdx {
@@ -66,9 +69,32 @@ impl NewVhdx {
         Ok(())
     }
 
+    /// Payload blocks per chunk (data blocks described by one sector bitmap block).
+    fn chunk_ratio(&self) -> u64 {
+        SECTORS_PER_BITMAP * self.logical_sector_size as u64 / self.block_size as u64
+    }
+
+    /// Bytes of the BAT region (a whole number of MiB).
+    fn bat_len(&self) -> u64 {
+        (self.bat_entries() * 8).div_ceil(MIB) * MIB
+    }
+
+    /// The first file offset after the fixed structures (1 MiB aligned): where payload
+    /// blocks of a new file go.
+    pub fn payload_start(&self) -> u64 {
+        BAT_OFFSET + self.bat_len()
+    }
+
+    /// The file offset of the BAT entry of payload block `block` of a new base.
+    pub fn payload_entry_offset(&self, block: u64) -> u64 {
+        let ratio = self.chunk_ratio();
+        // Payload entries are interleaved with one sector-bitmap entry per chunk.
+        BAT_OFFSET + (block + block / ratio) * 8
+    }
+
     fn bat_entries(&self) -> u64 {
         let bs = self.block_size as u64;
-        let chunk_ratio = SECTORS_PER_BITMAP * self.logical_sector_size as u64 / bs;
+        let chunk_ratio = self.chunk_ratio();
         let data_blocks = self.virtual_size.div_ceil(bs);
         if self.parent_locator.is_some() {
             data_blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
@@ -135,7 +161,8 @@ fn metadata_region(n: &NewVhdx, disk_id: Uuid) -> Result<Vec<u8>> {
     // Flags: bit 0 IsUser, bit 1 IsVirtualDisk, bit 2 IsRequired.
     let mut fp = (n.block_size as u64).to_le_bytes().to_vec();
     let has_parent = n.parent_locator.is_some();
-    let flags: u32 = if has_parent { 2 } else { 0 };
+    // Bit 0 LeaveBlockAllocated (fixed disks), bit 1 HasParent.
+    let flags: u32 = u32::from(n.fixed) | if has_parent { 2 } else { 0 };
     fp[4..8].copy_from_slice(&flags.to_le_bytes());
     items.push((FILE_PARAMETERS, 4, fp));
     items.push((VIRTUAL_DISK_SIZE, 6, n.virtual_size.to_le_bytes().to_vec()));
@@ -187,7 +214,7 @@ pub fn write_new(file: &File, path: &Path, n: &NewVhdx, creator: &str) -> Result
     ident[8..8 + c.len()].copy_from_slice(c);
     w(&ident, 0)?;
     // Region tables: the BAT length is filled in here.
-    let bat_len = (n.bat_entries() * 8).div_ceil(MIB) * MIB;
+    let bat_len = n.bat_len();
     let mut rt = region_table();
     rt[16 + 24..16 + 28].copy_from_slice(&(bat_len as u32).to_le_bytes());
     let crc = crc32c::crc32c(&rt);

@@ -39,6 +39,7 @@ pub(crate) fn new_base(path: &Path, size: u64, block: u32, lss: u32) {
         physical_sector_size: 4096,
         parent_locator: None,
         virtual_disk_id: None,
+        fixed: false,
     };
     create_new_file(path, |f| write_new(f, path, &n, "test")).unwrap();
 }
