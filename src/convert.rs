@@ -74,7 +74,7 @@ enum Sink {
     DynamicVhdx {
         next: u64,
     },
-    DynamicVhd(DynamicWriter),
+    DynamicVhd(Box<DynamicWriter>),
 }
 
 /// Write the merged view of `disk` into the empty `file` as `spec` says. `progress` is
@@ -154,7 +154,12 @@ fn start(file: &File, path: &Path, spec: &ConvertSpec) -> Result<(Sink, u64)> {
             Ok((Sink::Flat, RAW_UNIT))
         }
         (OutFormat::Vhd, false) => Ok((
-            Sink::DynamicVhd(DynamicWriter::start(file, path, size, spec.block_size)?),
+            Sink::DynamicVhd(Box::new(DynamicWriter::start(
+                file,
+                path,
+                size,
+                spec.block_size,
+            )?)),
             spec.block_size as u64,
         )),
         (OutFormat::Vhdx, fixed) => {

@@ -316,7 +316,7 @@ pub fn azure_problems(path: &Path) -> Result<Vec<String>> {
             size.div_ceil(MIB) * MIB
         ));
     }
-    if size < AZURE_MIN_SIZE || size > AZURE_MAX_SIZE {
+    if !(AZURE_MIN_SIZE..=AZURE_MAX_SIZE).contains(&size) {
         problems.push(format!(
             "the virtual size {size} is outside Azure's limits ({AZURE_MIN_SIZE} to {AZURE_MAX_SIZE} bytes: 20 MiB to 32 TiB)"
         ));

@@ -466,6 +466,7 @@ fn check_reports_damage_instead_of_failing() {
     let args = |json| crate::cli::CheckArgs {
         image: p.clone(),
         json,
+        azure: false,
         chain: crate::cli::ChainArgs {
             search_dirs: vec![],
             parents: vec![],
