@@ -14,6 +14,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use crate::disk::Disk;
 use crate::error::{Error, Result};
@@ -25,6 +26,9 @@ use crate::image::vhdx::create::{write_new, NewVhdx};
 const HOLE_UNIT: usize = 64 << 10;
 /// Unit of work for raw and fixed VHD outputs.
 const RAW_UNIT: u64 = 1 << 20;
+/// Units are read and written in pieces of this size: small enough to stay in the CPU
+/// cache between the read, the zero test and the write.
+const PIECE: u64 = 256 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutFormat {
@@ -77,15 +81,99 @@ enum Sink {
     DynamicVhd(Box<DynamicWriter>),
 }
 
-/// Write the merged view of `disk` into the empty `file` as `spec` says. `progress` is
-/// called with the number of source bytes handled since the last call; `cancel` is
-/// polled between units (set by a signal handler) and stops the work with an error.
+/// The ranges of `disk` that some layer holds data for (`Disk::data_ranges` over the
+/// whole disk): what `write_image` reads, and the total a progress bar counts to.
+pub fn source_ranges(disk: &Disk) -> Result<Vec<(u64, u64)>> {
+    let mut ranges = Vec::new();
+    disk.data_ranges(0, disk.len(), &mut ranges)?;
+    Ok(ranges)
+}
+
+fn interrupted(path: &Path) -> Error {
+    Error::Invalid(format!(
+        "{}: interrupted; nothing was written at that path",
+        path.display()
+    ))
+}
+
+/// The output units the data ranges touch, in order, handed out one at a time to the
+/// workers: (unit index, source data bytes in it, for progress).
+struct UnitCursor<'a> {
+    ranges: &'a [(u64, u64)],
+    unit: u64,
+    /// (index into `ranges`, position inside that range).
+    at: Mutex<(usize, u64)>,
+}
+
+/// One output unit to copy: its index and the parts of it some layer holds data for
+/// (virtual offsets, in order); everything else in it reads as zeros.
+struct UnitWork {
+    index: u64,
+    spans: Vec<(u64, u64)>,
+}
+
+impl UnitWork {
+    fn bytes(&self) -> u64 {
+        self.spans.iter().map(|s| s.1).sum()
+    }
+}
+
+impl UnitCursor<'_> {
+    fn next(&self) -> Option<UnitWork> {
+        let mut at = self.at.lock().expect("no worker panics holding the cursor");
+        let (mut i, mut pos) = *at;
+        if i >= self.ranges.len() {
+            return None;
+        }
+        pos = pos.max(self.ranges[i].0);
+        let index = pos / self.unit;
+        let unit_end = (index + 1) * self.unit;
+        let mut spans = Vec::new();
+        // Every range (part) inside this unit.
+        while i < self.ranges.len() {
+            let (off, len) = self.ranges[i];
+            let start = pos.max(off);
+            if start >= unit_end {
+                break;
+            }
+            let end = (off + len).min(unit_end);
+            spans.push((start, end - start));
+            pos = end;
+            if end == off + len {
+                i += 1;
+            } else {
+                break;
+            }
+        }
+        *at = (i, pos);
+        Some(UnitWork { index, spans })
+    }
+}
+
+/// How many threads copy units: the work is memory copies (read, zero test, write), so
+/// more threads than cores do not help.
+fn worker_count() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4)
+}
+
+/// Write the merged view of `disk` into the empty `file` as `spec` says, reading only
+/// `ranges` (from `source_ranges`), and make it durable (fdatasync). Units are copied
+/// by a few threads at once (a dynamic output's blocks are placed in the order their
+/// first data is found, so the block order in the file may differ between runs; the
+/// content never does). `progress` is called with the number of source bytes handled;
+/// `cancel` is polled between units and once more after the final fdatasync (set by a
+/// signal handler) and stops the work with an error, so a file finished while a
+/// signal was pending is not linked into place.
 pub fn write_image(
     disk: &Disk,
     file: &File,
     path: &Path,
     spec: &ConvertSpec,
-    progress: &dyn Fn(u64),
+    ranges: &[(u64, u64)],
+    progress: &(dyn Fn(u64) + Sync),
     cancel: &AtomicBool,
 ) -> Result<ConvertReport> {
     if spec.virtual_size < disk.len() {
@@ -96,45 +184,82 @@ pub fn write_image(
             disk.len()
         )));
     }
-    let (mut sink, unit) = start(file, path, spec)?;
-    let mut ranges = Vec::new();
-    disk.data_ranges(0, disk.len(), &mut ranges)?;
+    let (sink, unit) = start(file, path, spec)?;
+    let sink = Mutex::new(sink);
+    let cursor = UnitCursor {
+        ranges,
+        unit,
+        at: Mutex::new((0, 0)),
+    };
+    let failed = AtomicBool::new(false);
+    let worker = || -> Result<ConvertReport> {
+        let mut buf = vec![0u8; PIECE.min(unit) as usize];
+        let mut report = ConvertReport::default();
+        // Stop between units when another worker failed or a signal came (checked
+        // after the join).
+        while !failed.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) {
+            let Some(work) = cursor.next() else {
+                break;
+            };
+            let bytes = work.bytes();
+            let r = copy_unit(
+                disk,
+                file,
+                path,
+                spec,
+                &sink,
+                &work,
+                unit,
+                &mut buf,
+                &mut report,
+            );
+            if let Err(e) = r {
+                failed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+            progress(bytes);
+        }
+        Ok(report)
+    };
+    let results: Vec<Result<ConvertReport>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (1..worker_count()).map(|_| s.spawn(worker)).collect();
+        let mut results = vec![worker()];
+        for h in handles {
+            results.push(h.join().expect("a convert worker panicked"));
+        }
+        results
+    });
     let mut report = ConvertReport {
         bytes_to_copy: ranges.iter().map(|r| r.1).sum(),
         ..Default::default()
     };
-    let mut buf = vec![0u8; unit as usize];
-    let mut last_unit = None;
-    for &(off, len) in &ranges {
-        let mut pos = off;
-        let end = off + len;
-        while pos < end {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Error::Invalid(format!(
-                    "{}: interrupted; nothing was written at that path",
-                    path.display()
-                )));
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok(w) => {
+                report.bytes_written += w.bytes_written;
+                report.blocks_written += w.blocks_written;
             }
-            let index = pos / unit;
-            let unit_end = ((index + 1) * unit).min(end);
-            if last_unit != Some(index) {
-                last_unit = Some(index);
-                copy_unit(
-                    disk,
-                    file,
-                    path,
-                    spec,
-                    &mut sink,
-                    index,
-                    &mut buf,
-                    &mut report,
-                )?;
+            Err(e) => {
+                first_error.get_or_insert(e);
             }
-            progress(unit_end - pos);
-            pos = unit_end;
         }
     }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    if cancel.load(Ordering::Relaxed) {
+        return Err(interrupted(path));
+    }
+    let sink = sink
+        .into_inner()
+        .expect("no worker panics holding the sink");
     finish(file, path, spec, sink)?;
+    file.sync_data()
+        .map_err(|e| Error::file(path, "fdatasync", e))?;
+    if cancel.load(Ordering::Relaxed) {
+        return Err(interrupted(path));
+    }
     Ok(report)
 }
 
@@ -215,51 +340,96 @@ fn set_fixed_bat(file: &File, path: &Path, n: &NewVhdx, blocks: u64, start: u64)
         .map_err(|e| Error::io(path, "write", run_at, e))
 }
 
+impl Sink {
+    /// Where unit `index` (of `unit` bytes at virtual offset `index * unit`) starts in
+    /// the file, placing it first where the format needs that (dynamic: the next free
+    /// slot and its BAT entry). Called once per unit, when its first non-zero piece
+    /// turns up.
+    fn place(
+        &mut self,
+        file: &File,
+        path: &Path,
+        spec: &ConvertSpec,
+        index: u64,
+        unit: u64,
+    ) -> Result<u64> {
+        match self {
+            Sink::Flat => Ok(index * unit),
+            Sink::FixedVhdx { start } => Ok(*start + index * unit),
+            Sink::DynamicVhdx { next } => {
+                let at = *next;
+                let entry = make_entry(PAYLOAD_BLOCK_FULLY_PRESENT, at);
+                let entry_at = new_vhdx(spec).payload_entry_offset(index);
+                file.write_all_at(&entry.to_le_bytes(), entry_at)
+                    .map_err(|e| Error::io(path, "write", entry_at, e))?;
+                *next += unit;
+                Ok(at)
+            }
+            Sink::DynamicVhd(dw) => dw.allocate(file, path, index),
+        }
+    }
+}
+
+/// Copy one output unit: read the pieces of it that hold data (a piece fits the CPU
+/// cache, so the zero test and the write reuse what the read brought in) and write
+/// their non-zero parts. A unit that reads as zeros is never placed (dynamic: left
+/// unallocated); its other parts stay holes of the new file, which read as zeros.
 #[allow(clippy::too_many_arguments)]
 fn copy_unit(
     disk: &Disk,
     file: &File,
     path: &Path,
     spec: &ConvertSpec,
-    sink: &mut Sink,
-    index: u64,
+    sink: &Mutex<Sink>,
+    work: &UnitWork,
+    unit: u64,
     buf: &mut [u8],
     report: &mut ConvertReport,
 ) -> Result<()> {
-    let unit = buf.len() as u64;
+    let index = work.index;
     let voff = index * unit;
-    // Past the source's end (a larger output) reads as zeros; read_at is short there.
-    let n = disk.read_at(voff, buf)?;
-    buf[n..].fill(0);
-    if is_zero(buf) {
-        return Ok(());
-    }
-    report.blocks_written += 1;
-    let w = |data: &[u8], at: u64| {
-        file.write_all_at(data, at)
-            .map_err(|e| Error::io(path, "write", at, e))
+    // A flat output ends at the virtual size; block formats store whole blocks.
+    let keep = match spec.format {
+        OutFormat::Raw => unit.min(spec.virtual_size - voff),
+        OutFormat::Vhd if spec.fixed => unit.min(spec.virtual_size - voff),
+        _ => unit,
     };
-    match sink {
-        Sink::Flat => {
-            // Only the part inside the virtual size; zero pieces stay holes.
-            let len = unit.min(spec.virtual_size - voff) as usize;
-            report.bytes_written += write_nonzero_pieces(&buf[..len], voff, &w)?;
+    let piece_len = buf.len() as u64;
+    let mut placed = None;
+    // The next piece (offset in the unit) not yet copied.
+    let mut done = 0u64;
+    for &(off, len) in &work.spans {
+        let first = (off - voff) / piece_len * piece_len;
+        let end = (off + len - voff).min(keep);
+        let mut piece = first.max(done);
+        while piece < end {
+            let n = piece_len.min(keep - piece) as usize;
+            let b = &mut buf[..n];
+            // Past the source's end (a larger output) reads as zeros; read_at is short.
+            let got = disk.read_at(voff + piece, b)?;
+            b[got..].fill(0);
+            if !is_zero(b) {
+                let base = match placed {
+                    Some(base) => base,
+                    None => {
+                        let base = sink
+                            .lock()
+                            .expect("no worker panics holding the sink")
+                            .place(file, path, spec, index, unit)?;
+                        report.blocks_written += 1;
+                        placed = Some(base);
+                        base
+                    }
+                };
+                let w = |data: &[u8], at: u64| {
+                    file.write_all_at(data, at)
+                        .map_err(|e| Error::io(path, "write", at, e))
+                };
+                report.bytes_written += write_nonzero_pieces(b, base + piece, &w)?;
+            }
+            piece += n as u64;
         }
-        Sink::FixedVhdx { start } => {
-            report.bytes_written += write_nonzero_pieces(buf, *start + voff, &w)?;
-        }
-        Sink::DynamicVhdx { next } => {
-            let n = new_vhdx(spec);
-            w(buf, *next)?;
-            let entry = make_entry(PAYLOAD_BLOCK_FULLY_PRESENT, *next);
-            w(&entry.to_le_bytes(), n.payload_entry_offset(index))?;
-            *next += unit;
-            report.bytes_written += unit;
-        }
-        Sink::DynamicVhd(dw) => {
-            dw.write_block(file, path, index, buf)?;
-            report.bytes_written += unit;
-        }
+        done = done.max(piece);
     }
     Ok(())
 }
@@ -293,6 +463,18 @@ fn finish(file: &File, path: &Path, spec: &ConvertSpec, sink: Sink) -> Result<()
             file.write_all_at(&footer, spec.virtual_size)
                 .map_err(|e| Error::io(path, "write", spec.virtual_size, e))
         }
+        // The last block's zero tail was not written: the file must still cover it.
+        Sink::DynamicVhdx { next } => {
+            let len = file
+                .metadata()
+                .map_err(|e| Error::file(path, "stat", e))?
+                .len();
+            if len < next {
+                file.set_len(next)
+                    .map_err(|e| Error::file(path, "extend", e))?;
+            }
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -302,4 +484,47 @@ fn finish(file: &File, path: &Path, spec: &ConvertSpec, sink: Sink) -> Result<()
 pub fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(4096)
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cursor hands out each touched unit once, in order, with exactly the parts
+    /// of the ranges inside it (a range may span units, a unit may hold several).
+    #[test]
+    fn unit_cursor_splits_ranges_by_unit() {
+        let ranges = [(10, 20), (100, 5000), (9000, 10), (20000, 8192)];
+        let c = UnitCursor {
+            ranges: &ranges,
+            unit: 4096,
+            at: Mutex::new((0, 0)),
+        };
+        let mut got = Vec::new();
+        while let Some(w) = c.next() {
+            got.push((w.index, w.spans));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (0, vec![(10, 20), (100, 3996)]),
+                (1, vec![(4096, 1004)]),
+                (2, vec![(9000, 10)]),
+                (4, vec![(20000, 480)]),
+                (5, vec![(20480, 4096)]),
+                (6, vec![(24576, 3616)]),
+            ]
+        );
+        let total: u64 = got.iter().flat_map(|g| g.1.iter()).map(|s| s.1).sum();
+        assert_eq!(total, ranges.iter().map(|r| r.1).sum::<u64>());
+    }
+
+    #[test]
+    fn is_zero_finds_a_single_byte() {
+        let mut b = vec![0u8; 10000];
+        assert!(is_zero(&b));
+        b[9999] = 1;
+        assert!(!is_zero(&b));
+        assert!(is_zero(&[]));
+    }
 }

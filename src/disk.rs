@@ -170,7 +170,7 @@ impl Disk {
         }
         let n = len.min(lsize - offset);
         let mut runs = Vec::new();
-        layer.map(offset, n, &mut runs)?;
+        layer.data_map(offset, n, &mut runs)?;
         let mut pos = offset;
         for run in runs {
             let rlen = run.len();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::chain::Chain;
 use crate::cli::{parse_size, ConvertArgs, ConvertFormatArg, DiskTypeArg, SourceFormatArg};
-use crate::convert::{write_image, ConvertSpec, OutFormat};
+use crate::convert::{source_ranges, write_image, ConvertSpec, OutFormat};
 use crate::disk::{Disk, DiskOptions};
 use crate::error::{Error, Result};
 use crate::image::raw::Raw;
@@ -31,9 +31,10 @@ pub const AZURE_MAX_SIZE: u64 = 32 << 40;
 fn output_format(args: &ConvertArgs) -> Result<OutFormat> {
     if args.azure {
         if matches!(args.format, Some(f) if f != ConvertFormatArg::Vhd) {
-            return Err(Error::Invalid(
-                "--azure makes a fixed VHD; it cannot be combined with another --format".into(),
-            ));
+            return Err(Error::Invalid(format!(
+                "{}: --azure makes a fixed VHD; it cannot be combined with another --format",
+                args.output.display()
+            )));
         }
         return Ok(OutFormat::Vhd);
     }
@@ -89,9 +90,12 @@ fn open_source(args: &ConvertArgs) -> Result<Chain> {
     }
 }
 
+/// True when `a` and `b` are the same file (same device and inode: catches hard links
+/// and symbolic links as well as other spellings of the path).
 fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
         _ => false,
     }
 }
@@ -146,10 +150,8 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         signal_hook::flag::register(sig, cancel.clone())
             .map_err(|e| Error::file(&args.output, "install a signal handler", e))?;
     }
-    let mut ranges = Vec::new();
-    disk.data_ranges(0, disk.len(), &mut ranges)?;
+    let ranges = source_ranges(&disk)?;
     let total: u64 = ranges.iter().map(|r| r.1).sum();
-    drop(ranges);
     let progress = crate::progress::Progress::bytes(
         total,
         "convert",
@@ -163,6 +165,7 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
             f,
             out,
             &spec,
+            &ranges,
             &|n| progress.add(n),
             &cancel,
         )?);
@@ -178,6 +181,13 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
                     out.display()
                 );
                 return Ok(130);
+            }
+            if matches!(e.errno(), libc::ENOSPC | libc::EDQUOT) {
+                return Err(Error::Invalid(format!(
+                    "{}: the output's file system is full ({}); nothing was written at that path (the source holds {total} bytes of data to copy, plus the format's metadata)",
+                    out.display(),
+                    e.detail()
+                )));
             }
             return Err(e);
         }

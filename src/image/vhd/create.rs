@@ -137,16 +137,16 @@ impl DynamicWriter {
         })
     }
 
-    /// Append block `index` (`data` is exactly one block, all sectors present).
-    pub fn write_block(&mut self, file: &File, path: &Path, index: u64, data: &[u8]) -> Result<()> {
-        debug_assert_eq!(data.len(), self.block_size as usize);
+    /// Place block `index` after the blocks placed so far: its sector bitmap (every
+    /// sector present) and its BAT entry are written, and the file offset where the
+    /// block's data goes is returned. The caller writes the block's non-zero data
+    /// there; what it leaves out stays a hole of the new file and reads as zeros.
+    pub fn allocate(&mut self, file: &File, path: &Path, index: u64) -> Result<u64> {
         let at = self.next;
         let bitmap = vec![0xFFu8; self.bitmap_size as usize];
         file.write_all_at(&bitmap, at)
             .map_err(|e| Error::io(path, "write", at, e))?;
         let data_at = at + self.bitmap_size;
-        file.write_all_at(data, data_at)
-            .map_err(|e| Error::io(path, "write", data_at, e))?;
         let sector = u32::try_from(at / 512).map_err(|_| {
             Error::Invalid(format!(
                 "{}: the VHD grew past what a BAT entry can address",
@@ -157,7 +157,7 @@ impl DynamicWriter {
         file.write_all_at(&sector.to_be_bytes(), entry_at)
             .map_err(|e| Error::io(path, "write", entry_at, e))?;
         self.next = data_at + self.block_size as u64;
-        Ok(())
+        Ok(data_at)
     }
 
     /// Write the closing footer after the last block.
