@@ -26,7 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions};
+use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions, Intent};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 2 * MIB;
@@ -125,7 +125,7 @@ fn write_into(image: &Path, model: &mut [u8], writes: &[(u64, Vec<u8>)]) {
     let chain = Chain::open(
         image,
         &ChainOptions {
-            writable: true,
+            intent: Intent::WriteTop,
             ..Default::default()
         },
     )
@@ -435,21 +435,17 @@ fn nonzero_blocks(data: &[u8], block: u64) -> u64 {
 }
 
 /// `qemu-img convert` of `img` to raw, as qemu reads it. VHD is opened with
-/// `force_size_calc=current_size` (qemu before 10.0 sizes VHDs of unknown creators by
-/// their CHS geometry; 10.0.2 uses the current size already).
+/// `force_size_calc=current_size` (`qemu_image_opts`: qemu before 10.0 sizes VHDs of
+/// unknown creators by their CHS geometry; 10.0.2 uses the current size already).
 fn qemu_raw(fmt: OutFmt, img: &Path, out: &Path) {
     match fmt {
         OutFmt::Vhdx => qemu_to_raw("vhdx", img, out),
         OutFmt::Raw => qemu_to_raw("raw", img, out),
         OutFmt::Vhd => {
-            let opts = format!(
-                "driver=vpc,force_size_calc=current_size,file.filename={}",
-                img.display()
-            );
             qemu_img_os([
                 OsStr::new("convert"),
                 OsStr::new("--image-opts"),
-                OsStr::new(&opts),
+                OsStr::new(&qemu_image_opts("vpc", img)),
                 OsStr::new("-O"),
                 OsStr::new("raw"),
                 out.as_os_str(),
@@ -459,17 +455,7 @@ fn qemu_raw(fmt: OutFmt, img: &Path, out: &Path) {
 }
 
 fn qemu_info_vhd(img: &Path) -> serde_json::Value {
-    let opts = format!(
-        "driver=vpc,force_size_calc=current_size,file.filename={}",
-        img.display()
-    );
-    let o = qemu_img_os([
-        OsStr::new("info"),
-        OsStr::new("--output=json"),
-        OsStr::new("--image-opts"),
-        OsStr::new(&opts),
-    ]);
-    serde_json::from_slice(&o.stdout).unwrap()
+    qemu_info_opts(&qemu_image_opts("vpc", img))
 }
 
 /// The file's allocated bytes (what `du` shows).
@@ -1086,7 +1072,7 @@ fn two_tib_chain_with_little_data() {
         let chain = Chain::open(
             &top,
             &ChainOptions {
-                writable: true,
+                intent: Intent::WriteTop,
                 ..Default::default()
             },
         )
@@ -1488,6 +1474,25 @@ fn refusals_leave_everything_as_it_was() {
     let got = t.join("got.raw");
     cat_to_file(&existing, &[], &got);
     assert_same_file(&got, &want, "--force output");
+
+    // A chain some process is writing (here: this test, through the library) cannot
+    // be copied: the copy would mix old and new data. Nothing is created.
+    {
+        let writer = Chain::open(
+            &src.top,
+            &ChainOptions {
+                intent: Intent::WriteTop,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let out = t.join("while-written.vhdx");
+        let o = convert(&[src.top.as_os_str(), out.as_os_str()]);
+        assert_clean_failure(&o, &src.top);
+        assert!(o.stderr.contains("to copy a chain"), "{}", o.stderr);
+        assert!(!out.exists() && temps_of(&out).is_empty());
+        drop(writer);
+    }
 
     // The source itself, a parent, a hard link and a symbolic link to a layer.
     let link = t.join("hardlink.vhdx");

@@ -23,20 +23,6 @@ impl Drop for GuestMount {
     }
 }
 
-/// `vdiskfs mount` (detached), unmounted on drop.
-fn vdiskfs_mount(image: &Path, dir: &Path, ro: bool) -> FuseMount {
-    std::fs::create_dir_all(dir).unwrap();
-    let guard = FuseMount::adopt(dir);
-    let mut args = vec!["mount".to_string()];
-    if ro {
-        args.push("--read-only".into());
-    }
-    args.push(image.display().to_string());
-    args.push(dir.display().to_string());
-    vdiskfs(args).assert_success();
-    guard
-}
-
 fn mount_guest(fs: &str, raw: &Path, dir: &Path, ro: bool) -> GuestMount {
     std::fs::create_dir_all(dir).unwrap();
     let g = GuestMount(dir.to_path_buf());

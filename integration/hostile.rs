@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::TempDir;
 use vdiskfs::layer::Run;
-use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions, OpenOptions};
+use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions, Intent, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 const BIN: &str = env!("CARGO_BIN_EXE_vdiskfs");
@@ -330,7 +330,7 @@ fn small_chain(t: &TempDir) -> (PathBuf, PathBuf, PathBuf) {
         let chain = Chain::open(
             &base,
             &ChainOptions {
-                writable: true,
+                intent: Intent::WriteTop,
                 ..Default::default()
             },
         )

@@ -989,3 +989,123 @@ fn truncated_backing_file_gives_eio() {
         "daemon log lacks file and offset: {log}"
     );
 }
+
+/// The pid of the daemon serving `dir` (first line of its .stats).
+fn daemon_pid(dir: &Path) -> u32 {
+    let stats = fs::read_to_string(dir.join(".stats")).unwrap();
+    stats
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("pid "))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in .stats: {stats}"))
+}
+
+/// A field of /proc/PID/status in KiB (VmRSS, VmData...).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Issue 11: the parent cache costs memory only as it fills, and a `--cache-size` the
+/// machine cannot hold is a one-line error, not an allocation abort. A cache of 90% of
+/// the machine's memory in 4 KiB blocks (millions of entries) costs the daemon no more
+/// memory before anything is read than a 1 MiB one.
+#[test]
+fn cache_size_costs_memory_only_as_it_fills() {
+    if !can_run("cache_size_costs_memory_only_as_it_fills", &[], false) {
+        return;
+    }
+    let t = TempDir::new("cache-size");
+    let (base, _) = small_vhdx(&t);
+    let child = t.sub("child.vhdx");
+    run(Command::new(BIN)
+        .args(["create", "--parent"])
+        .arg(&base)
+        .arg(&child));
+    let mnt = t.dir("mnt");
+    for huge in ["100000000", "10000000"] {
+        let _guard = FuseMount {
+            dir: mnt.clone(),
+            child: None,
+        };
+        let e = expect_mount_error(
+            &[&"--cache-size", &huge, &child, &mnt],
+            "a cache larger than the machine",
+        );
+        assert!(e.contains("--cache-size") && e.contains("memory"), "{e}");
+        assert_eq!(mount_count(&mnt), 0);
+    }
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap();
+    let total_mib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap()
+        / 1024;
+    let mut data_kib = Vec::new();
+    for size in ["1".to_string(), (total_mib / 10 * 9).to_string()] {
+        let m = mount(
+            &child,
+            &mnt,
+            &["-r", "--cache-block", "4K", "--cache-size", &size],
+        );
+        let pid = daemon_pid(&mnt);
+        data_kib.push((size, status_kib(pid, "VmData"), status_kib(pid, "VmRSS")));
+        drop(m);
+        while mount_count(&mnt) > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let (small, big) = (&data_kib[0], &data_kib[1]);
+    assert!(
+        big.1 < small.1 + 32 * 1024 && big.2 < small.2 + 4 * 1024,
+        "a {} MiB cache costs memory before anything is read: VmData {} KiB, VmRSS {} KiB \
+         against {} KiB, {} KiB with a {} MiB cache",
+        big.0,
+        big.1,
+        big.2,
+        small.1,
+        small.2,
+        small.0
+    );
+}
+
+/// Issue 11: a `--log-file` that cannot be opened is an error before detaching, naming
+/// the path; nothing is mounted. One that can be opened gets the daemon's log.
+#[test]
+fn log_file_is_opened_before_detaching() {
+    if !can_run("log_file_is_opened_before_detaching", &[], false) {
+        return;
+    }
+    let t = TempDir::new("log-file");
+    let (image, _) = small_vhdx(&t);
+    let mnt = t.dir("mnt");
+    let bad = t.sub("no-such-dir/vdiskfs.log");
+    {
+        let _guard = FuseMount {
+            dir: mnt.clone(),
+            child: None,
+        };
+        let e = expect_mount_error(
+            &[&"-r", &"--log-file", &bad, &image, &mnt],
+            "an unwritable --log-file",
+        );
+        assert!(e.contains(&bad.display().to_string()), "{e}");
+        assert_eq!(mount_count(&mnt), 0);
+    }
+    let good = t.sub("vdiskfs.log");
+    let m = mount(
+        &image,
+        &mnt,
+        &["-r", "-v", "--log-file", good.to_str().unwrap()],
+    );
+    // `vdiskfs umount` waits for the daemon to finish (and log its last line).
+    run(Command::new(BIN).arg("umount").arg(&mnt));
+    drop(m);
+    let log = fs::read_to_string(&good).unwrap();
+    assert!(log.contains("unmounted"), "daemon log: {log}");
+}

@@ -1,7 +1,9 @@
 //! LRU block cache for reads that fall through the top layer to its parents.
 //!
-//! Parents are immutable (opened read-only, never given a writer), so the merged view
-//! of `layers[1..]` never changes while mounted and can be cached by virtual block.
+//! Parents are immutable (opened read-only with a shared lock, never given a writer), so
+//! the merged view of `layers[1..]` never changes while mounted and can be cached by
+//! virtual block. A read-only chain whose parent another process was writing at open has
+//! no cache (`disk.rs`). The cache costs memory only as it fills.
 //! The cache is sharded so parallel readers rarely contend on one lock.
 
 use std::num::NonZeroUsize;
@@ -30,8 +32,10 @@ impl BlockCache {
         let per_shard = NonZeroUsize::new(blocks.div_ceil(SHARDS)).unwrap_or(NonZeroUsize::MIN);
         Some(BlockCache {
             block,
+            // `sparse`: the table grows as blocks are cached; `new` would allocate it for
+            // the whole capacity at once (gigabytes for a large --cache-size).
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(LruCache::new(per_shard)))
+                .map(|_| Mutex::new(LruCache::sparse(per_shard)))
                 .collect(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),

@@ -21,8 +21,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::image::open_layer;
-use crate::layer::{Format, Layer, OpenOptions, ParentRef};
+use crate::image::{open_layer_within, vhdx::log::ReplayBudget};
+use crate::layer::{Format, IfWritten, Layer, OpenOptions, ParentRef};
 
 /// The deepest chain vdiskfs opens (top and base included).
 pub const MAX_CHAIN_DEPTH: usize = 256;
@@ -36,10 +36,72 @@ pub struct ChainOptions {
     pub parents: Vec<PathBuf>,
     /// Open even when a parent's id does not match the child's linkage.
     pub ignore_linkage: bool,
-    /// Open the top image for writing.
-    pub writable: bool,
+    /// What the chain is opened for: which files are written, which must not change.
+    pub intent: Intent,
     /// Allow block devices and other non-regular files as parents.
     pub allow_device_parent: bool,
+}
+
+/// What a chain is opened for. This is the one place the lock rules live; every command
+/// opens its chain with one of these, so new writers (merge, compact, resize, set-parent,
+/// convert) inherit the rules by choosing their intent:
+///
+/// - a file that is written is opened with an exclusive lock: nobody else may have it open
+///   (not as a parent of their disk either);
+/// - every other file of a chain that is written, that a new child is created over, or
+///   that is copied (`Copy`), is opened read-only with a shared lock that must be had: if another process has it open
+///   for writing (holds its exclusive lock) the open fails, naming the file and the writer;
+///   holding the shared lock keeps writers out while the chain is open;
+/// - a chain opened only to look at (`Inspect`) takes shared locks where it can, and opens
+///   a file another process is writing anyway (forensic access to a live system), with a
+///   warning that what is read may be inconsistent; such a chain caches no parent data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Intent {
+    /// Read only: info, cat, check, mount --read-only.
+    #[default]
+    Inspect,
+    /// Write the top image (a writable mount).
+    WriteTop,
+    /// Create a new child over the top image (`create --parent`): nothing is written,
+    /// but no file of the chain may be changing, or the new child would change with it.
+    CreateChild,
+    /// Rewrite the top `n` layers (e.g. merging a child into its parent): those are
+    /// opened for writing, the rest must not be changing.
+    Rewrite(usize),
+    /// Copy the merged view into a new file (`convert`): nothing is written, but no file
+    /// of the chain may be changing, or the copy would mix old and new data.
+    Copy,
+}
+
+impl Intent {
+    /// How the file at `level` of the chain (0 = the top) is opened.
+    pub fn open_options(self, level: usize) -> OpenOptions {
+        let refuse = |why: &'static str| OpenOptions {
+            writable: false,
+            if_written: IfWritten::Refuse(why),
+        };
+        const UNDER_WRITE: &str = "to write a disk over it: the disk would read a mix of old and \
+                                   new data of it, and stop opening once it is written (unmount \
+                                   it first)";
+        match self {
+            Intent::Inspect => OpenOptions::read_only(),
+            Intent::WriteTop if level == 0 => OpenOptions::writable(),
+            Intent::Rewrite(n) if level < n => OpenOptions::writable(),
+            Intent::WriteTop | Intent::Rewrite(_) => refuse(UNDER_WRITE),
+            Intent::CreateChild if level == 0 => refuse(
+                "to create a child over it: the child would change with every later write to \
+                 it (unmount it first)",
+            ),
+            Intent::CreateChild => refuse(
+                "to create a child over a chain that includes it: the child would change with \
+                 every write to it (unmount it first)",
+            ),
+            Intent::Copy => refuse(
+                "to copy a chain that includes it: the copy would mix old and new data (unmount \
+                 it first)",
+            ),
+        }
+    }
 }
 
 /// How a parent was found.
@@ -71,7 +133,11 @@ impl Chain {
 
     /// Open `path` and every parent it names.
     pub fn open(path: &Path, opts: &ChainOptions) -> Result<Chain> {
-        Self::open_with(path, opts, open_layer)
+        // One memory budget for the in-memory log replays of all layers (security.md).
+        let budget = ReplayBudget::for_chain();
+        Self::open_with(path, opts, |p, o, raw| {
+            open_layer_within(p, o, raw, &budget)
+        })
     }
 
     /// `open` with the function that opens one file as a layer passed in (tests use
@@ -80,13 +146,7 @@ impl Chain {
     where
         F: Fn(&Path, OpenOptions, bool) -> Result<Arc<dyn Layer>>,
     {
-        let top = opener(
-            path,
-            OpenOptions {
-                writable: opts.writable,
-            },
-            false,
-        )?;
+        let top = opener(path, opts.intent.open_options(0), false)?;
         let mut ids = vec![file_id(path)?];
         let mut chain = Chain {
             layers: vec![top],
@@ -118,7 +178,11 @@ impl Chain {
                 )));
             }
             let via_override = found.locator == LOCATOR_OVERRIDE;
-            let parent = opener(&found.path, OpenOptions { writable: false }, via_override)?;
+            let parent = opener(
+                &found.path,
+                opts.intent.open_options(level + 1),
+                via_override,
+            )?;
             check_link(
                 child.as_ref(),
                 parent.as_ref(),
@@ -136,6 +200,18 @@ impl Chain {
             ids.push(id);
             chain.layers.push(parent);
             chain.found.push(Some(found));
+        }
+        for l in &chain.layers {
+            if let Some(who) = l.written_by() {
+                warn(
+                    &mut chain.warnings,
+                    format!(
+                        "{}: open for writing by {who}; reading it anyway: what is read may be \
+                         inconsistent (it can change while it is read)",
+                        l.path().display()
+                    ),
+                );
+            }
         }
         let parents_found = chain.layers.len() - 1;
         if let Some(extra) = opts.parents.get(parents_found) {
@@ -362,10 +438,10 @@ pub fn find_case_insensitive(path: &Path) -> Option<PathBuf> {
                 } else {
                     cur.as_path()
                 };
-                let mut matches: Vec<_> = fs::read_dir(dir)
+                // Listed without changing the directory's access time.
+                let mut matches: Vec<_> = crate::access::list_dir(dir)
                     .ok()?
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.file_name())
+                    .into_iter()
                     .filter(|n| n.to_string_lossy().to_lowercase() == want)
                     .collect();
                 matches.sort();
@@ -641,6 +717,7 @@ pub(crate) fn check_link(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::open_layer;
     use crate::layer::{LayerInfo, Run};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use uuid::Uuid;
@@ -1502,7 +1579,7 @@ mod tests {
                     create_differencing(&p, &parent, 64 << 10).unwrap();
                 }
             }
-            let v = Vhd::open(&p, OpenOptions { writable: true }).unwrap();
+            let v = Vhd::open(&p, OpenOptions::writable()).unwrap();
             let w = v.writable().unwrap();
             w.write((k * PAGE) as u64, &vec![k as u8 + 1; PAGE])
                 .unwrap();
@@ -1558,13 +1635,103 @@ mod tests {
         let t = TempDir::new();
         let paths = vhd_chain(t.path(), 3);
         let opts = ChainOptions {
-            writable: true,
+            intent: Intent::WriteTop,
             ..Default::default()
         };
         let c = Chain::open(&paths[2], &opts).unwrap();
         assert!(c.layers[0].writable().is_some());
         assert!(c.layers[1].writable().is_none());
         assert!(c.layers[2].writable().is_none());
+    }
+
+    /// The lock rules of each intent, with the conflicting opener in this process (flock
+    /// locks of two descriptors conflict within one process as between processes).
+    #[test]
+    fn intents_apply_the_lock_rules() {
+        let t = TempDir::new();
+        let paths = vhd_chain(t.path(), 2);
+        let (base, child) = (&paths[0], &paths[1]);
+        let with = |intent| ChainOptions {
+            intent,
+            ..Default::default()
+        };
+        let refused = |path: &Path, intent: Intent| -> String {
+            match Chain::open(path, &with(intent)) {
+                Ok(_) => panic!("{intent:?} open of {} was allowed", path.display()),
+                Err(e) => e.to_string(),
+            }
+        };
+        let me = format!("pid {}: this process", std::process::id());
+
+        // The base is being written (by "another process": another descriptor here).
+        let writer = Chain::open(base, &with(Intent::WriteTop)).unwrap();
+        for (path, intent, why) in [
+            (child, Intent::WriteTop, "refusing to write a disk over it"),
+            (
+                base,
+                Intent::CreateChild,
+                "refusing to create a child over it",
+            ),
+            (child, Intent::CreateChild, "over a chain that includes it"),
+            (
+                child,
+                Intent::Rewrite(1),
+                "refusing to write a disk over it",
+            ),
+            (child, Intent::Copy, "to copy a chain that includes it"),
+            (base, Intent::Copy, "to copy a chain that includes it"),
+        ] {
+            let msg = refused(path, intent);
+            assert!(
+                msg.starts_with(&format!("{}: open for writing by", base.display()))
+                    && msg.contains(&me)
+                    && msg.contains(why),
+                "{intent:?} {}: {msg}",
+                path.display()
+            );
+        }
+        // Looking still works, with a warning, and without a parent cache.
+        let c = Chain::open(child, &with(Intent::Inspect)).unwrap();
+        assert!(c.layers[1].written_by().is_some_and(|w| w.contains(&me)));
+        assert!(c.layers[0].written_by().is_none());
+        assert!(
+            c.warnings.iter().any(|w| w.contains("may be inconsistent")),
+            "{:?}",
+            c.warnings
+        );
+        let d = crate::disk::Disk::new(c, Default::default());
+        assert!(d.stats_text().contains("cache off"), "{}", d.stats_text());
+        drop(d);
+        drop(writer);
+
+        // A writable child holds its parent shared: the parent cannot be written, nor
+        // the child opened for writing twice; a look at either still works.
+        let w = Chain::open(child, &with(Intent::WriteTop)).unwrap();
+        for path in [base, child] {
+            let msg = refused(path, Intent::WriteTop);
+            assert!(
+                msg.starts_with(&format!("{}: in use by", path.display())),
+                "{msg}"
+            );
+        }
+        let c = Chain::open(base, &with(Intent::CreateChild)).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        drop(c);
+        // A copy of the base (not being written) is fine, of the child is not.
+        let c = Chain::open(base, &with(Intent::Copy)).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        drop(c);
+        let msg = refused(child, Intent::Copy);
+        assert!(
+            msg.starts_with(&format!("{}: open for writing by", child.display()))
+                && msg.contains("to copy a chain that includes it"),
+            "{msg}"
+        );
+        drop(w);
+
+        // Rewrite(2) writes the top two layers.
+        let c = Chain::open(child, &with(Intent::Rewrite(2))).unwrap();
+        assert!(c.layers.iter().all(|l| l.writable().is_some()));
     }
 
     #[test]
@@ -1630,7 +1797,7 @@ mod tests {
     }
 
     fn write_page(path: &Path, page: usize, fill: u8) {
-        let l = open_layer(path, OpenOptions { writable: true }, false).unwrap();
+        let l = open_layer(path, OpenOptions::writable(), false).unwrap();
         let w = l.writable().unwrap();
         w.write((page * PAGE) as u64, &vec![fill; PAGE]).unwrap();
         w.flush().unwrap();

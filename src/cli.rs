@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::chain::ChainOptions;
+use crate::chain::{ChainOptions, Intent};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +42,9 @@ pub enum Command {
     Mount(MountArgs),
     /// Unmount a vdiskfs mount point.
     Umount(UmountArgs),
+    /// Write the man pages or shell completions (for packaging; see scripts/deb.sh).
+    #[command(hide = true)]
+    Generate(GenerateArgs),
 }
 
 /// Options for finding and checking parents; every command that opens an image takes them.
@@ -63,12 +66,12 @@ pub struct ChainArgs {
 }
 
 impl ChainArgs {
-    pub fn options(&self, writable: bool) -> ChainOptions {
+    pub fn options(&self, intent: Intent) -> ChainOptions {
         ChainOptions {
             search_dirs: self.search_dirs.clone(),
             parents: self.parents.clone(),
             ignore_linkage: self.ignore_linkage,
-            writable,
+            intent,
             allow_device_parent: self.allow_device_parent,
         }
     }
@@ -93,6 +96,19 @@ pub struct CatArgs {
     pub output: Option<PathBuf>,
     #[command(flatten)]
     pub chain: ChainArgs,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
+}
+
+/// `--quiet` / `--progress`, for every command that copies many bytes.
+#[derive(Debug, Clone, Args)]
+pub struct ProgressArgs {
+    /// Show no progress bar (by default one is shown when stderr is a terminal).
+    #[arg(short, long, conflicts_with = "progress")]
+    pub quiet: bool,
+    /// Show progress even when stderr is not a terminal (then one line per second).
+    #[arg(long)]
+    pub progress: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -204,7 +220,7 @@ pub struct ConvertArgs {
     pub chain: ChainArgs,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct MountArgs {
     pub image: PathBuf,
     pub mountpoint: PathBuf,
@@ -239,6 +255,25 @@ pub struct MountArgs {
 #[derive(Debug, Args)]
 pub struct UmountArgs {
     pub mountpoint: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(subcommand)]
+    pub what: GenerateWhat,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GenerateWhat {
+    /// Write vdiskfs.1 and one vdiskfs-COMMAND.1 per command into DIR.
+    Man { dir: PathBuf },
+    /// Print the completion script for SHELL, or write it into DIR under the name the
+    /// shell looks for (vdiskfs.bash, _vdiskfs, vdiskfs.fish).
+    Completions {
+        shell: clap_complete::Shell,
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Parse "64K", "2M", "1G", "1T" or plain bytes.

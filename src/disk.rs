@@ -45,7 +45,14 @@ impl Disk {
     pub fn new(chain: Chain, opts: DiskOptions) -> Self {
         let size = chain.top().virtual_size();
         let sector = chain.top().logical_sector_size() as u64;
-        let cache = if chain.layers.len() > 1 {
+        // The cache assumes parents never change: none when another process was
+        // writing one at open (a read-only look at a live system).
+        let live_parent = chain
+            .layers
+            .iter()
+            .skip(1)
+            .any(|l| l.written_by().is_some());
+        let cache = if chain.layers.len() > 1 && !live_parent {
             BlockCache::new(opts.cache_bytes, opts.cache_block.max(4096))
         } else {
             None
@@ -352,7 +359,11 @@ mod tests {
         let chain = Chain::open(
             path,
             &ChainOptions {
-                writable,
+                intent: if writable {
+                    crate::chain::Intent::WriteTop
+                } else {
+                    crate::chain::Intent::Inspect
+                },
                 ..Default::default()
             },
         )

@@ -1,76 +1,31 @@
-//! The FUSE file system: a root directory holding one regular file (`disk.raw` by default)
-//! that is the merged view of a chain, and a hidden read-only `.stats` file with the
-//! counters of the running mount.
+//! The fuser transport: each `Filesystem` callback converts fuser's arguments, calls one
+//! function of `vfs::Vfs` (where all the file-system behaviour is, and its tests), and
+//! converts the result into fuser's reply. Nothing here decides an answer.
 //!
-//! Every request is answered on the fuser worker thread that received it; `Disk` is
-//! `Sync` and reads are positioned, so parallel reads take no lock here. Each worker
-//! keeps one reusable read buffer, so a 1 MiB read neither allocates nor zeroes memory
-//! after the first one on that thread.
+//! Each fuser worker thread keeps one reusable read buffer, so a 1 MiB read neither
+//! allocates nor zeroes memory after the first one on that thread.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, PollEvents,
-    PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags,
+    PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 
 use crate::disk::Disk;
-use crate::error::Error;
+use crate::vfs::{self, Attr, FileKind, Opened, Refused, SetAttr, Vfs, XattrList, ATTR_TTL};
 
-/// Inode of the mount's root directory.
-pub const ROOT_INO: u64 = 1;
-/// Inode of the exported raw image.
-pub const DISK_INO: u64 = 2;
-/// Inode of the hidden counters file.
-pub const STATS_INO: u64 = 3;
-/// Name of the hidden counters file.
-pub const STATS_NAME: &str = ".stats";
+pub use crate::vfs::{FsOptions, DISK_INO, MAX_IO, ROOT_INO, STATS_INO, STATS_NAME};
 
-/// Largest request we ask the kernel for (it may cap it lower: see
-/// /proc/sys/fs/fuse/max_pages_limit).
-pub const MAX_IO: u32 = 1 << 20;
-
-/// How long the kernel may cache names and attributes. Only we change the file, and its
-/// size never changes, so this can be long; mtime after a write may lag by this much.
-const TTL: Duration = Duration::from_secs(1);
-
-/// Low bits of a file handle: what was opened, and whether for writing.
-const FH_STATS: u64 = 1;
-const FH_WRITE: u64 = 2;
-const FH_SHIFT: u32 = 2;
-
-/// What the mount exports, and how.
-#[derive(Debug, Clone)]
-pub struct FsOptions {
-    /// Name of the raw file in the mount's root.
-    pub name: OsString,
-    /// Refuse every write (the file is 0444 and writes get EROFS).
-    pub read_only: bool,
-    /// Owner of the files.
-    pub uid: u32,
-    pub gid: u32,
-}
-
+/// The fuser `Filesystem` over a `Vfs`.
 pub struct VdiskFs {
-    disk: Arc<Disk>,
-    opts: FsOptions,
-    /// Whether writes reach the disk (not read-only and the top layer is writable).
-    writable: bool,
-    mount_time: SystemTime,
-    /// Last write, as nanoseconds since the epoch (0: never written while mounted).
-    mtime_ns: AtomicU64,
-    next_fh: AtomicU64,
-    /// `.stats` contents, generated at open, by file handle.
-    stats: Mutex<HashMap<u64, Arc<[u8]>>>,
+    vfs: Vfs,
 }
 
 thread_local! {
@@ -78,198 +33,82 @@ thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-fn errno_of(e: &Error) -> Errno {
-    Errno::from_i32(e.errno())
+fn errno(e: vfs::Errno) -> Errno {
+    Errno::from_i32(e)
 }
 
-/// Run `f`, turning a panic into EIO for this request instead of a dead mount.
-fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            log::error!("{what}: internal error (panic: {msg}); answered EIO");
-            Err(Errno::EIO)
-        }
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.crtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: a.blksize,
+        flags: 0,
     }
 }
 
-/// Fault injection for the daemon's tests (integration/hostile.rs): in debug builds only
-/// (what `cargo test` runs), `VDISKFS_FAULT_PANIC_AT_OFFSET=N` makes every read request
-/// covering byte N of the disk panic inside the worker, to prove a panic costs that one
-/// request an EIO and leaves the mount serving. Release builds compile it to nothing.
-mod fault_injection {
-    #[cfg(debug_assertions)]
-    pub fn panic_if_asked(offset: u64, size: usize) {
-        use std::sync::OnceLock;
-        static AT: OnceLock<Option<u64>> = OnceLock::new();
-        let at = AT.get_or_init(|| {
-            std::env::var("VDISKFS_FAULT_PANIC_AT_OFFSET")
-                .ok()
-                .and_then(|v| v.parse().ok())
-        });
-        if let Some(at) = *at {
-            if offset <= at && at - offset < size as u64 {
-                panic!("fault injected: read of {size} bytes at {offset} covers byte {at}");
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::Directory => FileType::Directory,
+        FileKind::RegularFile => FileType::RegularFile,
+    }
+}
+
+fn reply_opened(r: vfs::Reply<Opened>, reply: ReplyOpen) {
+    match r {
+        Ok(o) => {
+            let mut flags = FopenFlags::empty();
+            if o.keep_cache {
+                flags |= FopenFlags::FOPEN_KEEP_CACHE;
             }
+            if o.direct_io {
+                flags |= FopenFlags::FOPEN_DIRECT_IO;
+            }
+            reply.opened(FileHandle(o.fh), flags);
         }
+        Err(e) => reply.error(errno(e)),
     }
+}
 
-    #[cfg(not(debug_assertions))]
-    #[inline(always)]
-    pub fn panic_if_asked(_offset: u64, _size: usize) {}
+fn reply_empty(r: vfs::Reply<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn reply_attr(r: vfs::Reply<Attr>, reply: ReplyAttr) {
+    match r {
+        Ok(a) => reply.attr(&ATTR_TTL, &file_attr(&a)),
+        Err(e) => reply.error(errno(e)),
+    }
 }
 
 impl VdiskFs {
     pub fn new(disk: Arc<Disk>, opts: FsOptions) -> Self {
-        let writable = !opts.read_only && disk.is_writable();
         VdiskFs {
-            disk,
-            opts,
-            writable,
-            mount_time: SystemTime::now(),
-            mtime_ns: AtomicU64::new(0),
-            next_fh: AtomicU64::new(1),
-            stats: Mutex::new(HashMap::new()),
+            vfs: Vfs::new(disk, opts),
         }
     }
 
-    /// Whether the exported file accepts writes.
+    /// Serve a `Vfs` built by the caller (with windows added, say).
+    pub fn from_vfs(vfs: Vfs) -> Self {
+        VdiskFs { vfs }
+    }
+
+    /// Whether the exported files accept writes.
     pub fn is_writable(&self) -> bool {
-        self.writable
-    }
-
-    fn mtime(&self) -> SystemTime {
-        match self.mtime_ns.load(Ordering::Relaxed) {
-            0 => self.mount_time,
-            ns => UNIX_EPOCH + Duration::from_nanos(ns),
-        }
-    }
-
-    fn attr(&self, ino: u64) -> Option<FileAttr> {
-        let (kind, perm, size, nlink) = match ino {
-            ROOT_INO => (FileType::Directory, 0o755, 0, 2),
-            DISK_INO => (
-                FileType::RegularFile,
-                if self.writable { 0o644 } else { 0o444 },
-                self.disk.len(),
-                1,
-            ),
-            // Size 0: the text is generated at open and read with direct I/O.
-            STATS_INO => (FileType::RegularFile, 0o444, 0, 1),
-            _ => return None,
-        };
-        let mtime = if ino == DISK_INO {
-            self.mtime()
-        } else {
-            self.mount_time
-        };
-        Some(FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks: size.div_ceil(512),
-            atime: mtime,
-            mtime,
-            ctime: mtime,
-            crtime: self.mount_time,
-            kind,
-            perm,
-            nlink,
-            uid: self.opts.uid,
-            gid: self.opts.gid,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
-        })
-    }
-
-    fn alloc_fh(&self, low: u64) -> u64 {
-        (self.next_fh.fetch_add(1, Ordering::Relaxed) << FH_SHIFT) | low
-    }
-
-    fn flush_disk(&self, what: &str) -> Result<(), Errno> {
-        guarded(what, || {
-            self.disk.flush().map_err(|e| {
-                log::error!("{what}: {e}");
-                errno_of(&e)
-            })
-        })
-    }
-
-    /// Read `size` bytes of the disk at `offset` and answer `reply`.
-    fn read_disk(&self, offset: u64, size: u32, reply: ReplyData) {
-        let size = size as usize;
-        READ_BUF.with(|cell| {
-            // A worker answers one request at a time, so the buffer is never borrowed
-            // twice; fall back to a fresh buffer rather than trusting that blindly.
-            let mut own;
-            let mut guard = cell.try_borrow_mut().ok();
-            let buf: &mut Vec<u8> = match guard.as_deref_mut() {
-                Some(b) => b,
-                None => {
-                    own = Vec::new();
-                    &mut own
-                }
-            };
-            if buf.len() < size {
-                buf.resize(size, 0);
-            }
-            let res = guarded("read", || {
-                fault_injection::panic_if_asked(offset, size);
-                self.disk.read_at(offset, &mut buf[..size]).map_err(|e| {
-                    log::error!(
-                        "read of {size} bytes at offset {offset} of {}: {e}",
-                        self.opts.name.to_string_lossy()
-                    );
-                    errno_of(&e)
-                })
-            });
-            match res {
-                Ok(n) => reply.data(&buf[..n]),
-                Err(e) => reply.error(e),
-            }
-        });
-    }
-
-    fn write_disk(&self, offset: u64, data: &[u8]) -> Result<u32, Errno> {
-        if !self.writable {
-            return Err(Errno::EROFS);
-        }
-        let n = guarded("write", || {
-            self.disk.write_at(offset, data).map_err(|e| {
-                log::error!(
-                    "write of {} bytes at offset {offset} of {}: {e}",
-                    data.len(),
-                    self.opts.name.to_string_lossy()
-                );
-                errno_of(&e)
-            })
-        })?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-            .max(1);
-        self.mtime_ns.store(now, Ordering::Relaxed);
-        // n <= data.len() <= the kernel's max_write, far below u32::MAX.
-        Ok(u32::try_from(n).unwrap_or(u32::MAX))
-    }
-
-    fn lookup_name(&self, parent: INodeNo, name: &OsStr) -> Option<u64> {
-        if parent.0 != ROOT_INO {
-            return None;
-        }
-        if name == self.opts.name.as_os_str() {
-            Some(DISK_INO)
-        } else if name == STATS_NAME {
-            Some(STATS_INO)
-        } else {
-            None
-        }
+        self.vfs.is_writable()
     }
 }
 
@@ -290,28 +129,18 @@ impl Filesystem for VdiskFs {
     }
 
     fn destroy(&mut self) {
-        if self.writable {
-            if let Err(e) = self.disk.close() {
-                log::error!("flush at unmount: {e}");
-            }
-        }
+        self.vfs.destroy();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self
-            .lookup_name(parent, name)
-            .and_then(|ino| self.attr(ino))
-        {
-            Some(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            None => reply.error(Errno::ENOENT),
+        match self.vfs.lookup(parent.0, name) {
+            Ok(a) => reply.entry(&ATTR_TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.attr(ino.0) {
-            Some(attr) => reply.attr(&TTL, &attr),
-            None => reply.error(Errno::ENOENT),
-        }
+        reply_attr(self.vfs.getattr(ino.0), reply);
     }
 
     fn setattr(
@@ -332,29 +161,14 @@ impl Filesystem for VdiskFs {
         flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let Some(attr) = self.attr(ino.0) else {
-            reply.error(Errno::ENOENT);
-            return;
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            flags: flags.is_some(),
         };
-        // The size is the virtual disk's and never changes; ownership and mode are fixed.
-        // Time changes (touch) are accepted and ignored.
-        if size.is_some_and(|s| s != attr.size) {
-            reply.error(if self.writable || ino.0 != DISK_INO {
-                Errno::EPERM
-            } else {
-                Errno::EROFS
-            });
-            return;
-        }
-        if mode.is_some_and(|m| m & 0o7777 != u32::from(attr.perm))
-            || uid.is_some_and(|u| u != attr.uid)
-            || gid.is_some_and(|g| g != attr.gid)
-            || flags.is_some()
-        {
-            reply.error(Errno::EPERM);
-            return;
-        }
-        reply.attr(&TTL, &attr);
+        reply_attr(self.vfs.setattr(ino.0, &set), reply);
     }
 
     fn mknod(
@@ -367,7 +181,7 @@ impl Filesystem for VdiskFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(errno(Refused::ChangeTree.errno()));
     }
 
     fn mkdir(
@@ -379,15 +193,15 @@ impl Filesystem for VdiskFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(errno(Refused::ChangeTree.errno()));
     }
 
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EPERM);
+        reply.error(errno(Refused::ChangeTree.errno()));
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EPERM);
+        reply.error(errno(Refused::ChangeTree.errno()));
     }
 
     fn symlink(
@@ -398,7 +212,7 @@ impl Filesystem for VdiskFs {
         _target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(errno(Refused::ChangeTree.errno()));
     }
 
     fn rename(
@@ -411,7 +225,7 @@ impl Filesystem for VdiskFs {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(errno(Refused::ChangeTree.errno()));
     }
 
     fn link(
@@ -422,7 +236,7 @@ impl Filesystem for VdiskFs {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(errno(Refused::ChangeTree.errno()));
     }
 
     fn create(
@@ -435,42 +249,11 @@ impl Filesystem for VdiskFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(errno(Refused::ChangeTree.errno()));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        match ino.0 {
-            DISK_INO => {
-                if wants_write && !self.writable {
-                    reply.error(Errno::EROFS);
-                    return;
-                }
-                let fh = self.alloc_fh(if wants_write { FH_WRITE } else { 0 });
-                // Only this daemon changes the file and every write goes through the
-                // kernel's page cache on its way here, so cached pages stay valid across
-                // opens.
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-            }
-            STATS_INO => {
-                if wants_write {
-                    reply.error(Errno::EACCES);
-                    return;
-                }
-                let fh = self.alloc_fh(FH_STATS);
-                // The daemon's pid first: `vdiskfs umount` waits for it to finish.
-                let text = format!("pid {}\n{}", std::process::id(), self.disk.stats_text());
-                let text: Arc<[u8]> = text.into_bytes().into();
-                self.stats
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(fh, text);
-                // Direct I/O: the size in getattr (0) does not limit reads.
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
-            }
-            ROOT_INO => reply.error(Errno::EISDIR),
-            _ => reply.error(Errno::ENOENT),
-        }
+        reply_opened(self.vfs.open(ino.0, flags.0), reply);
     }
 
     fn read(
@@ -484,34 +267,34 @@ impl Filesystem for VdiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match ino.0 {
-            DISK_INO => self.read_disk(offset, size, reply),
-            STATS_INO => {
-                let text = self
-                    .stats
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&fh.0)
-                    .cloned();
-                match text {
-                    Some(t) => {
-                        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(t.len());
-                        let end = start.saturating_add(size as usize).min(t.len());
-                        reply.data(&t[start..end]);
-                    }
-                    None => reply.error(Errno::EBADF),
+        let size = size as usize;
+        READ_BUF.with(|cell| {
+            // A worker answers one request at a time, so the buffer is never borrowed
+            // twice; fall back to a fresh buffer rather than trusting that blindly.
+            let mut own;
+            let mut guard = cell.try_borrow_mut().ok();
+            let buf: &mut Vec<u8> = match guard.as_deref_mut() {
+                Some(b) => b,
+                None => {
+                    own = Vec::new();
+                    &mut own
                 }
+            };
+            if buf.len() < size {
+                buf.resize(size, 0);
             }
-            ROOT_INO => reply.error(Errno::EISDIR),
-            _ => reply.error(Errno::ENOENT),
-        }
+            match self.vfs.read(ino.0, fh.0, offset, &mut buf[..size]) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn write(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -519,14 +302,9 @@ impl Filesystem for VdiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match ino.0 {
-            DISK_INO => match self.write_disk(offset, data) {
-                Ok(n) => reply.written(n),
-                Err(e) => reply.error(e),
-            },
-            STATS_INO => reply.error(Errno::EBADF),
-            ROOT_INO => reply.error(Errno::EISDIR),
-            _ => reply.error(Errno::ENOENT),
+        match self.vfs.write(ino.0, fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -538,15 +316,7 @@ impl Filesystem for VdiskFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // close() of a descriptor that wrote: make its writes durable and report errors.
-        if ino.0 == DISK_INO && self.writable && fh.0 & FH_WRITE != 0 {
-            match self.flush_disk("flush") {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
-        } else {
-            reply.ok();
-        }
+        reply_empty(self.vfs.flush(ino.0, fh.0), reply);
     }
 
     fn release(
@@ -559,39 +329,22 @@ impl Filesystem for VdiskFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if ino.0 == STATS_INO {
-            self.stats
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&fh.0);
-        }
-        reply.ok();
+        reply_empty(self.vfs.release(ino.0, fh.0), reply);
     }
 
     fn fsync(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
+        fh: FileHandle,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if ino.0 == DISK_INO && self.writable {
-            match self.flush_disk("fsync") {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(e),
-            }
-        } else {
-            reply.ok();
-        }
+        reply_empty(self.vfs.fsync(ino.0, fh.0, datasync), reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        if ino.0 == ROOT_INO {
-            reply.opened(FileHandle(0), FopenFlags::empty());
-        } else {
-            reply.error(Errno::ENOTDIR);
-        }
+        reply_opened(self.vfs.opendir(ino.0), reply);
     }
 
     fn readdir(
@@ -602,40 +355,31 @@ impl Filesystem for VdiskFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        if ino.0 != ROOT_INO {
-            reply.error(Errno::ENOTDIR);
-            return;
+        let r = self.vfs.readdir(ino.0, offset, |e| {
+            reply.add(INodeNo(e.ino), e.next_offset, file_type(e.kind), e.name)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
         }
-        let entries: [(u64, FileType, &OsStr); 4] = [
-            (ROOT_INO, FileType::Directory, OsStr::new(".")),
-            (ROOT_INO, FileType::Directory, OsStr::new("..")),
-            (DISK_INO, FileType::RegularFile, self.opts.name.as_os_str()),
-            (STATS_INO, FileType::RegularFile, OsStr::new(STATS_NAME)),
-        ];
-        // An entry's offset is the offset of the next one.
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
-                break;
-            }
-        }
-        reply.ok();
     }
 
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply_empty(self.vfs.fsyncdir(ino.0), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let bsize = 4096u32;
-        let blocks = self.disk.len().div_ceil(u64::from(bsize));
-        reply.statfs(blocks, 0, 0, 3, 0, bsize, 255, bsize);
+        let s = self.vfs.statfs();
+        reply.statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+        );
     }
 
     fn setxattr(
@@ -648,7 +392,7 @@ impl Filesystem for VdiskFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EPERM);
+        reply.error(errno(Refused::SetXattr.errno()));
     }
 
     fn getxattr(
@@ -659,41 +403,23 @@ impl Filesystem for VdiskFs {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        reply.error(Errno::NO_XATTR);
+        reply.error(errno(Refused::GetXattr.errno()));
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.vfs.listxattr(ino.0, size) {
+            Ok(XattrList::Size(n)) => reply.size(n),
+            Ok(XattrList::Data(d)) => reply.data(d),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EPERM);
+        reply.error(errno(Refused::RemoveXattr.errno()));
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let Some(attr) = self.attr(ino.0) else {
-            reply.error(Errno::ENOENT);
-            return;
-        };
-        if mask.contains(AccessFlags::W_OK) && attr.kind == FileType::RegularFile {
-            if ino.0 == DISK_INO && !self.writable {
-                reply.error(Errno::EROFS);
-                return;
-            }
-            if ino.0 == STATS_INO {
-                reply.error(Errno::EACCES);
-                return;
-            }
-        }
-        if mask.contains(AccessFlags::X_OK) && attr.kind == FileType::RegularFile {
-            reply.error(Errno::EACCES);
-            return;
-        }
-        reply.ok();
+        reply_empty(self.vfs.access(ino.0, mask.bits()), reply);
     }
 
     fn ioctl(
@@ -707,7 +433,7 @@ impl Filesystem for VdiskFs {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        reply.error(Errno::ENOTTY);
+        reply.error(errno(Refused::Ioctl.errno()));
     }
 
     fn poll(
@@ -720,8 +446,7 @@ impl Filesystem for VdiskFs {
         _flags: PollFlags,
         reply: ReplyPoll,
     ) {
-        // ENOSYS: the kernel then treats the file as always ready, like a regular file.
-        reply.error(Errno::ENOSYS);
+        reply.error(errno(Refused::Poll.errno()));
     }
 
     fn fallocate(
@@ -734,7 +459,7 @@ impl Filesystem for VdiskFs {
         _mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EOPNOTSUPP);
+        reply.error(errno(Refused::Fallocate.errno()));
     }
 
     fn lseek(
@@ -746,7 +471,6 @@ impl Filesystem for VdiskFs {
         _whence: i32,
         reply: ReplyLseek,
     ) {
-        // ENOSYS: the kernel handles SEEK_SET/CUR/END itself from then on.
-        reply.error(Errno::ENOSYS);
+        reply.error(errno(Refused::Lseek.errno()));
     }
 }

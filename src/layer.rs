@@ -154,6 +154,12 @@ pub trait Layer: Send + Sync {
     fn check(&self) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
+    /// Opened read-only while another process had the file open for writing (held its
+    /// exclusive lock): who that was ("another process (pid ...)"). What is read may
+    /// change under the reader.
+    fn written_by(&self) -> Option<&str> {
+        None
+    }
     /// The writable side, when this layer was opened for writing.
     fn writable(&self) -> Option<&dyn WritableLayer> {
         None
@@ -184,9 +190,41 @@ pub trait WritableLayer: Layer {
     }
 }
 
+/// What a read-only open does when another process has the file open for writing (holds
+/// its exclusive lock). The chain decides which applies (`chain::Intent`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IfWritten {
+    /// Open it anyway, without a lock (forensic use of a live system must always work);
+    /// the layer says so (`Layer::written_by`) and the chain warns.
+    #[default]
+    Warn,
+    /// Fail; the text says why the file must not change and ends the error message.
+    Refuse(&'static str),
+}
+
 /// How to open an image.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenOptions {
-    /// Open for writing (only ever the top of a chain).
+    /// Open for writing, with an exclusive lock: nobody else may have it open.
     pub writable: bool,
+    /// Read-only opens: what to do when someone else is writing the file.
+    pub if_written: IfWritten,
+}
+
+impl OpenOptions {
+    /// Read-only, warning (not failing) when someone else is writing the file.
+    pub const fn read_only() -> Self {
+        OpenOptions {
+            writable: false,
+            if_written: IfWritten::Warn,
+        }
+    }
+
+    /// For writing.
+    pub const fn writable() -> Self {
+        OpenOptions {
+            writable: true,
+            if_written: IfWritten::Warn,
+        }
+    }
 }

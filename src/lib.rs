@@ -1,9 +1,10 @@
 //! vdiskfs: Hyper-V VHDX and Virtual PC VHD differencing-disk chains on Linux.
 //!
 //! The library holds all the logic (format readers and writers, chain resolution, the
-//! merged view, the FUSE file system) so tests and fuzz targets can call it; `main.rs`
-//! is only the command line.
+//! merged view, the file system a mount exports and its FUSE adapter) so tests and fuzz
+//! targets can call it; `main.rs` is only the command line.
 
+pub mod access;
 pub mod cache;
 pub mod chain;
 pub mod cli;
@@ -15,8 +16,9 @@ pub mod fuse;
 pub mod image;
 pub mod layer;
 pub mod progress;
+pub mod vfs;
 
-pub use chain::{Chain, ChainOptions};
+pub use chain::{Chain, ChainOptions, Intent};
 pub use disk::{Disk, DiskOptions};
 pub use error::{Error, Result};
 pub use layer::{Format, Layer, OpenOptions, Run, WritableLayer};

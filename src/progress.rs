@@ -1,14 +1,16 @@
 //! Progress of long byte-copying work (`cat`, and later `convert`, `merge`, `compact`):
 //! a bar with bytes, rate and ETA on stderr when stderr is a terminal, nothing in pipes
 //! and scripts. `--quiet` turns it off, `--progress` forces it; forced onto something
-//! that is not a terminal it prints one plain line per second instead of redrawing.
+//! that is not a terminal it prints a plain line at most once a second (and the last
+//! state at the end) instead of redrawing.
 //!
 //! A command makes one `Progress` with the total, calls `add` as bytes are done and
 //! `finish` at the end; if it returns early (an error), dropping the `Progress` leaves
 //! the bar where it stopped and the error line follows on a line of its own.
 
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 
@@ -36,26 +38,33 @@ impl Mode {
 
 /// Redraws per second on a terminal.
 const TERM_HZ: u8 = 10;
+/// Time between two plain lines (`--progress` when stderr is not a terminal).
+const PLAIN_EVERY: Duration = Duration::from_secs(1);
 
 /// One progress bar over a known number of bytes.
 pub struct Progress {
     bar: ProgressBar,
+    /// A terminal bar: its line has no newline of its own, so the end of the work adds
+    /// one (the shell's prompt or an error message then starts on a fresh line).
+    on_terminal: bool,
+    /// Plain lines: the last state is written at the end even if it is not due yet.
+    plain: Option<Arc<PlainLines>>,
 }
 
 impl Progress {
     /// A bar for `total` bytes, labelled `label` (say "cat"), drawn per `mode`.
     pub fn bytes(total: u64, label: &str, mode: Mode) -> Progress {
+        let terminal = ProgressDrawTarget::stderr_with_hz(TERM_HZ);
+        let on_terminal = mode != Mode::Never && !terminal.is_hidden();
+        let mut plain = None;
         let target = match mode {
             Mode::Never => ProgressDrawTarget::hidden(),
-            Mode::Auto => ProgressDrawTarget::stderr_with_hz(TERM_HZ),
+            Mode::Auto => terminal,
+            Mode::Always if on_terminal => terminal,
             Mode::Always => {
-                let t = ProgressDrawTarget::stderr_with_hz(TERM_HZ);
-                if t.is_hidden() {
-                    // Not a terminal: whole lines, once a second, for logs.
-                    ProgressDrawTarget::term_like_with_hz(Box::new(PlainLines::default()), 1)
-                } else {
-                    t
-                }
+                let p = Arc::new(PlainLines::default());
+                plain = Some(p.clone());
+                ProgressDrawTarget::term_like(Box::new(PlainTarget(p)))
             }
         };
         let bar = ProgressBar::with_draw_target(Some(total), target);
@@ -68,7 +77,11 @@ impl Progress {
             .progress_chars("=> "),
         );
         bar.set_prefix(label.to_string());
-        Progress { bar }
+        Progress {
+            bar,
+            on_terminal,
+            plain,
+        }
     }
 
     /// `n` more bytes are done.
@@ -80,6 +93,9 @@ impl Progress {
     /// than the total were done (say the reader of a pipe went away), the bar shows
     /// where it stopped rather than claiming the whole.
     pub fn finish(&self) {
+        if self.bar.is_finished() {
+            return;
+        }
         if self
             .bar
             .length()
@@ -89,6 +105,7 @@ impl Progress {
         } else {
             self.bar.finish();
         }
+        self.end_line();
     }
 
     /// Run `f` (which prints to stderr, say a warning) with the bar out of the way.
@@ -100,29 +117,92 @@ impl Progress {
     pub fn is_hidden(&self) -> bool {
         self.bar.is_hidden()
     }
+
+    fn end_line(&self) {
+        if self.on_terminal {
+            let _ = writeln!(std::io::stderr());
+        }
+        if let Some(p) = &self.plain {
+            p.write_pending();
+        }
+    }
 }
 
 impl Drop for Progress {
     fn drop(&mut self) {
         if !self.bar.is_finished() {
-            // Stopped early: leave the bar as it is and end its line, so that the
-            // error message the caller prints next starts on a line of its own.
+            // Stopped early (an error): leave the bar as it is and end its line, so
+            // the error message the caller prints next starts on a line of its own.
             self.bar.abandon();
-            if !self.bar.is_hidden() {
-                let _ = writeln!(std::io::stderr());
-            }
+            self.end_line();
         }
     }
 }
 
-/// A stand-in terminal for `--progress` when stderr is not one: each redraw becomes one
-/// plain line (no carriage returns, no cursor movement, no padding).
+/// The state of `--progress` lines when stderr is not a terminal: indicatif's redraws
+/// arrive as text (with a carriage return and padding), the newest is kept, and one is
+/// written as a plain line when a second has passed since the last.
 #[derive(Debug, Default)]
 struct PlainLines {
-    line: Mutex<String>,
+    state: Mutex<PlainState>,
 }
 
-impl TermLike for PlainLines {
+#[derive(Debug, Default)]
+struct PlainState {
+    /// The redraw being assembled (between two flushes).
+    partial: String,
+    /// The newest complete redraw not written yet.
+    pending: Option<String>,
+    last_written: Option<Instant>,
+}
+
+impl PlainLines {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PlainState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, s: &str) {
+        self.lock().partial.push_str(s);
+    }
+
+    /// A redraw is complete: keep it, and write it if one is due.
+    fn redraw_done(&self) -> std::io::Result<()> {
+        let mut st = self.lock();
+        let text = std::mem::take(&mut st.partial);
+        let text = text.replace('\r', "");
+        let text = text.trim();
+        if text.is_empty() {
+            return Ok(());
+        }
+        st.pending = Some(text.to_string());
+        let due = st.last_written.is_none_or(|t| t.elapsed() >= PLAIN_EVERY);
+        if due {
+            Self::write(&mut st)?;
+        }
+        Ok(())
+    }
+
+    /// Write the newest state if it has not been written (the end of the work).
+    fn write_pending(&self) {
+        let _ = Self::write(&mut self.lock());
+    }
+
+    fn write(st: &mut PlainState) -> std::io::Result<()> {
+        if let Some(line) = st.pending.take() {
+            st.last_written = Some(Instant::now());
+            let mut err = std::io::stderr().lock();
+            writeln!(err, "{line}")?;
+            err.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// indicatif's view of `PlainLines`: a terminal without cursor movement.
+#[derive(Debug)]
+struct PlainTarget(Arc<PlainLines>);
+
+impl TermLike for PlainTarget {
     fn width(&self) -> u16 {
         80
     }
@@ -139,29 +219,18 @@ impl TermLike for PlainLines {
         Ok(())
     }
     fn write_line(&self, s: &str) -> std::io::Result<()> {
-        self.write_str(s)?;
-        self.flush()
+        self.0.push(s);
+        self.0.redraw_done()
     }
     fn write_str(&self, s: &str) -> std::io::Result<()> {
-        self.line
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_str(s);
+        self.0.push(s);
         Ok(())
     }
     fn clear_line(&self) -> std::io::Result<()> {
         Ok(())
     }
     fn flush(&self) -> std::io::Result<()> {
-        let text = std::mem::take(&mut *self.line.lock().unwrap_or_else(|e| e.into_inner()));
-        let text = text.replace('\r', "");
-        let text = text.trim_end();
-        if text.is_empty() {
-            return Ok(());
-        }
-        let mut err = std::io::stderr().lock();
-        writeln!(err, "{text}")?;
-        err.flush()
+        self.0.redraw_done()
     }
 }
 
@@ -177,14 +246,20 @@ mod tests {
     }
 
     #[test]
-    fn plain_lines_drop_padding_and_carriage_returns() {
-        let t = PlainLines::default();
-        t.write_str("\r").unwrap();
-        t.write_str("cat: 1 MiB   ").unwrap();
-        assert_eq!(t.line.lock().unwrap().as_str(), "\rcat: 1 MiB   ");
-        // flush writes the cleaned line to stderr and empties the buffer.
-        t.flush().unwrap();
-        assert!(t.line.lock().unwrap().is_empty());
+    fn plain_lines_keep_the_newest_redraw_and_write_one_per_second() {
+        let p = PlainLines::default();
+        p.push("\rcat: 1 MiB   ");
+        p.redraw_done().unwrap();
+        // The first redraw is written at once.
+        assert!(p.lock().pending.is_none() && p.lock().last_written.is_some());
+        p.push("\rcat: 2 MiB   ");
+        p.redraw_done().unwrap();
+        p.push("\rcat: 3 MiB   ");
+        p.redraw_done().unwrap();
+        // Within the second: kept, cleaned of the carriage return and padding.
+        assert_eq!(p.lock().pending.as_deref(), Some("cat: 3 MiB"));
+        p.write_pending();
+        assert!(p.lock().pending.is_none());
     }
 
     #[test]

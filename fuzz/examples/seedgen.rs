@@ -9,9 +9,16 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use uuid::Uuid;
 use vdiskfs::cli::{CreateArgs, FormatArg};
-use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions};
+use vdiskfs::image::vhdx::header::read_current_header;
+use vdiskfs::image::vhdx::log::testutil::{make_crafted_log_test_file, set_log_guid};
+use vdiskfs::image::vhdx::log::{LogUpdate, LogWriter};
+use vdiskfs::image::ImageFile;
+use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions, Intent};
 use vdiskfs_fuzz::sparse;
+
+const MIB: u64 = 1 << 20;
 
 fn create(image: &Path, parent: Option<&Path>, size: Option<&str>, block: &str, lss: Option<u32>) {
     let fmt = if image.extension().is_some_and(|e| e == "vhd") {
@@ -34,7 +41,7 @@ fn writable(p: &Path) -> Disk {
     let c = Chain::open(
         p,
         &ChainOptions {
-            writable: true,
+            intent: Intent::WriteTop,
             ..Default::default()
         },
     )
@@ -97,6 +104,11 @@ fn main() {
     for t in ["vhdx_open", "vhd_open", "read_anywhere", "write_model"] {
         fs::create_dir_all(out.join(t)).unwrap();
     }
+    // Hostile pending logs (issue 11), in their own compact encoding.
+    for (name, enc) in hostile_logs(work) {
+        fs::write(out.join("vhdx_open").join(&name), &enc).unwrap();
+        eprintln!("seed {name}: {} bytes", enc.len());
+    }
     for img in &images {
         let bytes = fs::read(img).unwrap_or_else(|e| panic!("read {}: {e}", img.display()));
         let enc = sparse::encode(&bytes);
@@ -131,4 +143,111 @@ fn main() {
         }
         fs::write(out.join("write_model").join(format!("ops{fmt}")), &v).unwrap();
     }
+}
+
+/// Give the clean VHDX `path` a pending log of one entry of `updates` with LastFileOffset
+/// `last` (our log writer, then the header's LogGuid).
+fn pending(path: &Path, updates: &[LogUpdate], last: u64) {
+    let f = ImageFile::open(path, true).unwrap();
+    let (h, _, _) = read_current_header(&f).unwrap();
+    let guid = Uuid::new_v4();
+    LogWriter::new(h.log_offset, u64::from(h.log_length), guid, 1)
+        .write_updates(&f, updates, f.len() / MIB * MIB, last)
+        .unwrap();
+    drop(f);
+    set_log_guid(path, guid).unwrap();
+}
+
+fn fresh(path: &Path, parent: Option<&Path>) {
+    let _ = fs::remove_file(path);
+    if parent.is_some() {
+        create(path, parent, None, "1M", None);
+    } else {
+        create(path, None, Some("4M"), "1M", Some(512));
+    }
+}
+
+/// The hostile files of issue 11. Seeds (returned, encoded): `hostile-log2` (a pending
+/// 2 MiB log every 4 KiB slot of which claims the whole log; the scan used to read all of
+/// it at every slot, quadratic in the log; the seed's log is kept small because a larger
+/// one slows every fuzzing run that mutates it: with an 8 MiB log `vhdx_open` ran 2.5
+/// times slower), `hostile-grow` (a pending log whose LastFileOffset is 8 TiB)
+/// and `hostile-zero` (a log zeroing 245 MiB of a sparse 250 MiB file, within the
+/// 256 MiB an input can describe). Left in WORK_DIR to time and measure:
+/// `hostile-log16.vhdx` and `hostile-log64.vhdx` (the same with a 16 and a 64 MiB log:
+/// 20 and 68 MiB files),
+/// `hostile-log64d.vhdx` (the same with descriptors filling the entry),
+/// `hostile-grow.vhdx`, and the chain `hostile-zero1.vhdx` (base) ..
+/// `hostile-zero7.vhdx` (top), each layer with such a zeroing log.
+fn hostile_logs(work: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut seeds = Vec::new();
+    // The 64 MiB-log image twice: DescriptorCount 0, and DescriptorCount filling the
+    // whole log (16,256 data descriptors in 128 descriptor sectors; the first sector's
+    // 126 descriptors plausible), which gets past the header checks. Only the 2 MiB one
+    // is a seed.
+    for (name, log_len, count) in [
+        ("hostile-log2", 2 * MIB, 0),
+        ("hostile-log16", 16 * MIB, 0),
+        ("hostile-log64", 64 * MIB, 0),
+        ("hostile-log64d", 64 * MIB, 16_256),
+    ] {
+        let p = work.join(format!("{name}.vhdx"));
+        fresh(&p, None);
+        let (log_at, _) = make_crafted_log_test_file(&p, log_len, count).unwrap();
+        if name == "hostile-log2" {
+            // The usual encoding would spend a 512-byte record per slot; a slot's
+            // header is 48 bytes (31 KB for the seed instead of 270 KB).
+            let bytes = fs::read(&p).unwrap();
+            let mut enc = sparse::encode(&bytes[..log_at as usize]);
+            enc[..8].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+            for at in (log_at..log_at + log_len).step_by(4096) {
+                enc.extend_from_slice(&((at / 512) as u32).to_le_bytes());
+                enc.extend_from_slice(&48u16.to_le_bytes());
+                enc.extend_from_slice(&bytes[at as usize..at as usize + 48]);
+            }
+            seeds.push((name.to_string(), enc));
+        }
+    }
+    let grow = work.join("hostile-grow.vhdx");
+    fresh(&grow, None);
+    let page = vec![0x5au8; 4096];
+    pending(
+        &grow,
+        &[LogUpdate::Data {
+            file_offset: 512 << 10,
+            data: &page,
+        }],
+        8 << 40,
+    );
+    seeds.push((
+        "hostile-grow".into(),
+        sparse::encode(&fs::read(&grow).unwrap()),
+    ));
+    let mut parent: Option<PathBuf> = None;
+    for i in 1..=7 {
+        let p = work.join(format!("hostile-zero{i}.vhdx"));
+        fresh(&p, parent.as_deref());
+        parent = Some(p);
+    }
+    for i in 1..=7 {
+        let p = work.join(format!("hostile-zero{i}.vhdx"));
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(250 * MIB)
+            .unwrap();
+        let zero = LogUpdate::Zero {
+            file_offset: 4 * MIB,
+            len: 245 * MIB,
+        };
+        pending(&p, &[zero], 250 * MIB);
+        if i == 1 {
+            seeds.push((
+                "hostile-zero".into(),
+                sparse::encode(&fs::read(&p).unwrap()),
+            ));
+        }
+    }
+    seeds
 }

@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use vdiskfs::cli::{CreateArgs, FormatArg};
-use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions};
+use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions, Intent};
 
 const SIZE: u64 = 4 << 20;
 
@@ -54,7 +54,11 @@ fn open(path: &Path, writable: bool) -> Disk {
     let chain = Chain::open(
         path,
         &ChainOptions {
-            writable,
+            intent: if writable {
+                Intent::WriteTop
+            } else {
+                Intent::Inspect
+            },
             ..Default::default()
         },
     )

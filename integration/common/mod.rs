@@ -39,6 +39,11 @@ pub const SETUP_TOOLS: &[&str] = &[
     "umount",
     "7zz",
     "sha256sum",
+    "mount.fuse3",
+    "findmnt",
+    "man",
+    "script",
+    "cargo-deb",
 ];
 
 /// The vdiskfs binary cargo built for this test run.
@@ -550,7 +555,30 @@ pub fn qemu_to_raw(fmt: &str, img: &Path, out: &Path) {
     ]);
 }
 
-/// `qemu-img info --output=json -f FMT IMG`, parsed.
+/// `--image-opts` for qemu to read IMG as FMT (`vhdx` or `vpc`) at its true size. For a
+/// VHD it asks for the footer's current size (the spec's virtual size): qemu 7.2 sizes a
+/// VHD whose creator it does not know (vdiskfs writes `vdfs`) by its CHS geometry, which
+/// is up to ~0.1% smaller; qemu 10 uses the current size. Same answer from both.
+pub fn qemu_image_opts(fmt: &str, img: &Path) -> String {
+    let path = img.to_str().expect("test paths are UTF-8");
+    assert!(!path.contains(','), "a comma would need escaping: {path}");
+    let size_calc = if fmt == "vpc" {
+        "force_size_calc=current_size,"
+    } else {
+        ""
+    };
+    format!("driver={fmt},{size_calc}file.filename={path}")
+}
+
+/// `qemu-img info --output=json --image-opts SPEC`, parsed.
+pub fn qemu_info_opts(spec: &str) -> serde_json::Value {
+    let o = qemu_img(&["info", "--output=json", "--image-opts", spec]);
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("qemu-img info JSON: {e}: {}", o.stdout_str()))
+}
+
+/// `qemu-img info --output=json -f FMT IMG`, parsed. (qemu 10 also lists the child
+/// nodes, each with its own "virtual-size": read the top-level keys only.)
 pub fn qemu_info(fmt: &str, img: &Path) -> serde_json::Value {
     let o = qemu_img_os([
         OsStr::new("info"),
@@ -910,6 +938,36 @@ impl FuseMount {
             .last()
             .expect("vhdimount exposes at least vhdi1")
     }
+}
+
+/// `vdiskfs mount [--read-only] IMAGE DIR` (detached), unmounted on drop. For a clean
+/// end use `vdiskfs umount DIR`: it returns once the daemon has flushed and closed IMAGE.
+pub fn vdiskfs_mount(image: &Path, dir: &Path, ro: bool) -> FuseMount {
+    fs::create_dir_all(dir).unwrap();
+    let guard = FuseMount::adopt(dir);
+    let mut args = vec!["mount".to_string()];
+    if ro {
+        args.push("--read-only".into());
+    }
+    args.push(image.display().to_string());
+    args.push(dir.display().to_string());
+    vdiskfs(args).assert_success();
+    guard
+}
+
+/// `7zz x -tvhdx -so IMG` (7-Zip's merged raw view of a VHDX chain; it finds parents
+/// only in IMG's folder) must equal `want`.
+pub fn judge_7zz(img: &Path, want: &Path) {
+    let mut c = Command::new("7zz");
+    c.args(["x", "-tvhdx", "-so"]).arg(img);
+    let o = stdout_vs_file(&mut c, want);
+    assert!(
+        o.success(),
+        "`{}` failed ({}): {}",
+        o.cmd,
+        o.status,
+        o.stderr
+    );
 }
 
 impl Drop for FuseMount {

@@ -15,7 +15,10 @@ pub fn run(args: &CheckArgs) -> Result<i32> {
     }
     let mut layers = Vec::new();
     let mut damaged = false;
-    match Chain::open(&args.image, &args.chain.options(false)) {
+    match Chain::open(
+        &args.image,
+        &args.chain.options(crate::chain::Intent::Inspect),
+    ) {
         Ok(chain) => {
             for l in &chain.layers {
                 // A structure that fails while being checked is damage to report, not a

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::chain::Chain;
+use crate::chain::{Chain, Intent};
 use crate::cli::{parse_size, ConvertArgs, ConvertFormatArg, DiskTypeArg, SourceFormatArg};
 use crate::convert::{source_ranges, write_image, ConvertSpec, OutFormat};
 use crate::disk::{Disk, DiskOptions};
@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::image::raw::Raw;
 use crate::image::vhd::footer::{DiskType, Footer, Geometry, FOOTER_SIZE};
 use crate::image::{create_file_atomically, detect_format, remove_stale_temps};
-use crate::layer::{Format, OpenOptions};
+use crate::layer::Format;
 
 const CREATOR: &str = concat!("vdiskfs ", env!("CARGO_PKG_VERSION"));
 const DEFAULT_BLOCK: u64 = 2 << 20;
@@ -71,7 +71,7 @@ fn open_source(args: &ConvertArgs) -> Result<Chain> {
                     args.source.display()
                 )));
             }
-            Chain::open(&args.source, &args.chain.options(false))
+            Chain::open(&args.source, &args.chain.options(Intent::Copy))
         }
         SourceFormatArg::Raw => {
             if !args.chain.parents.is_empty() {
@@ -80,7 +80,7 @@ fn open_source(args: &ConvertArgs) -> Result<Chain> {
                     args.source.display()
                 )));
             }
-            let raw = Raw::open(&args.source, OpenOptions { writable: false })?;
+            let raw = Raw::open(&args.source, Intent::Copy.open_options(0))?;
             Ok(Chain {
                 layers: vec![Arc::new(raw)],
                 found: vec![None],

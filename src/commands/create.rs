@@ -1,13 +1,16 @@
 //! `vdiskfs create`: a differencing child of a parent, or an empty dynamic base.
 
+use std::cell::RefCell;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
+use crate::chain::{Chain, ChainOptions, Intent};
 use crate::cli::{parse_size, CreateArgs, FormatArg};
 use crate::error::{Error, Result};
 use crate::image::vhd::create::windows_relative_path;
 use crate::image::vhdx::create::NewVhdx;
 use crate::image::vhdx::Vhdx;
-use crate::image::{create_new_file, detect_format};
+use crate::image::{create_new_file, detect_format, open_layer};
 use crate::layer::{Format, Layer, OpenOptions};
 
 const CREATOR: &str = concat!("vdiskfs ", env!("CARGO_PKG_VERSION"));
@@ -152,6 +155,32 @@ pub fn absolute_win32_path(p: &Path) -> String {
     format!("\\\\?\\Z:{}", p.display().to_string().replace('/', "\\"))
 }
 
+/// Open the chain of the parent `path` for creating a child over it
+/// (`Intent::CreateChild`, the lock rules in `chain.rs`), its top with `open_top` (so its
+/// format-specific fields can be read). The chain holds the locks: keep it until the child
+/// exists.
+fn open_parent_chain<L: Layer + 'static>(
+    path: &Path,
+    open_top: fn(&Path, OpenOptions) -> Result<L>,
+) -> Result<(Arc<L>, Chain)> {
+    let top: RefCell<Option<Arc<L>>> = RefCell::new(None);
+    let opts = ChainOptions {
+        intent: Intent::CreateChild,
+        ..Default::default()
+    };
+    let chain = Chain::open_with(path, &opts, |p, o, allow_raw| {
+        let mut slot = top.borrow_mut();
+        if slot.is_none() {
+            let l = Arc::new(open_top(p, o)?);
+            *slot = Some(l.clone());
+            return Ok(l as Arc<dyn Layer>);
+        }
+        open_layer(p, o, allow_raw)
+    })?;
+    let top = top.into_inner().expect("the chain opened its top");
+    Ok((top, chain))
+}
+
 fn create_child(
     args: &CreateArgs,
     format: FormatArg,
@@ -171,8 +200,10 @@ fn create_child(
     let pformat = detect_format(&parent_abs)?;
     match (format, pformat) {
         (FormatArg::Vhdx, Some(Format::Vhdx)) => {
-            // The parent opens read-only: creating a child never changes it.
-            let p = Vhdx::open(&parent_abs, OpenOptions { writable: false })?;
+            // The parent's chain is opened read-only, with the locks of a child to be
+            // created (`Intent::CreateChild`): no file of it may be changing, and none can
+            // start changing until the child exists.
+            let (p, _chain) = open_parent_chain(&parent_abs, Vhdx::open)?;
             let m = p.metadata();
             let h = p.header();
             if !h.log_guid.is_nil() {
@@ -205,8 +236,7 @@ fn create_child(
             })?;
         }
         (FormatArg::Vhd, Some(Format::Vhd)) => {
-            // The parent opens read-only: creating a child never changes it.
-            let p = crate::image::vhd::Vhd::open(&parent_abs, OpenOptions { writable: false })?;
+            let (p, _chain) = open_parent_chain(&parent_abs, crate::image::vhd::Vhd::open)?;
             make_dir(&args.image)?;
             crate::image::vhd::create::create_differencing(&args.image, &p, block_size)?;
         }

@@ -12,7 +12,10 @@ use crate::error::Result;
 use crate::layer::LayerInfo;
 
 pub fn run(args: &InfoArgs) -> Result<i32> {
-    let chain = Chain::open(&args.image, &args.chain.options(false))?;
+    let chain = Chain::open(
+        &args.image,
+        &args.chain.options(crate::chain::Intent::Inspect),
+    )?;
     let doc = describe(&chain)?;
     let text = if args.json {
         serde_json::to_string_pretty(&doc).expect("JSON values serialise") + "\n"

@@ -4,8 +4,10 @@ pub mod cat;
 pub mod check;
 pub mod convert;
 pub mod create;
+pub mod generate;
 pub mod info;
 pub mod mount;
+pub mod mount_helper;
 
 use crate::cli::{Cli, Command};
 use crate::error::Result;
@@ -20,5 +22,6 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Convert(a) => convert::run(&a),
         Command::Mount(a) => mount::run(&a, cli.verbose),
         Command::Umount(a) => mount::umount(&a),
+        Command::Generate(a) => generate::run(&a),
     }
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use fuser::{Config, Session, SessionACL};
 
-use crate::chain::Chain;
+use crate::chain::{Chain, Intent};
 use crate::cli::{parse_size, MountArgs, UmountArgs};
 use crate::disk::{Disk, DiskOptions};
 use crate::error::{Error, Result};
@@ -77,6 +77,12 @@ fn parse_options(lists: &[String], read_only: bool) -> Result<ParsedOptions> {
             "dev" => dev = true,
             "suid" => suid = true,
             "nodev" | "nosuid" => {}
+            // What mount(8) and fstab use (userspace options, no kernel meaning here),
+            // and access-time options (the file system keeps no access times).
+            "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "owner" | "group"
+            | "nofail" | "_netdev" | "loud" | "silent" | "diratime" | "nodiratime" | "relatime"
+            | "norelatime" | "strictatime" | "nostrictatime" | "lazytime" | "nolazytime" => {}
+            _ if opt.starts_with("x-") || opt.starts_with("comment=") => {}
             "noexec" => p.flags.push("noexec"),
             "noatime" => p.flags.push("noatime"),
             "sync" => p.flags.push("sync"),
@@ -98,8 +104,17 @@ fn parse_options(lists: &[String], read_only: bool) -> Result<ParsedOptions> {
                     return Err(Error::Invalid(format!(
                         "-o {opt:?}: mount options cannot contain white space"
                     )));
-                } else {
+                } else if opt.starts_with("max_read=") || opt.starts_with("blksize=") {
+                    // The kernel's own FUSE options that vdiskfs does not set itself.
                     p.custom.push(opt.to_string());
+                } else {
+                    // The kernel would only say EINVAL; name the culprit (a typo in an
+                    // fstab line, say).
+                    return Err(Error::Invalid(format!(
+                        "-o {opt}: unknown mount option (vdiskfs's own are parent=, \
+                         search_dir=, ignore_linkage, allow_device_parent, name=, \
+                         cache_size=, cache_block=, threads=, log_file=)"
+                    )));
                 }
             }
         }
@@ -154,8 +169,10 @@ impl ParsedOptions {
 
     /// The `-o` list for fusermount3.
     fn fusermount_options(&self) -> String {
+        // fusermount3 takes `\` as an escape, so a comma in the name stays in it.
+        let fsname = self.fsname.replace('\\', "\\\\").replace(',', "\\,");
         let mut v = vec![
-            format!("fsname={}", self.fsname),
+            format!("fsname={fsname}"),
             format!("subtype={}", self.subtype),
         ];
         v.extend(self.flags.iter().map(|s| s.to_string()));
@@ -488,6 +505,14 @@ fn check_mountpoint(path: &Path, nonempty: bool) -> Result<PathBuf> {
     Ok(canon)
 }
 
+/// The machine's physical memory in bytes (MemTotal of /proc/meminfo), if known.
+fn physical_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 fn check_name(name: &str) -> Result<()> {
     if name.is_empty()
         || name == "."
@@ -716,8 +741,18 @@ fn spawn_signal_thread(disk: Arc<Disk>, mountpoint: PathBuf, writable: bool) {
     }
 }
 
-/// Redirect stdin and stdout to /dev/null, stderr to `log` (appending) or /dev/null.
-fn detach_stdio(log: Option<&Path>) {
+/// Open (create, append to) the `--log-file` before detaching, so that a path that
+/// cannot be written is an error the user sees, not logs silently lost.
+fn open_log_file(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::file(path, "open log file (--log-file)", e))
+}
+
+/// Redirect stdin and stdout to /dev/null, stderr to `log` or /dev/null.
+fn detach_stdio(log: Option<&File>) {
     let Ok(null) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -725,14 +760,7 @@ fn detach_stdio(log: Option<&Path>) {
     else {
         return;
     };
-    let log = log.and_then(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .ok()
-    });
-    let err = log.as_ref().unwrap_or(&null);
+    let err = log.unwrap_or(&null);
     // SAFETY: dup2 of open descriptors onto the standard ones; nothing else in this
     // process holds Rust-level ownership of descriptors 0, 1 and 2.
     unsafe {
@@ -753,7 +781,22 @@ struct Prepared {
 
 fn prepare(args: &MountArgs) -> Result<Prepared> {
     check_name(&args.name)?;
-    let parsed = parse_options(&args.options, args.read_only)?;
+    let mut parsed = parse_options(&args.options, args.read_only)?;
+    // The mount's source (findmnt, mountinfo) is the image, as for a disk: mount(8)
+    // also compares it with fstab's to tell whether an entry is mounted already.
+    let fsname_given = args
+        .options
+        .iter()
+        .flat_map(|l| l.split(','))
+        .any(|o| o.trim().starts_with("fsname="));
+    if !fsname_given {
+        if let Some(p) = std::fs::canonicalize(&args.image)
+            .ok()
+            .and_then(|p| p.to_str().map(str::to_string))
+        {
+            parsed.fsname = p;
+        }
+    }
     let cache_block =
         parse_size(&args.cache_block).map_err(|e| Error::Invalid(format!("--cache-block: {e}")))?;
     if cache_block < 4096 || !cache_block.is_power_of_two() || cache_block > 64 << 20 {
@@ -766,6 +809,17 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
         .cache_size
         .checked_mul(1 << 20)
         .ok_or_else(|| Error::Invalid(format!("--cache-size {}: too large", args.cache_size)))?;
+    // The cache takes memory only as it fills, but a size the machine cannot hold would
+    // end in an allocation failure once enough was read.
+    if let Some(total) = physical_memory() {
+        if cache_bytes > total {
+            return Err(Error::Invalid(format!(
+                "--cache-size {}: more than this machine's memory ({} MiB)",
+                args.cache_size,
+                total >> 20
+            )));
+        }
+    }
     if args.threads == 0 || args.threads > 256 {
         return Err(Error::Invalid(format!(
             "--threads {}: must be between 1 and 256",
@@ -775,10 +829,13 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
     let mountpoint = check_mountpoint(&args.mountpoint, parsed.nonempty)?;
     check_dev_fuse()?;
 
-    let chain = Chain::open(&args.image, &args.chain.options(!parsed.read_only))?;
-    for w in &chain.warnings {
-        log::warn!("{w}");
-    }
+    let intent = if parsed.read_only {
+        Intent::Inspect
+    } else {
+        Intent::WriteTop
+    };
+    // Warnings are logged as the chain is opened.
+    let chain = Chain::open(&args.image, &args.chain.options(intent))?;
     let disk = Arc::new(Disk::new(
         chain,
         DiskOptions {
@@ -848,7 +905,7 @@ fn raise_readahead(mountpoint: &Path) {
 
 /// Mount and serve until unmounted. `ready` is told "OK" once the mount is live, or the
 /// error if mounting fails.
-fn serve(p: Prepared, mut ready: Ready, log_file: Option<&Path>, detached: bool) -> Result<i32> {
+fn serve(p: Prepared, mut ready: Ready, log_file: Option<File>, detached: bool) -> Result<i32> {
     let Prepared {
         disk,
         fs,
@@ -896,7 +953,7 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<&Path>, detached: bool)
     ready.send("OK\n");
     drop(ready);
     if detached {
-        detach_stdio(log_file);
+        detach_stdio(log_file.as_ref());
     }
     spawn_signal_thread(disk.clone(), mountpoint.clone(), writable);
     let res = session.run();
@@ -924,6 +981,13 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<&Path>, detached: bool)
 }
 
 pub fn run(args: &MountArgs, _verbose: u8) -> Result<i32> {
+    // `-o parent=...` and the other vdiskfs options, as fstab gives them.
+    let args = &super::mount_helper::absorb_own_options(args)?;
+    // Only a detached daemon writes to the log file (in the foreground, stderr stays).
+    let log_file = match &args.log_file {
+        Some(p) if !args.foreground => Some(open_log_file(p)?),
+        _ => None,
+    };
     let prepared = prepare(args)?;
     if args.foreground {
         return serve(prepared, Ready(None), None, false);
@@ -975,14 +1039,10 @@ pub fn run(args: &MountArgs, _verbose: u8) -> Result<i32> {
     }
     // Child: a session of its own, so the terminal's signals and hangup do not reach it.
     drop(rd);
-    let log_file = args
-        .log_file
-        .as_ref()
-        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
     // SAFETY: setsid has no memory-safety preconditions.
     unsafe { libc::setsid() };
     let _ = std::env::set_current_dir("/");
-    let code = match serve(prepared, Ready(Some(wr)), log_file.as_deref(), true) {
+    let code = match serve(prepared, Ready(Some(wr)), log_file, true) {
         Ok(c) => c,
         Err(e) => {
             log::error!("{e}");
@@ -1039,8 +1099,25 @@ mod tests {
             .fusermount_options()
             .starts_with("fsname=x,subtype=vdiskfs"));
 
+        // What mount(8), fstab and mount.fuse3 pass along is accepted and not sent on.
+        let p = parse_options(
+            &["rw,defaults,noauto,user,_netdev,nofail,x-systemd.automount,comment=x,relatime,dev,suid".into()],
+            false,
+        )
+        .unwrap();
+        assert!(p.custom.is_empty(), "{:?}", p.custom);
+        assert!(!p.flags.contains(&"nodev") && !p.flags.contains(&"nosuid"));
+        let p = ParsedOptions {
+            fsname: "/i/a,b\\c.vhdx".into(),
+            ..p
+        };
+        assert!(p
+            .fusermount_options()
+            .starts_with("fsname=/i/a\\,b\\\\c.vhdx,"));
+
         assert!(parse_options(&["auto_unmount".into()], false).is_err());
         assert!(parse_options(&["fd=3".into()], false).is_err());
+        assert!(parse_options(&["searchdir=/x".into()], false).is_err());
         assert!(parse_options(&["user_id=0".into()], false).is_err());
     }
 

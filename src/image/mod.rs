@@ -7,29 +7,56 @@ pub mod vhdx;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::layer::{Format, Layer, OpenOptions};
+use crate::layer::{Format, IfWritten, Layer, OpenOptions};
 
-/// Size of an overlay page. VHDX log entries write whole 4 KiB sectors at 4 KiB-aligned
-/// file offsets, so an overlay keyed by 4 KiB page represents a replayed log exactly.
+/// Size of an overlay page. VHDX log entries write whole 4 KiB sectors and zero runs of
+/// whole 4 KiB sectors at 4 KiB-aligned file offsets, so overlay pieces (pages and zero
+/// runs) on 4 KiB boundaries represent a replayed log exactly.
 pub const OVERLAY_PAGE: u64 = 4096;
 
+/// One replayed piece of an in-memory VHDX log replay.
+#[derive(Debug)]
+pub enum OverlayPiece {
+    /// A 4 KiB page.
+    Page(Box<[u8]>),
+    /// This many bytes of zeros (a zero descriptor costs the same whatever its length).
+    Zeros(u64),
+}
+
+impl OverlayPiece {
+    pub fn len(&self) -> u64 {
+        match self {
+            OverlayPiece::Page(p) => p.len() as u64,
+            OverlayPiece::Zeros(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A backing file read with positioned I/O. When a VHDX log is replayed into memory
-/// (read-only open), `overlay` holds the replayed pages and shadows the file; reads past
-/// the end of the file inside `logical_len` return zeros (a log may extend the file).
+/// (read-only open), `overlay` holds the replayed pieces (keyed by file offset, never
+/// overlapping) and shadows the file; reads past the end of the file inside
+/// `logical_len` return zeros (a log may extend the file).
 #[derive(Debug)]
 pub struct ImageFile {
     pub path: PathBuf,
     pub file: File,
-    overlay: BTreeMap<u64, Box<[u8]>>,
+    overlay: BTreeMap<u64, OverlayPiece>,
     /// The file length as the image sees it (real length, or longer after in-memory replay).
     logical_len: AtomicU64,
     real_len: AtomicU64,
+    /// Read-only opens: who had the file open for writing (held its exclusive lock) at
+    /// open, when someone did; what is read may change.
+    pub writer: Option<String>,
 }
 
 impl ImageFile {
@@ -44,55 +71,60 @@ impl ImageFile {
             overlay: BTreeMap::new(),
             logical_len: AtomicU64::new(real_len),
             real_len: AtomicU64::new(real_len),
+            writer: None,
         })
     }
 
-    /// Open `path` read-only or read-write, with an advisory lock (flock): exclusive for
-    /// a writable open, so a second writer, or a writer of a file some other process uses
-    /// as a parent, is refused; shared for a read-only open. A read-only open of a file
-    /// another process is writing still works (forensic users must always be able to
-    /// look), with a warning that the view may change under it.
+    /// Open `path` read-only or read-write (see `open_with`), a read-only open warning
+    /// (not failing) when another process writes the file.
     pub fn open(path: &Path, writable: bool) -> Result<Self> {
-        // O_NONBLOCK: if a parent path was swapped for a FIFO after the chain checked it
-        // was a regular file, the open and reads fail instead of blocking forever. It
-        // changes nothing for regular files.
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
+        let opts = if writable {
+            OpenOptions::writable()
+        } else {
+            OpenOptions::read_only()
+        };
+        Self::open_with(path, opts)
+    }
+
+    /// Open `path` with an advisory lock (flock): exclusive for a writable open, so a
+    /// second writer, or a writer of a file some other process uses as a parent, is
+    /// refused; shared for a read-only open, so nobody starts writing the file while it is
+    /// read. When another process already writes the file, a read-only open fails with
+    /// `IfWritten::Refuse` and otherwise goes on without a lock (forensic users must
+    /// always be able to look), recording who writes it (`writer`). Which rule applies to
+    /// which file of a chain is decided by `chain::Intent`. Read-only opens do not change
+    /// the file's access time (`O_NOATIME` when permitted).
+    pub fn open_with(path: &Path, opts: OpenOptions) -> Result<Self> {
+        let file = crate::access::open_file(path, opts.writable)
             .map_err(|e| Error::file(path, "open", e))?;
-        if writable {
-            // A short grace period: a daemon that was just unmounted may still be
-            // closing the file, and a process forked elsewhere in this program holds a
-            // copy of every descriptor (and so the lock) until it execs.
-            let mut lock = file.try_lock();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-            while matches!(lock, Err(std::fs::TryLockError::WouldBlock))
-                && std::time::Instant::now() < deadline
-            {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                lock = file.try_lock();
+        let mut writer = None;
+        // A refusal is final only after a grace period; a mere warning needs none.
+        let grace = opts.writable || opts.if_written != IfWritten::Warn;
+        match crate::access::lock(&file, opts.writable, grace) {
+            Ok(true) => {}
+            Ok(false) if opts.writable => {
+                return Err(Error::Invalid(format!(
+                    "{}: in use by {} (it is mounted, or is the parent of a mounted disk); \
+                     refusing to open it for writing",
+                    path.display(),
+                    crate::access::describe_holders(&file, false)
+                )))
             }
-            match lock {
-                Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => {
+            Ok(false) => {
+                let who = crate::access::describe_holders(&file, true);
+                if let IfWritten::Refuse(why) = opts.if_written {
                     return Err(Error::Invalid(format!(
-                        "{}: in use by another process (it is mounted, or is the parent of a mounted disk); refusing to open it for writing",
+                        "{}: open for writing by {who}; refusing {why}",
                         path.display()
-                    )))
+                    )));
                 }
-                Err(std::fs::TryLockError::Error(e)) => {
-                    log::warn!("{}: cannot lock: {e}", path.display())
-                }
+                writer = Some(who);
             }
-        } else if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock_shared() {
-            log::warn!(
-                "{}: another process has it open for writing; what is read may change",
-                path.display()
-            );
+            Err(e) => log::warn!("{}: cannot lock: {e}", path.display()),
         }
-        Self::new(path, file)
+        let mut f = Self::new(path, file)?;
+        f.writer = writer;
+        Ok(f)
     }
 
     pub fn len(&self) -> u64 {
@@ -124,14 +156,22 @@ impl ImageFile {
         Ok(())
     }
 
-    /// Record a replayed page (in-memory replay). `offset` is 4 KiB aligned and
-    /// `data` is 4 KiB long.
-    pub fn overlay_page(&mut self, offset: u64, data: &[u8]) {
+    /// Record a replayed piece at `offset` (in-memory replay; 4 KiB aligned, not
+    /// overlapping any piece recorded before).
+    pub fn overlay_piece(&mut self, offset: u64, piece: OverlayPiece) {
         debug_assert_eq!(offset % OVERLAY_PAGE, 0);
-        debug_assert_eq!(data.len() as u64, OVERLAY_PAGE);
-        self.overlay.insert(offset, data.into());
-        self.logical_len
-            .fetch_max(offset + OVERLAY_PAGE, Ordering::AcqRel);
+        if piece.is_empty() {
+            return;
+        }
+        let end = offset.saturating_add(piece.len());
+        debug_assert!(self.overlay.range(offset..end).next().is_none());
+        self.overlay.insert(offset, piece);
+        self.logical_len.fetch_max(end, Ordering::AcqRel);
+    }
+
+    /// Number of replayed pieces held (tests: zero ranges must not become pages).
+    pub fn overlay_pieces(&self) -> usize {
+        self.overlay.len()
     }
 
     /// Make the logical length at least `len` (in-memory replay of LastFileOffset).
@@ -189,24 +229,46 @@ impl ImageFile {
         })
     }
 
-    /// Page by page: overlay pages win, then the real file, then zeros past its end.
+    /// Piece by piece: overlay pieces win, then the real file, then zeros past its end.
     fn read_slow(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let page = pos - pos % OVERLAY_PAGE;
-            let in_page = (pos - page) as usize;
-            let n = (OVERLAY_PAGE as usize - in_page).min(buf.len() - done);
-            let dst = &mut buf[done..done + n];
-            if let Some(p) = self.overlay.get(&page) {
-                dst.copy_from_slice(&p[in_page..in_page + n]);
-            } else if pos >= self.real_len() {
-                dst.fill(0);
+            let left = (buf.len() - done) as u64;
+            let covering = self
+                .overlay
+                .range(..=pos)
+                .next_back()
+                .filter(|(&s, p)| pos - s < p.len());
+            let n = if let Some((&start, piece)) = covering {
+                let n = (start + piece.len() - pos).min(left) as usize;
+                let dst = &mut buf[done..done + n];
+                match piece {
+                    OverlayPiece::Page(p) => {
+                        let i = (pos - start) as usize;
+                        dst.copy_from_slice(&p[i..i + n]);
+                    }
+                    OverlayPiece::Zeros(_) => dst.fill(0),
+                }
+                n
             } else {
-                let real = ((self.real_len() - pos) as usize).min(n);
-                self.pread(&mut dst[..real], pos)?;
-                dst[real..].fill(0);
-            }
+                // Up to the next piece: the real file, then zeros past its end.
+                let next = self
+                    .overlay
+                    .range(pos..)
+                    .next()
+                    .map_or(u64::MAX, |(&s, _)| s);
+                let n = (next - pos).min(left) as usize;
+                let dst = &mut buf[done..done + n];
+                if pos >= self.real_len() {
+                    dst.fill(0);
+                } else {
+                    let real = ((self.real_len() - pos) as usize).min(n);
+                    self.pread(&mut dst[..real], pos)?;
+                    dst[real..].fill(0);
+                }
+                n
+            };
             done += n;
         }
         Ok(())
@@ -246,11 +308,7 @@ impl ImageFile {
 
 /// What the first bytes of a file say it is.
 pub fn detect_format(path: &Path) -> Result<Option<Format>> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| Error::file(path, "open", e))?;
+    let file = crate::access::open_file(path, false).map_err(|e| Error::file(path, "open", e))?;
     let len = file
         .metadata()
         .map_err(|e| Error::file(path, "stat", e))?
@@ -283,8 +341,19 @@ pub fn detect_format(path: &Path) -> Result<Option<Format>> {
 /// Open one image file as a layer, detecting its format. A file that is neither VHDX nor
 /// VHD is an error unless `allow_raw` (an explicit `--parent` base may be raw).
 pub fn open_layer(path: &Path, opts: OpenOptions, allow_raw: bool) -> Result<Arc<dyn Layer>> {
+    open_layer_within(path, opts, allow_raw, &vhdx::log::ReplayBudget::for_chain())
+}
+
+/// `open_layer` for one layer of a chain: a pending VHDX log replayed in memory is
+/// charged to `budget`, which all layers of the chain share.
+pub fn open_layer_within(
+    path: &Path,
+    opts: OpenOptions,
+    allow_raw: bool,
+    budget: &vhdx::log::ReplayBudget,
+) -> Result<Arc<dyn Layer>> {
     match detect_format(path)? {
-        Some(Format::Vhdx) => Ok(Arc::new(vhdx::Vhdx::open(path, opts)?)),
+        Some(Format::Vhdx) => Ok(Arc::new(vhdx::Vhdx::open_within(path, opts, budget)?)),
         Some(Format::Vhd) => Ok(Arc::new(vhd::Vhd::open(path, opts)?)),
         _ if allow_raw => Ok(Arc::new(raw::Raw::open(path, opts)?)),
         _ => Err(Error::corrupt(
@@ -370,6 +439,7 @@ pub fn create_file_atomically(
             .write(true)
             .create_new(true)
             .open(&tmp)
+            // The temporary name means nothing to the user: name the file asked for.
             .map_err(|e| Error::file(path, "create", e))?;
         fill(&f)?;
         f.sync_all().map_err(|e| Error::file(path, "fsync", e))?;

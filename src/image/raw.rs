@@ -39,7 +39,7 @@ impl Raw {
                 path.display()
             )));
         }
-        let file = ImageFile::open(path, false)?;
+        let file = ImageFile::open_with(path, opts)?;
         let size = file.len();
         Ok(Raw { file, size })
     }
@@ -48,6 +48,9 @@ impl Raw {
 impl Layer for Raw {
     fn path(&self) -> &Path {
         &self.file.path
+    }
+    fn written_by(&self) -> Option<&str> {
+        self.file.writer.as_deref()
     }
     fn format(&self) -> Format {
         Format::Raw
@@ -143,7 +146,7 @@ mod tests {
         f.write_all_at(&[7u8; 4096], 8 * mib).unwrap();
         f.write_all_at(&[9u8; 4096], 40 * mib + 512).unwrap();
         f.sync_all().unwrap();
-        let raw = Raw::open(&p, OpenOptions { writable: false }).unwrap();
+        let raw = Raw::open(&p, OpenOptions::read_only()).unwrap();
         let mut runs = Vec::new();
         raw.data_map(mib, 60 * mib, &mut runs).unwrap();
         std::fs::remove_file(&p).unwrap();

@@ -11,7 +11,7 @@ use super::footer::checksum;
 use super::Vhd;
 use crate::layer::{Layer, OpenOptions, Run};
 
-const RO: OpenOptions = OpenOptions { writable: false };
+const RO: OpenOptions = OpenOptions::read_only();
 /// Where our `create` puts the dynamic header and the BAT.
 const HDR: usize = 512;
 const BAT: usize = 1536;

@@ -341,15 +341,16 @@ fn write_new_file(
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .map_err(|e| Error::file(&tmp, "create", e))?;
+        // The temporary name means nothing to the user: name the file asked for.
+        .map_err(|e| Error::file(path, "create", e))?;
     let mut guard = TempGuard(Some(tmp.clone()));
     // The BAT: every entry unallocated (0xFFFFFFFF).
-    write_bat_unused(&file, &tmp, header.max_table_entries)?;
+    write_bat_unused(&file, path, header.max_table_entries)?;
     for (at, data) in &pieces {
         file.write_all_at(data, *at)
-            .map_err(|e| Error::io(&tmp, "write", *at, e))?;
+            .map_err(|e| Error::io(path, "write", *at, e))?;
     }
-    file.sync_all().map_err(|e| Error::file(&tmp, "fsync", e))?;
+    file.sync_all().map_err(|e| Error::file(path, "fsync", e))?;
     drop(file);
     rename_noreplace(&tmp, path)?;
     guard.0 = None;

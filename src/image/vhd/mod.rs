@@ -86,7 +86,7 @@ impl Vhd {
     /// Open a VHD file, checking footer, dynamic header, BAT and parent locators.
     /// Checksum mismatches are warnings for read-only opens and errors for writable ones.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Vhd> {
-        let file = ImageFile::open(path, opts.writable)?;
+        let file = ImageFile::open_with(path, opts)?;
         let mut warnings = Vec::new();
         let len = file.len();
         let (footer, footer_ok, footer_pos) = Self::find_footer(&file, opts, &mut warnings)?;
@@ -357,6 +357,9 @@ impl Vhd {
 impl Layer for Vhd {
     fn path(&self) -> &Path {
         &self.file.path
+    }
+    fn written_by(&self) -> Option<&str> {
+        self.file.writer.as_deref()
     }
 
     fn format(&self) -> Format {

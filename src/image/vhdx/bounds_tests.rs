@@ -105,14 +105,14 @@ fn open(path: &Path) -> crate::error::Result<Vhdx> {
     Vhdx::open(path, OpenOptions::default())
 }
 
-fn open_err(path: &Path) -> String {
+pub(super) fn open_err(path: &Path) -> String {
     match open(path) {
         Ok(_) => panic!("{} opened but should not", path.display()),
         Err(e) => e.to_string(),
     }
 }
 
-fn base(d: &TempDir, name: &str, size: u64, block: u32) -> std::path::PathBuf {
+pub(super) fn base(d: &TempDir, name: &str, size: u64, block: u32) -> std::path::PathBuf {
     let p = d.0.join(name);
     new_base(&p, size, block, 512);
     p

@@ -2,7 +2,14 @@
 //!
 //! Layout (the one Hyper-V uses for new files): header section in the first MiB, a 1 MiB
 //! log at 1 MiB, the metadata region at 2 MiB, the BAT at 3 MiB; payload blocks are
-//! appended after the BAT as they are written.
+//! appended at the end of the file as they are written.
+//!
+//! A differencing file also gets one sector bitmap block per chunk right after the BAT,
+//! SB_BLOCK_PRESENT and all zeros (every sector from the parent), as a never-written,
+//! sparse range of the file: it costs 1 MiB of apparent size per chunk and no disk space.
+//! MS-VHDX allows this (a present, all-zero bitmap is valid in a differencing file);
+//! libvhdi needs it, because it reads the bitmap of a chunk whose entry is
+//! SB_BLOCK_NOT_PRESENT from file offset 0 (see docs/formats.md).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -10,7 +17,7 @@ use std::path::Path;
 
 use uuid::Uuid;
 
-use super::bat::SECTORS_PER_BITMAP;
+use super::bat::{make_entry, SB_BLOCK_PRESENT, SECTORS_PER_BITMAP};
 use super::header::{Header, HEADER_OFFSETS};
 use super::metadata::{
     FILE_PARAMETERS, LOGICAL_SECTOR_SIZE, MAX_VIRTUAL_SIZE, PARENT_LOCATOR, PHYSICAL_SECTOR_SIZE,
@@ -74,15 +81,10 @@ impl NewVhdx {
         SECTORS_PER_BITMAP * self.logical_sector_size as u64 / self.block_size as u64
     }
 
-    /// Bytes of the BAT region (a whole number of MiB).
-    fn bat_len(&self) -> u64 {
-        (self.bat_entries() * 8).div_ceil(MIB) * MIB
-    }
-
     /// The first file offset after the fixed structures (1 MiB aligned): where payload
     /// blocks of a new file go.
     pub fn payload_start(&self) -> u64 {
-        BAT_OFFSET + self.bat_len()
+        self.file_len()
     }
 
     /// The file offset of the BAT entry of payload block `block` of a new base.
@@ -93,14 +95,33 @@ impl NewVhdx {
     }
 
     fn bat_entries(&self) -> u64 {
-        let bs = self.block_size as u64;
         let chunk_ratio = self.chunk_ratio();
-        let data_blocks = self.virtual_size.div_ceil(bs);
+        let data_blocks = self.virtual_size.div_ceil(self.block_size as u64);
         if self.parent_locator.is_some() {
             data_blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
         } else {
             data_blocks + (data_blocks - 1) / chunk_ratio
         }
+    }
+
+    /// Sector bitmap blocks written at creation: one per chunk of a differencing file.
+    fn bitmap_blocks(&self) -> u64 {
+        if self.parent_locator.is_some() {
+            let data_blocks = self.virtual_size.div_ceil(self.block_size as u64);
+            data_blocks.div_ceil(self.chunk_ratio())
+        } else {
+            0
+        }
+    }
+
+    /// Size of the BAT region (whole MiBs).
+    fn bat_len(&self) -> u64 {
+        (self.bat_entries() * 8).div_ceil(MIB) * MIB
+    }
+
+    /// The length of the new file.
+    fn file_len(&self) -> u64 {
+        BAT_OFFSET + self.bat_len() + self.bitmap_blocks() * MIB
     }
 }
 
@@ -227,17 +248,42 @@ pub fn write_new(file: &File, path: &Path, n: &NewVhdx, creator: &str) -> Result
         &metadata_region(n, n.virtual_disk_id.unwrap_or_else(Uuid::new_v4))?,
         METADATA_OFFSET,
     )?;
-    // The BAT is all zeros (every block NOT_PRESENT): extending the file gives that.
-    file.set_len(BAT_OFFSET + bat_len)
+    // Extending the file gives the zeros of the BAT (every block NOT_PRESENT) and of the
+    // sector bitmap blocks after it (never written: holes, no disk space).
+    file.set_len(n.file_len())
         .map_err(|e| Error::file(path, "extend", e))?;
-    // Really allocate the log and the BAT (up to 64 MiB of it) by writing their zeros:
-    // metadata updates then overwrite space the file already owns, so a host disk that
-    // fills up later fails data writes with ENOSPC, never the log or the BAT.
-    let zeros = vec![0u8; MIB as usize];
-    w(&zeros, LOG_OFFSET)?;
+    // Really allocate the log and the BAT (up to 64 MiB of it) by writing them: metadata
+    // updates then overwrite space the file already owns, so a host disk that fills up
+    // later fails data writes with ENOSPC, never the log or the BAT. A larger BAT keeps
+    // its holes; only its sector bitmap entries are written.
+    w(&vec![0u8; MIB as usize], LOG_OFFSET)?;
+    let ratio = n.chunk_ratio();
+    let bitmaps_at = BAT_OFFSET + bat_len;
+    let sb_entry = |chunk: u64| {
+        (
+            (chunk * (ratio + 1) + ratio) * 8,
+            make_entry(SB_BLOCK_PRESENT, bitmaps_at + chunk * MIB).to_le_bytes(),
+        )
+    };
     if bat_len <= 64 * MIB {
-        for off in (BAT_OFFSET..BAT_OFFSET + bat_len).step_by(MIB as usize) {
-            w(&zeros, off)?;
+        let mut chunk = 0;
+        for page in (0..bat_len).step_by(MIB as usize) {
+            let mut buf = vec![0u8; MIB as usize];
+            while chunk < n.bitmap_blocks() {
+                let (at, entry) = sb_entry(chunk);
+                if at >= page + MIB {
+                    break;
+                }
+                let i = (at - page) as usize;
+                buf[i..i + 8].copy_from_slice(&entry);
+                chunk += 1;
+            }
+            w(&buf, BAT_OFFSET + page)?;
+        }
+    } else {
+        for chunk in 0..n.bitmap_blocks() {
+            let (at, entry) = sb_entry(chunk);
+            w(&entry, BAT_OFFSET + at)?;
         }
     }
     // Headers last, both valid, the second current.

@@ -8,11 +8,22 @@
 //! accepts that, the writer never produces it.
 //!
 //! Reading follows the spec's "find the active sequence" procedure (2.3.3) literally,
-//! with two defensive additions that only matter for hand-crafted files: a chain of
-//! entries may not be longer in total than the log itself (so replay memory is bounded
-//! by `LogLength`), and the scan stops once the current tail has come back to or before
-//! the old tail (the spec's "less than" would loop forever on a sequence that fills the
-//! whole log exactly).
+//! with defensive additions that only matter for hand-crafted files:
+//! - a chain of entries may not be longer in total than the log itself (so the replayed
+//!   sequence is bounded by `LogLength`), and the scan stops once the current tail has
+//!   come back to or before the old tail (the spec's "less than" would loop forever on a
+//!   sequence that fills the whole log exactly);
+//! - the scan is linear in the log: each ring position's first sector is read once, an
+//!   entry's header fields (LogGuid, SequenceNumber > 0, EntryLength against
+//!   DescriptorCount) and its place in the chain (SequenceNumber one above the previous
+//!   entry's) are checked before its body is read, the body is read sector by sector in
+//!   growing chunks and each descriptor and data sector is checked as it arrives (so an
+//!   entry that overlaps another entry's header fails at that header), and the whole
+//!   scan may read at most `SCAN_WORK_FACTOR` x `LogLength` bytes (a genuine log needs
+//!   at most twice its length: every first sector once, every entry body once), beyond
+//!   which the file is treated as corrupt;
+//! - the replayed descriptors are charged to a `ReplayBudget` shared by all layers of a
+//!   chain before they are held in memory.
 //!
 //! Writing (`LogWriter`) uses the simplest policy the spec allows: the caller applies
 //! every entry to its final location and flushes before writing the next one, so each
@@ -21,12 +32,15 @@
 //! successor is durable, so a torn write of a new entry falls back to replaying the
 //! previous (already applied, so harmless) one.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::image::ImageFile;
+use crate::image::{ImageFile, OverlayPiece};
 
 /// Log sectors (and the granularity of every log write) are 4 KiB.
 pub const LOG_SECTOR_SIZE: u64 = 4096;
@@ -34,25 +48,130 @@ const SECTOR: usize = LOG_SECTOR_SIZE as usize;
 const ENTRY_HEADER_SIZE: usize = 64;
 const DESCRIPTOR_SIZE: usize = 32;
 const DESCRIPTORS_PER_SECTOR: u64 = (SECTOR / DESCRIPTOR_SIZE) as u64;
+/// Descriptors in the first descriptor sector, after the 64-byte entry header.
+const FIRST_SECTOR_DESCRIPTORS: usize = (SECTOR - ENTRY_HEADER_SIZE) / DESCRIPTOR_SIZE;
 const MIB: u64 = 1 << 20;
 /// The file type identifier and the two headers: never written through the log
 /// (2.2.1: the first 64 KiB is never overwritten; 2.2.2: headers cannot go through the log).
 const HEADER_AREA_END: u64 = 192 << 10;
-/// Zero descriptors are 32 bytes however much they zero; an in-memory replay has to hold
-/// a zero page for each zeroed page inside the file, so that is capped.
-pub const MAX_IN_MEMORY_ZERO_BYTES: u64 = 256 * MIB;
-/// Largest pending log vdiskfs replays (read-only in memory or to the file): replay holds
-/// one whole entry and then every replayed sector in memory, so this bounds it. Hyper-V
-/// and qemu write 1 MiB logs; MS-VHDX allows up to 4 GiB, which a crafted sparse file
-/// could use to make an open allocate gigabytes.
+/// Largest pending log vdiskfs replays (read-only in memory or to the file). The scan
+/// reads at most `SCAN_WORK_FACTOR` times it and the replay holds at most its data
+/// sectors. Hyper-V and qemu write 1 MiB logs; MS-VHDX allows up to 4 GiB, which a
+/// crafted sparse file could use to make an open read and allocate gigabytes.
 pub const MAX_REPLAY_LOG_LENGTH: u64 = 64 * MIB;
+/// The scan for the active sequence may read (and checksum) at most this many times
+/// `LogLength` bytes, chain walking included (`STEP_WORK` per step); past that the file
+/// is treated as corrupt. A genuine log needs at most twice its length.
+pub const SCAN_WORK_FACTOR: u64 = 3;
+/// Work counted for one step of a chain walk (an entry looked up again in the scan's
+/// memo), so that walking chains is bounded by the same limit as reading.
+const STEP_WORK: u64 = 64;
+/// An entry's sectors are read one, then two, four ... up to this many at a time.
+const MAX_READ_SECTORS: u64 = 256;
+/// Memory charged per replayed descriptor besides a data descriptor's 4 KiB page: its
+/// `LogWrite` while the replay is collected and its entry in the overlay map after.
+pub const DESCRIPTOR_MEMORY: u64 = 128;
+/// What the in-memory log replays of all layers of one chain open may hold together
+/// (see `ReplayBudget`). A Hyper-V or qemu log of 1 MiB holds less than 1 MiB, so even a
+/// 256-layer chain of such files with pending logs fits.
+pub const CHAIN_REPLAY_MEMORY: u64 = 256 * MIB;
 
 const ENTRY_SIGNATURE: &[u8; 4] = b"loge";
 const ZERO_SIGNATURE: &[u8; 4] = b"zero";
 const DESC_SIGNATURE: &[u8; 4] = b"desc";
 const DATA_SIGNATURE: &[u8; 4] = b"data";
 
-static ZERO_PAGE: [u8; SECTOR] = [0; SECTOR];
+thread_local! {
+    /// Scan work done by `find_replay` on this thread, for tests (`scan_work_on_this_thread`).
+    static SCAN_WORK: Cell<u64> = const { Cell::new(0) };
+}
+
+#[cfg(test)]
+thread_local! {
+    static TEST_CHAIN_LIMIT: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Total work (bytes read and checksummed from logs, plus `STEP_WORK` per chain step)
+/// of every `find_replay` on this thread so far, failed ones included. Tests take the
+/// difference around an open to check the scan's bound without timing anything.
+#[doc(hidden)]
+pub fn scan_work_on_this_thread() -> u64 {
+    SCAN_WORK.with(|w| w.get())
+}
+
+/// Tests: make `ReplayBudget::for_chain` on this thread use `limit` (None: the default).
+#[cfg(test)]
+pub(crate) fn set_chain_replay_limit_for_tests(limit: Option<u64>) {
+    TEST_CHAIN_LIMIT.with(|l| l.set(limit));
+}
+
+/// The memory the in-memory log replays of one chain open may hold together. Every
+/// layer of the chain charges its replayed descriptors here (4 KiB + `DESCRIPTOR_MEMORY`
+/// per data sector, `DESCRIPTOR_MEMORY` per zero range) before it allocates them; the
+/// open of the layer that would go past the limit fails, naming that file. A writable
+/// top replays to the file and gives its charge back once that is done.
+#[derive(Debug)]
+pub struct ReplayBudget {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl ReplayBudget {
+    pub fn new(limit: u64) -> Self {
+        ReplayBudget {
+            limit,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// The budget of one chain open: `CHAIN_REPLAY_MEMORY`.
+    pub fn for_chain() -> Self {
+        #[cfg(test)]
+        if let Some(l) = TEST_CHAIN_LIMIT.with(|l| l.get()) {
+            return Self::new(l);
+        }
+        Self::new(CHAIN_REPLAY_MEMORY)
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes charged and not given back.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// Charge `n` bytes for replaying `path`'s log, or fail when that goes past the limit.
+    pub(crate) fn charge(&self, path: &Path, n: u64) -> Result<()> {
+        let r = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|&t| t <= self.limit)
+            });
+        r.map(|_| ()).map_err(|used| {
+            Error::unsupported(
+                path,
+                format!(
+                    "replaying its pending log in memory needs more than the {} MiB that the \
+                     log replays of all layers of one chain may hold together ({} KiB held \
+                     already); vdiskfs refuses it",
+                    self.limit >> 20,
+                    used >> 10
+                ),
+            )
+        })
+    }
+
+    /// Give back `n` bytes charged before.
+    pub(crate) fn refund(&self, n: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+}
 
 /// What one replayed descriptor writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +189,17 @@ pub struct LogWrite {
     pub data: LogData,
 }
 
+impl LogWrite {
+    /// Where the write ends (validated not to overflow).
+    pub fn end(&self) -> u64 {
+        self.file_offset
+            + match self.data {
+                LogData::Sector(_) => LOG_SECTOR_SIZE,
+                LogData::Zero { len } => len,
+            }
+    }
+}
+
 /// The active log sequence, ready to replay.
 #[derive(Debug, Clone)]
 pub struct Replay {
@@ -83,6 +213,19 @@ pub struct Replay {
     pub entries: usize,
     /// SequenceNumber of the head entry (a new log should continue above it).
     pub head_sequence: u64,
+    /// What the writes were charged to the `ReplayBudget` (bytes).
+    pub memory: u64,
+}
+
+impl Replay {
+    /// The file length after replaying into a file of `len` bytes: the spec extends the
+    /// file to cover every write and LastFileOffset.
+    pub fn grown_len(&self, len: u64) -> u64 {
+        self.writes
+            .iter()
+            .map(LogWrite::end)
+            .fold(len.max(self.last_file_offset), u64::max)
+    }
 }
 
 /// The log region, validated against the file.
@@ -178,307 +321,510 @@ fn parse_entry_header(
         flushed_file_offset: le64(first, 48),
         last_file_offset: le64(first, 56),
     };
-    let ok = length >= LOG_SECTOR_SIZE
+    // An entry is its descriptor sectors and one data sector per data descriptor
+    // (2.3.1), so it is at most descriptor sectors + DescriptorCount sectors long.
+    let desc_sectors = descriptor_sectors(u64::from(count));
+    let ok = guid == *log_guid
+        && sequence > 0
+        && length >= LOG_SECTOR_SIZE
         && length % LOG_SECTOR_SIZE == 0
         && length <= log_length
         && tail % LOG_SECTOR_SIZE == 0
         && tail < log_length
-        && sequence > 0
-        && guid == *log_guid
-        && descriptor_sectors(u64::from(count)) * LOG_SECTOR_SIZE <= length;
+        && desc_sectors * LOG_SECTOR_SIZE <= length
+        && length <= (desc_sectors + u64::from(count)) * LOG_SECTOR_SIZE;
     ok.then_some((info, count))
 }
 
-/// Validate a whole entry (`buf` holds exactly EntryLength bytes): checksum, every
-/// descriptor, every data sector. With `collect`, also return its writes.
-fn parse_entry_body(
-    buf: &[u8],
-    info: &EntryInfo,
-    count: u32,
-    collect: bool,
-) -> Option<Vec<LogWrite>> {
-    let stored = le32(buf, 4);
-    let crc = crc32c::crc32c(&buf[..4]);
-    let crc = crc32c::crc32c_append(crc, &[0; 4]);
-    if crc32c::crc32c_append(crc, &buf[8..]) != stored {
-        return None;
+/// Collects the writes of the active sequence while its entries are read a second
+/// time, charging each to the chain's budget before allocating it.
+struct Collector<'a> {
+    budget: &'a ReplayBudget,
+    writes: Vec<LogWrite>,
+    /// Index in `writes` of each data descriptor of the entry being read, in order.
+    pages: Vec<usize>,
+    charged: u64,
+}
+
+impl Collector<'_> {
+    fn charge(&mut self, path: &Path, n: u64) -> Result<()> {
+        self.budget.charge(path, n)?;
+        self.charged += n;
+        Ok(())
     }
-    let seq = info.sequence;
-    let first_data = descriptor_sectors(u64::from(count)) as usize;
-    let mut data_sectors = 0usize;
-    let mut writes = Vec::new();
-    for i in 0..count as usize {
-        let d = &buf[ENTRY_HEADER_SIZE + i * DESCRIPTOR_SIZE..][..DESCRIPTOR_SIZE];
-        let file_offset = le64(d, 16);
-        if le64(d, 24) != seq || !file_offset.is_multiple_of(LOG_SECTOR_SIZE) {
-            return None;
+}
+
+/// Check one descriptor of an entry with SequenceNumber `seq`; with a collector, record
+/// its write (a data descriptor's page gets its leading and trailing bytes now, the rest
+/// when its data sector is read). `Ok(false)`: invalid. `data_seen` counts data
+/// descriptors; more than `data_sectors` of them is invalid.
+fn descriptor(
+    path: &Path,
+    d: &[u8],
+    seq: u64,
+    data_seen: &mut u64,
+    data_sectors: u64,
+    out: &mut Option<&mut Collector>,
+) -> Result<bool> {
+    let file_offset = le64(d, 16);
+    if le64(d, 24) != seq || !file_offset.is_multiple_of(LOG_SECTOR_SIZE) {
+        return Ok(false);
+    }
+    if &d[0..4] == ZERO_SIGNATURE {
+        let len = le64(d, 8);
+        if !len.is_multiple_of(LOG_SECTOR_SIZE) || file_offset.checked_add(len).is_none() {
+            return Ok(false);
         }
-        if &d[0..4] == ZERO_SIGNATURE {
-            let len = le64(d, 8);
-            if !len.is_multiple_of(LOG_SECTOR_SIZE) || file_offset.checked_add(len).is_none() {
-                return None;
-            }
-            if len > 0 && file_offset < HEADER_AREA_END {
-                return None;
-            }
-            if collect && len > 0 {
-                writes.push(LogWrite {
+        if len > 0 && file_offset < HEADER_AREA_END {
+            return Ok(false);
+        }
+        if let Some(c) = out {
+            if len > 0 {
+                c.charge(path, DESCRIPTOR_MEMORY)?;
+                c.writes.push(LogWrite {
                     file_offset,
                     data: LogData::Zero { len },
                 });
             }
-        } else if &d[0..4] == DESC_SIGNATURE {
-            if file_offset < HEADER_AREA_END || file_offset.checked_add(LOG_SECTOR_SIZE).is_none() {
-                return None;
-            }
-            let at = (first_data + data_sectors) * SECTOR;
-            let s = buf.get(at..at + SECTOR)?;
-            data_sectors += 1;
-            if &s[0..4] != DATA_SIGNATURE
-                || le32(s, 4) != (seq >> 32) as u32
-                || le32(s, SECTOR - 4) != seq as u32
-            {
-                return None;
-            }
-            if collect {
-                let mut page = vec![0u8; SECTOR].into_boxed_slice();
-                page[..8].copy_from_slice(&d[8..16]);
-                page[8..SECTOR - 4].copy_from_slice(&s[8..SECTOR - 4]);
-                page[SECTOR - 4..].copy_from_slice(&d[4..8]);
-                writes.push(LogWrite {
-                    file_offset,
-                    data: LogData::Sector(page),
-                });
-            }
-        } else {
-            return None;
+        }
+        Ok(true)
+    } else if &d[0..4] == DESC_SIGNATURE {
+        if file_offset < HEADER_AREA_END || file_offset.checked_add(LOG_SECTOR_SIZE).is_none() {
+            return Ok(false);
+        }
+        *data_seen += 1;
+        if *data_seen > data_sectors {
+            return Ok(false);
+        }
+        if let Some(c) = out {
+            c.charge(path, LOG_SECTOR_SIZE + DESCRIPTOR_MEMORY)?;
+            let mut page = vec![0u8; SECTOR].into_boxed_slice();
+            page[..8].copy_from_slice(&d[8..16]);
+            page[SECTOR - 4..].copy_from_slice(&d[4..8]);
+            c.pages.push(c.writes.len());
+            c.writes.push(LogWrite {
+                file_offset,
+                data: LogData::Sector(page),
+            });
+        }
+        Ok(true)
+    } else {
+        Ok(false)
+    }
+}
+
+/// One search for the active sequence: what it has read, and its memos.
+struct Scanner<'a> {
+    file: &'a ImageFile,
+    ring: Ring,
+    guid: Uuid,
+    /// Bytes read (and checksummed) so far, plus `STEP_WORK` per chain step.
+    work: u64,
+    /// `work` may not go past this (lifted for the final read of the active sequence,
+    /// which is bounded by the ring length).
+    limit: u64,
+    /// Entry headers by ring position (`None`: no valid header there).
+    headers: HashMap<u64, Option<(EntryInfo, u32)>>,
+    /// Whether the entry at a ring position is valid as a whole (checked lazily).
+    valid: HashMap<u64, bool>,
+    /// The first sector read last, when it held a valid header (saves reading it again
+    /// when the entry is validated right after).
+    probed: Option<(u64, Vec<u8>)>,
+}
+
+impl<'a> Scanner<'a> {
+    fn new(file: &'a ImageFile, ring: Ring, guid: Uuid) -> Self {
+        Scanner {
+            file,
+            ring,
+            guid,
+            work: 0,
+            limit: ring.length.saturating_mul(SCAN_WORK_FACTOR),
+            headers: HashMap::new(),
+            valid: HashMap::new(),
+            probed: None,
         }
     }
-    Some(writes)
-}
 
-/// Read and validate the entry at ring position `pos`. `Ok(None)`: no valid entry there.
-fn read_entry(
-    file: &ImageFile,
-    ring: &Ring,
-    log_guid: &Uuid,
-    pos: u64,
-    collect: bool,
-) -> Result<Option<(EntryInfo, Vec<LogWrite>)>> {
-    let mut first = [0u8; SECTOR];
-    ring.read(file, pos, &mut first)?;
-    let Some((info, count)) = parse_entry_header(&first, pos, ring.length, log_guid) else {
-        return Ok(None);
-    };
-    // EntryLength <= LogLength < 4 GiB was checked: this allocation is bounded by the log.
-    let mut buf = vec![0u8; info.length as usize];
-    buf[..SECTOR].copy_from_slice(&first);
-    if info.length > LOG_SECTOR_SIZE {
-        ring.read(
-            file,
-            (pos + LOG_SECTOR_SIZE) % ring.length,
-            &mut buf[SECTOR..],
-        )?;
+    fn charge(&mut self, n: u64) -> Result<()> {
+        self.work = self.work.saturating_add(n);
+        if self.work > self.limit {
+            return Err(Error::corrupt(
+                &self.file.path,
+                format!(
+                    "the log at offset {} ({} bytes) holds no active sequence found within \
+                     {SCAN_WORK_FACTOR} x its length of reading (a genuine log needs at most \
+                     twice its length); it is damaged or crafted, so the file is corrupt",
+                    self.ring.offset, self.ring.length
+                ),
+            ));
+        }
+        Ok(())
     }
-    Ok(parse_entry_body(&buf, &info, count, collect).map(|w| (info, w)))
-}
 
-/// The current sequence of the spec's scan: valid entries with consecutive sequence
-/// numbers from ring position `start` on. Also says whether it was cut short because it
-/// would have been longer than the ring. `seen` memoises entry validation by position.
-fn chain_from(
-    file: &ImageFile,
-    ring: &Ring,
-    log_guid: &Uuid,
-    start: u64,
-    seen: &mut HashMap<u64, Option<EntryInfo>>,
-) -> Result<(Vec<EntryInfo>, bool)> {
-    let mut chain: Vec<EntryInfo> = Vec::new();
-    let mut total = 0u64;
-    let mut pos = start;
-    loop {
-        let entry = match seen.get(&pos) {
-            Some(e) => *e,
-            None => {
-                let e = read_entry(file, ring, log_guid, pos, false)?.map(|(i, _)| i);
-                seen.insert(pos, e);
-                e
+    fn read(&mut self, pos: u64, buf: &mut [u8]) -> Result<()> {
+        self.charge(buf.len() as u64)?;
+        self.ring.read(self.file, pos, buf)
+    }
+
+    /// The entry header at `pos` (read at most once per scan).
+    fn header(&mut self, pos: u64) -> Result<Option<(EntryInfo, u32)>> {
+        if let Some(h) = self.headers.get(&pos) {
+            return Ok(*h);
+        }
+        let mut first = vec![0u8; SECTOR];
+        self.read(pos, &mut first)?;
+        let h = parse_entry_header(&first, pos, self.ring.length, &self.guid);
+        self.headers.insert(pos, h);
+        if h.is_some() {
+            self.probed = Some((pos, first));
+        }
+        Ok(h)
+    }
+
+    /// Whether the entry `info` (whose header is valid) is valid as a whole (checked at
+    /// most once per scan).
+    fn is_valid(&mut self, info: &EntryInfo, count: u32) -> Result<bool> {
+        if let Some(&v) = self.valid.get(&info.pos) {
+            return Ok(v);
+        }
+        let v = self.entry(info, count, None)?;
+        self.valid.insert(info.pos, v);
+        Ok(v)
+    }
+
+    /// Read and check the entry whose header said `info` and `count`: the header again,
+    /// every descriptor, every data sector (signature and sequence number), then the
+    /// checksum. With a collector, also collect its writes. `Ok(false)`: not valid.
+    fn entry(
+        &mut self,
+        info: &EntryInfo,
+        count: u32,
+        mut out: Option<&mut Collector>,
+    ) -> Result<bool> {
+        let first = match self.probed.take() {
+            Some((p, s)) if p == info.pos => s,
+            _ => {
+                let mut s = vec![0u8; SECTOR];
+                self.read(info.pos, &mut s)?;
+                s
             }
         };
-        let Some(e) = entry else { break };
-        if let Some(prev) = chain.last() {
-            if prev.sequence.checked_add(1) != Some(e.sequence) {
-                break;
+        if parse_entry_header(&first, info.pos, self.ring.length, &self.guid)
+            != Some((*info, count))
+        {
+            return Ok(false);
+        }
+        if let Some(c) = out.as_deref_mut() {
+            c.pages.clear();
+        }
+        let path = self.file.path.clone();
+        let seq = info.sequence;
+        let count = count as usize;
+        let sectors = info.length / LOG_SECTOR_SIZE;
+        let desc_sectors = descriptor_sectors(count as u64);
+        let data_sectors = sectors - desc_sectors;
+        let stored = le32(&first, 4);
+        let mut crc = crc32c::crc32c(&first[..4]);
+        crc = crc32c::crc32c_append(crc, &[0; 4]);
+        crc = crc32c::crc32c_append(crc, &first[8..]);
+
+        let mut data_seen = 0u64;
+        let mut done = count.min(FIRST_SECTOR_DESCRIPTORS);
+        for d in first[ENTRY_HEADER_SIZE..]
+            .chunks(DESCRIPTOR_SIZE)
+            .take(done)
+        {
+            if !descriptor(&path, d, seq, &mut data_seen, data_sectors, &mut out)? {
+                return Ok(false);
             }
         }
-        if total + e.length > ring.length {
-            // A chain cannot be longer than the ring it was written to.
-            return Ok((chain, true));
+        // The number of data sectors must equal the number of data descriptors (2.3.1).
+        if desc_sectors == 1 && data_seen != data_sectors {
+            return Ok(false);
         }
-        total += e.length;
-        chain.push(e);
-        pos = (pos + e.length) % ring.length;
+
+        let mut k = 1u64; // next sector of the entry
+        let mut chunk = 1u64;
+        let mut data_index = 0usize;
+        let mut buf = Vec::new();
+        while k < sectors {
+            let n = chunk.min(sectors - k);
+            buf.resize(n as usize * SECTOR, 0);
+            self.read(
+                (info.pos + k * LOG_SECTOR_SIZE) % self.ring.length,
+                &mut buf,
+            )?;
+            crc = crc32c::crc32c_append(crc, &buf);
+            for s in buf.chunks(SECTOR) {
+                if k < desc_sectors {
+                    let m = (count - done).min(DESCRIPTORS_PER_SECTOR as usize);
+                    for d in s.chunks(DESCRIPTOR_SIZE).take(m) {
+                        if !descriptor(&path, d, seq, &mut data_seen, data_sectors, &mut out)? {
+                            return Ok(false);
+                        }
+                    }
+                    done += m;
+                    if k + 1 == desc_sectors && data_seen != data_sectors {
+                        return Ok(false);
+                    }
+                } else {
+                    if &s[0..4] != DATA_SIGNATURE
+                        || le32(s, 4) != (seq >> 32) as u32
+                        || le32(s, SECTOR - 4) != seq as u32
+                    {
+                        return Ok(false);
+                    }
+                    if let Some(c) = out.as_deref_mut() {
+                        if let LogData::Sector(page) = &mut c.writes[c.pages[data_index]].data {
+                            page[8..SECTOR - 4].copy_from_slice(&s[8..SECTOR - 4]);
+                        }
+                    }
+                    data_index += 1;
+                }
+                k += 1;
+            }
+            chunk = (chunk * 2).min(MAX_READ_SECTORS);
+        }
+        Ok(crc == stored)
     }
-    Ok((chain, false))
+
+    /// The current sequence of the spec's scan: valid entries with consecutive sequence
+    /// numbers from ring position `start` on. Also says whether it was cut short because
+    /// it would have been longer than the ring.
+    fn chain_from(&mut self, start: u64) -> Result<(Vec<EntryInfo>, bool)> {
+        let mut chain: Vec<EntryInfo> = Vec::new();
+        let mut total = 0u64;
+        let mut pos = start;
+        loop {
+            self.charge(STEP_WORK)?;
+            let Some((e, count)) = self.header(pos)? else {
+                break;
+            };
+            // The cheap test first: an entry that does not continue the sequence ends
+            // it whether or not its body is valid.
+            if let Some(prev) = chain.last() {
+                if prev.sequence.checked_add(1) != Some(e.sequence) {
+                    break;
+                }
+            }
+            if !self.is_valid(&e, count)? {
+                break;
+            }
+            if total + e.length > self.ring.length {
+                // A chain cannot be longer than the ring it was written to.
+                return Ok((chain, true));
+            }
+            total += e.length;
+            chain.push(e);
+            pos = (pos + e.length) % self.ring.length;
+        }
+        Ok((chain, false))
+    }
+
+    /// The spec's scan (2.3.3), then the active sequence read once more to collect it.
+    fn find(&mut self, budget: &ReplayBudget) -> Result<Option<Replay>> {
+        let ring = self.ring;
+        // Starts of chains known to be invalid sequences (see below).
+        let mut dead: HashSet<u64> = HashSet::new();
+        // The candidate active sequence, tail entry first.
+        let mut candidate: Vec<EntryInfo> = Vec::new();
+        let mut current_tail = 0u64;
+        let mut old_tail = 0u64;
+        loop {
+            let (chain, capped) = if dead.contains(&current_tail) {
+                (Vec::new(), false)
+            } else {
+                self.chain_from(current_tail)?
+            };
+
+            // Valid when the head entry's Tail is one of the chain's entries; the
+            // sequence then runs from that entry to the head.
+            let tail_index = chain
+                .last()
+                .and_then(|head| chain.iter().position(|e| e.pos == head.tail));
+            let next_tail = match (tail_index, chain.last()) {
+                (Some(i), Some(head)) => {
+                    let best = candidate.last().map_or(0, |c| c.sequence);
+                    if head.sequence > best {
+                        candidate = chain[i..].to_vec();
+                    }
+                    (head.pos + head.length) % ring.length
+                }
+                _ => {
+                    // Every entry of an invalid, uncapped chain starts a suffix of it
+                    // with the same head, which is invalid for the same reason: skip
+                    // them later.
+                    if !capped {
+                        dead.extend(chain.iter().map(|e| e.pos));
+                    }
+                    (current_tail + LOG_SECTOR_SIZE) % ring.length
+                }
+            };
+            if next_tail <= old_tail {
+                break;
+            }
+            old_tail = next_tail;
+            current_tail = next_tail;
+        }
+
+        let path = &self.file.path;
+        let Some(head) = candidate.last().copied() else {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "the header's LogGuid {} is set but the log at offset {} holds no valid \
+                     entry sequence for it, so the file is corrupt (MS-VHDX 2.3.3)",
+                    self.guid, ring.offset
+                ),
+            ));
+        };
+        if self.file.len() < head.flushed_file_offset {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "the file is {} bytes but its log says it was at least {} bytes \
+                     (FlushedFileOffset of log entry {}): the file was truncated",
+                    self.file.len(),
+                    head.flushed_file_offset,
+                    head.sequence
+                ),
+            ));
+        }
+
+        // The active sequence is at most the ring long (chain_from caps chains).
+        self.limit = u64::MAX;
+        self.probed = None;
+        let mut c = Collector {
+            budget,
+            writes: Vec::new(),
+            pages: Vec::new(),
+            charged: 0,
+        };
+        let result = self.collect(&candidate, &mut c);
+        if result.is_err() {
+            budget.refund(c.charged);
+        }
+        result?;
+        Ok(Some(Replay {
+            writes: c.writes,
+            flushed_file_offset: head.flushed_file_offset,
+            last_file_offset: head.last_file_offset,
+            entries: candidate.len(),
+            head_sequence: head.sequence,
+            memory: c.charged,
+        }))
+    }
+
+    fn collect(&mut self, candidate: &[EntryInfo], c: &mut Collector) -> Result<()> {
+        for e in candidate {
+            let count = self.headers.get(&e.pos).copied().flatten().map(|h| h.1);
+            let ok = match count {
+                Some(count) => self.entry(e, count, Some(&mut *c))?,
+                None => false,
+            };
+            if !ok {
+                return Err(Error::corrupt(
+                    &self.file.path,
+                    format!(
+                        "log entry {} at log offset {} changed while it was being read",
+                        e.sequence, e.pos
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Find the active log sequence of a VHDX whose current header has LogGuid `log_guid`
-/// (MS-VHDX 2.3.3).
-///
-/// `Ok(None)` when `log_guid` is nil (the log is empty and must not be replayed).
-/// Otherwise the spec leaves no "nothing to replay" case: no valid sequence means the
-/// file is corrupt, and so does a file shorter than the head entry's FlushedFileOffset;
-/// both are `Error::Corrupt`. Reads only the log; never modifies the file.
+/// (MS-VHDX 2.3.3), with a budget of its own for the replayed writes.
 pub fn find_replay(
     file: &ImageFile,
     log_offset: u64,
     log_length: u64,
     log_guid: Uuid,
 ) -> Result<Option<Replay>> {
+    find_replay_within(
+        file,
+        log_offset,
+        log_length,
+        log_guid,
+        &ReplayBudget::for_chain(),
+    )
+}
+
+/// Find the active log sequence of a VHDX whose current header has LogGuid `log_guid`
+/// (MS-VHDX 2.3.3), charging the replayed writes to `budget`.
+///
+/// `Ok(None)` when `log_guid` is nil (the log is empty and must not be replayed).
+/// Otherwise the spec leaves no "nothing to replay" case: no valid sequence means the
+/// file is corrupt, and so does a file shorter than the head entry's FlushedFileOffset,
+/// and so (here) does a log the scan cannot finish within `SCAN_WORK_FACTOR` x its
+/// length; these are `Error::Corrupt`. Going past the budget is `Error::Unsupported`.
+/// Reads only the log; never modifies the file.
+pub fn find_replay_within(
+    file: &ImageFile,
+    log_offset: u64,
+    log_length: u64,
+    log_guid: Uuid,
+    budget: &ReplayBudget,
+) -> Result<Option<Replay>> {
     if log_guid.is_nil() {
         return Ok(None);
     }
     let ring = Ring::new(file, log_offset, log_length)?;
-
-    // Each ring position is read and validated at most once.
-    let mut seen: HashMap<u64, Option<EntryInfo>> = HashMap::new();
-    // Starts of chains known to be invalid sequences (see below).
-    let mut dead: HashSet<u64> = HashSet::new();
-    // The candidate active sequence, tail entry first.
-    let mut candidate: Vec<EntryInfo> = Vec::new();
-    let mut current_tail = 0u64;
-    let mut old_tail = 0u64;
-    loop {
-        let (chain, capped) = if dead.contains(&current_tail) {
-            (Vec::new(), false)
-        } else {
-            chain_from(file, &ring, &log_guid, current_tail, &mut seen)?
-        };
-
-        // Valid when the head entry's Tail is one of the chain's entries; the sequence
-        // then runs from that entry to the head.
-        let tail_index = chain
-            .last()
-            .and_then(|head| chain.iter().position(|e| e.pos == head.tail));
-        let next_tail = match (tail_index, chain.last()) {
-            (Some(i), Some(head)) => {
-                let best = candidate.last().map_or(0, |c| c.sequence);
-                if head.sequence > best {
-                    candidate = chain[i..].to_vec();
-                }
-                (head.pos + head.length) % ring.length
-            }
-            _ => {
-                // Every entry of an invalid, uncapped chain starts a suffix of it with
-                // the same head, which is invalid for the same reason: skip them later.
-                if !capped {
-                    dead.extend(chain.iter().map(|e| e.pos));
-                }
-                (current_tail + LOG_SECTOR_SIZE) % ring.length
-            }
-        };
-        if next_tail <= old_tail {
-            break;
-        }
-        old_tail = next_tail;
-        current_tail = next_tail;
-    }
-
-    let Some(head) = candidate.last().copied() else {
-        return Err(Error::corrupt(
-            &file.path,
-            format!(
-                "the header's LogGuid {log_guid} is set but the log at offset {log_offset} \
-                 holds no valid entry sequence for it, so the file is corrupt (MS-VHDX 2.3.3)"
-            ),
-        ));
-    };
-    if file.len() < head.flushed_file_offset {
-        return Err(Error::corrupt(
-            &file.path,
-            format!(
-                "the file is {} bytes but its log says it was at least {} bytes \
-                 (FlushedFileOffset of log entry {}): the file was truncated",
-                file.len(),
-                head.flushed_file_offset,
-                head.sequence
-            ),
-        ));
-    }
-
-    let mut writes = Vec::new();
-    for e in &candidate {
-        match read_entry(file, &ring, &log_guid, e.pos, true)? {
-            Some((info, w)) if info == *e => writes.extend(w),
-            _ => {
-                return Err(Error::corrupt(
-                    &file.path,
-                    format!(
-                        "log entry {} at log offset {} changed while it was being read",
-                        e.sequence, e.pos
-                    ),
-                ))
-            }
-        }
-    }
-    let zero_inside: u64 = writes
-        .iter()
-        .map(|w| match w.data {
-            LogData::Zero { len } => file.len().saturating_sub(w.file_offset).min(len),
-            LogData::Sector(_) => 0,
-        })
-        .fold(0u64, u64::saturating_add);
-    if zero_inside > MAX_IN_MEMORY_ZERO_BYTES {
-        return Err(Error::unsupported(
-            &file.path,
-            format!(
-                "the pending log zeroes {zero_inside} bytes of the file; at most \
-                 {MAX_IN_MEMORY_ZERO_BYTES} are supported"
-            ),
-        ));
-    }
-    Ok(Some(Replay {
-        writes,
-        flushed_file_offset: head.flushed_file_offset,
-        last_file_offset: head.last_file_offset,
-        entries: candidate.len(),
-        head_sequence: head.sequence,
-    }))
+    let mut scanner = Scanner::new(file, ring, log_guid);
+    let result = scanner.find(budget);
+    SCAN_WORK.with(|w| w.set(w.get().saturating_add(scanner.work)));
+    result
 }
 
-/// Read-only open: replay into the `ImageFile` overlay (every written page, and every
-/// zeroed page inside the file, becomes an overlay page) and extend the logical length
-/// to cover every write and LastFileOffset. Never touches the file.
-pub fn apply_in_memory(file: &mut ImageFile, replay: &Replay) {
-    // Pages past the end of the real file already read as zeros once the logical length
-    // covers them, so zeroed ranges there need no page unless this replay wrote one.
-    // (Overlay pages only exist below the logical length, so it is the right bound.)
-    let real_end = file.len().div_ceil(LOG_SECTOR_SIZE) * LOG_SECTOR_SIZE;
-    let mut pages: BTreeMap<u64, Option<&[u8]>> = BTreeMap::new();
-    let mut end = replay.last_file_offset;
-    for w in &replay.writes {
-        let off = w.file_offset;
-        match &w.data {
-            LogData::Sector(d) => {
-                pages.insert(off, Some(d));
-                end = end.max(off + LOG_SECTOR_SIZE);
+/// Remove `[start, stop)` from non-overlapping overlay pieces, trimming a zero run that
+/// sticks out on either side (pages and ranges are 4 KiB aligned, so pages never do).
+fn carve(pieces: &mut BTreeMap<u64, OverlayPiece>, start: u64, stop: u64) {
+    if let Some((&s, p)) = pieces.range_mut(..start).next_back() {
+        let e = s + p.len();
+        if e > start {
+            if let OverlayPiece::Zeros(len) = p {
+                *len = start - s;
             }
-            LogData::Zero { len } => {
-                let stop = off + len;
-                end = end.max(stop);
-                let inside = stop.min(real_end).max(off);
-                for p in (off..inside).step_by(SECTOR) {
-                    pages.insert(p, None);
-                }
-                let written: Vec<u64> = pages.range(inside..stop).map(|(&p, _)| p).collect();
-                for p in written {
-                    pages.insert(p, None);
-                }
+            if e > stop {
+                pieces.insert(stop, OverlayPiece::Zeros(e - stop));
             }
         }
     }
-    for (off, data) in pages {
-        file.overlay_page(off, data.unwrap_or(&ZERO_PAGE));
+    let inside: Vec<u64> = pieces.range(start..stop).map(|(&s, _)| s).collect();
+    for s in inside {
+        if let Some(p) = pieces.remove(&s) {
+            let e = s + p.len();
+            if e > stop {
+                pieces.insert(stop, OverlayPiece::Zeros(e - stop));
+            }
+        }
+    }
+}
+
+/// Read-only open: replay into the `ImageFile` overlay and extend the logical length to
+/// cover every write and LastFileOffset. Later writes override earlier ones; a data
+/// sector becomes one 4 KiB page (moved, not copied) and a zero descriptor one range,
+/// whatever its length. Never touches the file.
+pub fn apply_in_memory(file: &mut ImageFile, replay: Replay) {
+    let mut pieces: BTreeMap<u64, OverlayPiece> = BTreeMap::new();
+    let mut end = replay.last_file_offset;
+    for w in replay.writes {
+        let start = w.file_offset;
+        let piece = match w.data {
+            LogData::Sector(d) => OverlayPiece::Page(d),
+            LogData::Zero { len } => OverlayPiece::Zeros(len),
+        };
+        let stop = start + piece.len();
+        end = end.max(stop);
+        carve(&mut pieces, start, stop);
+        pieces.insert(start, piece);
+    }
+    for (off, piece) in pieces {
+        file.overlay_piece(off, piece);
     }
     file.extend_logical(end);
 }
@@ -795,6 +1141,49 @@ pub mod testutil {
         file.sync_data()
     }
 
+    /// Turn a clean VHDX into the hostile file of issue 11 (item 2): its header points at
+    /// a pending log of `log_len` bytes placed after the file's end (1 MiB aligned),
+    /// every 4 KiB slot of which holds an entry header claiming the whole log
+    /// (EntryLength = LogLength) with the header's LogGuid, SequenceNumber 1, Tail 0 and
+    /// DescriptorCount `count` (the descriptors in the first sector plausible too), but
+    /// a wrong checksum and no valid body. Only the first 48 bytes of a slot are
+    /// non-zero when `count` is 0. Returns (log offset, LogGuid).
+    pub fn make_crafted_log_test_file(
+        path: &Path,
+        log_len: u64,
+        count: u32,
+    ) -> Result<(u64, Uuid)> {
+        let file = ImageFile::open(path, true)?;
+        let log_at = file.len().div_ceil(MIB) * MIB;
+        let guid = Uuid::new_v4();
+        let mut chunk = vec![0u8; MIB as usize];
+        for h in chunk.chunks_mut(super::SECTOR) {
+            h[0..4].copy_from_slice(super::ENTRY_SIGNATURE);
+            h[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
+            h[8..12].copy_from_slice(&(log_len as u32).to_le_bytes());
+            h[16..24].copy_from_slice(&1u64.to_le_bytes());
+            h[24..28].copy_from_slice(&count.to_le_bytes());
+            h[32..48].copy_from_slice(&guid.to_bytes_le());
+            let descriptors = h[super::ENTRY_HEADER_SIZE..].chunks_mut(super::DESCRIPTOR_SIZE);
+            for d in descriptors.take(count as usize) {
+                d[0..4].copy_from_slice(super::DESC_SIGNATURE);
+                d[16..24].copy_from_slice(&MIB.to_le_bytes());
+                d[24..32].copy_from_slice(&1u64.to_le_bytes());
+            }
+        }
+        for at in (0..log_len).step_by(MIB as usize) {
+            file.write_all_at(&chunk, log_at + at)?;
+        }
+        let (mut hdr, slot, _) = read_current_header(&file)?;
+        hdr.log_offset = log_at;
+        hdr.log_length = log_len as u32;
+        hdr.log_guid = guid;
+        hdr.sequence_number += 1;
+        file.write_all_at(&hdr.to_bytes(), HEADER_OFFSETS[1 - slot])?;
+        file.sync_data()?;
+        Ok((log_at, guid))
+    }
+
     /// File offset of the BAT region.
     pub fn bat_offset(path: &Path) -> Result<u64> {
         let file = ImageFile::open(path, false)?;
@@ -951,7 +1340,7 @@ mod tests {
 
         // In memory: visible through the ImageFile, the file untouched.
         let mut f = open(&path, false);
-        apply_in_memory(&mut f, &r);
+        apply_in_memory(&mut f, r.clone());
         assert_eq!(read(&f, 2 * MIB, SECTOR), a);
         assert_eq!(read(&f, 2 * MIB + 8192, SECTOR), b);
         assert_eq!(
@@ -1076,7 +1465,7 @@ mod tests {
         );
 
         let mut f = open(&path, false);
-        apply_in_memory(&mut f, &r);
+        apply_in_memory(&mut f, r.clone());
         assert_eq!(
             read(&f, p, SECTOR),
             b,
@@ -1126,7 +1515,7 @@ mod tests {
         let r = replay(&path, g).unwrap().unwrap();
         assert_eq!((r.entries, r.head_sequence), (2, 2));
         let mut f = open(&path, false);
-        apply_in_memory(&mut f, &r);
+        apply_in_memory(&mut f, r.clone());
         assert_eq!(read(&f, 2 * MIB, SECTOR), b);
 
         // A data sector whose sequence number does not match is invalid even with a
@@ -1273,7 +1662,7 @@ mod tests {
             );
         };
         let mut f = open(&path, false);
-        apply_in_memory(&mut f, &r);
+        apply_in_memory(&mut f, r.clone());
         check(&f);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), FILE_LEN);
 
@@ -1414,6 +1803,20 @@ mod tests {
                 "two data descriptors, one data sector",
                 Box::new(move |e| e[d1..d1 + 4].copy_from_slice(DESC_SIGNATURE)),
             ),
+            (
+                "a sector more than its descriptors use",
+                Box::new(|e| {
+                    e.extend_from_slice(&[0; SECTOR]);
+                    let len = e.len() as u32;
+                    e[8..12].copy_from_slice(&len.to_le_bytes());
+                }),
+            ),
+            (
+                "EntryLength beyond DescriptorCount's sectors",
+                Box::new(|e| {
+                    e[24..28].copy_from_slice(&0u32.to_le_bytes());
+                }),
+            ),
         ];
         for (what, edit) in &edits {
             let mut e = good.clone();
@@ -1467,7 +1870,7 @@ mod tests {
             put(&path, 0, &log);
             if let Ok(Some(r)) = replay(&path, g) {
                 let mut f = open(&path, false);
-                apply_in_memory(&mut f, &r);
+                apply_in_memory(&mut f, r.clone());
                 assert!(r.entries > 0, "round {round}");
             }
         }
@@ -1585,7 +1988,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((r.entries, r.writes.len()), (1, 2));
-        apply_in_memory(&mut f, &r);
+        apply_in_memory(&mut f, r.clone());
         assert!(
             read_disk(&f, bat, blocks) == qemu_view,
             "in-memory replay differs from qemu"
@@ -1655,11 +2058,172 @@ mod tests {
         );
         let r = replay(&path, g).unwrap().unwrap();
         let mut f = open(&path, false);
-        apply_in_memory(&mut f, &r);
+        apply_in_memory(&mut f, r.clone());
         assert_eq!(f.len(), FILE_LEN + len);
         assert!(read(&f, FILE_LEN + len - 4096, 4096)
             .iter()
             .all(|&x| x == 0));
         assert_eq!(read(&f, 0, 4096), pattern(1, 4096));
+    }
+
+    /// A sequence of data pages and zero ranges, overlapping each other and the end of
+    /// the file, replayed in memory: every byte reads as applying them in order would
+    /// leave it, and each write is one overlay piece at most.
+    #[test]
+    fn in_memory_replay_matches_applying_the_writes_in_order() {
+        let dir = TempDir::new("overlaymodel");
+        let path = synthetic(&dir, "f");
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Pages 0..96 of an area whose page 64 is the end of the file.
+        let area = FILE_LEN - 64 * LOG_SECTOR_SIZE;
+        for round in 0..40 {
+            let mut model = std::fs::read(&path).unwrap()[area as usize..].to_vec();
+            model.resize(96 * SECTOR, 0);
+            let mut writes = Vec::new();
+            for _ in 0..1 + next() % 12 {
+                let page = next() % 96;
+                let file_offset = area + page * LOG_SECTOR_SIZE;
+                let at = page as usize * SECTOR;
+                if next() % 2 == 0 {
+                    let d = pattern(next(), SECTOR);
+                    model[at..at + SECTOR].copy_from_slice(&d);
+                    writes.push(LogWrite {
+                        file_offset,
+                        data: LogData::Sector(d.into_boxed_slice()),
+                    });
+                } else {
+                    let pages = 1 + next() % (96 - page);
+                    model[at..at + pages as usize * SECTOR].fill(0);
+                    writes.push(LogWrite {
+                        file_offset,
+                        data: LogData::Zero {
+                            len: pages * LOG_SECTOR_SIZE,
+                        },
+                    });
+                }
+            }
+            let n = writes.len();
+            let replay = Replay {
+                writes,
+                flushed_file_offset: FLUSHED,
+                last_file_offset: FILE_LEN,
+                entries: 1,
+                head_sequence: 1,
+                memory: 0,
+            };
+            let end = replay.grown_len(FILE_LEN);
+            let mut f = open(&path, false);
+            apply_in_memory(&mut f, replay);
+            assert!(f.overlay_pieces() <= 2 * n, "round {round}");
+            assert_eq!(f.len(), end.max(area + 64 * LOG_SECTOR_SIZE));
+            let got = read(&f, area, (end - area) as usize);
+            assert!(
+                got == model[..got.len()],
+                "round {round}: in-memory replay differs from the writes applied in order"
+            );
+            // Unaligned reads across pieces and the file too.
+            let (o, l) = (next() % (end - area - 1), 1 + next() % 20000);
+            let l = l.min(end - area - o) as usize;
+            assert!(read(&f, area + o, l) == model[o as usize..o as usize + l]);
+        }
+    }
+
+    #[test]
+    fn a_huge_zero_range_inside_the_file_is_one_piece() {
+        // Issue 11, item 4: a zero descriptor over 255 MiB of a file became 65,280 pages.
+        let dir = TempDir::new("zerorange");
+        let path = synthetic(&dir, "f");
+        let big = 300 * MIB;
+        open(&path, true).file.set_len(big).unwrap();
+        let g = Uuid::new_v4();
+        let zero = LogUpdate::Zero {
+            file_offset: 2 * MIB,
+            len: 255 * MIB,
+        };
+        put(&path, 0, &build_entry(&g, 1, 0, big, big, &[zero]));
+        let budget = ReplayBudget::new(u64::MAX);
+        let r = find_replay_within(&open(&path, false), LOG_OFF, LOG_LEN, g, &budget)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (r.memory, budget.used()),
+            (DESCRIPTOR_MEMORY, DESCRIPTOR_MEMORY)
+        );
+        let mut f = open(&path, false);
+        apply_in_memory(&mut f, r);
+        assert_eq!(f.overlay_pieces(), 1);
+        assert!(read(&f, 2 * MIB, MIB as usize).iter().all(|&b| b == 0));
+        assert!(read(&f, 257 * MIB - 4096, 4096).iter().all(|&b| b == 0));
+        assert_eq!(read(&f, 0, 4096), pattern(1, 4096));
+    }
+
+    #[test]
+    fn the_replay_is_charged_to_the_budget_and_refused_past_it() {
+        let dir = TempDir::new("budget");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let pages: Vec<Vec<u8>> = (0..10).map(|p| pattern(p, SECTOR)).collect();
+        let ups: Vec<LogUpdate> = pages
+            .iter()
+            .enumerate()
+            .map(|(i, d)| data(2 * MIB + i as u64 * 4096, d))
+            .collect();
+        put(&path, 0, &entry(&g, 1, 0, &ups));
+        let cost = 10 * (LOG_SECTOR_SIZE + DESCRIPTOR_MEMORY);
+        let f = open(&path, false);
+        let budget = ReplayBudget::new(2 * cost);
+        let r = find_replay_within(&f, LOG_OFF, LOG_LEN, g, &budget).unwrap();
+        assert_eq!((r.unwrap().memory, budget.used()), (cost, cost));
+        find_replay_within(&f, LOG_OFF, LOG_LEN, g, &budget).unwrap();
+        // A third replay goes past the limit: refused, and its partial charge given back.
+        match find_replay_within(&f, LOG_OFF, LOG_LEN, g, &budget) {
+            Err(e @ Error::Unsupported { .. }) => {
+                assert!(e.to_string().contains("log replays of all layers"), "{e}")
+            }
+            r => panic!("expected the budget to refuse: {r:?}"),
+        }
+        assert_eq!(budget.used(), 2 * cost);
+    }
+
+    #[test]
+    fn the_scan_gives_up_past_its_work_limit() {
+        // Every slot claims the whole log and fills it with plausible descriptors: the
+        // scan reads each slot's first sector and the next (whose header ends the
+        // entry), twice the log. Below that limit it gives up: corrupt.
+        let dir = TempDir::new("worklimit");
+        let path = synthetic(&dir, "f");
+        let g = Uuid::new_v4();
+        let count = 256 - 2u32; // 2 descriptor sectors + 254 data sectors = the log
+        let mut log = vec![0u8; LOG_LEN as usize];
+        for h in log.chunks_mut(SECTOR) {
+            h[0..4].copy_from_slice(ENTRY_SIGNATURE);
+            h[8..12].copy_from_slice(&(LOG_LEN as u32).to_le_bytes());
+            h[16..24].copy_from_slice(&1u64.to_le_bytes());
+            h[24..28].copy_from_slice(&count.to_le_bytes());
+            h[32..48].copy_from_slice(&g.to_bytes_le());
+            for d in h[ENTRY_HEADER_SIZE..].chunks_mut(DESCRIPTOR_SIZE) {
+                d[0..4].copy_from_slice(DESC_SIGNATURE);
+                d[16..24].copy_from_slice(&(2 * MIB).to_le_bytes());
+                d[24..32].copy_from_slice(&1u64.to_le_bytes());
+            }
+        }
+        put(&path, 0, &log);
+        let f = open(&path, false);
+        let ring = Ring::new(&f, LOG_OFF, LOG_LEN).unwrap();
+        let mut s = Scanner::new(&f, ring, g);
+        let msg = corrupt_msg(s.find(&ReplayBudget::new(0)));
+        assert!(msg.contains("no valid entry sequence"), "{msg}");
+        assert!(s.work > 2 * LOG_LEN && s.work < SCAN_WORK_FACTOR * LOG_LEN);
+        let mut s = Scanner::new(&f, ring, g);
+        s.limit = LOG_LEN;
+        let msg = corrupt_msg(s.find(&ReplayBudget::new(0)));
+        assert!(msg.contains("damaged or crafted"), "{msg}");
+        assert!(s.work <= LOG_LEN + 4096, "{}", s.work);
     }
 }

@@ -47,6 +47,8 @@ pub struct Vhdx {
     parent: Option<ParentRef>,
     creator: String,
     log_state: String,
+    /// Problems of the pending log that did not stop a read-only open (`check` lists them).
+    log_problems: Vec<String>,
     warnings: Vec<String>,
     writable: bool,
     pub(crate) write_state: Option<Mutex<write::WriteState>>,
@@ -54,11 +56,20 @@ pub struct Vhdx {
 
 impl Vhdx {
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Vhdx> {
-        let mut file = ImageFile::open(path, opts.writable)?;
+        Self::open_within(path, opts, &log::ReplayBudget::for_chain())
+    }
+
+    /// `open` as one layer of a chain: a pending log replayed in memory is charged to
+    /// `budget`, which all layers of the chain share.
+    pub fn open_within(path: &Path, opts: OpenOptions, budget: &log::ReplayBudget) -> Result<Vhdx> {
+        let mut file = ImageFile::open_with(path, opts)?;
         let creator = header::read_file_identifier(&file)?;
         let (mut hdr, mut slot, mut warnings) = header::read_current_header(&file)?;
 
         let mut log_state = "clean (no pending log)".to_string();
+        let mut log_problems = Vec::new();
+        // A read-only replay's (file length before, after).
+        let mut growth = None;
         if !hdr.log_guid.is_nil() {
             // checked_add: LogOffset comes from the file and may be near u64::MAX.
             let log_end = hdr.log_offset.checked_add(hdr.log_length as u64);
@@ -73,8 +84,9 @@ impl Vhdx {
                     ),
                 ));
             }
-            // Replay holds a whole entry, then every replayed sector, in memory: bound it
-            // (Hyper-V and qemu write 1 MiB logs; MS-VHDX allows up to 4 GiB).
+            // The scan reads a bounded multiple of the log and replay holds its sectors
+            // in memory: bound it (Hyper-V and qemu write 1 MiB logs; MS-VHDX allows up
+            // to 4 GiB).
             if hdr.log_length as u64 > log::MAX_REPLAY_LOG_LENGTH {
                 return Err(Error::unsupported(
                     path,
@@ -85,22 +97,56 @@ impl Vhdx {
                     ),
                 ));
             }
-            match log::find_replay(&file, hdr.log_offset, hdr.log_length as u64, hdr.log_guid)? {
+            let log_length = hdr.log_length as u64;
+            match log::find_replay_within(&file, hdr.log_offset, log_length, hdr.log_guid, budget)?
+            {
                 None => log_state = "log GUID set but no valid entries (nothing to replay)".into(),
                 Some(replay) => {
                     let n = replay.writes.len();
+                    let entries = replay.entries;
+                    let real_len = file.len();
+                    let grown = replay.grown_len(real_len);
                     if opts.writable {
-                        log::apply_to_file(&file, &replay)?;
+                        // Before anything is written: how large may the replayed file be?
+                        // Replay a copy into memory over a second descriptor to find out.
+                        // The replay's memory is given back once it is in the file.
+                        let memory = replay.memory;
+                        let result = (|| -> Result<()> {
+                            budget.charge(path, memory)?;
+                            let bound = (|| {
+                                let f = file
+                                    .file
+                                    .try_clone()
+                                    .map_err(|e| Error::file(path, "duplicate descriptor", e))?;
+                                let mut view = ImageFile::new(path, f)?;
+                                log::apply_in_memory(&mut view, replay.clone());
+                                addressable_size(&view, log_length)
+                            })();
+                            budget.refund(memory);
+                            let bound = bound?;
+                            if grown > real_len.max(bound) {
+                                return Err(Error::corrupt(
+                                    path,
+                                    format!(
+                                        "{}; refusing to replay it (the file was not modified)",
+                                        growth_problem(real_len, grown, bound)
+                                    ),
+                                ));
+                            }
+                            log::apply_to_file(&file, &replay)
+                        })();
+                        budget.refund(memory);
+                        result?;
                         file.refresh_len()?;
                         log_state = format!(
-                            "pending log replayed to the file ({} entries, {n} writes)",
-                            replay.entries
+                            "pending log replayed to the file ({entries} entries, {n} writes)"
                         );
                     } else {
-                        log::apply_in_memory(&mut file, &replay);
+                        log::apply_in_memory(&mut file, replay);
+                        // Checked once the replayed regions and metadata are read.
+                        growth = Some((real_len, grown));
                         log_state = format!(
-                            "pending log replayed in memory ({} entries, {n} writes; the file was not modified)",
-                            replay.entries
+                            "pending log replayed in memory ({entries} entries, {n} writes; the file was not modified)"
                         );
                     }
                     ::log::info!("{}: {log_state}", path.display());
@@ -132,6 +178,17 @@ impl Vhdx {
         for g in &meta.unknown_items {
             warnings.push(format!("unknown optional metadata item {g} ignored"));
         }
+        if let Some((real_len, grown)) = growth {
+            let bound = addressable(&regions, &meta, hdr.log_length as u64);
+            if grown > real_len.max(bound) {
+                let p = format!(
+                    "{}; replayed in memory only, a writable open refuses it",
+                    growth_problem(real_len, grown, bound)
+                );
+                warnings.push(p.clone());
+                log_problems.push(p);
+            }
+        }
         let bat = Bat::new(&file, regions.bat, &meta)?;
         let bitmaps = SectorBitmaps::new(bat.bitmap_blocks);
         let parent = meta.has_parent.then(|| parent_ref(&meta));
@@ -161,6 +218,7 @@ impl Vhdx {
             parent,
             creator,
             log_state,
+            log_problems,
             warnings,
             writable: opts.writable,
             write_state: None,
@@ -334,6 +392,54 @@ impl Vhdx {
     }
 }
 
+/// The largest file the structures of the VHDX in `file` can address: the header
+/// section, the log, every region of the region table, and every block the disk can
+/// have (each payload block, and for a differencing disk each sector bitmap block) laid
+/// out without gaps (MS-VHDX 2.1: every object is 1 MiB aligned, so there is no
+/// alignment waste). A replay may extend a file (2.3.3) only up to this: LastFileOffset
+/// is "a file size that all allocated file structures fit into" (2.3.1.1), and the
+/// allocated structures take at most this much. Reads regions and metadata as `file`
+/// shows them (after an in-memory replay: as the replay leaves them).
+fn addressable_size(file: &ImageFile, log_length: u64) -> Result<u64> {
+    let regions = region::read_regions(file)?;
+    let meta = metadata::read_metadata(file, regions.metadata)?;
+    Ok(addressable(&regions, &meta, log_length))
+}
+
+/// `addressable_size` of parsed regions and metadata.
+fn addressable(regions: &Regions, meta: &Metadata, log_length: u64) -> u64 {
+    let bs = (meta.block_size as u64).max(1);
+    let data_blocks = meta.virtual_size.div_ceil(bs);
+    let chunk_ratio = (SECTORS_PER_BITMAP * meta.logical_sector_size as u64 / bs).max(1);
+    let bitmap_blocks = if meta.has_parent {
+        data_blocks.div_ceil(chunk_ratio)
+    } else {
+        0
+    };
+    let size = [
+        HEADER_SECTION_SIZE,
+        log_length,
+        regions.bat.length,
+        regions.metadata.length,
+        regions.others,
+        data_blocks.saturating_mul(bs),
+        bitmap_blocks.saturating_mul(bitmap::BITMAP_BLOCK_SIZE as u64),
+    ]
+    .into_iter()
+    .fold(0u64, u64::saturating_add);
+    size.saturating_add(MIB - 1) / MIB * MIB
+}
+
+const MIB: u64 = 1 << 20;
+
+fn growth_problem(real_len: u64, grown: u64, bound: u64) -> String {
+    format!(
+        "the pending log would grow the file from {real_len} to {grown} bytes, beyond the \
+         {bound} bytes its structures can address (header section, log, regions and every \
+         block of the disk)"
+    )
+}
+
 /// Write `next` (SequenceNumber = current + 1) over the non-current header, flush, then
 /// again over the other one so both copies are current (MS-VHDX 2.2.2.1).
 pub(crate) fn write_header_both(
@@ -378,6 +484,9 @@ fn parent_ref(meta: &Metadata) -> ParentRef {
 impl Layer for Vhdx {
     fn path(&self) -> &Path {
         &self.file.path
+    }
+    fn written_by(&self) -> Option<&str> {
+        self.file.writer.as_deref()
     }
     fn format(&self) -> Format {
         Format::Vhdx
@@ -538,6 +647,8 @@ impl Layer for Vhdx {
 #[cfg(test)]
 mod bounds_tests;
 #[cfg(test)]
+mod log_bounds_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 
 impl Vhdx {
@@ -552,6 +663,11 @@ impl Vhdx {
             .filter(|w| w.contains("header") || w.contains("region"))
             .cloned()
             .collect();
+        for p in &self.log_problems {
+            if !problems.contains(p) {
+                problems.push(p.clone());
+            }
+        }
         // Both region table copies must be valid and equal.
         let mut copies = Vec::new();
         for off in region::REGION_TABLE_OFFSETS {

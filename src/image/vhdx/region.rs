@@ -32,6 +32,8 @@ impl Region {
 pub struct Regions {
     pub bat: Region,
     pub metadata: Region,
+    /// Total length of the other (optional, unknown) regions the table lists.
+    pub others: u64,
 }
 
 fn parse(buf: &[u8]) -> std::result::Result<Vec<(Uuid, Region, bool)>, String> {
@@ -102,6 +104,7 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
     };
     let mut bat = None;
     let mut metadata = None;
+    let mut others = 0u64;
     for (g, r, required) in entries {
         let slot = if g == BAT_GUID {
             &mut bat
@@ -114,6 +117,7 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
                     format!("unknown required region {g}"),
                 ));
             }
+            others = others.saturating_add(r.length);
             continue;
         };
         if slot.is_some() {
@@ -159,5 +163,9 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
             "BAT and metadata regions overlap",
         ));
     }
-    Ok(Regions { bat, metadata })
+    Ok(Regions {
+        bat,
+        metadata,
+        others,
+    })
 }

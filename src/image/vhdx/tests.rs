@@ -257,7 +257,11 @@ fn open_disk(path: &Path, writable: bool) -> crate::disk::Disk {
     let chain = crate::chain::Chain::open(
         path,
         &crate::chain::ChainOptions {
-            writable,
+            intent: if writable {
+                crate::chain::Intent::WriteTop
+            } else {
+                crate::chain::Intent::Inspect
+            },
             ..Default::default()
         },
     )
@@ -831,4 +835,178 @@ fn a_failed_fdatasync_poisons_the_writer() {
         assert_eq!(b, vec![1u8; 4096], "{ext}");
         assert!(disk.layers()[0].check().unwrap().is_empty(), "{ext}");
     }
+}
+
+/// Marked 1 MiB extents of a base spread over its chunks, read back through a child.
+fn base_with_marks(base: &Path, size: u64, lss: u32, marks: &[u64]) -> Vec<Vec<u8>> {
+    new_base(base, size, 2 << 20, lss);
+    let disk = open_disk(base, true);
+    let mut rng = Rng(77);
+    let data: Vec<Vec<u8>> = marks
+        .iter()
+        .map(|&off| {
+            let mut b = vec![0u8; 1 << 20];
+            rng.fill(&mut b);
+            disk.write_at(off, &b).unwrap();
+            b
+        })
+        .collect();
+    disk.close().unwrap();
+    data
+}
+
+fn read_at_disk(disk: &crate::disk::Disk, off: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    assert_eq!(disk.read_at(off, &mut b).unwrap(), len);
+    b
+}
+
+/// The sector bitmap entry of every chunk of `v`.
+fn sb_entries(v: &Vhdx) -> Vec<u64> {
+    (0..v.bat.bitmap_blocks)
+        .map(|c| v.bat.get(&v.file, v.bat.bitmap_index(c)).unwrap())
+        .collect()
+}
+
+/// Issue 10: `create` gives every chunk of a differencing file its own SB_BLOCK_PRESENT
+/// sector bitmap block, all zeros, after the BAT, as a hole (no disk space), so readers
+/// that do not honour SB_BLOCK_NOT_PRESENT (libvhdi) read the parent's data.
+#[test]
+fn create_gives_every_chunk_of_a_child_a_present_zero_sector_bitmap() {
+    use super::bat::{file_offset, state, SB_BLOCK_PRESENT};
+    use std::os::unix::fs::MetadataExt;
+    const GIB: u64 = 1 << 30;
+    // 512-byte sectors: 4 GiB chunks, 3 of them (the last partial); 4096: 32 GiB, 2.
+    for (lss, size, chunks) in [(512u32, 9 * GIB, 3u64), (4096, 33 * GIB, 2)] {
+        let d = TempDir::new(&format!("vhdx-sb-{lss}"));
+        let base = d.0.join("base.vhdx");
+        let chunk = (1u64 << 23) * lss as u64;
+        let marks: Vec<u64> = (0..chunks).map(|c| c * chunk + (3 << 20)).collect();
+        let data = base_with_marks(&base, size, lss, &marks);
+        let child = d.0.join("child.vhdx");
+        new_child(&child, &base, None);
+        let v = Vhdx::open(&child, OpenOptions::default()).unwrap();
+        assert_eq!(v.bat.bitmap_blocks, chunks);
+        let bat_end = v.regions.bat.end();
+        let len = v.file.len();
+        assert_eq!(len, bat_end + chunks * (1 << 20), "{lss}: file length");
+        for (c, e) in sb_entries(&v).into_iter().enumerate() {
+            assert_eq!(state(e), SB_BLOCK_PRESENT, "{lss}: chunk {c}");
+            assert_eq!(
+                file_offset(e),
+                bat_end + c as u64 * (1 << 20),
+                "{lss}: chunk {c}"
+            );
+            assert!(
+                read(&child, file_offset(e), 1 << 20)
+                    .iter()
+                    .all(|&b| b == 0),
+                "{lss}: bitmap of chunk {c} is all zeros"
+            );
+        }
+        assert!(v.check().unwrap().is_empty(), "{lss}: {:?}", v.check());
+        drop(v);
+        // The bitmap blocks were never written: they take no disk space.
+        let allocated = std::fs::metadata(&child).unwrap().blocks() * 512;
+        assert!(
+            allocated <= bat_end,
+            "{lss}: {allocated} bytes allocated, the BAT ends at {bat_end}"
+        );
+        let disk = open_disk(&child, false);
+        for (off, want) in marks.iter().zip(&data) {
+            assert!(
+                read_at_disk(&disk, *off, 1 << 20) == *want,
+                "{lss} at {off}"
+            );
+        }
+    }
+}
+
+/// Writes into a fresh child use the bitmap block `create` made: no second one, the
+/// sector bitmap entries do not change, the file grows by the payload block only.
+#[test]
+fn writes_into_a_fresh_child_use_its_bitmap_blocks() {
+    const GIB: u64 = 1 << 30;
+    let d = TempDir::new("vhdx-sb-write");
+    let base = d.0.join("base.vhdx");
+    let marks = [3 << 20, 4 * GIB + (3 << 20)];
+    let data = base_with_marks(&base, 9 * GIB, 512, &marks);
+    let child = d.0.join("child.vhdx");
+    new_child(&child, &base, None);
+    let (before, len_before) = {
+        let v = Vhdx::open(&child, OpenOptions::default()).unwrap();
+        (sb_entries(&v), v.file.len())
+    };
+    // 4 KiB in the middle of chunk 1's mark (block 2 of chunk 1, 2 MiB blocks).
+    let at = 4 * GIB + (3 << 20) + (512 << 10);
+    {
+        let disk = open_disk(&child, true);
+        disk.write_at(at, &[0x5a; 4096]).unwrap();
+        disk.close().unwrap();
+    }
+    let v = Vhdx::open(&child, OpenOptions::default()).unwrap();
+    assert_eq!(sb_entries(&v), before, "sector bitmap entries unchanged");
+    assert_eq!(
+        v.file.len(),
+        len_before + (2 << 20),
+        "one payload block added"
+    );
+    assert!(v.check().unwrap().is_empty(), "{:?}", v.check());
+    drop(v);
+    let disk = open_disk(&child, false);
+    let mut want = data[1].clone();
+    want[512 << 10..(512 << 10) + 4096].fill(0x5a);
+    assert!(read_at_disk(&disk, marks[1], 1 << 20) == want);
+    assert!(read_at_disk(&disk, marks[0], 1 << 20) == data[0]);
+}
+
+/// A child from another tool, with SB_BLOCK_NOT_PRESENT entries (MS-VHDX needs a bitmap
+/// block only for chunks with PARTIALLY_PRESENT blocks): read from the parent, and a
+/// first write gives the chunk a bitmap block of its own.
+#[test]
+fn a_child_without_bitmap_blocks_reads_and_writes() {
+    use super::bat::{file_offset, state, SB_BLOCK_NOT_PRESENT, SB_BLOCK_PRESENT};
+    const GIB: u64 = 1 << 30;
+    let d = TempDir::new("vhdx-sb-foreign");
+    let base = d.0.join("base.vhdx");
+    let marks = [3 << 20, 4 * GIB + (3 << 20), 8 * GIB + (3 << 20)];
+    let data = base_with_marks(&base, 9 * GIB, 512, &marks);
+    let child = d.0.join("child.vhdx");
+    new_child(&child, &base, None);
+    let (bat_off, indexes) = {
+        let v = Vhdx::open(&child, OpenOptions::default()).unwrap();
+        let idx: Vec<u64> = (0..3).map(|c| v.bat.bitmap_index(c)).collect();
+        (v.regions.bat.file_offset, idx)
+    };
+    for &i in &indexes {
+        patch(&child, bat_off + i * 8, &0u64.to_le_bytes());
+    }
+    let disk = open_disk(&child, false);
+    for (off, want) in marks.iter().zip(&data) {
+        assert!(read_at_disk(&disk, *off, 1 << 20) == *want, "at {off}");
+    }
+    drop(disk);
+    let len_before = std::fs::metadata(&child).unwrap().len();
+    let at = 8 * GIB + (3 << 20) + 4096;
+    {
+        let disk = open_disk(&child, true);
+        disk.write_at(at, &[7u8; 512]).unwrap();
+        disk.close().unwrap();
+    }
+    let v = Vhdx::open(&child, OpenOptions::default()).unwrap();
+    let sb = sb_entries(&v);
+    assert_eq!(state(sb[0]), SB_BLOCK_NOT_PRESENT);
+    assert_eq!(state(sb[1]), SB_BLOCK_NOT_PRESENT);
+    assert_eq!(state(sb[2]), SB_BLOCK_PRESENT);
+    assert!(
+        file_offset(sb[2]) >= len_before,
+        "a new bitmap block at the end"
+    );
+    assert!(v.check().unwrap().is_empty(), "{:?}", v.check());
+    drop(v);
+    let disk = open_disk(&child, false);
+    let mut want = data[2].clone();
+    want[4096..4608].fill(7);
+    assert!(read_at_disk(&disk, marks[2], 1 << 20) == want);
+    assert!(read_at_disk(&disk, marks[1], 1 << 20) == data[1]);
 }
