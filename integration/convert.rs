@@ -1570,13 +1570,39 @@ fn refusals_leave_everything_as_it_was() {
     assert_unchanged(&before, "refused converts");
 }
 
-/// Progress: nothing on stderr when it is not a terminal, plain lines with --progress,
-/// nothing with --quiet.
+/// Progress: a bar on a terminal (bytes of data, rate, ETA); nothing on stderr when it
+/// is not a terminal, plain lines with --progress, nothing with --quiet.
 #[test]
 fn progress_flags() {
     let t = TempDir::new("convert-progress");
     let raw = t.join("p.raw");
     sparse_raw(&raw, 16 * MIB, 8, &[(0, 4 * MIB)]);
+    if require_tool("script") {
+        let out = t.join("tty.vhdx");
+        let screen = on_terminal(&[
+            OsStr::new("convert"),
+            OsStr::new("-f"),
+            OsStr::new("raw"),
+            raw.as_os_str(),
+            out.as_os_str(),
+        ]);
+        // The bar counts the data to copy (4 MiB here), not the 16 MiB disk.
+        assert!(
+            screen.contains("convert: [") && screen.contains("4.00 MiB/4.00 MiB ("),
+            "no final progress bar on the terminal:\n{screen:?}"
+        );
+        assert!(screen.contains("/s, ETA "), "{screen:?}");
+        let out = t.join("tty-quiet.vhdx");
+        let screen = on_terminal(&[
+            OsStr::new("convert"),
+            OsStr::new("--quiet"),
+            OsStr::new("-f"),
+            OsStr::new("raw"),
+            raw.as_os_str(),
+            out.as_os_str(),
+        ]);
+        assert!(screen.is_empty(), "--quiet must print nothing: {screen:?}");
+    }
     let o = convert(&[
         OsStr::new("-f"),
         OsStr::new("raw"),

@@ -210,12 +210,8 @@ pub struct ConvertArgs {
     /// complete).
     #[arg(long)]
     pub force: bool,
-    /// No progress bar.
-    #[arg(short, long, conflicts_with = "progress")]
-    pub quiet: bool,
-    /// Show progress even when stderr is not a terminal.
-    #[arg(long)]
-    pub progress: bool,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
     #[command(flatten)]
     pub chain: ChainArgs,
 }

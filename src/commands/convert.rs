@@ -155,7 +155,7 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
     let progress = crate::progress::Progress::bytes(
         total,
         "convert",
-        crate::progress::Mode::from_flags(args.quiet, args.progress),
+        crate::progress::Mode::from_flags(args.progress.quiet, args.progress.progress),
     );
     let out = &args.output;
     let mut report = None;
