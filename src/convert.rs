@@ -14,7 +14,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 
 use crate::disk::Disk;
 use crate::error::{Error, Result};
@@ -150,23 +150,30 @@ impl UnitCursor<'_> {
     }
 }
 
-/// How many threads copy units: the work is memory copies (read, zero test, write), so
-/// more threads than cores do not help.
-fn worker_count() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 4)
+/// A non-zero piece of the source on its way from the reader to the writer.
+struct Piece {
+    /// The output unit it belongs to.
+    index: u64,
+    /// Its offset inside the unit.
+    at: u64,
+    buf: Vec<u8>,
+    len: usize,
 }
 
+/// Pieces in flight between the reader and the writer (each `PIECE` bytes).
+const PIPELINE_DEPTH: usize = 8;
+
 /// Write the merged view of `disk` into the empty `file` as `spec` says, reading only
-/// `ranges` (from `source_ranges`), and make it durable (fdatasync). Units are copied
-/// by a few threads at once (a dynamic output's blocks are placed in the order their
-/// first data is found, so the block order in the file may differ between runs; the
-/// content never does). `progress` is called with the number of source bytes handled;
-/// `cancel` is polled between units and once more after the final fdatasync (set by a
-/// signal handler) and stops the work with an error, so a file finished while a
-/// signal was pending is not linked into place.
+/// `ranges` (from `source_ranges`), and make it durable (fdatasync).
+///
+/// Two threads: a reader goes through the units in order, reads the pieces of each that
+/// hold data and tests them for zeros; the writer (the calling thread) places each unit
+/// when its first non-zero piece arrives and writes the pieces. Reads and zero tests so
+/// overlap the writes, and the writes, which the kernel serialises per file anyway, come
+/// from one thread in order (the output is the same on every run). `progress` is called
+/// with the number of source bytes handled; `cancel` is polled between units and once
+/// more after the final fdatasync (set by a signal handler) and stops the work with an
+/// error, so a file finished while a signal was pending is not linked into place.
 pub fn write_image(
     disk: &Disk,
     file: &File,
@@ -184,76 +191,73 @@ pub fn write_image(
             disk.len()
         )));
     }
-    let (sink, unit) = start(file, path, spec)?;
-    let sink = Mutex::new(sink);
-    let cursor = UnitCursor {
-        ranges,
-        unit,
-        at: Mutex::new((0, 0)),
-    };
-    let failed = AtomicBool::new(false);
-    let worker = || -> Result<ConvertReport> {
-        let mut buf = vec![0u8; PIECE.min(unit) as usize];
-        let mut report = ConvertReport::default();
-        // Stop between units when another worker failed or a signal came (checked
-        // after the join).
-        while !failed.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) {
-            let Some(work) = cursor.next() else {
-                break;
-            };
-            let bytes = work.bytes();
-            let r = copy_unit(
-                disk,
-                file,
-                path,
-                spec,
-                &sink,
-                &work,
-                unit,
-                &mut buf,
-                &mut report,
-            );
-            if let Err(e) = r {
-                failed.store(true, Ordering::Relaxed);
-                return Err(e);
-            }
-            progress(bytes);
-        }
-        Ok(report)
-    };
-    let results: Vec<Result<ConvertReport>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (1..worker_count()).map(|_| s.spawn(worker)).collect();
-        let mut results = vec![worker()];
-        for h in handles {
-            results.push(h.join().expect("a convert worker panicked"));
-        }
-        results
-    });
+    let (mut sink, unit) = start(file, path, spec)?;
+    let piece_len = PIECE.min(unit) as usize;
     let mut report = ConvertReport {
         bytes_to_copy: ranges.iter().map(|r| r.1).sum(),
         ..Default::default()
     };
-    let mut first_error = None;
-    for r in results {
-        match r {
-            Ok(w) => {
-                report.bytes_written += w.bytes_written;
-                report.blocks_written += w.blocks_written;
+    let (tx, rx) = mpsc::sync_channel::<Result<Piece>>(PIPELINE_DEPTH);
+    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..PIPELINE_DEPTH + 2 {
+        free_tx
+            .send(vec![0u8; piece_len])
+            .expect("the receiver is here");
+    }
+    let written: Result<()> = std::thread::scope(|s| {
+        s.spawn(move || {
+            let cursor = UnitCursor {
+                ranges,
+                unit,
+                at: Mutex::new((0, 0)),
+            };
+            let mut spare: Option<Vec<u8>> = None;
+            while !cancel.load(Ordering::Relaxed) {
+                let Some(work) = cursor.next() else {
+                    break;
+                };
+                let sent = read_unit(
+                    disk, spec, &work, unit, piece_len, &mut spare, &free_rx, &tx,
+                );
+                match sent {
+                    Ok(true) => progress(work.bytes()),
+                    // The writer stopped (an error it reports itself).
+                    Ok(false) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
             }
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
+        });
+        // The writer. Returning (on an error) drops `rx` and `free_tx`, which stops the
+        // reader at its next send or buffer wait (the scope then joins it).
+        let free_tx = free_tx;
+        let mut current: Option<(u64, u64)> = None; // (unit index, its file offset)
+        for msg in rx {
+            let p = msg?;
+            let base = match current {
+                Some((index, base)) if index == p.index => base,
+                _ => {
+                    let base = sink.place(file, path, spec, p.index, unit)?;
+                    report.blocks_written += 1;
+                    current = Some((p.index, base));
+                    base
+                }
+            };
+            let w = |data: &[u8], at: u64| {
+                file.write_all_at(data, at)
+                    .map_err(|e| Error::io(path, "write", at, e))
+            };
+            report.bytes_written += write_nonzero_pieces(&p.buf[..p.len], base + p.at, &w)?;
+            let _ = free_tx.send(p.buf);
         }
-    }
-    if let Some(e) = first_error {
-        return Err(e);
-    }
+        Ok(())
+    });
+    written?;
     if cancel.load(Ordering::Relaxed) {
         return Err(interrupted(path));
     }
-    let sink = sink
-        .into_inner()
-        .expect("no worker panics holding the sink");
     finish(file, path, spec, sink)?;
     file.sync_data()
         .map_err(|e| Error::file(path, "fdatasync", e))?;
@@ -261,6 +265,67 @@ pub fn write_image(
         return Err(interrupted(path));
     }
     Ok(report)
+}
+
+/// The reader's part of one unit: read the pieces of it that hold data (a piece fits the
+/// CPU cache, so the zero test reuses what the read brought in) and send the non-zero
+/// ones to the writer. Zero pieces are not sent: a unit that reads as zeros is never
+/// placed (dynamic: left unallocated), and zero parts of a placed unit stay holes of
+/// the new file, which read as zeros. Ok(false) when the writer is gone.
+#[allow(clippy::too_many_arguments)]
+fn read_unit(
+    disk: &Disk,
+    spec: &ConvertSpec,
+    work: &UnitWork,
+    unit: u64,
+    piece_len: usize,
+    spare: &mut Option<Vec<u8>>,
+    free: &mpsc::Receiver<Vec<u8>>,
+    tx: &mpsc::SyncSender<Result<Piece>>,
+) -> Result<bool> {
+    let voff = work.index * unit;
+    // A flat output ends at the virtual size; block formats store whole blocks.
+    let keep = match spec.format {
+        OutFormat::Raw => unit.min(spec.virtual_size - voff),
+        OutFormat::Vhd if spec.fixed => unit.min(spec.virtual_size - voff),
+        _ => unit,
+    };
+    let piece_len = piece_len as u64;
+    // The next piece (offset in the unit) not yet read.
+    let mut done = 0u64;
+    for &(off, len) in &work.spans {
+        let end = (off + len - voff).min(keep);
+        let mut piece = ((off - voff) / piece_len * piece_len).max(done);
+        while piece < end {
+            let mut buf = match spare.take() {
+                Some(b) => b,
+                None => match free.recv() {
+                    Ok(b) => b,
+                    Err(_) => return Ok(false),
+                },
+            };
+            let n = piece_len.min(keep - piece) as usize;
+            // Past the source's end (a larger output) reads as zeros; read_at is short.
+            let got = disk.read_at(voff + piece, &mut buf[..n])?;
+            buf[got..n].fill(0);
+            if is_zero(&buf[..n]) {
+                *spare = Some(buf);
+            } else {
+                let p = Piece {
+                    index: work.index,
+                    at: piece,
+                    buf,
+                    len: n,
+                };
+                if tx.send(Ok(p)).is_err() {
+                    return Ok(false);
+                }
+            }
+            piece += n as u64;
+        }
+        done = done.max(piece);
+    }
+    Ok(true)
 }
 
 /// Lay out the empty output and return where units go, and the unit size.
@@ -370,70 +435,6 @@ impl Sink {
     }
 }
 
-/// Copy one output unit: read the pieces of it that hold data (a piece fits the CPU
-/// cache, so the zero test and the write reuse what the read brought in) and write
-/// their non-zero parts. A unit that reads as zeros is never placed (dynamic: left
-/// unallocated); its other parts stay holes of the new file, which read as zeros.
-#[allow(clippy::too_many_arguments)]
-fn copy_unit(
-    disk: &Disk,
-    file: &File,
-    path: &Path,
-    spec: &ConvertSpec,
-    sink: &Mutex<Sink>,
-    work: &UnitWork,
-    unit: u64,
-    buf: &mut [u8],
-    report: &mut ConvertReport,
-) -> Result<()> {
-    let index = work.index;
-    let voff = index * unit;
-    // A flat output ends at the virtual size; block formats store whole blocks.
-    let keep = match spec.format {
-        OutFormat::Raw => unit.min(spec.virtual_size - voff),
-        OutFormat::Vhd if spec.fixed => unit.min(spec.virtual_size - voff),
-        _ => unit,
-    };
-    let piece_len = buf.len() as u64;
-    let mut placed = None;
-    // The next piece (offset in the unit) not yet copied.
-    let mut done = 0u64;
-    for &(off, len) in &work.spans {
-        let first = (off - voff) / piece_len * piece_len;
-        let end = (off + len - voff).min(keep);
-        let mut piece = first.max(done);
-        while piece < end {
-            let n = piece_len.min(keep - piece) as usize;
-            let b = &mut buf[..n];
-            // Past the source's end (a larger output) reads as zeros; read_at is short.
-            let got = disk.read_at(voff + piece, b)?;
-            b[got..].fill(0);
-            if !is_zero(b) {
-                let base = match placed {
-                    Some(base) => base,
-                    None => {
-                        let base = sink
-                            .lock()
-                            .expect("no worker panics holding the sink")
-                            .place(file, path, spec, index, unit)?;
-                        report.blocks_written += 1;
-                        placed = Some(base);
-                        base
-                    }
-                };
-                let w = |data: &[u8], at: u64| {
-                    file.write_all_at(data, at)
-                        .map_err(|e| Error::io(path, "write", at, e))
-                };
-                report.bytes_written += write_nonzero_pieces(b, base + piece, &w)?;
-            }
-            piece += n as u64;
-        }
-        done = done.max(piece);
-    }
-    Ok(())
-}
-
 /// Write the non-zero `HOLE_UNIT` pieces of `data` at `at..`; returns bytes written.
 fn write_nonzero_pieces(data: &[u8], at: u64, w: &dyn Fn(&[u8], u64) -> Result<()>) -> Result<u64> {
     let mut written = 0u64;
@@ -517,6 +518,166 @@ mod tests {
         );
         let total: u64 = got.iter().flat_map(|g| g.1.iter()).map(|s| s.1).sum();
         assert_eq!(total, ranges.iter().map(|r| r.1).sum::<u64>());
+    }
+
+    /// A layer of `size` bytes holding a byte pattern everywhere, whose reads fail from
+    /// `fail_at` on (a disk going bad under the copy).
+    struct Failing {
+        path: std::path::PathBuf,
+        size: u64,
+        fail_at: u64,
+    }
+
+    impl crate::layer::Layer for Failing {
+        fn path(&self) -> &Path {
+            &self.path
+        }
+        fn format(&self) -> crate::layer::Format {
+            crate::layer::Format::Raw
+        }
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn logical_sector_size(&self) -> u32 {
+            512
+        }
+        fn map(&self, _offset: u64, len: u64, runs: &mut Vec<crate::layer::Run>) -> Result<()> {
+            runs.push(crate::layer::Run::Held {
+                len,
+                file_offset: _offset,
+            });
+            Ok(())
+        }
+        fn read_held(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+            if file_offset + buf.len() as u64 > self.fail_at {
+                return Err(Error::io(
+                    &self.path,
+                    "read",
+                    file_offset,
+                    std::io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
+            buf.fill(0x5a);
+            Ok(())
+        }
+        fn parent(&self) -> Option<&crate::layer::ParentRef> {
+            None
+        }
+        fn linkage_id(&self) -> Option<uuid::Uuid> {
+            None
+        }
+        fn info(&self) -> Result<crate::layer::LayerInfo> {
+            Ok(Default::default())
+        }
+    }
+
+    fn disk_of(layer: Failing) -> Disk {
+        let chain = crate::chain::Chain {
+            layers: vec![std::sync::Arc::new(layer)],
+            found: vec![None],
+            warnings: Vec::new(),
+        };
+        Disk::new(
+            chain,
+            crate::disk::DiskOptions {
+                cache_bytes: 0,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn spec(format: OutFormat, size: u64) -> ConvertSpec {
+        ConvertSpec {
+            format,
+            fixed: false,
+            block_size: 2 << 20,
+            logical_sector_size: 512,
+            physical_sector_size: 4096,
+            virtual_size: size,
+            creator: "test".into(),
+        }
+    }
+
+    /// A read error in the middle of the copy (the reader thread) and a write error
+    /// (the writer: a file opened read-only) both end the copy with that error: the
+    /// other thread stops too, nothing hangs.
+    #[test]
+    fn read_and_write_errors_stop_both_threads() {
+        let dir =
+            std::env::temp_dir().join(format!("vdiskfs-convert-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let size = 64u64 << 20;
+        for format in [OutFormat::Vhdx, OutFormat::Vhd, OutFormat::Raw] {
+            let disk = disk_of(Failing {
+                path: dir.join("src"),
+                size,
+                fail_at: 40 << 20,
+            });
+            let ranges = source_ranges(&disk).unwrap();
+            let out = dir.join(format!("out-{format:?}"));
+            let f = std::fs::File::create_new(&out).unwrap();
+            let cancel = AtomicBool::new(false);
+            let e = write_image(
+                &disk,
+                &f,
+                &out,
+                &spec(format, size),
+                &ranges,
+                &|_| {},
+                &cancel,
+            )
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("src: read at offset"),
+                "{format:?}: {e}"
+            );
+
+            // Writes fail: the output is open read-only.
+            let disk = disk_of(Failing {
+                path: dir.join("src"),
+                size,
+                fail_at: u64::MAX,
+            });
+            let ro = dir.join(format!("ro-{format:?}"));
+            std::fs::File::create_new(&ro).unwrap();
+            let f = std::fs::File::open(&ro).unwrap();
+            let e = write_image(
+                &disk,
+                &f,
+                &ro,
+                &spec(format, size),
+                &ranges,
+                &|_| {},
+                &cancel,
+            )
+            .unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("ro-{format:?}")),
+                "{format:?}: {e}"
+            );
+        }
+        // A signal (the flag) stops it too, as "interrupted".
+        let disk = disk_of(Failing {
+            path: dir.join("src"),
+            size,
+            fail_at: u64::MAX,
+        });
+        let ranges = source_ranges(&disk).unwrap();
+        let out = dir.join("cancelled");
+        let f = std::fs::File::create_new(&out).unwrap();
+        let cancel = AtomicBool::new(true);
+        let e = write_image(
+            &disk,
+            &f,
+            &out,
+            &spec(OutFormat::Vhdx, size),
+            &ranges,
+            &|_| {},
+            &cancel,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("interrupted"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
