@@ -81,12 +81,26 @@ enum Sink {
     DynamicVhd(Box<DynamicWriter>),
 }
 
-/// The ranges of `disk` that some layer holds data for (`Disk::data_ranges` over the
-/// whole disk): what `write_image` reads, and the total a progress bar counts to.
-pub fn source_ranges(disk: &Disk) -> Result<Vec<(u64, u64)>> {
+/// Windows of the virtual disk whose data ranges are listed at a time: a chain whose
+/// data alternates sector by sector (a hostile sector bitmap) gives one range per 1 KiB,
+/// so listing a whole 64 TiB disk at once could take more memory than any machine
+/// has; a window's list stays under 8 MiB. A multiple of every unit size.
+const WINDOW: u64 = 256 << 20;
+
+/// Bytes of `disk` that some layer holds data for (what `write_image` reads, and the
+/// total a progress bar counts to), from the layers' maps, window by window.
+pub fn source_data_bytes(disk: &Disk) -> Result<u64> {
+    let mut total = 0;
     let mut ranges = Vec::new();
-    disk.data_ranges(0, disk.len(), &mut ranges)?;
-    Ok(ranges)
+    let mut off = 0;
+    while off < disk.len() {
+        let len = WINDOW.min(disk.len() - off);
+        ranges.clear();
+        disk.data_ranges(off, len, &mut ranges)?;
+        total += ranges.iter().map(|r| r.1).sum::<u64>();
+        off += len;
+    }
+    Ok(total)
 }
 
 fn interrupted(path: &Path) -> Error {
@@ -164,7 +178,8 @@ struct Piece {
 const PIPELINE_DEPTH: usize = 8;
 
 /// Write the merged view of `disk` into the empty `file` as `spec` says, reading only
-/// `ranges` (from `source_ranges`), and make it durable (fdatasync).
+/// what some layer holds (`Disk::data_ranges`, a window at a time), and make it durable
+/// (fdatasync).
 ///
 /// Two threads: a reader goes through the units in order, reads the pieces of each that
 /// hold data and tests them for zeros; the writer (the calling thread) places each unit
@@ -179,7 +194,6 @@ pub fn write_image(
     file: &File,
     path: &Path,
     spec: &ConvertSpec,
-    ranges: &[(u64, u64)],
     progress: &(dyn Fn(u64) + Sync),
     cancel: &AtomicBool,
 ) -> Result<ConvertReport> {
@@ -193,10 +207,8 @@ pub fn write_image(
     }
     let (mut sink, unit) = start(file, path, spec)?;
     let piece_len = PIECE.min(unit) as usize;
-    let mut report = ConvertReport {
-        bytes_to_copy: ranges.iter().map(|r| r.1).sum(),
-        ..Default::default()
-    };
+    let mut report = ConvertReport::default();
+    let to_copy = std::sync::atomic::AtomicU64::new(0);
     let (tx, rx) = mpsc::sync_channel::<Result<Piece>>(PIPELINE_DEPTH);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
     for _ in 0..PIPELINE_DEPTH + 2 {
@@ -205,29 +217,44 @@ pub fn write_image(
             .expect("the receiver is here");
     }
     let written: Result<()> = std::thread::scope(|s| {
+        let to_copy = &to_copy;
         s.spawn(move || {
-            let cursor = UnitCursor {
-                ranges,
-                unit,
-                at: Mutex::new((0, 0)),
-            };
+            // Units never straddle windows: WINDOW is a multiple of every unit size.
+            let window = WINDOW.max(unit);
+            let mut ranges = Vec::new();
             let mut spare: Option<Vec<u8>> = None;
-            while !cancel.load(Ordering::Relaxed) {
-                let Some(work) = cursor.next() else {
-                    break;
+            let mut off = 0;
+            while off < disk.len() && !cancel.load(Ordering::Relaxed) {
+                let len = window.min(disk.len() - off);
+                ranges.clear();
+                if let Err(e) = disk.data_ranges(off, len, &mut ranges) {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                to_copy.fetch_add(ranges.iter().map(|r| r.1).sum(), Ordering::Relaxed);
+                let cursor = UnitCursor {
+                    ranges: &ranges,
+                    unit,
+                    at: Mutex::new((0, 0)),
                 };
-                let sent = read_unit(
-                    disk, spec, &work, unit, piece_len, &mut spare, &free_rx, &tx,
-                );
-                match sent {
-                    Ok(true) => progress(work.bytes()),
-                    // The writer stopped (an error it reports itself).
-                    Ok(false) => return,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
+                while !cancel.load(Ordering::Relaxed) {
+                    let Some(work) = cursor.next() else {
+                        break;
+                    };
+                    let sent = read_unit(
+                        disk, spec, &work, unit, piece_len, &mut spare, &free_rx, &tx,
+                    );
+                    match sent {
+                        Ok(true) => progress(work.bytes()),
+                        // The writer stopped (an error it reports itself).
+                        Ok(false) => return,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
                     }
                 }
+                off += len;
             }
         });
         // The writer. Returning (on an error) drops `rx` and `free_tx`, which stops the
@@ -255,6 +282,7 @@ pub fn write_image(
         Ok(())
     });
     written?;
+    report.bytes_to_copy = to_copy.into_inner();
     if cancel.load(Ordering::Relaxed) {
         return Err(interrupted(path));
     }
@@ -613,20 +641,11 @@ mod tests {
                 size,
                 fail_at: 40 << 20,
             });
-            let ranges = source_ranges(&disk).unwrap();
             let out = dir.join(format!("out-{format:?}"));
             let f = std::fs::File::create_new(&out).unwrap();
             let cancel = AtomicBool::new(false);
-            let e = write_image(
-                &disk,
-                &f,
-                &out,
-                &spec(format, size),
-                &ranges,
-                &|_| {},
-                &cancel,
-            )
-            .unwrap_err();
+            let e =
+                write_image(&disk, &f, &out, &spec(format, size), &|_| {}, &cancel).unwrap_err();
             assert!(
                 e.to_string().contains("src: read at offset"),
                 "{format:?}: {e}"
@@ -641,16 +660,7 @@ mod tests {
             let ro = dir.join(format!("ro-{format:?}"));
             std::fs::File::create_new(&ro).unwrap();
             let f = std::fs::File::open(&ro).unwrap();
-            let e = write_image(
-                &disk,
-                &f,
-                &ro,
-                &spec(format, size),
-                &ranges,
-                &|_| {},
-                &cancel,
-            )
-            .unwrap_err();
+            let e = write_image(&disk, &f, &ro, &spec(format, size), &|_| {}, &cancel).unwrap_err();
             assert!(
                 e.to_string().contains(&format!("ro-{format:?}")),
                 "{format:?}: {e}"
@@ -662,7 +672,6 @@ mod tests {
             size,
             fail_at: u64::MAX,
         });
-        let ranges = source_ranges(&disk).unwrap();
         let out = dir.join("cancelled");
         let f = std::fs::File::create_new(&out).unwrap();
         let cancel = AtomicBool::new(true);
@@ -671,7 +680,6 @@ mod tests {
             &f,
             &out,
             &spec(OutFormat::Vhdx, size),
-            &ranges,
             &|_| {},
             &cancel,
         )

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::chain::{Chain, Intent};
 use crate::cli::{parse_size, ConvertArgs, ConvertFormatArg, DiskTypeArg, SourceFormatArg};
-use crate::convert::{source_ranges, write_image, ConvertSpec, OutFormat};
+use crate::convert::{source_data_bytes, write_image, ConvertSpec, OutFormat};
 use crate::disk::{Disk, DiskOptions};
 use crate::error::{Error, Result};
 use crate::image::raw::Raw;
@@ -150,8 +150,7 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         signal_hook::flag::register(sig, cancel.clone())
             .map_err(|e| Error::file(&args.output, "install a signal handler", e))?;
     }
-    let ranges = source_ranges(&disk)?;
-    let total: u64 = ranges.iter().map(|r| r.1).sum();
+    let total = source_data_bytes(&disk)?;
     let progress = crate::progress::Progress::bytes(
         total,
         "convert",
@@ -165,7 +164,6 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
             f,
             out,
             &spec,
-            &ranges,
             &|n| progress.add(n),
             &cancel,
         )?);
