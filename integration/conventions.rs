@@ -424,6 +424,7 @@ fn man_pages_and_completions() {
         [
             "vdiskfs-cat.1",
             "vdiskfs-check.1",
+            "vdiskfs-convert.1",
             "vdiskfs-create.1",
             "vdiskfs-info.1",
             "vdiskfs-mount.1",
@@ -473,6 +474,20 @@ fn man_pages_and_completions() {
             "vdiskfs-mount(1) lacks {want:?}:\n{mount}"
         );
     }
+    let convert = man_text(&man1.join("vdiskfs-convert.1"));
+    for want in [
+        "--azure",
+        "--force",
+        "--type",
+        "--search-dir",
+        "AZURE",
+        "130",
+    ] {
+        assert!(
+            convert.contains(want),
+            "vdiskfs-convert(1) lacks {want:?}:\n{convert}"
+        );
+    }
     let cat = man_text(&man1.join("vdiskfs-cat.1"));
     for want in ["--quiet", "--progress", "--output"] {
         assert!(cat.contains(want), "vdiskfs-cat(1) lacks {want:?}:\n{cat}");
@@ -490,7 +505,9 @@ fn man_pages_and_completions() {
         run_ok(Command::new("bash").arg("-c").arg(script)).stdout_str()
     };
     let cmds = complete("vdiskfs ''", 1);
-    for want in ["info", "cat", "create", "check", "mount", "umount"] {
+    for want in [
+        "info", "cat", "create", "check", "convert", "mount", "umount",
+    ] {
         assert!(
             cmds.lines().any(|l| l == want),
             "bash offers {want}: {cmds}"
@@ -682,28 +699,6 @@ fn debian_package() {
 }
 
 // ---------------------------------------------------------------- progress
-
-/// Quote for sh.
-fn sh_quote(s: &OsStr) -> String {
-    format!("'{}'", s.to_str().unwrap().replace('\'', "'\\''"))
-}
-
-/// Run `vdiskfs ARGS` on a pseudo-terminal (`script`); returns what the terminal showed.
-fn on_terminal(args: &[&OsStr]) -> String {
-    let mut line = sh_quote(OsStr::new(bin()));
-    for a in args {
-        line.push(' ');
-        line.push_str(&sh_quote(a));
-    }
-    let o = run(Command::new("script")
-        .args(["-q", "-e", "-c"])
-        .arg(&line)
-        .arg("/dev/null")
-        // indicatif draws nothing on a terminal called dumb (or with TERM unset).
-        .env("TERM", "xterm"));
-    o.assert_success();
-    o.stdout_str()
-}
 
 fn progress_image(t: &TempDir) -> (PathBuf, PathBuf) {
     let raw = t.join("src.raw");

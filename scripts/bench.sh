@@ -40,6 +40,10 @@
 #            on another fresh child (so writes allocate blocks as they go).
 #   cat: hyperfine of `vdiskfs cat` of the page-cache-hot dynamic base VHDX (and VHD, and
 #   the depth-3 VHDX chain) to /dev/null.
+#   convert (the last section; BENCH_ONLY=convert runs it alone, needing only qemu-img,
+#   fusermount3 and cmp): `vdiskfs convert` of a depth-3 VHDX chain of BENCH_SIZE to a
+#   dynamic VHDX against `qemu-img convert -f raw -O vhdx` of the same merged raw file,
+#   outputs on disk and in tmpfs, BENCH_REPEAT rounds; and a 2 TiB chain holding ~100 MiB.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -65,6 +69,18 @@ MIB=$((1 << 20))
 [ $((SIZE % MIB)) -eq 0 ] || die "BENCH_SIZE must be a whole number of MiB"
 
 [ "$(id -u)" -eq 0 ] || die "run as root (drop_caches, FUSE mounts)"
+
+# BENCH_ONLY=convert: only the `vdiskfs convert` section (near the end of this file).
+if [ "${BENCH_ONLY:-}" = convert ]; then
+    if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+        # shellcheck disable=SC1091
+        . "$HOME/.cargo/env"
+    fi
+    # shellcheck disable=SC1090
+    source <(sed -n '/^# >>> convert section -/,/^# <<< convert section/p' "${BASH_SOURCE[0]}")
+    convert_bench
+    exit 0
+fi
 # cargo from rustup, as setup.sh and test.sh find it (a fresh root shell lacks it on PATH).
 if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
     # shellcheck disable=SC1091
@@ -538,6 +554,219 @@ for img in "${CAT_IMAGES[@]}"; do
 done
 
 [ "$HYPERFINE" = 1 ] || printf '  %s\n' "$HF_WHY"
+
+# >>> convert section ---------------------------------------------------------------------
+# Self-contained: its own chain, work directory and cleanup, so that BENCH_ONLY=convert can
+# run it alone (it is sourced from the top of this file then).
+cb_now() { date +%s.%N; }
+cb_secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
+# cb_time CMD...: run it; CB_REAL = wall seconds, CB_CPU = user + system seconds of the
+# command and its threads (the figure the other work on a shared machine disturbs least).
+cb_time() {
+    local TIMEFORMAT='%R %U %S' t
+    t=$( { time "$@" >/dev/null; } 2>&1 ) || die "$* failed: $t"
+    read -r CB_REAL u s <<<"$(tail -n 1 <<<"$t")"
+    CB_CPU=$(awk -v u="$u" -v s="$s" 'BEGIN { printf "%.2f", u + s }')
+}
+cb_median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+cb_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
+cb_target() { # cb_target WHAT VALUE PEER FACTOR
+    local v
+    v=$(awk -v a="$2" -v b="$3" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+    if awk -v v="$v" -v f="$4" 'BEGIN { exit !(v >= f) }'; then
+        printf '  %-52s %5sx (target >= %sx): met\n' "$1" "$v" "$4"
+    else
+        printf '  %-52s %5sx (target >= %sx): NOT met\n' "$1" "$v" "$4"
+    fi
+}
+CB_WORK="" CB_SHM="" CB_MOUNTS=()
+convert_cleanup() {
+    local m
+    for m in "${CB_MOUNTS[@]}"; do
+        if grep -qF " $m " /proc/self/mountinfo; then
+            fusermount3 -u -z "$m" 2>/dev/null || umount -l "$m"
+        fi
+    done
+    if [ -n "$CB_WORK" ]; then
+        if [ "${BENCH_KEEP:-0}" = 1 ]; then echo "bench: kept $CB_WORK"; else rm -rf "$CB_WORK"; fi
+    fi
+    [ -z "$CB_SHM" ] || rm -rf "$CB_SHM"
+    return 0
+}
+
+convert_bench() {
+    local cw t0 r i c prev off
+    for t in cargo qemu-img fusermount3 cmp; do
+        command -v "$t" >/dev/null 2>&1 || die "$t not found (run scripts/setup.sh)"
+    done
+    if [ "${BENCH_ONLY:-}" = convert ]; then
+        say "build: cargo build --release"
+        cargo build --release
+    fi
+    mkdir -p "$BASEDIR"
+    # After the other sections: inside their work directory, so their cleanup covers it.
+    cw=$(mktemp -d "${WORK:-$BASEDIR}/vdiskfs-bench-convert.XXXXXX")
+    CB_WORK=$cw
+    local shm=""
+    if [ -d /dev/shm ] && [ "$(df -B1 --output=avail /dev/shm | tail -n 1)" -gt $((3 * SIZE)) ]; then
+        shm=$(mktemp -d /dev/shm/vdiskfs-bench-convert.XXXXXX)
+        CB_SHM=$shm
+    fi
+    # Alone, this section owns the exit trap; after the other sections the main cleanup
+    # stays and this one runs at the end of the function.
+    if [ "${BENCH_ONLY:-}" = convert ]; then
+        trap 'rc=$?; convert_cleanup; exit $rc' EXIT
+        trap 'exit 130' INT TERM
+    fi
+    mkdir -p "$cw/mnt" "$cw/out"
+
+    say "convert: machine"
+    echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "cpus:    $(nproc); load $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "size:    $SIZE_ARG, $REPEAT round(s); outputs in $cw/out (disk: $(df --output=fstype "$cw" | tail -n 1))${shm:+ and $shm (tmpfs)}"
+
+    cb_mount() { # cb_mount IMAGE DIR
+        mkdir -p "$2"
+        CB_MOUNTS+=("$2")
+        MOUNTS+=("$2")
+        "$VD" mount "$1" "$2"
+    }
+    cb_umount() { # cb_umount DIR IMAGE
+        "$VD" umount "$1"
+        flock -x -w 60 "$2" true || die "daemon still holds $2"
+    }
+
+    say "convert: a depth-3 VHDX chain of $SIZE_ARG (random base, two children with known data)"
+    echo "+ head -c $SIZE /dev/urandom > random.raw; qemu-img convert -f raw -O vhdx random.raw base.vhdx"
+    head -c "$SIZE" /dev/urandom >"$cw/ref.raw"
+    qemu-img convert -f raw -O vhdx -o subformat=dynamic "$cw/ref.raw" "$cw/base.vhdx"
+    prev="$cw/base.vhdx"
+    local step=$((SIZE / 16))
+    for c in c1 c2; do
+        echo "+ vdiskfs create --parent $(basename "$prev") $c.vhdx; 16 x 1 MiB + 16 x 4 KiB (unaligned) through a writable mount"
+        "$VD" create --parent "$prev" "$cw/$c.vhdx" >/dev/null
+        cb_mount "$cw/$c.vhdx" "$cw/mnt/w"
+        head -c $((MIB + 4096)) /dev/urandom >"$cw/pat"
+        for i in $(seq 0 15); do
+            # Child 2 writes half over child 1's data.
+            off=$((i * step + 3 * MIB + 512))
+            [ "$c" = c2 ] && off=$((i * step + 3 * MIB + MIB / 2))
+            for f in "$cw/mnt/w/disk.raw" "$cw/ref.raw"; do
+                dd if="$cw/pat" of="$f" bs=$MIB count=1 seek="$off" oflag=seek_bytes conv=notrunc status=none
+                dd if="$cw/pat" of="$f" bs=4096 count=1 skip=$MIB iflag=skip_bytes \
+                    seek=$((off + 9 * MIB + 3584)) oflag=seek_bytes conv=notrunc status=none
+            done
+        done
+        cb_umount "$cw/mnt/w" "$cw/$c.vhdx"
+        prev="$cw/$c.vhdx"
+    done
+    sync
+    ls -l "$cw"/*.vhdx | sed 's/^/  /'
+
+    say "convert: vdiskfs convert c2.vhdx -> dynamic VHDX vs qemu-img convert -f raw -O vhdx merged.raw ($REPEAT rounds)"
+    echo "+ vdiskfs convert -q c2.vhdx OUT.vhdx                (ends with fdatasync: the output is durable)"
+    echo "+ qemu-img convert -f raw -O vhdx ref.raw OUT.vhdx   (qemu-img's default cache=unsafe: no flush at all)"
+    echo "+ ... and the same followed by 'sync OUT.vhdx'         (qemu's output made durable too)"
+    echo "  page cache: the chain and ref.raw are read in before each round (both tools read hot data)"
+    local dirs=("$cw/out") where
+    [ -n "$shm" ] && dirs+=("$shm")
+    declare -A CV_VD CV_Q CV_QS CV_VDC CV_QC
+    cb_where() { if [ "$1" = "$shm" ]; then echo tmpfs; else echo disk; fi; }
+    for r in $(seq "$REPEAT"); do
+        for where in "${dirs[@]}"; do
+            cat "$cw"/*.vhdx "$cw/ref.raw" >/dev/null
+            rm -f "$where"/*.vhdx
+            sync
+            cb_time "$VD" convert -q "$cw/c2.vhdx" "$where/vd.vhdx"
+            CV_VD[$where]="${CV_VD[$where]:-} $CB_REAL"
+            CV_VDC[$where]="${CV_VDC[$where]:-} $CB_CPU"
+            CB_REAL_VD=$CB_REAL CB_CPU_VD=$CB_CPU
+            sync
+            t0=$(cb_now)
+            cb_time qemu-img convert -f raw -O vhdx "$cw/ref.raw" "$where/q.vhdx"
+            sync "$where/q.vhdx"
+            CV_Q[$where]="${CV_Q[$where]:-} $CB_REAL"
+            CV_QC[$where]="${CV_QC[$where]:-} $CB_CPU"
+            CV_QS[$where]="${CV_QS[$where]:-} $(cb_secs "$t0" "$(cb_now)")"
+            printf '  round %s %-5s vdiskfs %5s s (cpu %5s s)   qemu-img %5s s (cpu %5s s)   qemu-img+sync %5s s\n' "$r" \
+                "$(cb_where "$where")" "$CB_REAL_VD" "$CB_CPU_VD" "$CB_REAL" "$CB_CPU" "${CV_QS[$where]##* }"
+        done
+    done
+    echo "+ checks: vdiskfs cat vd.vhdx | cmp - ref.raw; qemu-img check vd.vhdx; qemu-img convert -O raw vd.vhdx | cmp - ref.raw"
+    local same
+    if "$VD" cat "${dirs[0]}/vd.vhdx" | cmp -s - "$cw/ref.raw" && qemu-img check -q "${dirs[0]}/vd.vhdx" &&
+        qemu-img convert -f vhdx -O raw "${dirs[0]}/vd.vhdx" "$cw/back.raw" && cmp -s "$cw/back.raw" "$cw/ref.raw"; then
+        same=yes
+    else
+        same=NO
+    fi
+    rm -f "$cw/back.raw"
+    echo "  output equals the merged chain, qemu-img check clean: $same"
+    echo "  file sizes: vdiskfs $(stat -c %s "${dirs[0]}/vd.vhdx"), qemu-img $(stat -c %s "${dirs[0]}/q.vhdx") bytes"
+
+    say "convert results (median of $REPEAT; in brackets qemu-img's figure as a ratio to vdiskfs's: above 1 = vdiskfs faster)"
+    printf '| %-7s | %-16s | %-26s | %-26s | %-16s | %-26s |\n' outputs "vdiskfs wall" "qemu-img wall" "qemu-img + sync wall" "vdiskfs cpu" "qemu-img cpu"
+    printf '|%s|%s|%s|%s|%s|%s|\n' --------- ------------------ ---------------------------- ---------------------------- ------------------ ----------------------------
+    local vd q qs vdc qc targets=()
+    for where in "${dirs[@]}"; do
+        # shellcheck disable=SC2086
+        {
+            vd=$(cb_median ${CV_VD[$where]})
+            q=$(cb_median ${CV_Q[$where]})
+            qs=$(cb_median ${CV_QS[$where]})
+            vdc=$(cb_median ${CV_VDC[$where]})
+            qc=$(cb_median ${CV_QC[$where]})
+        }
+        printf '| %-7s | %-16s | %-26s | %-26s | %-16s | %-26s |\n' "$(cb_where "$where")" \
+            "$vd s" "$q s ($(cb_ratio "$q" "$vd"))" "$qs s ($(cb_ratio "$qs" "$vd"))" "$vdc s" "$qc s ($(cb_ratio "$qc" "$vdc"))"
+        targets+=("$(cb_target "convert to dynamic VHDX, $(cb_where "$where"): qemu-img / vdiskfs" "$q" "$vd" 1.5)")
+    done
+    say "issue 13 target (wall time, same run)"
+    printf '%s\n' "${targets[@]}"
+    for where in "${dirs[@]}"; do rm -f "$where/vd.vhdx" "$where/q.vhdx"; done
+    rm -f "$cw/ref.raw" "$cw"/*.vhdx
+
+    say "convert: a 2 TiB dynamic VHDX chain of depth 3 holding ~100 MiB -> dynamic VHDX"
+    echo "+ vdiskfs create --size 2T base.vhdx; per layer 16 x 2 MiB of random data at spread, unaligned offsets (through a writable mount); two children"
+    prev=""
+    head -c $((32 * MIB)) /dev/urandom >"$cw/pat2"
+    for c in big0 big1 big2; do
+        if [ -z "$prev" ]; then
+            "$VD" create --size 2T "$cw/$c.vhdx" >/dev/null
+        else
+            "$VD" create --parent "$prev" "$cw/$c.vhdx" >/dev/null
+        fi
+        cb_mount "$cw/$c.vhdx" "$cw/mnt/w"
+        for i in $(seq 0 15); do
+            off=$((((i * 127 + ${c#big} * 41) % 2040) * 1024 * MIB + 12345 * 512))
+            dd if="$cw/pat2" of="$cw/mnt/w/disk.raw" bs=$((2 * MIB)) count=1 skip=$((i * 2 * MIB)) iflag=skip_bytes \
+                seek="$off" oflag=seek_bytes conv=notrunc status=none
+        done
+        cb_umount "$cw/mnt/w" "$cw/$c.vhdx"
+        prev="$cw/$c.vhdx"
+    done
+    sync
+    local big=()
+    for r in $(seq "$REPEAT"); do
+        cat "$cw"/big*.vhdx >/dev/null
+        rm -f "$cw/out/big.vhdx"
+        sync
+        cb_time "$VD" convert -q "$cw/big2.vhdx" "$cw/out/big.vhdx"
+        big+=("$CB_REAL")
+        echo "  round $r: $CB_REAL s (cpu $CB_CPU s)"
+    done
+    qemu-img check -q "$cw/out/big.vhdx" && same=clean || same=DAMAGED
+    echo "  output: $(stat -c %s "$cw/out/big.vhdx") bytes ($(du -k "$cw/out/big.vhdx" | cut -f1) KiB allocated), qemu-img check: $same"
+    printf '  2 TiB chain, ~100 MiB of data -> dynamic VHDX: median %s s (issue 13: "a few seconds")\n' "$(cb_median "${big[@]}")"
+
+    if [ "${BENCH_ONLY:-}" != convert ]; then
+        convert_cleanup
+    fi
+}
+# <<< convert section
+
+convert_bench
 
 if [ "$QSD" = 0 ] || [ "$HYPERFINE" = 0 ]; then
     say "done, with rows not measured"

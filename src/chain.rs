@@ -50,8 +50,8 @@ pub struct ChainOptions {
 ///
 /// - a file that is written is opened with an exclusive lock: nobody else may have it open
 ///   (not as a parent of their disk either);
-/// - every other file of a chain that is written, or that a new child is created over, is
-///   opened read-only with a shared lock that must be had: if another process has it open
+/// - every other file of a chain that is written, that a new child is created over, or
+///   that is copied (`Copy`), is opened read-only with a shared lock that must be had: if another process has it open
 ///   for writing (holds its exclusive lock) the open fails, naming the file and the writer;
 ///   holding the shared lock keeps writers out while the chain is open;
 /// - a chain opened only to look at (`Inspect`) takes shared locks where it can, and opens
@@ -70,6 +70,9 @@ pub enum Intent {
     /// Rewrite the top `n` layers (e.g. merging a child into its parent): those are
     /// opened for writing, the rest must not be changing.
     Rewrite(usize),
+    /// Copy the merged view into a new file (`convert`): nothing is written, but no file
+    /// of the chain may be changing, or the copy would mix old and new data.
+    Copy,
 }
 
 impl Intent {
@@ -94,6 +97,10 @@ impl Intent {
             Intent::CreateChild => refuse(
                 "to create a child over a chain that includes it: the child would change with \
                  every write to it (unmount it first)",
+            ),
+            Intent::Copy => refuse(
+                "to copy a chain that includes it: the copy would mix old and new data (unmount \
+                 it first)",
             ),
         }
     }
@@ -1455,6 +1462,8 @@ mod tests {
                 Intent::Rewrite(1),
                 "refusing to write a disk over it",
             ),
+            (child, Intent::Copy, "to copy a chain that includes it"),
+            (base, Intent::Copy, "to copy a chain that includes it"),
         ] {
             let msg = refused(path, intent);
             assert!(
@@ -1494,6 +1503,16 @@ mod tests {
         let c = Chain::open(base, &with(Intent::CreateChild)).unwrap();
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         drop(c);
+        // A copy of the base (not being written) is fine, of the child is not.
+        let c = Chain::open(base, &with(Intent::Copy)).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        drop(c);
+        let msg = refused(child, Intent::Copy);
+        assert!(
+            msg.starts_with(&format!("{}: open for writing by", child.display()))
+                && msg.contains("to copy a chain that includes it"),
+            "{msg}"
+        );
         drop(w);
 
         // Rewrite(2) writes the top two layers.
@@ -1558,6 +1577,7 @@ mod tests {
             physical_sector_size: 4096,
             parent_locator,
             virtual_disk_id: None,
+            fixed: false,
         };
         crate::image::create_new_file(path, |f| write_new(f, path, &n, "chain test")).unwrap();
     }

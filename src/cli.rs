@@ -35,6 +35,9 @@ pub enum Command {
     Create(CreateArgs),
     /// Check an image's structures (headers, checksums, BAT bounds, overlaps, bitmaps).
     Check(CheckArgs),
+    /// Write the merged view of a chain (or a raw image) as a new independent disk: a full
+    /// clone as dynamic or fixed VHDX or VHD, a raw image, or an Azure-ready fixed VHD.
+    Convert(ConvertArgs),
     /// Mount the merged view of a chain as a raw image file over FUSE.
     Mount(MountArgs),
     /// Unmount a vdiskfs mount point.
@@ -142,6 +145,73 @@ pub struct CheckArgs {
     /// Print JSON for scripts.
     #[arg(long)]
     pub json: bool,
+    /// Instead of the structure check, tell whether IMAGE is a VHD that Azure accepts for
+    /// upload (fixed, whole MiB, valid footer, size within Azure's limits) and what is
+    /// wrong if not.
+    #[arg(long)]
+    pub azure: bool,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConvertFormatArg {
+    Vhdx,
+    Vhd,
+    Raw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiskTypeArg {
+    Dynamic,
+    Fixed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceFormatArg {
+    /// VHDX or VHD, recognised by its signature (the default).
+    Auto,
+    /// A plain raw disk image (as qemu-img's `-f raw`).
+    Raw,
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The image to convert: the top of a VHDX/VHD chain, or a raw image with `-f raw`.
+    pub source: PathBuf,
+    /// The new file (never overwritten without --force). Its extension gives the format:
+    /// .vhdx/.avhdx, .vhd/.avhd, or .raw/.img/.bin.
+    pub output: PathBuf,
+    /// What SOURCE is: auto (VHDX or VHD) or raw.
+    #[arg(
+        short = 'f',
+        long = "source-format",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub source_format: SourceFormatArg,
+    /// Output format (default from OUTPUT's extension).
+    #[arg(long, value_enum)]
+    pub format: Option<ConvertFormatArg>,
+    /// Output type: dynamic (only blocks holding data are stored) or fixed.
+    #[arg(long = "type", value_enum, default_value = "dynamic")]
+    pub disk_type: DiskTypeArg,
+    /// Block size of a VHDX or dynamic VHD output (suffixes K, M); default 2M.
+    #[arg(long, value_name = "N")]
+    pub block_size: Option<String>,
+    /// Logical sector size of a VHDX output (512 or 4096; default: the source's).
+    #[arg(long, value_name = "N")]
+    pub logical_sector_size: Option<u32>,
+    /// An Azure-ready fixed VHD: implies --format vhd --type fixed; the size is rounded up
+    /// to a whole MiB (at least 20 MiB; the added bytes read as zeros).
+    #[arg(long)]
+    pub azure: bool,
+    /// Replace OUTPUT if it exists (atomically: the old file stays until the new one is
+    /// complete).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
     #[command(flatten)]
     pub chain: ChainArgs,
 }

@@ -151,6 +151,60 @@ impl Disk {
         Ok(())
     }
 
+    /// The ranges of `[offset, offset + len)` that some layer holds data for (the upper
+    /// layer deciding, as reads do), appended to `out` in order and merged when
+    /// contiguous. Everything outside them reads as zeros. Reads no payload data, so a
+    /// caller can visit a chain's data in time proportional to the data, not the size.
+    pub fn data_ranges(&self, offset: u64, len: u64, out: &mut Vec<(u64, u64)>) -> Result<()> {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(());
+        }
+        self.data_ranges_level(0, offset, end - offset, out)
+    }
+
+    fn data_ranges_level(
+        &self,
+        level: usize,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let Some(layer) = self.chain.layers.get(level) else {
+            return Ok(());
+        };
+        let lsize = layer.virtual_size();
+        if offset >= lsize {
+            return Ok(());
+        }
+        let n = len.min(lsize - offset);
+        let mut runs = Vec::new();
+        layer.data_map(offset, n, &mut runs)?;
+        let mut pos = offset;
+        for run in runs {
+            let rlen = run.len();
+            match run {
+                Run::Held { .. } => match out.last_mut() {
+                    Some((o, l)) if *o + *l == pos => *l += rlen,
+                    _ => out.push((pos, rlen)),
+                },
+                Run::Zero { .. } => {}
+                Run::Absent { .. } => self.data_ranges_level(level + 1, pos, rlen, out)?,
+            }
+            pos += rlen;
+        }
+        if pos != offset + n {
+            return Err(Error::corrupt(
+                layer.path(),
+                format!(
+                    "internal: map of {n} bytes at {offset} described {} bytes (damaged allocation tables?)",
+                    pos - offset
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Read the merged view of the parents (`layers[1..]`) through the block cache.
     fn read_parents_cached(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let cache = self.cache.as_ref().expect("caller checked");

@@ -131,6 +131,13 @@ pub trait Layer: Send + Sync {
     /// The range lies inside the virtual size and is sector-aligned or not: callers
     /// may ask for any byte range. Never reads payload data.
     fn map(&self, offset: u64, len: u64, runs: &mut Vec<Run>) -> Result<()>;
+    /// `map` for visiting where a disk's data is (`Disk::data_ranges`, convert): a layer
+    /// may also describe ranges it knows to be zeros without reading them, which `map`
+    /// reports as held (a raw file's holes), as `Run::Zero`. May cost system calls, so
+    /// reads use `map`.
+    fn data_map(&self, offset: u64, len: u64, runs: &mut Vec<Run>) -> Result<()> {
+        self.map(offset, len, runs)
+    }
     /// Read bytes this layer holds, at a file offset that `map` returned.
     fn read_held(&self, file_offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Where the parent is, for differencing layers; None for bases.

@@ -935,3 +935,29 @@ pub fn assert_cat_equals(dir: &TempDir, img: &Path, oracle: &Path) {
     );
     std::fs::remove_file(&output_copy).unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// Terminals
+// ---------------------------------------------------------------------------
+
+/// Quote for sh.
+pub fn sh_quote(s: &OsStr) -> String {
+    format!("'{}'", s.to_str().unwrap().replace('\'', "'\\''"))
+}
+
+/// Run `vdiskfs ARGS` on a pseudo-terminal (`script`); returns what the terminal showed.
+pub fn on_terminal(args: &[&OsStr]) -> String {
+    let mut line = sh_quote(OsStr::new(bin()));
+    for a in args {
+        line.push(' ');
+        line.push_str(&sh_quote(a));
+    }
+    let o = run(Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(&line)
+        .arg("/dev/null")
+        // indicatif draws nothing on a terminal called dumb (or with TERM unset).
+        .env("TERM", "xterm"));
+    o.assert_success();
+    o.stdout_str()
+}

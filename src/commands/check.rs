@@ -10,6 +10,9 @@ use crate::cli::CheckArgs;
 use crate::error::{warning_lines, Error, Result};
 
 pub fn run(args: &CheckArgs) -> Result<i32> {
+    if args.azure {
+        return run_azure(args);
+    }
     let mut layers = Vec::new();
     let mut damaged = false;
     match Chain::open(
@@ -97,4 +100,26 @@ pub fn run(args: &CheckArgs) -> Result<i32> {
         .write_all(text.as_bytes())
         .map_err(|e| Error::file(std::path::Path::new("<stdout>"), "write", e))?;
     Ok(if damaged { 2 } else { 0 })
+}
+
+/// `check --azure`: whether IMAGE is a VHD Azure accepts for upload.
+fn run_azure(args: &CheckArgs) -> Result<i32> {
+    let problems = crate::commands::convert::azure_problems(&args.image)?;
+    let path = args.image.display().to_string();
+    let text = if args.json {
+        let doc = json!({"path": path, "azure_ready": problems.is_empty(), "problems": problems});
+        serde_json::to_string_pretty(&doc).expect("JSON values serialise") + "\n"
+    } else if problems.is_empty() {
+        format!("{path}: OK for Azure (fixed VHD, whole MiB, valid footer)\n")
+    } else {
+        problems
+            .iter()
+            .map(|p| format!("{path}: not Azure-ready: {p}\n"))
+            .collect()
+    };
+    std::io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
+        .map_err(|e| Error::file(std::path::Path::new("<stdout>"), "write", e))?;
+    Ok(if problems.is_empty() { 0 } else { 2 })
 }

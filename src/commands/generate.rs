@@ -139,7 +139,7 @@ fn extra_sections(r: &mut Roff, name: &str) {
     match name {
         "" => {
             r.control("SH", ["EXIT STATUS"]);
-            para(r, "0 on success. 1 on an error, printed as one line on standard error that starts with \"vdiskfs: \" and names the file concerned. vdiskfs check exits 2 when it found damage.");
+            para(r, "0 on success. 1 on an error, printed as one line on standard error that starts with \"vdiskfs: \" and names the file concerned. vdiskfs check exits 2 when it found damage (check --azure: when the file does not meet Azure's rules). An interrupted vdiskfs convert exits 130.");
             r.control("SH", ["ENVIRONMENT"]);
             item(
                 r,
@@ -155,6 +155,7 @@ fn extra_sections(r: &mut Roff, name: &str) {
                     "vdiskfs-cat(1)",
                     "vdiskfs-create(1)",
                     "vdiskfs-check(1)",
+                    "vdiskfs-convert(1)",
                     "vdiskfs-mount(1)",
                     "vdiskfs-umount(1)",
                     "qemu-img(1)",
@@ -175,6 +176,33 @@ fn extra_sections(r: &mut Roff, name: &str) {
                 ],
             );
             see_also(r, &["vdiskfs(1)", "vdiskfs-mount(1)"]);
+        }
+        "convert" => {
+            r.control("SH", ["OUTPUT"]);
+            para(r, "OUTPUT reads byte for byte as vdiskfs cat SOURCE and has no parent. A dynamic output allocates only blocks that hold non-zero data; a raw output is a sparse file; zero parts of written blocks and of fixed outputs are holes. Only the parts of the chain some layer holds are read, so the time follows the data, not the virtual size. Every file of the chain is opened read-only and must not be open for writing elsewhere; none of them changes.");
+            para(r, "The output is written under the temporary name .NAME.vdiskfs-tmp-PID beside OUTPUT, flushed, and linked into place (with --force renamed over the old file); an existing OUTPUT is never replaced without --force. SIGINT and SIGTERM remove the temporary file and exit 130; after a kill, the next convert to the same OUTPUT removes it. A full file system is an error that leaves nothing behind.");
+            r.control("SH", ["AZURE"]);
+            para(r, "--azure writes a fixed VHD (implies --format vhd --type fixed) whose virtual size is rounded up to a whole MiB, at least 20 MiB, at most 32 TiB (larger sources are refused), with a footer of the fixed type, equal current and original sizes, the specification's CHS geometry and a valid checksum; the file is N MiB + 512 bytes. vdiskfs check --azure IMAGE tells whether a file meets these rules. docs/usage.md gives the source of each rule.");
+            r.control("SH", ["EXAMPLES"]);
+            literal(
+                r,
+                &[
+                    "vdiskfs convert web01_9C21.avhdx web01-clone.vhdx",
+                    "vdiskfs convert --type fixed web01_9C21.avhdx web01-fixed.vhdx",
+                    "vdiskfs convert -f raw disk.img disk.vhdx",
+                    "vdiskfs convert --azure --search-dir /mnt/usb web01_9C21.avhdx web01-azure.vhd",
+                    "vdiskfs check --azure web01-azure.vhd",
+                ],
+            );
+            see_also(
+                r,
+                &[
+                    "vdiskfs(1)",
+                    "vdiskfs-cat(1)",
+                    "vdiskfs-check(1)",
+                    "qemu-img(1)",
+                ],
+            );
         }
         "mount" => mount_sections(r),
         "umount" => {

@@ -2,6 +2,7 @@
 
 pub mod cat;
 pub mod check;
+pub mod convert;
 pub mod create;
 pub mod generate;
 pub mod info;
@@ -18,6 +19,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Cat(a) => cat::run(&a),
         Command::Create(a) => create::run(&a),
         Command::Check(a) => check::run(&a),
+        Command::Convert(a) => convert::run(&a),
         Command::Mount(a) => mount::run(&a, cli.verbose),
         Command::Umount(a) => mount::umount(&a),
         Command::Generate(a) => generate::run(&a),

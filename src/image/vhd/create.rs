@@ -19,6 +19,7 @@
 //! by their CHS geometry (rounded down), newer qemu, libvhdi and Hyper-V by the current
 //! size; the current size written is exactly the size asked for.
 
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -83,6 +84,100 @@ pub fn create_differencing(child: &Path, parent: &Vhd, block_size: u32) -> Resul
         (*b"W2ku", encode_utf16le(&absolute)),
     ];
     write_new_file(child, &footer, &header, &locators)
+}
+
+/// The largest fixed VHD `convert` writes: the footer's current size is 64 bits and a
+/// fixed disk has no BAT, so the 2040 GiB limit of dynamic disks does not apply; Azure
+/// takes fixed VHDs up to 32 TiB (see docs/usage.md, `convert --azure`).
+pub const MAX_FIXED_SIZE: u64 = 32 << 40;
+
+/// The footer of a new fixed VHD of `size` bytes (a non-zero multiple of 512): current
+/// and original size equal, geometry by the specification's CHS algorithm.
+pub fn fixed_footer(path: &Path, size: u64) -> Result<[u8; FOOTER_SIZE]> {
+    if size == 0 || !size.is_multiple_of(512) || size > MAX_FIXED_SIZE {
+        return Err(Error::Invalid(format!(
+            "{}: fixed VHD size {size} must be a non-zero multiple of 512 bytes, at most {MAX_FIXED_SIZE} (32 TiB)",
+            path.display()
+        )));
+    }
+    let mut f = new_footer(DiskType::Fixed, size, Geometry::for_sectors(size / 512));
+    f.data_offset = u64::MAX;
+    Ok(f.to_bytes())
+}
+
+/// A new dynamic VHD being written block by block into an empty file (by `convert`).
+pub struct DynamicWriter {
+    footer: [u8; FOOTER_SIZE],
+    block_size: u32,
+    bitmap_size: u64,
+    /// Where the next block goes (sector aligned).
+    next: u64,
+}
+
+impl DynamicWriter {
+    /// Write the fixed structures (footer copy, header, a BAT of unused entries) of a
+    /// dynamic VHD of `size` bytes in `block_size`-byte blocks into the empty `file`.
+    pub fn start(file: &File, path: &Path, size: u64, block_size: u32) -> Result<Self> {
+        check_params(path, size, block_size)?;
+        let footer = new_footer(DiskType::Dynamic, size, Geometry::for_sectors(size / 512));
+        let header = new_header(size, block_size);
+        let (pieces, end) = build(&footer, &header, &[]);
+        write_bat_unused(file, path, header.max_table_entries)?;
+        for (at, data) in &pieces[..2] {
+            file.write_all_at(data, *at)
+                .map_err(|e| Error::io(path, "write", *at, e))?;
+        }
+        Ok(DynamicWriter {
+            footer: footer.to_bytes(),
+            block_size,
+            bitmap_size: header.bitmap_size() as u64,
+            next: end - FOOTER_SIZE as u64,
+        })
+    }
+
+    /// Place block `index` after the blocks placed so far: its sector bitmap (every
+    /// sector present) and its BAT entry are written, and the file offset where the
+    /// block's data goes is returned. The caller writes the block's non-zero data
+    /// there; what it leaves out stays a hole of the new file and reads as zeros.
+    pub fn allocate(&mut self, file: &File, path: &Path, index: u64) -> Result<u64> {
+        let at = self.next;
+        let bitmap = vec![0xFFu8; self.bitmap_size as usize];
+        file.write_all_at(&bitmap, at)
+            .map_err(|e| Error::io(path, "write", at, e))?;
+        let data_at = at + self.bitmap_size;
+        let sector = u32::try_from(at / 512).map_err(|_| {
+            Error::Invalid(format!(
+                "{}: the VHD grew past what a BAT entry can address",
+                path.display()
+            ))
+        })?;
+        let entry_at = TABLE_OFFSET + index * 4;
+        file.write_all_at(&sector.to_be_bytes(), entry_at)
+            .map_err(|e| Error::io(path, "write", entry_at, e))?;
+        self.next = data_at + self.block_size as u64;
+        Ok(data_at)
+    }
+
+    /// Write the closing footer after the last block.
+    pub fn finish(self, file: &File, path: &Path) -> Result<()> {
+        file.write_all_at(&self.footer, self.next)
+            .map_err(|e| Error::io(path, "write", self.next, e))
+    }
+}
+
+/// Write a BAT of `entries` unused entries (0xFFFFFFFF) in chunks of at most 1 MiB.
+fn write_bat_unused(file: &File, path: &Path, entries: u32) -> Result<()> {
+    let bat_bytes = entries as u64 * 4;
+    let chunk = vec![0xFFu8; (1u64 << 20).min(bat_bytes) as usize];
+    let mut done = 0u64;
+    while done < bat_bytes {
+        let n = (chunk.len() as u64).min(bat_bytes - done);
+        let at = TABLE_OFFSET + done;
+        file.write_all_at(&chunk[..n as usize], at)
+            .map_err(|e| Error::io(path, "write", at, e))?;
+        done += n;
+    }
+    Ok(())
 }
 
 fn check_params(path: &Path, size: u64, block_size: u32) -> Result<()> {
@@ -184,17 +279,8 @@ fn write_new_file(
 ) -> Result<()> {
     let (pieces, _len) = build(footer, header, locators);
     create_file_atomically(path, false, |file| {
-        // The BAT: every entry unallocated (0xFFFFFFFF), written in chunks of at most 1 MiB.
-        let bat_bytes = header.max_table_entries as u64 * 4;
-        let chunk = vec![0xFFu8; (1u64 << 20).min(bat_bytes) as usize];
-        let mut done = 0u64;
-        while done < bat_bytes {
-            let n = (chunk.len() as u64).min(bat_bytes - done);
-            let at = TABLE_OFFSET + done;
-            file.write_all_at(&chunk[..n as usize], at)
-                .map_err(|e| Error::io(path, "write", at, e))?;
-            done += n;
-        }
+        // The BAT: every entry unallocated (0xFFFFFFFF).
+        write_bat_unused(file, path, header.max_table_entries)?;
         for (at, data) in &pieces {
             file.write_all_at(data, *at)
                 .map_err(|e| Error::io(path, "write", *at, e))?;

@@ -51,6 +51,9 @@ pub struct NewVhdx {
     pub parent_locator: Option<Vec<(String, String)>>,
     /// Defaults to a new random id.
     pub virtual_disk_id: Option<Uuid>,
+    /// A fixed disk: the file parameters' LeaveBlockAllocated flag is set (the caller
+    /// then makes every payload block present).
+    pub fixed: bool,
 }
 
 impl NewVhdx {
@@ -80,8 +83,22 @@ impl NewVhdx {
         Ok(())
     }
 
+    /// Payload blocks per chunk (data blocks described by one sector bitmap block).
     fn chunk_ratio(&self) -> u64 {
         SECTORS_PER_BITMAP * self.logical_sector_size as u64 / self.block_size as u64
+    }
+
+    /// The first file offset after the fixed structures (1 MiB aligned): where payload
+    /// blocks of a new file go.
+    pub fn payload_start(&self) -> u64 {
+        self.file_len()
+    }
+
+    /// The file offset of the BAT entry of payload block `block` of a new base.
+    pub fn payload_entry_offset(&self, block: u64) -> u64 {
+        let ratio = self.chunk_ratio();
+        // Payload entries are interleaved with one sector-bitmap entry per chunk.
+        BAT_OFFSET + (block + block / ratio) * 8
     }
 
     fn bat_entries(&self) -> u64 {
@@ -172,7 +189,8 @@ fn metadata_region(n: &NewVhdx, disk_id: Uuid) -> Result<Vec<u8>> {
     // Flags: bit 0 IsUser, bit 1 IsVirtualDisk, bit 2 IsRequired.
     let mut fp = (n.block_size as u64).to_le_bytes().to_vec();
     let has_parent = n.parent_locator.is_some();
-    let flags: u32 = if has_parent { 2 } else { 0 };
+    // Bit 0 LeaveBlockAllocated (fixed disks), bit 1 HasParent.
+    let flags: u32 = u32::from(n.fixed) | if has_parent { 2 } else { 0 };
     fp[4..8].copy_from_slice(&flags.to_le_bytes());
     items.push((FILE_PARAMETERS, 4, fp));
     items.push((VIRTUAL_DISK_SIZE, 6, n.virtual_size.to_le_bytes().to_vec()));
@@ -225,6 +243,7 @@ pub fn create_base(
         physical_sector_size: logical_sector_size.max(4096),
         parent_locator: None,
         virtual_disk_id: None,
+        fixed: false,
     };
     n.validate(path)?;
     create_new_file(path, |f| write_new(f, path, &n, CREATOR))
@@ -270,6 +289,7 @@ pub fn create_child(child: &Path, parent: &Vhdx, block_size: u32) -> Result<()> 
         parent_locator: Some(locator),
         // A differencing disk shares its parent's identity (IsVirtualDisk item).
         virtual_disk_id: Some(m.virtual_disk_id),
+        fixed: false,
     };
     n.validate(child)?;
     create_new_file(child, |f| write_new(f, child, &n, CREATOR))

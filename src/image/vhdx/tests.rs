@@ -21,6 +21,7 @@ pub(crate) fn new_base(path: &Path, size: u64, block: u32, lss: u32) {
         physical_sector_size: 4096,
         parent_locator: None,
         virtual_disk_id: None,
+        fixed: false,
     };
     create_new_file(path, |f| write_new(f, path, &n, "test")).unwrap();
 }
@@ -510,6 +511,7 @@ fn check_reports_damage_instead_of_failing() {
     let args = |json| crate::cli::CheckArgs {
         image: p.clone(),
         json,
+        azure: false,
         chain: crate::cli::ChainArgs {
             search_dirs: vec![],
             parents: vec![],

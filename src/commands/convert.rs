@@ -1,0 +1,382 @@
+//! `vdiskfs convert`: the merged view of a chain (or a raw image) as a new independent
+//! disk, and `check --azure`'s rules for Azure-ready VHDs.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::chain::{Chain, Intent};
+use crate::cli::{parse_size, ConvertArgs, ConvertFormatArg, DiskTypeArg, SourceFormatArg};
+use crate::convert::{source_data_bytes, write_image, ConvertSpec, OutFormat};
+use crate::disk::{Disk, DiskOptions};
+use crate::error::{Error, Result};
+use crate::image::raw::Raw;
+use crate::image::vhd::footer::{DiskType, Footer, Geometry, FOOTER_SIZE};
+use crate::image::{create_file_atomically, detect_format, remove_stale_temps};
+use crate::layer::Format;
+
+const CREATOR: &str = concat!("vdiskfs ", env!("CARGO_PKG_VERSION"));
+const DEFAULT_BLOCK: u64 = 2 << 20;
+const MIB: u64 = 1 << 20;
+
+/// Azure's limits for an uploaded VHD's virtual size (the upload size minus the 512-byte
+/// footer): from 20 MiB to 32 TiB (Azure REST API / SDK, DiskCreationData.UploadSizeBytes:
+/// "between 20972032 (20 MiB + 512 bytes for the VHD footer) and 35183298347520 bytes
+/// (32 TiB + 512 bytes for the VHD footer)").
+pub const AZURE_MIN_SIZE: u64 = 20 * MIB;
+pub const AZURE_MAX_SIZE: u64 = 32 << 40;
+
+fn output_format(args: &ConvertArgs) -> Result<OutFormat> {
+    if args.azure {
+        if matches!(args.format, Some(f) if f != ConvertFormatArg::Vhd) {
+            return Err(Error::Invalid(format!(
+                "{}: --azure makes a fixed VHD; it cannot be combined with another --format",
+                args.output.display()
+            )));
+        }
+        return Ok(OutFormat::Vhd);
+    }
+    if let Some(f) = args.format {
+        return Ok(match f {
+            ConvertFormatArg::Vhdx => OutFormat::Vhdx,
+            ConvertFormatArg::Vhd => OutFormat::Vhd,
+            ConvertFormatArg::Raw => OutFormat::Raw,
+        });
+    }
+    let ext = args
+        .output
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "vhdx" | "avhdx" => Ok(OutFormat::Vhdx),
+        "vhd" | "avhd" => Ok(OutFormat::Vhd),
+        "raw" | "img" | "bin" => Ok(OutFormat::Raw),
+        _ => Err(Error::Invalid(format!(
+            "{}: cannot tell the output format from the extension (use .vhdx, .vhd or .raw/.img, or --format)",
+            args.output.display()
+        ))),
+    }
+}
+
+/// Open SOURCE as the chain to read from.
+fn open_source(args: &ConvertArgs) -> Result<Chain> {
+    match args.source_format {
+        SourceFormatArg::Auto => {
+            if detect_format(&args.source)?.is_none() {
+                return Err(Error::Invalid(format!(
+                    "{}: not a VHDX or VHD image; if it is a raw disk image, say so with -f raw",
+                    args.source.display()
+                )));
+            }
+            Chain::open(&args.source, &args.chain.options(Intent::Copy))
+        }
+        SourceFormatArg::Raw => {
+            if !args.chain.parents.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "{}: a raw source has no parents; --parent does not apply",
+                    args.source.display()
+                )));
+            }
+            let raw = Raw::open(&args.source, Intent::Copy.open_options(0))?;
+            Ok(Chain {
+                layers: vec![Arc::new(raw)],
+                found: vec![None],
+                warnings: Vec::new(),
+            })
+        }
+    }
+}
+
+/// True when `a` and `b` are the same file (same device and inode: catches hard links
+/// and symbolic links as well as other spellings of the path).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+pub fn run(args: &ConvertArgs) -> Result<i32> {
+    let format = output_format(args)?;
+    let fixed = args.azure || args.disk_type == DiskTypeArg::Fixed;
+    let chain = open_source(args)?;
+    for w in &chain.warnings {
+        log::warn!("{w}");
+    }
+    for l in &chain.layers {
+        if same_file(l.path(), &args.output) {
+            return Err(Error::Invalid(format!(
+                "{}: the output is {} of the source chain; write to a new file",
+                args.output.display(),
+                if l.path() == chain.top().path() {
+                    "the top image"
+                } else {
+                    "a layer"
+                }
+            )));
+        }
+    }
+    let source_lss = chain.top().logical_sector_size();
+    let disk = Disk::new(
+        chain,
+        DiskOptions {
+            cache_bytes: 0,
+            ..Default::default()
+        },
+    );
+    let spec = make_spec(args, format, fixed, source_lss, disk.len())?;
+    if args.output.symlink_metadata().is_ok() && !args.force {
+        return Err(Error::Invalid(format!(
+            "{}: already exists (use --force to replace it)",
+            args.output.display()
+        )));
+    }
+    let removed = remove_stale_temps(&args.output);
+    if removed > 0 {
+        log::warn!(
+            "{}: removed {removed} temporary file(s) left by an interrupted convert",
+            args.output.display()
+        );
+    }
+    // Ctrl-C and SIGTERM stop the copy between blocks; the temporary file is removed
+    // and OUTPUT never appears. (SIGKILL leaves the temporary file; the next run
+    // removes it.)
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, cancel.clone())
+            .map_err(|e| Error::file(&args.output, "install a signal handler", e))?;
+    }
+    let total = source_data_bytes(&disk)?;
+    let progress = crate::progress::Progress::bytes(
+        total,
+        "convert",
+        crate::progress::Mode::from_flags(args.progress.quiet, args.progress.progress),
+    );
+    let out = &args.output;
+    let mut report = None;
+    let result = create_file_atomically(out, args.force, |f: &File| {
+        report = Some(write_image(
+            &disk,
+            f,
+            out,
+            &spec,
+            &|n| progress.add(n),
+            &cancel,
+        )?);
+        Ok(())
+    });
+    let report = match result {
+        Ok(()) => report.expect("set when the fill succeeded"),
+        Err(e) => {
+            drop(progress);
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                eprintln!(
+                    "vdiskfs: {}: interrupted; nothing was written",
+                    out.display()
+                );
+                return Ok(130);
+            }
+            if matches!(e.errno(), libc::ENOSPC | libc::EDQUOT) {
+                return Err(Error::Invalid(format!(
+                    "{}: the output's file system is full ({}); nothing was written at that path (the source holds {total} bytes of data to copy, plus the format's metadata)",
+                    out.display(),
+                    e.detail()
+                )));
+            }
+            return Err(e);
+        }
+    };
+    progress.finish();
+    log::info!(
+        "{}: {} bytes of source data read, {} bytes in {} blocks written",
+        out.display(),
+        report.bytes_to_copy,
+        report.bytes_written,
+        report.blocks_written
+    );
+    Ok(0)
+}
+
+fn make_spec(
+    args: &ConvertArgs,
+    format: OutFormat,
+    fixed: bool,
+    source_lss: u32,
+    source_size: u64,
+) -> Result<ConvertSpec> {
+    let block_size = match &args.block_size {
+        Some(s) => parse_size(s).map_err(Error::Invalid)?,
+        None => DEFAULT_BLOCK,
+    };
+    let block_size = u32::try_from(block_size)
+        .map_err(|_| Error::Invalid(format!("block size {block_size} is too large")))?;
+    let lss = match (format, args.logical_sector_size) {
+        (OutFormat::Vhdx, Some(n)) => n,
+        (OutFormat::Vhdx, None) => source_lss,
+        (_, Some(512)) | (_, None) => 512,
+        (_, Some(n)) => {
+            return Err(Error::Invalid(format!(
+                "{}: --logical-sector-size {n} applies only to VHDX output (VHD and raw have 512-byte sectors)",
+                args.output.display()
+            )))
+        }
+    };
+    let mut size = source_size;
+    if format == OutFormat::Vhdx {
+        size = size.div_ceil(lss as u64) * lss as u64;
+    } else if format == OutFormat::Vhd {
+        size = size.div_ceil(512) * 512;
+    }
+    if args.azure {
+        let rounded = size.div_ceil(MIB) * MIB;
+        let rounded = rounded.max(AZURE_MIN_SIZE);
+        if rounded > AZURE_MAX_SIZE {
+            return Err(Error::Invalid(format!(
+                "{}: {} bytes is more than Azure accepts for an uploaded VHD ({AZURE_MAX_SIZE} bytes, 32 TiB)",
+                args.source.display(),
+                source_size
+            )));
+        }
+        if rounded != source_size {
+            eprintln!(
+                "vdiskfs: {}: virtual size {source_size} rounded up to {rounded} bytes ({} MiB) for Azure; the added {} bytes at the end read as zeros",
+                args.output.display(),
+                rounded / MIB,
+                rounded - source_size
+            );
+        }
+        size = rounded;
+    } else if size != source_size {
+        eprintln!(
+            "vdiskfs: {}: virtual size {source_size} rounded up to {size} bytes (a whole number of sectors); the added bytes read as zeros",
+            args.output.display()
+        );
+    }
+    Ok(ConvertSpec {
+        format,
+        fixed,
+        block_size,
+        logical_sector_size: lss,
+        physical_sector_size: lss.max(4096),
+        virtual_size: size,
+        creator: CREATOR.to_string(),
+    })
+}
+
+/// Everything that keeps Azure from taking `path` as an uploaded VHD (empty: it meets
+/// the rules). Read-only: the file is opened without changing its access time where
+/// the kernel allows.
+pub fn azure_problems(path: &Path) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    match detect_format(path)? {
+        Some(Format::Vhd) => {}
+        Some(Format::Vhdx) => {
+            problems.push(
+                "is a VHDX; Azure takes only fixed VHD files (convert it: vdiskfs convert --azure)"
+                    .into(),
+            );
+            return Ok(problems);
+        }
+        _ => {
+            problems.push("is not a VHD (no \"conectix\" footer)".into());
+            return Ok(problems);
+        }
+    }
+    let file = open_noatime(path)?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::file(path, "stat", e))?
+        .len();
+    if len < FOOTER_SIZE as u64 {
+        problems.push(format!("is {len} bytes, too short for a VHD"));
+        return Ok(problems);
+    }
+    let mut buf = [0u8; FOOTER_SIZE];
+    file.read_exact_at(&mut buf, len - FOOTER_SIZE as u64)
+        .map_err(|e| Error::io(path, "read", len - FOOTER_SIZE as u64, e))?;
+    let (footer, checksum_ok) = match Footer::parse(path, &buf, len - FOOTER_SIZE as u64) {
+        Ok(x) => x,
+        Err(e) => {
+            problems.push(format!(
+                "the last 512 bytes are not a valid VHD footer ({}); a fixed VHD ends with one",
+                e.detail()
+            ));
+            return Ok(problems);
+        }
+    };
+    if footer.disk_type != DiskType::Fixed {
+        problems.push(format!(
+            "is a {} VHD; Azure takes only fixed VHDs (vdiskfs convert --azure makes one)",
+            footer.disk_type.name()
+        ));
+    }
+    if !checksum_ok {
+        problems.push("the footer checksum is wrong".into());
+    }
+    let size = footer.current_size;
+    if !size.is_multiple_of(MIB) {
+        problems.push(format!(
+            "the virtual size {size} is not a whole number of MiB (the next is {})",
+            size.div_ceil(MIB) * MIB
+        ));
+    }
+    if !(AZURE_MIN_SIZE..=AZURE_MAX_SIZE).contains(&size) {
+        problems.push(format!(
+            "the virtual size {size} is outside Azure's limits ({AZURE_MIN_SIZE} to {AZURE_MAX_SIZE} bytes: 20 MiB to 32 TiB)"
+        ));
+    }
+    if footer.original_size != size {
+        problems.push(format!(
+            "the original size {} differs from the current size {size}",
+            footer.original_size
+        ));
+    }
+    if footer.disk_type == DiskType::Fixed && len != size + FOOTER_SIZE as u64 {
+        problems.push(format!(
+            "the file is {len} bytes; a fixed VHD of virtual size {size} must be {} (data + 512-byte footer)",
+            size + FOOTER_SIZE as u64
+        ));
+    }
+    let geometry = Geometry::for_sectors(size / 512);
+    if footer.disk_geometry != geometry {
+        let g = footer.disk_geometry;
+        problems.push(format!(
+            "the disk geometry C/H/S {}/{}/{} is not the VHD specification's for this size ({}/{}/{})",
+            g.cylinders,
+            g.heads,
+            g.sectors_per_track,
+            geometry.cylinders,
+            geometry.heads,
+            geometry.sectors_per_track
+        ));
+    }
+    if footer.disk_type == DiskType::Fixed && footer.data_offset != u64::MAX {
+        problems.push(format!(
+            "the footer's data offset is {:#x}; a fixed disk has 0xFFFFFFFFFFFFFFFF",
+            footer.data_offset
+        ));
+    }
+    Ok(problems)
+}
+
+/// Open read-only with O_NOATIME, falling back when not permitted (not the owner).
+fn open_noatime(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let with = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME | libc::O_NONBLOCK)
+        .open(path);
+    match with {
+        Ok(f) => Ok(f),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| Error::file(path, "open", e)),
+        Err(e) => Err(Error::file(path, "open", e)),
+    }
+}
