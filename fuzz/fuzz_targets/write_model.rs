@@ -117,7 +117,17 @@ fuzz_target!(|data: &[u8]| {
         .child
         .with_file_name(if vhd { "run.vhd" } else { "run.vhdx" });
     let _ = std::fs::remove_file(&work);
-    std::fs::copy(&fx.child, &work).expect("copy the child");
+    // libFuzzer's timeout timer (SIGALRM, installed without SA_RESTART) can interrupt
+    // copy_file_range on the child's sparse file: retry rather than report a crash.
+    loop {
+        match std::fs::copy(&fx.child, &work) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                let _ = std::fs::remove_file(&work);
+            }
+            Err(e) => panic!("copy the child: {e:?}"),
+        }
+    }
     let mut model = fx.base_bytes.clone();
     let mut disk = open(&work, true);
     for (i, op) in ops.chunks_exact(8).take(48).enumerate() {
