@@ -17,7 +17,6 @@ use crate::image::vhd::footer::{DiskType, Footer, Geometry, FOOTER_SIZE};
 use crate::image::{create_file_atomically, detect_format, remove_stale_temps};
 use crate::layer::Format;
 
-const CREATOR: &str = concat!("vdiskfs ", env!("CARGO_PKG_VERSION"));
 const DEFAULT_BLOCK: u64 = 2 << 20;
 const MIB: u64 = 1 << 20;
 
@@ -263,7 +262,7 @@ fn make_spec(
         logical_sector_size: lss,
         physical_sector_size: lss.max(4096),
         virtual_size: size,
-        creator: CREATOR.to_string(),
+        creator: crate::image::vhdx::create::CREATOR.to_string(),
     })
 }
 
@@ -286,7 +285,7 @@ pub fn azure_problems(path: &Path) -> Result<Vec<String>> {
             return Ok(problems);
         }
     }
-    let file = open_noatime(path)?;
+    let file = crate::access::open_file(path, false).map_err(|e| Error::file(path, "open", e))?;
     let len = file
         .metadata()
         .map_err(|e| Error::file(path, "stat", e))?
@@ -361,22 +360,4 @@ pub fn azure_problems(path: &Path) -> Result<Vec<String>> {
         ));
     }
     Ok(problems)
-}
-
-/// Open read-only with O_NOATIME, falling back when not permitted (not the owner).
-fn open_noatime(path: &Path) -> Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let with = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOATIME | libc::O_NONBLOCK)
-        .open(path);
-    match with {
-        Ok(f) => Ok(f),
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|e| Error::file(path, "open", e)),
-        Err(e) => Err(Error::file(path, "open", e)),
-    }
 }

@@ -100,17 +100,10 @@ pub fn describe(chain: &Chain) -> Result<Value> {
 }
 
 fn human(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
+    if n < 1024 {
         format!("{n} B")
     } else {
-        format!("{v:.2} {} ({n} bytes)", UNITS[u])
+        format!("{} ({n} bytes)", short_size(n))
     }
 }
 
