@@ -1054,3 +1054,74 @@ fn a_child_without_bitmap_blocks_reads_and_writes() {
     assert!(read_at_disk(&disk, marks[2], 1 << 20) == want);
     assert!(read_at_disk(&disk, marks[1], 1 << 20) == data[1]);
 }
+
+/// The structural-rewrite primitive (`commit_pages`): one log entry, all or nothing at
+/// every cut; FileWriteGuid changes, DataWriteGuid only when the content does.
+#[test]
+fn commit_pages_is_all_or_nothing_and_keeps_data_write_guid() {
+    use crate::image::crash_sim;
+    let d = TempDir::new("commit-pages");
+    let template = d.join("template.vhdx");
+    new_base(&template, 8 << 20, 1 << 20, 512);
+    let before = Vhdx::open(&template, OpenOptions::read_only())
+        .unwrap()
+        .header();
+    let work = d.join("work.vhdx");
+    // Two pages in space allocated for the purpose: an all-or-nothing pair.
+    let attempt = |limit: Option<usize>, data_changes: bool| -> (Option<u64>, usize) {
+        let _ = std::fs::remove_file(&work);
+        std::fs::copy(&template, &work).unwrap();
+        crash_sim::fail_after(limit);
+        let mut at = None;
+        {
+            let v = Vhdx::open(&work, OpenOptions::writable()).unwrap();
+            if let Ok(off) = v.allocate_space(8192) {
+                at = Some(off);
+                let pages = vec![(off, vec![0xAB; 4096]), (off + 4096, vec![0xCD; 4096])];
+                let _ = v.commit_pages(&pages, data_changes);
+            }
+            let _ = v.close();
+        }
+        let n = crash_sim::writes();
+        crash_sim::fail_after(None);
+        (at, n)
+    };
+    let (off, total) = attempt(None, false);
+    let off = off.unwrap();
+    let after = Vhdx::open(&work, OpenOptions::read_only())
+        .unwrap()
+        .header();
+    assert_ne!(after.file_write_guid, before.file_write_guid);
+    assert_eq!(after.data_write_guid, before.data_write_guid);
+    assert_eq!(read(&work, off, 8192)[..4096], [0xAB; 4096]);
+    attempt(None, true);
+    let after = Vhdx::open(&work, OpenOptions::read_only())
+        .unwrap()
+        .header();
+    assert_ne!(after.data_write_guid, before.data_write_guid);
+    assert!(total >= 5, "several writes ({total})");
+    for cut in 0..=total {
+        attempt(Some(cut), false);
+        for writable in [false, true] {
+            let v = Vhdx::open(
+                &work,
+                OpenOptions {
+                    writable,
+                    ..OpenOptions::read_only()
+                },
+            )
+            .unwrap();
+            let mut got = vec![0u8; 8192];
+            let _ = v.file().read_exact_at(&mut got, off);
+            let old = got.iter().all(|&b| b == 0);
+            let new =
+                got[..4096].iter().all(|&b| b == 0xAB) && got[4096..].iter().all(|&b| b == 0xCD);
+            assert!(
+                old || new,
+                "cut {cut} of {total} (writable {writable}): a mix"
+            );
+            assert!(v.check().unwrap().is_empty(), "cut {cut}");
+            v.close().unwrap();
+        }
+    }
+}

@@ -27,6 +27,7 @@ use super::log::LogWriter;
 use super::{write_header_both, Vhdx};
 use crate::error::{Error, Result};
 use crate::image::durable::{POISONED_CLOSE, POISONED_WRITE};
+use crate::image::ImageFile;
 use crate::layer::WritableLayer;
 
 const MIB: u64 = 1 << 20;
@@ -64,7 +65,9 @@ pub(crate) struct WriteState {
     /// File size known to be stable on disk.
     flushed_len: u64,
     dirty: BTreeMap<u64, Dirty>,
-    session_started: bool,
+    /// This session gave the file a new FileWriteGuid / DataWriteGuid.
+    file_guid_rotated: bool,
+    data_guid_rotated: bool,
     log: Option<LogWriter>,
     /// The header's LogGuid is this session's log.
     log_in_header: bool,
@@ -100,16 +103,28 @@ impl Vhdx {
 
     /// New FileWriteGuid and DataWriteGuid before the first change of this session.
     fn start_session(&self, st: &mut WriteState) -> Result<()> {
-        if st.session_started {
+        self.start_session_with(st, true)
+    }
+
+    /// Before the first change of this session: a new FileWriteGuid (MS-VHDX 2.2.2.1:
+    /// the file is about to be modified), and a new DataWriteGuid too when `data` (the
+    /// disk's user-visible content is about to change). A change that leaves the content
+    /// alone (a parent locator) keeps DataWriteGuid, so this file's own children stay
+    /// linked to it.
+    fn start_session_with(&self, st: &mut WriteState, data: bool) -> Result<()> {
+        if st.file_guid_rotated && (st.data_guid_rotated || !data) {
             return Ok(());
         }
         let mut h = self.header.lock().unwrap_or_else(|e| e.into_inner());
         let (cur, slot) = &mut *h;
         let mut next = cur.clone();
         next.file_write_guid = Uuid::new_v4();
-        next.data_write_guid = Uuid::new_v4();
+        if data {
+            next.data_write_guid = Uuid::new_v4();
+        }
         write_header_both(&self.file, cur, slot, next)?;
-        st.session_started = true;
+        st.file_guid_rotated = true;
+        st.data_guid_rotated |= data;
         Ok(())
     }
 
@@ -303,6 +318,15 @@ impl Vhdx {
             .iter()
             .map(|(&off, &what)| Ok((off, self.page_content(off, what)?)))
             .collect::<Result<_>>()?;
+        self.log_and_apply(st, &pages)?;
+        Ok(true)
+    }
+
+    /// Write `pages` (4 KiB aligned offset, 4096 bytes) through the log: one entry per
+    /// group of at most `entry_page_limit` pages (durable), LogGuid into the header on
+    /// the session's first entry, then the pages to their places. The caller makes the
+    /// result durable (`flush_ordered`).
+    fn log_and_apply(&self, st: &mut WriteState, pages: &[(u64, Vec<u8>)]) -> Result<()> {
         let log = st.log.get_or_insert_with(|| {
             let h = self.header();
             LogWriter::new(h.log_offset, h.log_length as u64, Uuid::new_v4(), 1)
@@ -335,7 +359,70 @@ impl Vhdx {
                 self.file.write_all_at(data, *off)?;
             }
         }
-        Ok(true)
+        Ok(())
+    }
+
+    /// Most 4 KiB pages `commit_pages` takes in one (atomic) call.
+    #[allow(dead_code)] // used by the structural verbs as they land
+    pub(crate) fn max_commit_pages(&self) -> usize {
+        entry_page_limit(self.header().log_length as u64)
+    }
+
+    /// Reserve `len` bytes (rounded up to 1 MiB) at the 1 MiB aligned end of the file for
+    /// a structural rewrite (a new BAT, a moved block, a larger metadata region). The
+    /// space is unreferenced until a `commit_pages` points at it; whatever the caller
+    /// writes there is made durable by that call before its log entry.
+    #[allow(dead_code)] // used by the structural verbs as they land
+    pub(crate) fn allocate_space(&self, len: u64) -> Result<u64> {
+        let mut st = self.state_lock()?;
+        self.allocate(&mut st, len.div_ceil(MIB) * MIB)
+    }
+
+    /// The structural-rewrite primitive the verbs share (set-parent, resize, compact,
+    /// merge records): commit pending writes, make data written with `file().write_all_at`
+    /// durable, then replace the given 4 KiB pages (4 KiB aligned offsets, 4096 bytes
+    /// each, at most `max_commit_pages`) as ONE log entry: after a crash the file has
+    /// all of them or none. `data_changes`: the disk's content changes (new
+    /// DataWriteGuid; false keeps it, e.g. for a new parent locator, so this file's
+    /// children stay linked).
+    ///
+    /// The in-memory tables (metadata, regions, BAT) are NOT updated from the pages: after
+    /// a structural rewrite, `close` the image and open it again.
+    #[allow(dead_code)] // used by the structural verbs as they land
+    pub(crate) fn commit_pages(&self, pages: &[(u64, Vec<u8>)], data_changes: bool) -> Result<()> {
+        let mut st = self.state_lock()?;
+        let limit = entry_page_limit(self.header().log_length as u64);
+        if pages.len() > limit
+            || pages
+                .iter()
+                .any(|(o, d)| o % PAGE != 0 || d.len() != PAGE as usize)
+        {
+            return Err(Error::Invalid(format!(
+                "{}: internal: a structural update of {} pages (at most {limit} aligned 4 KiB pages)",
+                self.file.path.display(),
+                pages.len()
+            )));
+        }
+        self.start_session_with(&mut st, data_changes)?;
+        self.commit(&mut st)?;
+        st.unsynced = true;
+        self.file.flush_ordered(true, || {
+            st.unsynced = false;
+            st.flushed_len = self
+                .file
+                .file
+                .metadata()
+                .map_err(|e| Error::file(&self.file.path, "stat", e))?
+                .len();
+            self.log_and_apply(&mut st, pages)?;
+            Ok(true)
+        })
+    }
+
+    /// The image file, for a structural rewrite's data (see `commit_pages`).
+    #[allow(dead_code)] // used by the structural verbs as they land
+    pub(crate) fn file(&self) -> &ImageFile {
+        &self.file
     }
 
     /// Commit everything and clear the header's LogGuid (clean close).
