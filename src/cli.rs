@@ -45,6 +45,9 @@ pub enum Command {
     /// Write the man pages or shell completions (for packaging; see scripts/deb.sh).
     #[command(hide = true)]
     Generate(GenerateArgs),
+    /// Make a differencing disk point at its parent's new place (after files were moved or
+    /// renamed): rewrite its parent locator as `create` writes it, crash-safe.
+    SetParent(SetParentArgs),
 }
 
 /// Options for finding and checking parents; every command that opens an image takes them.
@@ -273,6 +276,27 @@ pub enum GenerateWhat {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct SetParentArgs {
+    /// The differencing disk whose parent locator is rewritten.
+    pub child: PathBuf,
+    /// The parent's new place: it must be the disk CHILD was made from (VHDX: its
+    /// DataWriteGuid is CHILD's parent_linkage; VHD: its unique id is CHILD's parent unique
+    /// id), of the same format and sector size, and no larger than CHILD.
+    pub new_parent: PathBuf,
+    /// Accept a NEW_PARENT that is not the disk CHILD was made from, and record its
+    /// identity (Hyper-V's -IgnoreIdMismatch): the merged view is then whatever the bytes
+    /// of the two files say.
+    #[arg(long)]
+    pub ignore_id_mismatch: bool,
+    /// Print the old and the new locator entries and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Chain options for NEW_PARENT's own chain (its parents).
+    #[command(flatten)]
+    pub chain: ChainArgs,
 }
 
 /// Parse "64K", "2M", "1G", "1T" or plain bytes.

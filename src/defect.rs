@@ -531,4 +531,31 @@ pub enum Request {
         parent: PathBuf,
         parent_size: u32,
     },
+    /// `set-parent` on a disk that has no parent.
+    #[error("{}: not a differencing disk (it has no parent to set)", child.display())]
+    NotDifferencing { child: PathBuf },
+    /// `set-parent`: the new parent is not the disk the child was made from.
+    #[error("{}: {} is not the disk it was made from (it records parent {id_name} {expected}, the new parent's is {id}); use --ignore-id-mismatch to make it the parent anyway", child.display(), parent.display())]
+    ParentIdMismatch {
+        child: PathBuf,
+        parent: PathBuf,
+        id_name: &'static str,
+        expected: String,
+        id: Uuid,
+    },
+    /// `set-parent`: the new parent is larger than the child.
+    #[error("{}: the new parent {} is larger than the disk ({parent_size} bytes, the disk {child_size}): the disk would hide the parent's end", child.display(), parent.display())]
+    ParentLarger {
+        child: PathBuf,
+        child_size: u64,
+        parent: PathBuf,
+        parent_size: u64,
+    },
+    /// `set-parent`: the new parent is the child, or its chain contains the child.
+    #[error("{}: the new parent {} is the disk itself or has it in its chain (as {}): the chain would never reach a base", child.display(), parent.display(), same.display())]
+    ParentIsChild {
+        child: PathBuf,
+        parent: PathBuf,
+        same: PathBuf,
+    },
 }

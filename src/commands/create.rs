@@ -116,14 +116,15 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 /// (`Intent::CreateChild`, the lock rules in `chain.rs`), its top with `open_top` (so its
 /// format-specific fields can be read). The chain holds the locks: keep it until the child
 /// exists.
-fn open_parent_chain<L: Layer + 'static>(
+pub(crate) fn open_parent_chain<L: Layer + 'static>(
     path: &Path,
     open_top: fn(&Path, OpenOptions) -> Result<L>,
+    opts: &ChainOptions,
 ) -> Result<(Arc<L>, Chain)> {
     let top: RefCell<Option<Arc<L>>> = RefCell::new(None);
     let opts = ChainOptions {
         intent: Intent::CreateChild,
-        ..Default::default()
+        ..opts.clone()
     };
     let chain = Chain::open_with(path, &opts, |p, o, allow_raw| {
         let mut slot = top.borrow_mut();
@@ -154,11 +155,11 @@ fn create_child(
     // until the child exists (the chain is held until then).
     match (format, pformat) {
         (FormatArg::Vhdx, Some(Format::Vhdx)) => {
-            let (p, _chain) = open_parent_chain(&parent_abs, Vhdx::open)?;
+            let (p, _chain) = open_parent_chain(&parent_abs, Vhdx::open, &ChainOptions::default())?;
             vhdx::create::create_child(&args.image, &p, block_size)?;
         }
         (FormatArg::Vhd, Some(Format::Vhd)) => {
-            let (p, _chain) = open_parent_chain(&parent_abs, Vhd::open)?;
+            let (p, _chain) = open_parent_chain(&parent_abs, Vhd::open, &ChainOptions::default())?;
             make_dir(&args.image)?;
             vhd::create::create_differencing(&args.image, &p, block_size)?;
         }

@@ -62,28 +62,79 @@ pub fn create_differencing(child: &Path, parent: &Vhd, block_size: u32) -> Resul
     let pf = parent.footer();
     let size = pf.current_size;
     check_params(child, size, block_size)?;
-    let parent_abs = std::fs::canonicalize(parent.path())
-        .map_err(|e| Error::file(parent.path(), "resolve the parent's path", e))?;
-    let child_dir = child
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let child_dir_abs = std::fs::canonicalize(child_dir)
-        .map_err(|e| Error::file(child_dir, "resolve the child's directory", e))?;
-    let relative = windows_relative_path(&child_dir_abs, &parent_abs);
-    let absolute = windows_absolute_path(&parent_abs);
-
+    let record = ParentRecord::new(child, parent)?;
     let mut footer = new_footer(DiskType::Differencing, size, pf.disk_geometry);
     footer.original_size = size;
     let mut header = new_header(size, block_size);
     header.parent_unique_id = pf.unique_id;
     header.parent_time_stamp = pf.time_stamp;
-    header.parent_unicode_name = absolute.clone();
-    let locators = [
-        (*b"W2ru", encode_utf16le(&relative)),
-        (*b"W2ku", encode_utf16le(&absolute)),
-    ];
-    write_new_file(child, &footer, &header, &locators)
+    header.parent_unicode_name = record.unicode_name.clone();
+    write_new_file(child, &footer, &header, &record.locators())
+}
+
+/// What a differencing VHD at `child` records about where its parent is: what
+/// `create_differencing` writes and `set-parent` rewrites.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentRecord {
+    /// W2ru: the parent relative to the child's directory, in Windows form.
+    pub relative: String,
+    /// W2ku: the parent's canonical Linux path in rooted Windows form.
+    pub absolute: String,
+    /// The header's parent Unicode name (the same absolute path, as Windows writes it).
+    pub unicode_name: String,
+}
+
+impl ParentRecord {
+    /// The record for a child at `child` (whose directory must exist) of `parent`.
+    pub fn new(child: &Path, parent: &Vhd) -> Result<ParentRecord> {
+        let parent_abs = std::fs::canonicalize(parent.path())
+            .map_err(|e| Error::file(parent.path(), "resolve the parent's path", e))?;
+        let child_dir = child
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let child_dir_abs = std::fs::canonicalize(child_dir)
+            .map_err(|e| Error::file(child_dir, "resolve the child's directory", e))?;
+        let absolute = windows_absolute_path(&parent_abs);
+        Ok(ParentRecord {
+            relative: windows_relative_path(&child_dir_abs, &parent_abs),
+            unicode_name: absolute.clone(),
+            absolute,
+        })
+    }
+
+    /// The locator entries' platform codes and data, in the order they are written.
+    pub fn locators(&self) -> [([u8; 4], Vec<u8>); 2] {
+        [
+            (*b"W2ru", encode_utf16le(&self.relative)),
+            (*b"W2ku", encode_utf16le(&self.absolute)),
+        ]
+    }
+}
+
+/// Lay out `locators`' data from file offset `pos` on (each in whole sectors) and point
+/// `header`'s locator entries at it (the other entries cleared). Returns the pieces to
+/// write and the offset after the last one.
+pub(super) fn lay_out_locators(
+    header: &mut DynamicHeader,
+    locators: &[([u8; 4], Vec<u8>)],
+    mut pos: u64,
+) -> (Vec<(u64, Vec<u8>)>, u64) {
+    header.parent_locators = Default::default();
+    let mut pieces = Vec::new();
+    for (i, (code, data)) in locators.iter().enumerate() {
+        let space = (data.len() as u64).div_ceil(512).max(1) * 512;
+        header.parent_locators[i] = LocatorEntry {
+            platform_code: *code,
+            // Bytes, as Windows writes it (see locator.rs).
+            platform_data_space: space as u32,
+            platform_data_length: data.len() as u32,
+            platform_data_offset: pos,
+        };
+        pieces.push((pos, data.clone()));
+        pos += space;
+    }
+    (pieces, pos)
 }
 
 /// The largest fixed VHD `convert` writes: the footer's current size is 64 bits and a
@@ -248,20 +299,7 @@ fn build(
 ) -> (Vec<(u64, Vec<u8>)>, u64) {
     let mut header = header.clone();
     let bat_len = (header.max_table_entries as u64 * 4).div_ceil(512) * 512;
-    let mut pos = TABLE_OFFSET + bat_len;
-    let mut pieces = Vec::new();
-    for (i, (code, data)) in locators.iter().enumerate() {
-        let space = (data.len() as u64).div_ceil(512).max(1) * 512;
-        header.parent_locators[i] = LocatorEntry {
-            platform_code: *code,
-            // Bytes, as Windows writes it (see locator.rs).
-            platform_data_space: space as u32,
-            platform_data_length: data.len() as u32,
-            platform_data_offset: pos,
-        };
-        pieces.push((pos, data.clone()));
-        pos += space;
-    }
+    let (mut pieces, pos) = lay_out_locators(&mut header, locators, TABLE_OFFSET + bat_len);
     let fb = footer.to_bytes().to_vec();
     pieces.push((0, fb.clone()));
     pieces.push((FOOTER_SIZE as u64, header.to_bytes().to_vec()));

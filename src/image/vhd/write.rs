@@ -214,6 +214,41 @@ impl Vhd {
         Ok(())
     }
 
+    /// Reserve `len` bytes (a multiple of the sector size) of fresh space for structures
+    /// (set-parent's locator data): pending metadata is committed, the footer is moved
+    /// past the space (flushed, as for a block reservation), and the space is used up at
+    /// once. Returns its offset; it starts over the old footer, and nothing points at it
+    /// until the caller's header does.
+    pub(super) fn reserve_bytes(&self, len: u64) -> Result<u64> {
+        let mut st = self.state();
+        self.file.check_poison(POISONED_WRITE)?;
+        self.commit(&mut st)?;
+        let start = st.next_block;
+        let end = start + len.div_ceil(SECTOR) * SECTOR;
+        if end > st.footer_pos {
+            let path = &self.file.path;
+            let old_len = self
+                .file
+                .file
+                .metadata()
+                .map_err(|e| Error::file(path, "stat", e))?
+                .len();
+            let r = self
+                .file
+                .write_all_at(&self.footer.to_bytes(), end)
+                .and_then(|_| self.file.sync_data());
+            if let Err(e) = r {
+                // Put the file back as it was (a torn footer must not stay at the end).
+                let _ = self.file.file.set_len(old_len);
+                let _ = self.file.sync_data();
+                return Err(e);
+            }
+            st.footer_pos = end;
+        }
+        st.next_block = end;
+        Ok(start)
+    }
+
     /// Allocate block `b` in a reserved slot and write `data` at `boff` in it. The BAT
     /// entry reaches the file at the next flush. Called with the writer's lock held.
     fn allocate(&self, st: &mut State, b: usize, boff: u64, data: &[u8]) -> Result<()> {

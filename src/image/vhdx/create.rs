@@ -256,31 +256,8 @@ pub fn create_base(
 /// `relative_path` (from the child's directory, which need not exist yet) and an
 /// `absolute_win32_path` computed from `parent.path()`. Never over an existing file.
 pub fn create_child(child: &Path, parent: &Vhdx, block_size: u32) -> Result<()> {
-    let parent_abs = std::fs::canonicalize(parent.path())
-        .map_err(|e| Error::file(parent.path(), "resolve", e))?;
-    let child_dir = absolute_dir(child)?;
     let m = parent.metadata();
-    let h = parent.header();
-    if !h.log_guid.is_nil() {
-        log::warn!(
-            "{}: the parent has a pending log (it was not closed cleanly); vdiskfs replays it in memory, but 7-Zip and Hyper-V refuse such a chain until the parent is opened writable once (e.g. `vdiskfs mount` it and unmount)",
-            parent_abs.display()
-        );
-    }
-    let locator = vec![
-        (
-            "parent_linkage".to_string(),
-            format!("{{{}}}", h.data_write_guid),
-        ),
-        (
-            "relative_path".to_string(),
-            windows_relative_path(&child_dir, &parent_abs),
-        ),
-        (
-            "absolute_win32_path".to_string(),
-            absolute_win32_path(&parent_abs),
-        ),
-    ];
+    let locator = parent_locator(child, parent)?;
     let n = NewVhdx {
         virtual_size: parent.virtual_size(),
         block_size,
@@ -293,6 +270,37 @@ pub fn create_child(child: &Path, parent: &Vhdx, block_size: u32) -> Result<()> 
     };
     n.validate(child)?;
     create_new_file(child, |f| write_new(f, child, &n, CREATOR))
+}
+
+/// The parent locator entries a child at `child` (which need not exist yet) records for
+/// the opened VHDX `parent`: `parent_linkage` (the parent's DataWriteGuid),
+/// `relative_path` (from the child's directory) and `absolute_win32_path`, computed from
+/// `parent.path()`. What `create_child` writes and `set-parent` rewrites.
+pub fn parent_locator(child: &Path, parent: &Vhdx) -> Result<Vec<(String, String)>> {
+    let parent_abs = std::fs::canonicalize(parent.path())
+        .map_err(|e| Error::file(parent.path(), "resolve", e))?;
+    let child_dir = absolute_dir(child)?;
+    let h = parent.header();
+    if !h.log_guid.is_nil() {
+        log::warn!(
+            "{}: the parent has a pending log (it was not closed cleanly); vdiskfs replays it in memory, but 7-Zip and Hyper-V refuse such a chain until the parent is opened writable once (e.g. `vdiskfs mount` it and unmount)",
+            parent_abs.display()
+        );
+    }
+    Ok(vec![
+        (
+            "parent_linkage".to_string(),
+            format!("{{{}}}", h.data_write_guid),
+        ),
+        (
+            "relative_path".to_string(),
+            windows_relative_path(&child_dir, &parent_abs),
+        ),
+        (
+            "absolute_win32_path".to_string(),
+            absolute_win32_path(&parent_abs),
+        ),
+    ])
 }
 
 /// Write a complete new VHDX into `file` (empty, freshly created).

@@ -1,0 +1,95 @@
+//! Rewriting a differencing VHD's parent locators (`vdiskfs set-parent`).
+//!
+//! Order (each step durable before the next; the file is valid at every moment):
+//! 1. Fresh space for the new locator data past the data, where no header points
+//!    (`reserve_bytes`: the footer moved past it and flushed, as a block reservation).
+//! 2. The new W2ru and W2ku data written there, in whole sectors, fdatasynced.
+//! 3. The dynamic disk header rewritten in place in one write (new locator entries,
+//!    parent Unicode name, and with `--ignore-id-mismatch` the parent's unique id and time
+//!    stamp), fdatasynced.
+//!
+//! The old locator data is never written, so until step 3 lands the old header still
+//! points at intact data; afterwards the new one does. The footer does not change.
+//!
+//! A torn header (power loss in the middle of step 3 on a device that writes 512-byte
+//! sectors independently: the header is sectors 1 and 2 of the file): sector 1 holds the
+//! checksum, the parent's id and time stamp and the first 224 characters of the parent
+//! Unicode name; sector 2 the rest of the name and the locator entries. Either mix points
+//! at intact locator data: old sector 2 at the old data, new sector 2 at the new data
+//! (durable since step 2), so the chain opens through the old or the new parent path. The
+//! checksum no longer matches: read-only opens warn, `check` reports it, writable opens
+//! refuse. Both sectors lie in the first 4 KiB of the file, which file systems write as
+//! one block and disks with 4 KiB physical sectors (every 512e and 4Kn disk) write
+//! atomically, so this needs a 512-byte-native device. docs/design.md has the reasoning.
+//! A SIGKILL never tears it: the header is one pwrite into one page.
+
+use super::create::{lay_out_locators, ParentRecord};
+use super::footer::DiskType;
+use super::Vhd;
+use crate::error::{Error, Result};
+
+/// The parent's identity to record with `--ignore-id-mismatch`: unique id, time stamp.
+pub type ParentIdentity = ([u8; 16], u32);
+
+impl Vhd {
+    /// Make this differencing VHD (opened writable) record `record` as its parent's
+    /// place, and `identity` as its parent's identity when given. Crash-safe (see the
+    /// module). The in-memory header is not updated: drop the file afterwards.
+    pub fn set_parent_locator(
+        &self,
+        record: &ParentRecord,
+        identity: Option<ParentIdentity>,
+    ) -> Result<()> {
+        let path = &self.file.path;
+        let (Some(old), Some(_)) = (&self.header, &self.writer) else {
+            return Err(Error::Invalid(format!(
+                "{}: internal: set-parent needs a dynamic header and a writable file",
+                path.display()
+            )));
+        };
+        if self.footer.disk_type != DiskType::Differencing {
+            return Err(Error::Invalid(format!(
+                "{}: not a differencing disk (it has no parent)",
+                path.display()
+            )));
+        }
+        let locators = record.locators();
+        let mut header = old.clone();
+        let (_, len) = lay_out_locators(&mut header, &locators, 0);
+        // 1. Fresh space, then 2. the locator data there.
+        let start = self.reserve_bytes(len)?;
+        let (pieces, _) = lay_out_locators(&mut header, &locators, start);
+        for (at, data) in &pieces {
+            self.file.write_all_at(data, *at)?;
+        }
+        header.parent_unicode_name = record.unicode_name.clone();
+        if let Some((id, time_stamp)) = identity {
+            header.parent_unique_id = id;
+            header.parent_time_stamp = time_stamp;
+        }
+        let bytes = header.to_bytes();
+        // 3. Data durable, then the header in one write, then durable.
+        self.file.flush_ordered(true, || {
+            self.file.write_all_at(&bytes, self.footer.data_offset)?;
+            Ok(true)
+        })
+    }
+}
+
+impl Vhd {
+    /// What this differencing VHD records about its parent, as `set-parent --dry-run`
+    /// shows it: the locator entries (name, decoded path) in file order, the parent
+    /// Unicode name, the parent's unique id and time stamp.
+    pub fn parent_record_entries(&self) -> Vec<(String, String)> {
+        let mut out = self.locator_info.clone();
+        if let Some(h) = &self.header {
+            out.push(("parent_unicode_name".into(), h.parent_unicode_name.clone()));
+            out.push((
+                "parent_unique_id".into(),
+                uuid::Uuid::from_bytes(h.parent_unique_id).to_string(),
+            ));
+            out.push(("parent_time_stamp".into(), h.parent_time_stamp.to_string()));
+        }
+        out
+    }
+}

@@ -1,0 +1,153 @@
+//! Rewriting a differencing VHDX's parent locator in place (`vdiskfs set-parent`).
+//!
+//! The new locator item (the entries `create::parent_locator` makes, serialised by
+//! `create::locator_item`) goes where the old one was when it fits there, otherwise into
+//! the first free space of the metadata region (after the 64 KiB table, between or after
+//! the other items, 8-byte aligned). The changed 4 KiB pages (the table page holding the
+//! item's entry, and the pages of the item's new bytes) are replaced through the log as
+//! ONE entry (`Vhdx::commit_pages`): after a crash the file has the old locator or the new
+//! one, never a mix. DataWriteGuid is kept (the disk's content does not change, and this
+//! file's own children are linked to it); FileWriteGuid changes.
+//!
+//! A locator that fits nowhere in the metadata region is refused (the region is not
+//! grown: a locator holds three paths of at most a few KiB, and the region of every file
+//! Hyper-V, qemu or vdiskfs makes is 1 MiB with a few hundred bytes used).
+
+use std::collections::BTreeMap;
+
+use super::create::locator_item;
+use super::header::{guid, le16, le32};
+use super::metadata::{PARENT_LOCATOR, TABLE_SIZE};
+use super::Vhdx;
+use crate::error::{Error, Result};
+
+const PAGE: u64 = 4096;
+
+/// Where a new item of `len` bytes may go in a metadata region of `region_len` bytes
+/// whose other items occupy `taken` (start, end), preferring `old` (the item's current
+/// offset). None when it fits nowhere.
+fn place(len: u64, old: u64, taken: &[(u64, u64)], region_len: u64) -> Option<u64> {
+    let free = |at: u64| {
+        at >= TABLE_SIZE as u64
+            && at + len <= region_len
+            && taken.iter().all(|&(s, e)| at + len <= s || e <= at)
+    };
+    if free(old) {
+        return Some(old);
+    }
+    let mut starts: Vec<u64> = std::iter::once(TABLE_SIZE as u64)
+        .chain(taken.iter().map(|&(_, e)| e.div_ceil(8) * 8))
+        .collect();
+    starts.sort_unstable();
+    starts.into_iter().find(|&at| free(at))
+}
+
+impl Vhdx {
+    /// The 4 KiB pages (file offset, new content) that make the parent locator item hold
+    /// `entries`, from the file's current metadata region.
+    pub(crate) fn parent_locator_pages(
+        &self,
+        entries: &[(String, String)],
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        let path = &self.file.path;
+        let region = self.regions.metadata;
+        let mut table = vec![0u8; TABLE_SIZE];
+        self.file.read_exact_at(&mut table, region.file_offset)?;
+        let count = le16(&table, 10) as usize;
+        let mut target = None;
+        let mut taken = Vec::new();
+        for i in 0..count.min((TABLE_SIZE - 32) / 32) {
+            let e = 32 + i * 32;
+            let (off, len) = (le32(&table, e + 16) as u64, le32(&table, e + 20) as u64);
+            let is_user = le32(&table, e + 24) & 1 != 0;
+            if guid(&table, e) == PARENT_LOCATOR && !is_user && target.is_none() {
+                target = Some((e, off, len));
+            } else if len != 0 {
+                taken.push((off, off + len));
+            }
+        }
+        let Some((entry_at, old_off, old_len)) = target else {
+            return Err(Error::Invalid(format!(
+                "{}: not a differencing disk (its metadata has no parent locator)",
+                path.display()
+            )));
+        };
+        let item = locator_item(entries);
+        let new_len = item.len() as u64;
+        let Some(new_off) = place(new_len, old_off, &taken, region.length) else {
+            return Err(Error::Invalid(format!(
+                "{}: the new parent locator ({new_len} bytes) does not fit into the free space of the {}-byte metadata region; vdiskfs does not grow the region (use shorter paths)",
+                path.display(),
+                region.length
+            )));
+        };
+        // The bytes to write, by file offset: the item (plus zeros over what is left of
+        // the old one when it shrinks in place), and the table entry's offset and length.
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut data = item;
+        if new_off == old_off && old_len > new_len {
+            data.resize(old_len as usize, 0);
+        }
+        writes.push((region.file_offset + new_off, data));
+        let mut fields = Vec::with_capacity(8);
+        fields.extend_from_slice(&(new_off as u32).to_le_bytes());
+        fields.extend_from_slice(&(new_len as u32).to_le_bytes());
+        writes.push((region.file_offset + entry_at as u64 + 16, fields));
+
+        let mut pages: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        for (at, bytes) in &writes {
+            let mut done = 0usize;
+            while done < bytes.len() {
+                let pos = at + done as u64;
+                let page = pos - pos % PAGE;
+                if !pages.contains_key(&page) {
+                    let mut buf = vec![0u8; PAGE as usize];
+                    self.file.read_exact_at(&mut buf, page)?;
+                    pages.insert(page, buf);
+                }
+                let buf = pages.get_mut(&page).expect("inserted above");
+                let in_page = (pos - page) as usize;
+                let n = (PAGE as usize - in_page).min(bytes.len() - done);
+                buf[in_page..in_page + n].copy_from_slice(&bytes[done..done + n]);
+                done += n;
+            }
+        }
+        if pages.len() > self.max_commit_pages() {
+            return Err(Error::Invalid(format!(
+                "{}: the new parent locator ({new_len} bytes) is too large for one log entry",
+                path.display()
+            )));
+        }
+        Ok(pages.into_iter().collect())
+    }
+
+    /// Replace the parent locator with `entries`, crash-safe (one log entry), keeping
+    /// DataWriteGuid; then close the file cleanly. The file must be opened writable.
+    pub fn set_parent_locator(&self, entries: &[(String, String)]) -> Result<()> {
+        let pages = self.parent_locator_pages(entries)?;
+        self.commit_pages(&pages, false)?;
+        self.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_prefers_the_old_place_then_the_first_gap() {
+        let t = TABLE_SIZE as u64;
+        let taken = [(t, t + 8), (t + 8, t + 16), (t + 200, t + 300)];
+        // Fits where it was (t + 16 .. t + 200 is free).
+        assert_eq!(place(100, t + 16, &taken, 1 << 20), Some(t + 16));
+        // Too long for the old place: after the last item.
+        assert_eq!(place(500, t + 16, &taken, 1 << 20), Some(t + 304));
+        // Nowhere.
+        assert_eq!(place(1 << 20, t + 16, &taken, 1 << 20), None);
+        // Exactly up to the end of the region.
+        assert_eq!(
+            place((1 << 20) - t - 304, t + 16, &taken, 1 << 20),
+            Some(t + 304)
+        );
+    }
+}
