@@ -93,3 +93,70 @@ impl Vhd {
         out
     }
 }
+
+/// Cut after every write of a set-parent (`crash_sim`): reopened as left, the file
+/// checks clean (header checksum included) and records the old locators or the new
+/// ones, never a mix.
+#[cfg(test)]
+mod tests {
+    use super::super::create::{create_differencing, create_dynamic, DEFAULT_BLOCK_SIZE};
+    use super::*;
+    use crate::image::crash_sim;
+    use crate::layer::{Layer, OpenOptions};
+    use crate::test_support::TempDir;
+
+    fn record_of(path: &std::path::Path) -> Vec<(String, String)> {
+        let v = Vhd::open(path, OpenOptions::read_only()).unwrap();
+        assert!(v.warnings.is_empty(), "{:?}", v.warnings);
+        assert!(v.check().unwrap().is_empty());
+        v.parent_record_entries()
+    }
+
+    #[test]
+    fn a_cut_after_any_write_leaves_the_old_or_the_new_locator() {
+        let d = TempDir::new("vhd-set-parent-cut");
+        std::fs::create_dir_all(d.join("a")).unwrap();
+        let base = d.join("a/base.vhd");
+        create_dynamic(&base, 8 << 20, DEFAULT_BLOCK_SIZE).unwrap();
+        let template = d.join("a/template.vhd");
+        {
+            let p = Vhd::open(&base, OpenOptions::read_only()).unwrap();
+            create_differencing(&template, &p, DEFAULT_BLOCK_SIZE).unwrap();
+        }
+        let far = d.join(format!("elsewhere/{}/deeper", "y".repeat(150)));
+        std::fs::create_dir_all(&far).unwrap();
+        let moved = far.join("Renamed base.vhd");
+        std::fs::copy(&base, &moved).unwrap();
+        let work = d.join("a/child.vhd");
+        let old = record_of(&template);
+        let attempt = |limit: Option<usize>| -> usize {
+            let _ = std::fs::remove_file(&work);
+            std::fs::copy(&template, &work).unwrap();
+            let p = Vhd::open(&moved, OpenOptions::read_only()).unwrap();
+            let rec = ParentRecord::new(&work, &p).unwrap();
+            crash_sim::fail_after(limit);
+            {
+                let v = Vhd::open(&work, OpenOptions::writable()).unwrap();
+                let _ = v.set_parent_locator(&rec, None);
+            }
+            let n = crash_sim::writes();
+            crash_sim::fail_after(None);
+            n
+        };
+        let total = attempt(None);
+        let new = record_of(&work);
+        assert_ne!(new, old);
+        assert!(new[0].1.contains("Renamed base.vhd"), "{new:?}");
+        assert!(total >= 3, "several writes ({total})");
+        let mut saw = [false; 2];
+        for cut in 0..=total {
+            attempt(Some(cut));
+            let got = record_of(&work);
+            assert!(got == old || got == new, "cut {cut} of {total}: {got:?}");
+            saw[usize::from(got == new)] = true;
+            // And writable: the file opens for writing as left.
+            Vhd::open(&work, OpenOptions::writable()).unwrap();
+        }
+        assert_eq!(saw, [true, true], "both outcomes occur");
+    }
+}

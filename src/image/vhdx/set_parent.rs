@@ -13,7 +13,7 @@
 //! grown: a locator holds three paths of at most a few KiB, and the region of every file
 //! Hyper-V, qemu or vdiskfs makes is 1 MiB with a few hundred bytes used).
 
-use std::collections::BTreeMap;
+use std::collections::btree_map::{BTreeMap, Entry};
 
 use super::create::locator_item;
 use super::header::{guid, le16, le32};
@@ -100,12 +100,14 @@ impl Vhdx {
             while done < bytes.len() {
                 let pos = at + done as u64;
                 let page = pos - pos % PAGE;
-                if !pages.contains_key(&page) {
-                    let mut buf = vec![0u8; PAGE as usize];
-                    self.file.read_exact_at(&mut buf, page)?;
-                    pages.insert(page, buf);
-                }
-                let buf = pages.get_mut(&page).expect("inserted above");
+                let buf = match pages.entry(page) {
+                    Entry::Occupied(e) => e.into_mut(),
+                    Entry::Vacant(e) => {
+                        let mut buf = vec![0u8; PAGE as usize];
+                        self.file.read_exact_at(&mut buf, page)?;
+                        e.insert(buf)
+                    }
+                };
                 let in_page = (pos - page) as usize;
                 let n = (PAGE as usize - in_page).min(bytes.len() - done);
                 buf[in_page..in_page + n].copy_from_slice(&bytes[done..done + n]);
@@ -149,5 +151,86 @@ mod tests {
             place((1 << 20) - t - 304, t + 16, &taken, 1 << 20),
             Some(t + 304)
         );
+    }
+}
+
+/// Cut after every write of a set-parent (`crash_sim`): reopened as left, read-only and
+/// writable, the file checks clean and records the old locator or the new one, and its
+/// DataWriteGuid never changes (its own children stay linked).
+#[cfg(test)]
+mod crash_tests {
+    use super::super::create::{create_base, create_child, parent_locator};
+    use super::*;
+    use crate::image::crash_sim;
+    use crate::layer::{Layer, OpenOptions};
+    use crate::test_support::TempDir;
+
+    #[test]
+    fn a_cut_after_any_write_leaves_the_old_or_the_new_locator() {
+        let d = TempDir::new("vhdx-set-parent-cut");
+        std::fs::create_dir_all(d.join("a")).unwrap();
+        let base = d.join("a/base.vhdx");
+        create_base(&base, 8 << 20, 1 << 20, 512).unwrap();
+        let template = d.join("a/template.vhdx");
+        {
+            let p = Vhdx::open(&base, OpenOptions::read_only()).unwrap();
+            create_child(&template, &p, 1 << 20).unwrap();
+        }
+        // The parent moved deep into another tree, under a long name: a larger item.
+        let far = d.join(format!("elsewhere/{}/deeper", "x".repeat(120)));
+        std::fs::create_dir_all(&far).unwrap();
+        let moved = far.join("Renamed base.vhdx");
+        std::fs::copy(&base, &moved).unwrap();
+        let work = d.join("a/child.vhdx");
+        let old = Vhdx::open(&template, OpenOptions::read_only())
+            .unwrap()
+            .metadata()
+            .parent_locator
+            .clone();
+        let guid = Vhdx::open(&template, OpenOptions::read_only())
+            .unwrap()
+            .header()
+            .data_write_guid;
+        let attempt = |limit: Option<usize>| -> (Vec<(String, String)>, usize) {
+            let _ = std::fs::remove_file(&work);
+            std::fs::copy(&template, &work).unwrap();
+            let p = Vhdx::open(&moved, OpenOptions::read_only()).unwrap();
+            let new = parent_locator(&work, &p).unwrap();
+            crash_sim::fail_after(limit);
+            {
+                let v = Vhdx::open(&work, OpenOptions::writable()).unwrap();
+                let _ = v.set_parent_locator(&new);
+            }
+            let n = crash_sim::writes();
+            crash_sim::fail_after(None);
+            (new, n)
+        };
+        let (new, total) = attempt(None);
+        assert_ne!(new, old);
+        let v = Vhdx::open(&work, OpenOptions::read_only()).unwrap();
+        assert_eq!(v.metadata().parent_locator, new);
+        assert!(v.check().unwrap().is_empty());
+        assert!(total >= 5, "several writes ({total})");
+        let mut saw = [false; 2];
+        for cut in 0..=total {
+            attempt(Some(cut));
+            for writable in [false, true] {
+                let v = Vhdx::open(
+                    &work,
+                    OpenOptions {
+                        writable,
+                        ..OpenOptions::read_only()
+                    },
+                )
+                .unwrap();
+                let got = &v.metadata().parent_locator;
+                assert!(*got == old || *got == new, "cut {cut} of {total}: {got:?}");
+                saw[usize::from(*got == new)] = true;
+                assert!(v.check().unwrap().is_empty(), "cut {cut}");
+                assert_eq!(v.header().data_write_guid, guid, "cut {cut}");
+                v.close().unwrap();
+            }
+        }
+        assert_eq!(saw, [true, true], "both outcomes occur");
     }
 }
