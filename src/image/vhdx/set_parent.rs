@@ -233,4 +233,80 @@ mod crash_tests {
         }
         assert_eq!(saw, [true, true], "both outcomes occur");
     }
+
+    /// A locator that outgrows its place (another item right after it, as in files
+    /// other tools lay out differently) moves to free space of the region.
+    #[test]
+    fn a_locator_that_outgrows_its_place_moves() {
+        use crate::image::vhdx::metadata::PHYSICAL_SECTOR_SIZE;
+        use std::os::unix::fs::FileExt;
+        let d = TempDir::new("vhdx-set-parent-move");
+        let base = d.join("base.vhdx");
+        create_base(&base, 8 << 20, 1 << 20, 512).unwrap();
+        let child = d.join("child.vhdx");
+        let p = Vhdx::open(&base, OpenOptions::read_only()).unwrap();
+        create_child(&child, &p, 1 << 20).unwrap();
+        // Move the physical sector size item to just after the locator item.
+        let region = Vhdx::open(&child, OpenOptions::read_only())
+            .unwrap()
+            .regions
+            .metadata;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&child)
+            .unwrap();
+        let mut table = vec![0u8; TABLE_SIZE];
+        f.read_exact_at(&mut table, region.file_offset).unwrap();
+        let entry = |id| {
+            (0..le16(&table, 10) as usize)
+                .map(|i| 32 + i * 32)
+                .find(|&e| guid(&table, e) == id)
+                .unwrap()
+        };
+        let (loc, pss) = (entry(PARENT_LOCATOR), entry(PHYSICAL_SECTOR_SIZE));
+        let loc_end = (le32(&table, loc + 16) + le32(&table, loc + 20)).div_ceil(8) * 8;
+        let mut value = [0u8; 4];
+        f.read_exact_at(
+            &mut value,
+            region.file_offset + le32(&table, pss + 16) as u64,
+        )
+        .unwrap();
+        f.write_all_at(&value, region.file_offset + loc_end as u64)
+            .unwrap();
+        f.write_all_at(&loc_end.to_le_bytes(), region.file_offset + pss as u64 + 16)
+            .unwrap();
+        drop(f);
+        // A longer parent path than the original.
+        let far = d.join(format!("{}/x", "z".repeat(200)));
+        std::fs::create_dir_all(&far).unwrap();
+        let moved = far.join("base.vhdx");
+        std::fs::copy(&base, &moved).unwrap();
+        let new = parent_locator(
+            &child,
+            &Vhdx::open(&moved, OpenOptions::read_only()).unwrap(),
+        )
+        .unwrap();
+        Vhdx::open(&child, OpenOptions::writable())
+            .unwrap()
+            .set_parent_locator(&new)
+            .unwrap();
+        let v = Vhdx::open(&child, OpenOptions::read_only()).unwrap();
+        assert_eq!(v.metadata().parent_locator, new);
+        assert_eq!(v.metadata().physical_sector_size, 4096);
+        assert!(v.check().unwrap().is_empty());
+        let mut table = vec![0u8; TABLE_SIZE];
+        v.file
+            .read_exact_at(&mut table, region.file_offset)
+            .unwrap();
+        let at = (0..le16(&table, 10) as usize)
+            .map(|i| 32 + i * 32)
+            .find(|&e| guid(&table, e) == PARENT_LOCATOR)
+            .map(|e| le32(&table, e + 16))
+            .unwrap();
+        assert!(
+            at > loc_end,
+            "moved past the other item ({at} <= {loc_end})"
+        );
+    }
 }
