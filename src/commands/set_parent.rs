@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::create::open_parent_chain;
 use crate::chain::{file_id, Intent};
 use crate::cli::SetParentArgs;
-use crate::error::{Error, Request, Result};
+use crate::error::{Defect, Error, Request, Result, VhdDefect};
 use crate::image::vhd::create::ParentRecord;
 use crate::image::vhd::Vhd;
 use crate::image::vhdx::Vhdx;
@@ -159,11 +159,30 @@ fn set_vhdx(args: &SetParentArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// A writable open refused only because the dynamic header's checksum does not match.
+fn is_torn_header(e: &Error) -> bool {
+    matches!(
+        e.defect(),
+        Some(Defect::Vhd(VhdDefect::ChecksumWritable {
+            structure: "dynamic disk header"
+        }))
+    )
+}
+
 fn set_vhd(args: &SetParentArgs) -> Result<i32> {
     let opts = args.chain.options(Intent::CreateChild);
     let (parent, parent_chain) = open_parent_chain(&args.new_parent, Vhd::open, &opts)?;
     refuse_cycle(&args.child, &args.new_parent, &parent_chain)?;
-    let child = Vhd::open(&args.child, child_options(args))?;
+    let child = match Vhd::open(&args.child, child_options(args)) {
+        Err(e) if is_torn_header(&e) => {
+            log::warn!(
+                "{}: the dynamic disk header's checksum does not match (power loss during an earlier set-parent leaves that; see docs/design.md): set-parent writes the whole header again",
+                args.child.display()
+            );
+            Vhd::open_rewriting_header(&args.child, child_options(args))?
+        }
+        r => r?,
+    };
     let matched = check_identity(args, &child, parent.as_ref())?;
     let record = ParentRecord::new(&args.child, &parent)?;
     let identity = (!matched).then(|| (parent.footer().unique_id, parent.footer().time_stamp));

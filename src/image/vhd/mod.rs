@@ -86,6 +86,17 @@ impl Vhd {
     /// Open a VHD file, checking footer, dynamic header, BAT and parent locators.
     /// Checksum mismatches are warnings for read-only opens and errors for writable ones.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Vhd> {
+        Self::open_inner(path, opts, false)
+    }
+
+    /// `open`, but a dynamic disk header whose checksum does not match opens writable too
+    /// (with the warning): for `set-parent`, which writes the whole header again (the
+    /// repair of a header torn by power loss during an earlier set-parent).
+    pub(crate) fn open_rewriting_header(path: &Path, opts: OpenOptions) -> Result<Vhd> {
+        Self::open_inner(path, opts, true)
+    }
+
+    fn open_inner(path: &Path, opts: OpenOptions, header_rewritten: bool) -> Result<Vhd> {
         let file = ImageFile::open_with(path, opts)?;
         let mut warnings = Vec::new();
         let len = file.len();
@@ -139,7 +150,7 @@ impl Vhd {
                 file.read_exact_at(&mut hb, at)?;
                 let (h, ok) = DynamicHeader::parse(path, &hb, at)?;
                 if !ok {
-                    if opts.writable {
+                    if opts.writable && !header_rewritten {
                         return Err(Error::corrupt(
                             path,
                             VhdDefect::ChecksumWritable {

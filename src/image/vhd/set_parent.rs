@@ -18,7 +18,8 @@
 //! at intact locator data: old sector 2 at the old data, new sector 2 at the new data
 //! (durable since step 2), so the chain opens through the old or the new parent path. The
 //! checksum no longer matches: read-only opens warn, `check` reports it, writable opens
-//! refuse. Both sectors lie in the first 4 KiB of the file, which file systems write as
+//! refuse, except set-parent's own (`Vhd::open_rewriting_header`), so running it again
+//! writes the whole header anew. Both sectors lie in the first 4 KiB of the file, which file systems write as
 //! one block and disks with 4 KiB physical sectors (every 512e and 4Kn disk) write
 //! atomically, so this needs a 512-byte-native device. docs/design.md has the reasoning.
 //! A SIGKILL never tears it: the header is one pwrite into one page.
@@ -158,5 +159,71 @@ mod tests {
             Vhd::open(&work, OpenOptions::writable()).unwrap();
         }
         assert_eq!(saw, [true, true], "both outcomes occur");
+    }
+
+    /// A header torn by power loss (one of its two sectors new, the other old): each mix
+    /// points at intact locator data, so the parent is found at the old or the new place;
+    /// the checksum mismatch is a warning for reads, and set-parent again repairs it.
+    #[test]
+    fn a_torn_header_still_finds_a_parent_and_set_parent_repairs_it() {
+        use crate::chain::{resolve_parent, ChainOptions};
+        use std::os::unix::fs::FileExt;
+        let d = TempDir::new("vhd-set-parent-torn");
+        std::fs::create_dir_all(d.join("a")).unwrap();
+        let base = d.join("a/base.vhd");
+        create_dynamic(&base, 8 << 20, DEFAULT_BLOCK_SIZE).unwrap();
+        let old_file = d.join("a/old.vhd");
+        {
+            let p = Vhd::open(&base, OpenOptions::read_only()).unwrap();
+            create_differencing(&old_file, &p, DEFAULT_BLOCK_SIZE).unwrap();
+        }
+        let far = d.join("b/c");
+        std::fs::create_dir_all(&far).unwrap();
+        let moved = far.join("Moved.vhd");
+        std::fs::copy(&base, &moved).unwrap();
+        let new_file = d.join("a/new.vhd");
+        std::fs::copy(&old_file, &new_file).unwrap();
+        let p = Vhd::open(&moved, OpenOptions::read_only()).unwrap();
+        let rec = ParentRecord::new(&new_file, &p).unwrap();
+        Vhd::open(&new_file, OpenOptions::writable())
+            .unwrap()
+            .set_parent_locator(&rec, None)
+            .unwrap();
+        let sector = |f: &std::path::Path, at: u64| {
+            let mut b = vec![0u8; 512];
+            std::fs::File::open(f)
+                .unwrap()
+                .read_exact_at(&mut b, at)
+                .unwrap();
+            b
+        };
+        let work = d.join("a/child.vhd");
+        for (new_sector, want) in [(512u64, &base), (1024, &moved)] {
+            // The new file with one header sector put back as it was.
+            std::fs::copy(&new_file, &work).unwrap();
+            let other = if new_sector == 512 { 1024 } else { 512 };
+            let f = std::fs::OpenOptions::new().write(true).open(&work).unwrap();
+            f.write_all_at(&sector(&old_file, other), other).unwrap();
+            drop(f);
+            let v = Vhd::open(&work, OpenOptions::read_only()).unwrap();
+            assert!(!v.warnings.is_empty(), "the checksum mismatch is reported");
+            let found =
+                resolve_parent(&work, v.parent().unwrap(), 0, &ChainOptions::default()).unwrap();
+            assert_eq!(
+                std::fs::canonicalize(&found.path).unwrap(),
+                std::fs::canonicalize(want).unwrap(),
+                "new sector at {new_sector}"
+            );
+            drop(v);
+            assert!(Vhd::open(&work, OpenOptions::writable()).is_err());
+            // The repair: set-parent again, over the torn header.
+            let rec = ParentRecord::new(&work, &p).unwrap();
+            Vhd::open_rewriting_header(&work, OpenOptions::writable())
+                .unwrap()
+                .set_parent_locator(&rec, None)
+                .unwrap();
+            let got = record_of(&work);
+            assert_eq!(got[0], ("W2ru".to_string(), rec.relative.clone()));
+        }
     }
 }
