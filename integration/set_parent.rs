@@ -311,6 +311,52 @@ fn a_moved_chain_opens_again_and_reads_the_same_everywhere() {
             &pre_gc,
             &format!("{ext}: grandchild back on its base"),
         );
+
+        // CHILD in use (the parent of a mounted grandchild): refused, nothing changed.
+        let m = vdiskfs_mount(&gc, &d.join("mnt"), true);
+        let before = sha(&child);
+        let o = vdiskfs(["set-parent", &s(&child), &s(&base)]);
+        assert_clean_failure(&o, &child);
+        assert!(o.stderr.contains("in use"), "{ext}: {}", o.stderr);
+        drop(m);
+        assert_eq!(
+            sha(&child),
+            before,
+            "{ext}: a refused set-parent changed the file"
+        );
+
+        if ext == "vhd" {
+            // A header torn by power loss: sector 2 of the header (the locator entries)
+            // new, sector 1 (checksum, name) old. The chain still opens, through the new
+            // path, with a warning; `check` reports it; set-parent again repairs it.
+            let torn = vm.join("torn.vhd");
+            fs::copy(&child, &torn).unwrap();
+            let copy = d.join("moved/base copy.vhd");
+            fs::copy(&base, &copy).unwrap();
+            vdiskfs(["set-parent", &s(&torn), &s(&copy)]).assert_success();
+            patch_file(&torn, 512, &read_at(&child, 512, 512));
+            let o = vdiskfs(["info", "--json", &s(&torn)]);
+            o.assert_success();
+            assert!(o.stderr.contains("checksum"), "{}", o.stderr);
+            assert!(
+                o.stdout_str().contains("base copy.vhd"),
+                "the new locator entries: {}",
+                o.stdout_str()
+            );
+            assert!(
+                !vdiskfs(["check", &s(&torn)]).success(),
+                "check reports the torn header"
+            );
+            let o = vdiskfs(["set-parent", &s(&torn), &s(&copy)]);
+            o.assert_success();
+            assert!(
+                o.stderr.contains("writes the whole header again"),
+                "{}",
+                o.stderr
+            );
+            vdiskfs(["check", &s(&torn)]).assert_success();
+            cat_equals(&d, &torn, &pre_child, "vhd: torn header repaired");
+        }
     }
 }
 
