@@ -428,6 +428,7 @@ fn man_pages_and_completions() {
             "vdiskfs-create.1",
             "vdiskfs-info.1",
             "vdiskfs-mount.1",
+            "vdiskfs-set-parent.1",
             "vdiskfs-umount.1",
             "vdiskfs.1"
         ],

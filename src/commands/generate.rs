@@ -158,6 +158,7 @@ fn extra_sections(r: &mut Roff, name: &str) {
                     "vdiskfs-convert(1)",
                     "vdiskfs-mount(1)",
                     "vdiskfs-umount(1)",
+                    "vdiskfs-set-parent(1)",
                     "qemu-img(1)",
                     "losetup(8)",
                 ],
