@@ -71,8 +71,14 @@ fn refuse_cycle(child: &Path, parent: &Path, chain: &crate::chain::Chain) -> Res
 }
 
 /// The identity check: sector size, size, and the parent id CHILD records. Returns
-/// whether the id matched (false: accepted with `--ignore-id-mismatch`, after a warning).
-fn check_identity(args: &SetParentArgs, child: &dyn Layer, parent: &dyn Layer) -> Result<bool> {
+/// whether the id matched (false: accepted with `--ignore-id-mismatch`, after a warning
+/// when `warn`).
+fn check_identity(
+    args: &SetParentArgs,
+    child: &dyn Layer,
+    parent: &dyn Layer,
+    warn: bool,
+) -> Result<bool> {
     let Some(pref) = child.parent() else {
         return Err(Error::Request(Request::NotDifferencing {
             child: child.path().to_path_buf(),
@@ -117,6 +123,9 @@ fn check_identity(args: &SetParentArgs, child: &dyn Layer, parent: &dyn Layer) -
             id,
         }));
     }
+    if !warn {
+        return Ok(false);
+    }
     log::warn!(
         "{}: {} is not the disk it was made from (it records parent {id_name} {expected}, the new parent's is {id}); recording it as the parent anyway (--ignore-id-mismatch): the merged view is whatever the bytes of the two files say",
         child.path().display(),
@@ -147,8 +156,16 @@ fn set_vhdx(args: &SetParentArgs) -> Result<i32> {
     let opts = args.chain.options(Intent::CreateChild);
     let (parent, parent_chain) = open_parent_chain(&args.new_parent, Vhdx::open, &opts)?;
     refuse_cycle(&args.child, &args.new_parent, &parent_chain)?;
+    // Checked on a read-only open first, so a refusal changes no byte (a writable open
+    // replays a pending log), and again on the file as opened for writing.
+    check_identity(
+        args,
+        &Vhdx::open(&args.child, Intent::Inspect.open_options(0))?,
+        parent.as_ref(),
+        true,
+    )?;
     let child = Vhdx::open(&args.child, child_options(args))?;
-    check_identity(args, &child, parent.as_ref())?;
+    check_identity(args, &child, parent.as_ref(), false)?;
     let new = vhdx::create::parent_locator(&args.child, &parent)?;
     let old = child.metadata().parent_locator.clone();
     if !args.dry_run {
@@ -173,6 +190,12 @@ fn set_vhd(args: &SetParentArgs) -> Result<i32> {
     let opts = args.chain.options(Intent::CreateChild);
     let (parent, parent_chain) = open_parent_chain(&args.new_parent, Vhd::open, &opts)?;
     refuse_cycle(&args.child, &args.new_parent, &parent_chain)?;
+    check_identity(
+        args,
+        &Vhd::open(&args.child, Intent::Inspect.open_options(0))?,
+        parent.as_ref(),
+        true,
+    )?;
     let child = match Vhd::open(&args.child, child_options(args)) {
         Err(e) if is_torn_header(&e) => {
             log::warn!(
@@ -183,7 +206,7 @@ fn set_vhd(args: &SetParentArgs) -> Result<i32> {
         }
         r => r?,
     };
-    let matched = check_identity(args, &child, parent.as_ref())?;
+    let matched = check_identity(args, &child, parent.as_ref(), false)?;
     let record = ParentRecord::new(&args.child, &parent)?;
     let identity = (!matched).then(|| (parent.footer().unique_id, parent.footer().time_stamp));
     let old = child.parent_record_entries();
