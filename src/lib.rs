@@ -52,8 +52,8 @@ pub use chain::{Chain, ChainOptions, Intent, ParentFound, MAX_CHAIN_DEPTH};
 pub use commands::create::{create, CreateOptions};
 pub use convert::{convert, ConvertReport, ConvertSpec, OutFormat};
 pub use defect::{
-    Defect, Feature, HeaderProblem, LinkageProblem, LocatorProblem, LogGrowth, Request, VhdDefect,
-    VhdxDefect, Warning,
+    Defect, Feature, HeaderProblem, LinkageProblem, LocatorProblem, LogGrowth, MountRefusal,
+    Request, VhdDefect, VhdxDefect, Warning,
 };
 pub use disk::{Disk, DiskOptions};
 pub use error::{Error, Result};
