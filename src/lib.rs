@@ -21,7 +21,8 @@
 //!   systems through anything that implements [`guest::ReadAt`] (a [`Disk`] does).
 //! - **Errors**: [`Error`] and [`Result`]; damage and refusals are typed ([`Defect`],
 //!   [`VhdxDefect`], [`VhdDefect`], [`Feature`], [`Request`], [`LinkageProblem`],
-//!   [`Warning`]) so callers match on variants; `Display` is the one-line message.
+//!   [`Warning`], [`MountRefusal`]) so callers match on variants; `Display` is the
+//!   one-line message.
 //!
 //! With the `testing` cargo feature, `vdiskfs::testing` re-exports a few internals for
 //! the fuzz targets and the integration tests that craft damaged files (not a supported
