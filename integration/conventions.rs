@@ -29,7 +29,7 @@ fn lock_system() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn is_root() -> bool {
-    vdiskfs::sys::euid() == 0
+    nix::unistd::geteuid().as_raw() == 0
 }
 
 /// Skip (or fail under VDISKFS_REQUIRE_FUSE) unless root.

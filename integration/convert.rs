@@ -34,7 +34,7 @@ const BLOCK: u64 = 2 * MIB;
 // ---------------------------------------------------------------- environment
 
 fn is_root() -> bool {
-    vdiskfs::sys::euid() == 0
+    nix::unistd::geteuid().as_raw() == 0
 }
 
 /// The judges every conversion test needs (FUSE for vhdimount).

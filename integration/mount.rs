@@ -45,7 +45,7 @@ fn can_run(test: &str, tools: &[&str], needs_root: bool) -> bool {
             missing.push(t.to_string());
         }
     }
-    if needs_root && vdiskfs::sys::euid() != 0 {
+    if needs_root && nix::unistd::geteuid().as_raw() != 0 {
         missing.push("root (for loop devices)".into());
     }
     if missing.is_empty() {
@@ -331,7 +331,10 @@ fn parallel_odd_reads(file: &Path, want: &Arc<Vec<u8>>) {
 }
 
 fn uid_gid() -> (u32, u32) {
-    (vdiskfs::sys::uid(), vdiskfs::sys::gid())
+    (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    )
 }
 
 /// Make an ext4 base image (raw) holding `make_tree`.

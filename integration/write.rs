@@ -25,7 +25,7 @@ const BLOCK: u64 = 2 * MIB;
 // ---------------------------------------------------------------- environment
 
 fn is_root() -> bool {
-    vdiskfs::sys::euid() == 0
+    nix::unistd::geteuid().as_raw() == 0
 }
 
 /// FUSE, root and loop devices, qemu-img and `tools`; skip with a message or, under
@@ -1169,7 +1169,7 @@ fn read_only_mount_of_crafted_pending_log() {
     if !can_run(&[]) {
         return;
     }
-    use vdiskfs::image::vhdx::log::testutil;
+    use vdiskfs::testing::testutil;
     let t = TempDir::new("w-ro-crafted");
     let size = 8 * MIB;
     let mut model = vec![0u8; size as usize];

@@ -87,6 +87,34 @@ enum Sink {
 /// has; a window's list stays under 8 MiB. A multiple of every unit size.
 const WINDOW: u64 = 256 << 20;
 
+/// Write the merged view of `disk` as the new file `output` (`vdiskfs convert`'s work,
+/// for library callers): written under a temporary name, fdatasynced and moved into
+/// place in one step (`replace`: over an existing file; otherwise an existing file is an
+/// error), so `output` appears complete or not at all. Temporary files an interrupted
+/// run left for `output` are removed first. `progress` and `cancel` as in `write_image`.
+pub fn convert(
+    disk: &Disk,
+    output: &Path,
+    spec: &ConvertSpec,
+    replace: bool,
+    progress: &(dyn Fn(u64) + Sync),
+    cancel: &AtomicBool,
+) -> Result<ConvertReport> {
+    let removed = crate::image::remove_stale_temps(output);
+    if removed > 0 {
+        log::warn!(
+            "{}: removed {removed} temporary file(s) left by an interrupted convert",
+            output.display()
+        );
+    }
+    let mut report = None;
+    crate::image::create_file_atomically(output, replace, |f: &File| {
+        report = Some(write_image(disk, f, output, spec, progress, cancel)?);
+        Ok(())
+    })?;
+    Ok(report.expect("set when the fill succeeded"))
+}
+
 /// Bytes of `disk` that some layer holds data for (what `write_image` reads, and the
 /// total a progress bar counts to), from the layers' maps, window by window.
 pub fn source_data_bytes(disk: &Disk) -> Result<u64> {

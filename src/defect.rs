@@ -559,3 +559,74 @@ pub enum Request {
         same: PathBuf,
     },
 }
+
+/// A mount vdiskfs refuses before mounting: an option, or the mount point, does not fit.
+/// `Display` is the whole line (each variant names the option or the directory).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MountRefusal {
+    /// A FUSE option vdiskfs sets itself (`fd=`, `rootmode=`, `user_id=`, `group_id=`).
+    #[error("-o {option}: set by vdiskfs itself, cannot be given")]
+    Reserved { option: String },
+    #[error("-o {option:?}: mount options cannot contain white space")]
+    WhiteSpace { option: String },
+    /// Neither a mount(8), a FUSE nor a vdiskfs option (a typo in an fstab line, say).
+    #[error(
+        "-o {option}: unknown mount option (vdiskfs's own are parent=, search_dir=, \
+         ignore_linkage, allow_device_parent, name=, cache_size=, cache_block=, threads=, \
+         log_file=)"
+    )]
+    Unknown { option: String },
+    #[error("-o auto_unmount needs -o allow_other or -o allow_root")]
+    AutoUnmountAlone,
+    /// One of vdiskfs's own `-o` options given without its value.
+    #[error("-o {key}: needs a value ({key}=...)")]
+    NeedsValue { key: String },
+    #[error("-o {key}={value}: not a number")]
+    NotANumber { key: String, value: String },
+    #[error("-o {key}={value}: takes no value")]
+    TakesNoValue { key: String, value: String },
+    #[error("-o {key}: too large")]
+    TooLarge { key: String },
+    #[error("-o {option:?}: options must be UTF-8 text")]
+    NotUtf8 { option: std::ffi::OsString },
+    #[error("-N {namespace}: mounting in another mount namespace is not supported")]
+    Namespace { namespace: String },
+    /// The mount helper's command line (`IMAGE MOUNTPOINT [-sfnv] [-o OPTS]...`) is wrong;
+    /// `usage` is the synopsis.
+    #[error("{problem}; {usage}")]
+    Usage {
+        problem: String,
+        usage: &'static str,
+    },
+    #[error("mount point {} does not exist (create it with `mkdir -p {}`)", path.display(), path.display())]
+    MountPointMissing { path: PathBuf },
+    #[error("mount point {} is not a directory", path.display())]
+    MountPointNotDirectory { path: PathBuf },
+    #[error("mount point {} is already a mount point; unmount it first or choose another directory", path.display())]
+    AlreadyMountPoint { path: PathBuf },
+    #[error("mount point {} is not empty (use an empty directory, or -o nonempty)", path.display())]
+    MountPointNotEmpty { path: PathBuf },
+    /// `--name` is empty, `.`, `..`, `.stats` or holds `/` or NUL.
+    #[error("--name {name:?}: must be a plain file name other than {stats}")]
+    Name { name: String, stats: &'static str },
+    /// `--cache-block` is not a size (`problem` says why).
+    #[error("--cache-block: {problem}")]
+    CacheBlockSize { problem: String },
+    #[error("--cache-block {value}: must be a power of two between 4K and 64M")]
+    CacheBlock { value: String },
+    #[error("--cache-size {mib}: too large")]
+    CacheSizeOverflow { mib: u64 },
+    #[error("--cache-size {mib}: more than this machine's memory ({memory_mib} MiB)")]
+    CacheSizeOverMemory { mib: u64, memory_mib: u64 },
+    #[error("--threads {threads}: must be between 1 and 256")]
+    Threads { threads: usize },
+    /// Unmounting: something still has a file of the mount open (after a grace period
+    /// for releases the kernel is still delivering).
+    #[error(
+        "{} is busy: the disk image is still open (unmount the guest file system and detach \
+         its loop device first: `losetup -j {}/<name>` shows it)",
+        path.display(),
+        path.display()
+    )]
+    Busy { path: PathBuf },
+}

@@ -59,6 +59,10 @@ pub enum Error {
     /// the commands; see `Request` for the typed ones).
     #[error("{0}")]
     Invalid(String),
+
+    /// A mount refused before anything is mounted: an option or the mount point.
+    #[error("{0}")]
+    Mount(MountRefusal),
 }
 
 impl Error {

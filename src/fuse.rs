@@ -12,7 +12,6 @@
 use std::cell::RefCell;
 use std::ffi::{OsStr, OsString};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
@@ -23,12 +22,11 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::disk::Disk;
 use crate::vfs::{
     self, Attr, FileKind, Notify, NotifySlot, Opened, Refused, SetAttr, Vfs, XattrList, ATTR_TTL,
 };
 
-pub use crate::vfs::{FsOptions, DISK_INO, MAX_IO, ROOT_INO, STATS_INO, STATS_NAME};
+pub use crate::vfs::{FsOptions, MAX_IO, STATS_NAME};
 
 /// One invalidation for the notifier thread.
 enum Inval {
@@ -182,12 +180,6 @@ fn reply_attr(r: vfs::Reply<Attr>, reply: ReplyAttr) {
 }
 
 impl VdiskFs {
-    pub fn new(disk: Arc<Disk>, opts: FsOptions) -> Self {
-        VdiskFs {
-            vfs: Vfs::new(disk, opts),
-        }
-    }
-
     /// Serve a `Vfs` built by the caller (with windows added, say).
     pub fn from_vfs(vfs: Vfs) -> Self {
         VdiskFs { vfs }

@@ -1,30 +1,78 @@
 //! vdiskfs: Hyper-V VHDX and Virtual PC VHD differencing-disk chains on Linux.
 //!
-//! The library holds all the logic (format readers and writers, chain resolution, the
-//! merged view, the file system a mount exports and its FUSE adapter) so tests and fuzz
-//! targets can call it; `main.rs` is only the command line.
+//! The library is what the `vdiskfs` binary is built on; its public API is small and
+//! everything else (the formats' structures, the command line, the mount daemon, the
+//! FUSE adapter) is private to the crate:
+//!
+//! - **Open a chain**: [`Chain::open`] with [`ChainOptions`] (search directories,
+//!   parent overrides, and the [`Intent`], which decides the locks and which layer is
+//!   writable). [`open_layer`] opens one file as a [`Layer`] without its parents.
+//! - **Read and write the merged disk**: [`Disk::new`] over a chain ([`DiskOptions`]:
+//!   the parents' cache), then [`Disk::read_at`], [`Disk::write_at`] (the top layer
+//!   only, opened with [`Intent::WriteTop`]), [`Disk::flush`], [`Disk::close`].
+//! - **One layer**: the [`Layer`] trait (`map` into [`Run`]s, `read_held`, `info`
+//!   ([`LayerInfo`]), `check`), [`WritableLayer`], [`Format`], [`OpenOptions`].
+//! - **Create** a dynamic base or a differencing child: [`create`] with
+//!   [`CreateOptions`] (the parent's chain is locked as [`Intent::CreateChild`]).
+//! - **Check**: [`Layer::check`] lists a layer's damage; [`Layer::info`] its warnings.
+//! - **Convert** the merged view into a new VHDX, VHD or raw file: [`convert`] with a
+//!   [`ConvertSpec`] (the file appears atomically, or not at all).
+//! - **Inside the guest**: [`guest::scan`] reads the partition table and probes file
+//!   systems through anything that implements [`guest::ReadAt`] (a [`Disk`] does).
+//! - **Errors**: [`Error`] and [`Result`]; damage and refusals are typed ([`Defect`],
+//!   [`VhdxDefect`], [`VhdDefect`], [`Feature`], [`Request`], [`LinkageProblem`],
+//!   [`Warning`], [`MountRefusal`]) so callers match on variants; `Display` is the
+//!   one-line message.
+//!
+//! With the `testing` cargo feature, `vdiskfs::testing` re-exports a few internals for
+//! the fuzz targets and the integration tests that craft damaged files (not a supported
+//! API).
 
-pub mod access;
-pub mod cache;
-pub mod chain;
-pub mod cli;
-pub mod commands;
-pub mod convert;
-pub mod defect;
-pub mod disk;
-pub mod error;
-pub mod fuse;
+// One line per module: the library's public items are the re-exports below.
+pub(crate) mod access;
+pub(crate) mod cache;
+pub(crate) mod chain;
+pub(crate) mod cli;
+pub(crate) mod commands;
+pub(crate) mod convert;
+pub(crate) mod defect;
+pub(crate) mod disk;
+pub(crate) mod error;
+pub(crate) mod fuse;
 pub mod guest;
-pub mod image;
-pub mod layer;
-pub mod paths;
-pub mod progress;
-pub mod sys;
+pub(crate) mod image;
+pub(crate) mod layer;
+pub(crate) mod paths;
+pub(crate) mod progress;
+pub(crate) mod sys;
 #[cfg(test)]
 pub(crate) mod test_support;
-pub mod vfs;
+pub(crate) mod vfs;
 
-pub use chain::{Chain, ChainOptions, Intent};
+pub use chain::{Chain, ChainOptions, Intent, ParentFound, MAX_CHAIN_DEPTH};
+pub use commands::create::{create, CreateOptions};
+pub use convert::{convert, ConvertReport, ConvertSpec, OutFormat};
+pub use defect::{
+    Defect, Feature, HeaderProblem, LinkageProblem, LocatorProblem, LogGrowth, MountRefusal,
+    Request, VhdDefect, VhdxDefect, Warning,
+};
 pub use disk::{Disk, DiskOptions};
 pub use error::{Error, Result};
-pub use layer::{Format, Layer, OpenOptions, Run, WritableLayer};
+pub use image::open_layer;
+pub use layer::{Format, IfWritten, Layer, LayerInfo, OpenOptions, ParentRef, Run, WritableLayer};
+
+/// The `vdiskfs` binary's `main` (the command line and the mount helper protocol).
+#[doc(hidden)]
+pub use commands::main_entry;
+
+/// Internals the fuzz targets drive directly (cargo feature `testing`). Not a supported
+/// API: it changes whenever the formats do.
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::image::vhd::Vhd;
+    pub use crate::image::vhdx::header::read_current_header;
+    pub use crate::image::vhdx::log::{testutil, LogUpdate, LogWriter};
+    pub use crate::image::vhdx::Vhdx;
+    pub use crate::image::ImageFile;
+}

@@ -300,6 +300,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn windows_paths_with_multibyte_characters_do_not_panic() {
+        // Regression (fuzz/regressions/read_anywhere_windows_prefix_char_boundary.bin): a
+        // locator path "\\?\" followed by a multi-byte character was sliced at byte 4.
+        for p in [
+            "\\\\?\\Z \u{7dfa}\\mp\\x.vhdx",
+            "\\\\.\\\u{e9}\u{e9}",
+            "\\\\?\\UN\u{e9}",
+        ] {
+            let _ = windows_to_linux(p, Path::new("/tmp"));
+        }
+    }
+
+    #[test]
     fn windows_paths_become_linux_paths() {
         let dir = Path::new("/data/vms/child");
         let cases = [

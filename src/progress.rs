@@ -108,12 +108,8 @@ impl Progress {
         self.end_line();
     }
 
-    /// Run `f` (which prints to stderr, say a warning) with the bar out of the way.
-    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
-        self.bar.suspend(f)
-    }
-
     /// True when nothing is drawn (`--quiet`, or not a terminal without `--progress`).
+    #[cfg(test)]
     pub fn is_hidden(&self) -> bool {
         self.bar.is_hidden()
     }

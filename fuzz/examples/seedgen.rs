@@ -15,12 +15,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
-use vdiskfs::cli::{CreateArgs, FormatArg};
-use vdiskfs::image::vhdx::header::read_current_header;
-use vdiskfs::image::vhdx::log::testutil::{make_crafted_log_test_file, set_log_guid};
-use vdiskfs::image::vhdx::log::{LogUpdate, LogWriter};
-use vdiskfs::image::ImageFile;
-use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions, Intent};
+use vdiskfs::testing::testutil::{make_crafted_log_test_file, set_log_guid};
+use vdiskfs::testing::{read_current_header, ImageFile, LogUpdate, LogWriter};
+use vdiskfs::{Chain, ChainOptions, CreateOptions, Disk, DiskOptions, Format, Intent};
 use vdiskfs_fuzz::memdisk::crc32;
 use vdiskfs_fuzz::sparse;
 
@@ -208,20 +205,22 @@ fn partition_seeds() -> Vec<(&'static str, u8, Vec<u8>)> {
     v
 }
 
-fn create(image: &Path, parent: Option<&Path>, size: Option<&str>, block: &str, lss: Option<u32>) {
+fn create(image: &Path, parent: Option<&Path>, size: Option<u64>, block: u32, lss: Option<u32>) {
     let fmt = if image.extension().is_some_and(|e| e == "vhd") {
-        FormatArg::Vhd
+        Format::Vhd
     } else {
-        FormatArg::Vhdx
+        Format::Vhdx
     };
-    vdiskfs::commands::create::run(&CreateArgs {
-        image: image.to_path_buf(),
-        parent: parent.map(Path::to_path_buf),
-        size: size.map(str::to_string),
-        block_size: Some(block.to_string()),
-        logical_sector_size: lss,
-        format: Some(fmt),
-    })
+    vdiskfs::create(
+        image,
+        &CreateOptions {
+            format: Some(fmt),
+            parent: parent.map(Path::to_path_buf),
+            size: size.unwrap_or(0),
+            block_size: Some(block),
+            logical_sector_size: lss,
+        },
+    )
     .unwrap_or_else(|e| panic!("create {}: {e}", image.display()));
 }
 
@@ -251,9 +250,9 @@ fn main() {
     let mut images: Vec<PathBuf> = args[2..].to_vec();
 
     for (ext, block, lss) in [
-        ("vhdx", "1M", 512),
-        ("vhdx", "1M", 4096),
-        ("vhd", "512K", 512),
+        ("vhdx", 1 << 20, 512),
+        ("vhdx", 1 << 20, 4096),
+        ("vhd", 512 << 10, 512),
     ] {
         let tag = format!("{ext}{lss}");
         let base = work.join(format!("base{tag}.{ext}"));
@@ -261,7 +260,7 @@ fn main() {
         let _ = fs::remove_file(&base);
         let _ = fs::remove_file(&child);
         let lss_arg = (ext == "vhdx").then_some(lss);
-        create(&base, None, Some("4M"), block, lss_arg);
+        create(&base, None, Some(4 << 20), block, lss_arg);
         let empty = work.join(format!("empty{tag}.{ext}"));
         let _ = fs::remove_file(&empty);
         fs::copy(&base, &empty).unwrap();
@@ -369,9 +368,9 @@ fn pending(path: &Path, updates: &[LogUpdate], last: u64) {
 fn fresh(path: &Path, parent: Option<&Path>) {
     let _ = fs::remove_file(path);
     if parent.is_some() {
-        create(path, parent, None, "1M", None);
+        create(path, parent, None, 1 << 20, None);
     } else {
-        create(path, None, Some("4M"), "1M", Some(512));
+        create(path, None, Some(4 << 20), 1 << 20, Some(512));
     }
 }
 

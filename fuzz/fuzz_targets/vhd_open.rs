@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vdiskfs::image::vhd::Vhd;
+use vdiskfs::testing::Vhd;
 use vdiskfs::OpenOptions;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vdiskfs::image::vhdx::Vhdx;
+use vdiskfs::testing::Vhdx;
 use vdiskfs::OpenOptions;
 
 fuzz_target!(|data: &[u8]| {

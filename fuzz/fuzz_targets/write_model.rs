@@ -16,8 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use vdiskfs::cli::{CreateArgs, FormatArg};
-use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions, Intent};
+use vdiskfs::{Chain, ChainOptions, CreateOptions, Disk, DiskOptions, Format, Intent};
 
 const SIZE: u64 = 4 << 20;
 
@@ -38,15 +37,17 @@ fn pattern(seed: u8, len: usize, salt: u64) -> Vec<u8> {
         .collect()
 }
 
-fn create(image: &Path, parent: Option<&Path>, size: Option<&str>, block: &str, f: FormatArg) {
-    vdiskfs::commands::create::run(&CreateArgs {
-        image: image.to_path_buf(),
-        parent: parent.map(Path::to_path_buf),
-        size: size.map(str::to_string),
-        block_size: Some(block.to_string()),
-        logical_sector_size: None,
-        format: Some(f),
-    })
+fn create(image: &Path, parent: Option<&Path>, size: Option<u64>, block: u32, f: Format) {
+    vdiskfs::create(
+        image,
+        &CreateOptions {
+            format: Some(f),
+            parent: parent.map(Path::to_path_buf),
+            size: size.unwrap_or(0),
+            block_size: Some(block),
+            logical_sector_size: None,
+        },
+    )
     .unwrap_or_else(|e| panic!("create {}: {e}", image.display()));
 }
 
@@ -84,13 +85,13 @@ fn fixture(vhd: bool) -> &'static Fixture {
     F[vhd as usize].get_or_init(|| {
         let dir = vdiskfs_fuzz::scratch();
         let (ext, fmt, block) = if vhd {
-            ("vhd", FormatArg::Vhd, "512K")
+            ("vhd", Format::Vhd, 512 << 10)
         } else {
-            ("vhdx", FormatArg::Vhdx, "1M")
+            ("vhdx", Format::Vhdx, 1 << 20)
         };
         let base = dir.join(format!("base.{ext}"));
         let child = dir.join(format!("child.{ext}"));
-        create(&base, None, Some("4M"), block, fmt);
+        create(&base, None, Some(4 << 20), block, fmt);
         {
             // Data in part of the base: blocks 0 and 2 partly, the last sector.
             let d = open(&base, true);
@@ -99,7 +100,7 @@ fn fixture(vhd: bool) -> &'static Fixture {
             d.write_at(SIZE - 512, &pattern(3, 512, 3)).unwrap();
             d.close().unwrap();
         }
-        let fmt = if vhd { FormatArg::Vhd } else { FormatArg::Vhdx };
+        let fmt = if vhd { Format::Vhd } else { Format::Vhdx };
         create(&child, Some(&base), None, block, fmt);
         let base_bytes = read_all(&open(&base, false));
         assert_eq!(base_bytes.len() as u64, SIZE);

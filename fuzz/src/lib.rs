@@ -7,7 +7,7 @@ pub mod sparse;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use vdiskfs::layer::Run;
+use vdiskfs::Run;
 use vdiskfs::Layer;
 
 /// Largest single map/read a target asks for (FUSE requests are at most 1 MiB).

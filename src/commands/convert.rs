@@ -1,7 +1,6 @@
 //! `vdiskfs convert`: the merged view of a chain (or a raw image) as a new independent
 //! disk, and `check --azure`'s rules for Azure-ready VHDs.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -9,12 +8,12 @@ use std::sync::Arc;
 
 use crate::chain::{Chain, Intent};
 use crate::cli::{parse_size, ConvertArgs, ConvertFormatArg, DiskTypeArg, SourceFormatArg};
-use crate::convert::{source_data_bytes, write_image, ConvertSpec, OutFormat};
+use crate::convert::{convert, source_data_bytes, ConvertSpec, OutFormat};
 use crate::disk::{Disk, DiskOptions};
 use crate::error::{Error, Result};
+use crate::image::detect_format;
 use crate::image::raw::Raw;
 use crate::image::vhd::footer::{DiskType, Footer, Geometry, FOOTER_SIZE};
-use crate::image::{create_file_atomically, detect_format, remove_stale_temps};
 use crate::layer::Format;
 
 const DEFAULT_BLOCK: u64 = 2 << 20;
@@ -134,13 +133,6 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
             args.output.display()
         )));
     }
-    let removed = remove_stale_temps(&args.output);
-    if removed > 0 {
-        log::warn!(
-            "{}: removed {removed} temporary file(s) left by an interrupted convert",
-            args.output.display()
-        );
-    }
     // Ctrl-C and SIGTERM stop the copy between blocks; the temporary file is removed
     // and OUTPUT never appears. (SIGKILL leaves the temporary file; the next run
     // removes it.)
@@ -156,20 +148,9 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
         crate::progress::Mode::from_flags(args.progress.quiet, args.progress.progress),
     );
     let out = &args.output;
-    let mut report = None;
-    let result = create_file_atomically(out, args.force, |f: &File| {
-        report = Some(write_image(
-            &disk,
-            f,
-            out,
-            &spec,
-            &|n| progress.add(n),
-            &cancel,
-        )?);
-        Ok(())
-    });
+    let result = convert(&disk, out, &spec, args.force, &|n| progress.add(n), &cancel);
     let report = match result {
-        Ok(()) => report.expect("set when the fill succeeded"),
+        Ok(report) => report,
         Err(e) => {
             drop(progress);
             if cancel.load(std::sync::atomic::Ordering::Relaxed) {

@@ -18,59 +18,105 @@ use crate::image::vhdx::Vhdx;
 use crate::image::{detect_format, open_layer, vhd, vhdx};
 use crate::layer::{Format, Layer, OpenOptions};
 
-const DEFAULT_BLOCK: u64 = 2 << 20;
+const DEFAULT_BLOCK: u32 = 2 << 20;
 
-fn format_for(args: &CreateArgs) -> Result<FormatArg> {
-    if let Some(f) = args.format {
+/// What [`create`] makes: a dynamic base (no `parent`) or a differencing child.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// VHDX or VHD; `None`: from the file name's extension (`.vhdx`/`.avhdx`,
+    /// `.vhd`/`.avhd`).
+    pub format: Option<Format>,
+    /// The parent of a differencing child, resolved as the Virtual PC API did (a
+    /// relative path against the child's directory first, then the current directory).
+    /// `None`: an empty dynamic base.
+    pub parent: Option<PathBuf>,
+    /// A base's virtual size in bytes (a child has its parent's).
+    pub size: u64,
+    /// Block size in bytes; `None`: 2 MiB.
+    pub block_size: Option<u32>,
+    /// A VHDX base's logical sector size (512 or 4096); `None`: 512.
+    pub logical_sector_size: Option<u32>,
+}
+
+fn format_for(image: &Path, format: Option<Format>) -> Result<Format> {
+    if let Some(f) = format {
         return Ok(f);
     }
-    let ext = args
-        .image
+    let ext = image
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
     match ext.as_str() {
-        "vhdx" | "avhdx" => Ok(FormatArg::Vhdx),
-        "vhd" | "avhd" => Ok(FormatArg::Vhd),
+        "vhdx" | "avhdx" => Ok(Format::Vhdx),
+        "vhd" | "avhd" => Ok(Format::Vhd),
         _ => Err(Error::Invalid(format!(
             "{}: cannot tell the format from the extension (use .vhdx/.avhdx or .vhd/.avhd, or --format)",
-            args.image.display()
+            image.display()
         ))),
     }
 }
 
+/// `vdiskfs create`: the flags into [`CreateOptions`].
 pub fn run(args: &CreateArgs) -> Result<i32> {
-    let format = format_for(args)?;
+    // The same order of checks as before the library entry point existed.
+    let format = format_for(
+        &args.image,
+        args.format.map(|f| match f {
+            FormatArg::Vhdx => Format::Vhdx,
+            FormatArg::Vhd => Format::Vhd,
+        }),
+    )?;
     let block_size = match &args.block_size {
         Some(s) => parse_size(s).map_err(Error::Invalid)?,
-        None => DEFAULT_BLOCK,
+        None => u64::from(DEFAULT_BLOCK),
     };
     let block_size = u32::try_from(block_size)
         .map_err(|_| Error::Invalid(format!("block size {block_size} is too large")))?;
-    match &args.parent {
-        Some(parent) => create_child(args, format, parent, block_size),
-        None => {
-            let size =
-                parse_size(args.size.as_deref().unwrap_or_default()).map_err(Error::Invalid)?;
-            let lss = args.logical_sector_size.unwrap_or(512);
-            match format {
-                FormatArg::Vhdx => {
-                    vhdx::create::create_base(&args.image, size, block_size, lss)?;
-                }
-                FormatArg::Vhd => {
-                    if lss != 512 {
-                        return Err(Error::Invalid(format!(
-                            "{}: VHD disks always have 512-byte sectors",
-                            args.image.display()
-                        )));
-                    }
-                    make_dir(&args.image)?;
-                    vhd::create::create_dynamic(&args.image, size, block_size)?;
-                }
-            }
-            Ok(0)
-        }
+    let size = match &args.parent {
+        Some(_) => 0,
+        None => parse_size(args.size.as_deref().unwrap_or_default()).map_err(Error::Invalid)?,
+    };
+    let opts = CreateOptions {
+        format: Some(format),
+        parent: args.parent.clone(),
+        size,
+        block_size: Some(block_size),
+        logical_sector_size: args.logical_sector_size,
+    };
+    create(&args.image, &opts)?;
+    Ok(0)
+}
+
+/// Create `image`, which must not exist, as `opts` says: a dynamic base of `opts.size`
+/// bytes, or a differencing child of `opts.parent` (whose chain is opened and locked as
+/// [`Intent::CreateChild`] until the child exists). The file appears atomically, or not
+/// at all.
+pub fn create(image: &Path, opts: &CreateOptions) -> Result<()> {
+    let format = format_for(image, opts.format)?;
+    if format == Format::Raw {
+        return Err(Error::Invalid(format!(
+            "{}: create makes VHDX or VHD files, not raw ones",
+            image.display()
+        )));
     }
+    let block_size = opts.block_size.unwrap_or(DEFAULT_BLOCK);
+    if let Some(parent) = &opts.parent {
+        return create_child(image, format, parent, block_size);
+    }
+    let lss = opts.logical_sector_size.unwrap_or(512);
+    if format == Format::Vhdx {
+        vhdx::create::create_base(image, opts.size, block_size, lss)?;
+        return Ok(());
+    }
+    if lss != 512 {
+        return Err(Error::Invalid(format!(
+            "{}: VHD disks always have 512-byte sectors",
+            image.display()
+        )));
+    }
+    make_dir(image)?;
+    vhd::create::create_dynamic(image, opts.size, block_size)?;
+    Ok(())
 }
 
 /// Resolve the parent path as the Virtual PC API did: a relative path is taken relative
@@ -139,42 +185,37 @@ pub(crate) fn open_parent_chain<L: Layer + 'static>(
     Ok((top, chain))
 }
 
-fn create_child(
-    args: &CreateArgs,
-    format: FormatArg,
-    parent: &Path,
-    block_size: u32,
-) -> Result<i32> {
+fn create_child(image: &Path, format: Format, parent: &Path, block_size: u32) -> Result<()> {
     // Before the parent's chain is opened and locked (the final guarantee is the
     // no-replace move of `durable::create_file_atomically`).
-    refuse_existing(&args.image)?;
-    let parent_abs = resolve_parent(&args.image, parent)?;
+    refuse_existing(image)?;
+    let parent_abs = resolve_parent(image, parent)?;
     let pformat = detect_format(&parent_abs)?;
     // The parent's chain is opened read-only, with the locks of a child to be created
     // (`Intent::CreateChild`): no file of it may be changing, and none can start changing
     // until the child exists (the chain is held until then).
     match (format, pformat) {
-        (FormatArg::Vhdx, Some(Format::Vhdx)) => {
+        (Format::Vhdx, Some(Format::Vhdx)) => {
             let (p, _chain) = open_parent_chain(&parent_abs, Vhdx::open, &ChainOptions::default())?;
-            vhdx::create::create_child(&args.image, &p, block_size)?;
+            vhdx::create::create_child(image, &p, block_size)?;
         }
-        (FormatArg::Vhd, Some(Format::Vhd)) => {
+        (Format::Vhd, Some(Format::Vhd)) => {
             let (p, _chain) = open_parent_chain(&parent_abs, Vhd::open, &ChainOptions::default())?;
-            make_dir(&args.image)?;
-            vhd::create::create_differencing(&args.image, &p, block_size)?;
+            make_dir(image)?;
+            vhd::create::create_differencing(image, &p, block_size)?;
         }
         (want, got) => {
             let got = got.map(|f| f.name()).unwrap_or("neither VHDX nor VHD");
             let want = match want {
-                FormatArg::Vhdx => "a VHDX child needs a VHDX parent",
-                FormatArg::Vhd => "a VHD child needs a VHD parent",
+                Format::Vhd => "a VHD child needs a VHD parent",
+                _ => "a VHDX child needs a VHDX parent",
             };
             return Err(Error::Invalid(format!(
                 "{}: {want}, but {} is {got}",
-                args.image.display(),
+                image.display(),
                 parent_abs.display()
             )));
         }
     }
-    Ok(0)
+    Ok(())
 }

@@ -12,7 +12,6 @@ use std::io::Write;
 use std::path::Path;
 
 use clap::CommandFactory;
-use clap_complete::Shell;
 use clap_mangen::roff::{bold, roman, Inline, Roff};
 use clap_mangen::Man;
 
@@ -55,9 +54,6 @@ fn visible_command() -> clap::Command {
     }
     cmd
 }
-
-/// Every shell we write completions for (the package installs all of them).
-pub const SHELLS: [Shell; 3] = [Shell::Bash, Shell::Zsh, Shell::Fish];
 
 /// Write vdiskfs.1 and vdiskfs-COMMAND.1 into `dir` (created if missing); returns the
 /// paths written.

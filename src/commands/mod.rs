@@ -27,3 +27,51 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::SetParent(a) => set_parent::run(&a),
     }
 }
+
+/// The `vdiskfs` binary's `main` (`src/main.rs` calls only this): the mount helper
+/// protocol or the command line, logging, one `vdiskfs: ...` line on error, the exit
+/// code.
+pub fn main_entry() -> ! {
+    // `vdiskfs IMAGE MOUNTPOINT -o ...` (from mount.fuse3) or `mount.vdiskfs ...` (from
+    // mount(8)): the mount helper protocol, outside clap.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(call) = mount_helper::parse_argv(&argv) {
+        match call {
+            Ok(mount_helper::HelperCall::Mount(args, verbose)) => {
+                init_logging(verbose);
+                exit_with(mount::run(&args, verbose));
+            }
+            Ok(mount_helper::HelperCall::Fake) => std::process::exit(0),
+            Ok(mount_helper::HelperCall::Help) => {
+                println!("{}", mount_helper::USAGE);
+                std::process::exit(0);
+            }
+            Err(e) => exit_with(Err(e)),
+        }
+    }
+    let cli = <Cli as clap::Parser>::parse();
+    init_logging(cli.verbose);
+    exit_with(run(cli));
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp(None)
+        .init();
+}
+
+fn exit_with(result: Result<i32>) -> ! {
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("vdiskfs: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -20,13 +20,14 @@ use fuser::{Config, Session, SessionACL};
 use crate::chain::{Chain, Intent};
 use crate::cli::{parse_size, MountArgs, UmountArgs};
 use crate::disk::{Disk, DiskOptions};
-use crate::error::{Error, Result};
+use crate::error::{Error, MountRefusal, Result};
 use crate::fuse::{start_notifier, FsOptions, VdiskFs, STATS_NAME};
 use crate::sys;
 use crate::vfs::Vfs;
 
 /// The file system type shown in /proc/self/mountinfo ("fuse." + subtype).
-pub const FSTYPE: &str = "fuse.vdiskfs";
+#[cfg(test)]
+const FSTYPE: &str = "fuse.vdiskfs";
 
 /// Mount options after parsing `-o`.
 #[derive(Debug, Clone)]
@@ -99,32 +100,28 @@ fn parse_options(lists: &[String], read_only: bool) -> Result<ParsedOptions> {
                     || opt.starts_with("user_id=")
                     || opt.starts_with("group_id=")
                 {
-                    return Err(Error::Invalid(format!(
-                        "-o {opt}: set by vdiskfs itself, cannot be given"
-                    )));
+                    return Err(Error::Mount(MountRefusal::Reserved {
+                        option: opt.to_string(),
+                    }));
                 } else if opt.contains(char::is_whitespace) {
-                    return Err(Error::Invalid(format!(
-                        "-o {opt:?}: mount options cannot contain white space"
-                    )));
+                    return Err(Error::Mount(MountRefusal::WhiteSpace {
+                        option: opt.to_string(),
+                    }));
                 } else if opt.starts_with("max_read=") || opt.starts_with("blksize=") {
                     // The kernel's own FUSE options that vdiskfs does not set itself.
                     p.custom.push(opt.to_string());
                 } else {
                     // The kernel would only say EINVAL; name the culprit (a typo in an
                     // fstab line, say).
-                    return Err(Error::Invalid(format!(
-                        "-o {opt}: unknown mount option (vdiskfs's own are parent=, \
-                         search_dir=, ignore_linkage, allow_device_parent, name=, \
-                         cache_size=, cache_block=, threads=, log_file=)"
-                    )));
+                    return Err(Error::Mount(MountRefusal::Unknown {
+                        option: opt.to_string(),
+                    }));
                 }
             }
         }
     }
     if p.auto_unmount && p.acl == SessionACL::Owner {
-        return Err(Error::Invalid(
-            "-o auto_unmount needs -o allow_other or -o allow_root".into(),
-        ));
+        return Err(Error::Mount(MountRefusal::AutoUnmountAlone));
     }
     if !dev {
         p.flags.push("nodev");
@@ -309,6 +306,8 @@ fn mount_fusermount(mountpoint: &Path, p: &ParsedOptions) -> Result<Mounted> {
 pub struct MountEntry {
     pub mount_point: PathBuf,
     pub fstype: String,
+    /// The mount's source (for vdiskfs, the image); only the tests read it so far.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub source: String,
 }
 
@@ -383,29 +382,25 @@ fn check_mountpoint(path: &Path, nonempty: bool) -> Result<PathBuf> {
     let md = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(Error::Invalid(format!(
-                "mount point {} does not exist (create it with `mkdir -p {}`)",
-                path.display(),
-                path.display()
-            )))
+            return Err(Error::Mount(MountRefusal::MountPointMissing {
+                path: path.to_path_buf(),
+            }))
         }
         Err(e) if is_enotconn(&e) => return Err(stale_mount_error(path)),
         Err(e) => return Err(Error::file(path, "mount point", e)),
     };
     if !md.is_dir() {
-        return Err(Error::Invalid(format!(
-            "mount point {} is not a directory",
-            path.display()
-        )));
+        return Err(Error::Mount(MountRefusal::MountPointNotDirectory {
+            path: path.to_path_buf(),
+        }));
     }
     let canon = path
         .canonicalize()
         .map_err(|e| Error::file(path, "mount point", e))?;
     let already = || {
-        Error::Invalid(format!(
-            "mount point {} is already a mount point; unmount it first or choose another directory",
-            path.display()
-        ))
+        Error::Mount(MountRefusal::AlreadyMountPoint {
+            path: path.to_path_buf(),
+        })
     };
     if mount_at(&canon).is_some() {
         return Err(already());
@@ -420,10 +415,9 @@ fn check_mountpoint(path: &Path, nonempty: bool) -> Result<PathBuf> {
     if !nonempty {
         let mut rd = std::fs::read_dir(&canon).map_err(|e| Error::file(path, "mount point", e))?;
         if rd.next().is_some() {
-            return Err(Error::Invalid(format!(
-                "mount point {} is not empty (use an empty directory, or -o nonempty)",
-                path.display()
-            )));
+            return Err(Error::Mount(MountRefusal::MountPointNotEmpty {
+                path: path.to_path_buf(),
+            }));
         }
     }
     Ok(canon)
@@ -445,9 +439,10 @@ fn check_name(name: &str) -> Result<()> {
         || name.contains('/')
         || name.contains('\0')
     {
-        return Err(Error::Invalid(format!(
-            "--name {name:?}: must be a plain file name other than {STATS_NAME}"
-        )));
+        return Err(Error::Mount(MountRefusal::Name {
+            name: name.to_string(),
+            stats: STATS_NAME,
+        }));
     }
     Ok(())
 }
@@ -468,6 +463,24 @@ fn check_dev_fuse() -> Result<()> {
 /// a busy mount (e.g. `disk.raw` attached to a loop device) is detached lazily: it
 /// disappears from the name space now and the daemon ends when the last user closes it.
 pub fn unmount(path: &Path, lazy: bool) -> Result<()> {
+    // A file closed just now may still pin the mount: the kernel sends FUSE RELEASE in
+    // the background and holds the file's references until the daemon answers, so an
+    // unmount right after `close` can see EBUSY for a moment (seen under load). Only a
+    // mount still busy after this grace period is reported busy.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match unmount_once(path, lazy) {
+            Err(Error::Mount(MountRefusal::Busy { .. }))
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn unmount_once(path: &Path, lazy: bool) -> Result<()> {
     if sys::euid() == 0 {
         let Err(e) = sys::umount(path, false) else {
             return Ok(());
@@ -506,12 +519,9 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<()> {
 }
 
 fn busy_error(path: &Path) -> Error {
-    Error::Invalid(format!(
-        "{} is busy: the disk image is still open (unmount the guest file system and detach \
-         its loop device first: `losetup -j {}/<name>` shows it)",
-        path.display(),
-        path.display()
-    ))
+    Error::Mount(MountRefusal::Busy {
+        path: path.to_path_buf(),
+    })
 }
 
 fn fusermount(args: &[&str], path: &Path) -> Result<std::process::Output> {
@@ -672,34 +682,32 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
             parsed.fsname = p;
         }
     }
-    let cache_block =
-        parse_size(&args.cache_block).map_err(|e| Error::Invalid(format!("--cache-block: {e}")))?;
+    let cache_block = parse_size(&args.cache_block)
+        .map_err(|problem| Error::Mount(MountRefusal::CacheBlockSize { problem }))?;
     if cache_block < 4096 || !cache_block.is_power_of_two() || cache_block > 64 << 20 {
-        return Err(Error::Invalid(format!(
-            "--cache-block {}: must be a power of two between 4K and 64M",
-            args.cache_block
-        )));
+        return Err(Error::Mount(MountRefusal::CacheBlock {
+            value: args.cache_block.clone(),
+        }));
     }
-    let cache_bytes = args
-        .cache_size
-        .checked_mul(1 << 20)
-        .ok_or_else(|| Error::Invalid(format!("--cache-size {}: too large", args.cache_size)))?;
+    let cache_bytes = args.cache_size.checked_mul(1 << 20).ok_or(Error::Mount(
+        MountRefusal::CacheSizeOverflow {
+            mib: args.cache_size,
+        },
+    ))?;
     // The cache takes memory only as it fills, but a size the machine cannot hold would
     // end in an allocation failure once enough was read.
     if let Some(total) = physical_memory() {
         if cache_bytes > total {
-            return Err(Error::Invalid(format!(
-                "--cache-size {}: more than this machine's memory ({} MiB)",
-                args.cache_size,
-                total >> 20
-            )));
+            return Err(Error::Mount(MountRefusal::CacheSizeOverMemory {
+                mib: args.cache_size,
+                memory_mib: total >> 20,
+            }));
         }
     }
     if args.threads == 0 || args.threads > 256 {
-        return Err(Error::Invalid(format!(
-            "--threads {}: must be between 1 and 256",
-            args.threads
-        )));
+        return Err(Error::Mount(MountRefusal::Threads {
+            threads: args.threads,
+        }));
     }
     let mountpoint = check_mountpoint(&args.mountpoint, parsed.nonempty)?;
     check_dev_fuse()?;
@@ -978,17 +986,77 @@ mod tests {
             .fusermount_options()
             .starts_with("fsname=/i/a\\,b\\\\c.vhdx,"));
 
-        assert!(parse_options(&["auto_unmount".into()], false).is_err());
-        assert!(parse_options(&["fd=3".into()], false).is_err());
-        assert!(parse_options(&["searchdir=/x".into()], false).is_err());
-        assert!(parse_options(&["user_id=0".into()], false).is_err());
+        let refusal = |opt: &str| match parse_options(&[opt.into()], false) {
+            Err(Error::Mount(r)) => r,
+            other => panic!("{opt}: {other:?}"),
+        };
+        assert_eq!(refusal("auto_unmount"), MountRefusal::AutoUnmountAlone);
+        assert_eq!(
+            refusal("fd=3"),
+            MountRefusal::Reserved {
+                option: "fd=3".into()
+            }
+        );
+        assert_eq!(
+            refusal("searchdir=/x"),
+            MountRefusal::Unknown {
+                option: "searchdir=/x".into()
+            }
+        );
+        assert_eq!(
+            refusal("user_id=0"),
+            MountRefusal::Reserved {
+                option: "user_id=0".into()
+            }
+        );
+        assert_eq!(
+            refusal("max_read=1 2"),
+            MountRefusal::WhiteSpace {
+                option: "max_read=1 2".into()
+            }
+        );
     }
 
     #[test]
     fn names() {
         assert!(check_name("disk.raw").is_ok());
-        for bad in ["", ".", "..", ".stats", "a/b"] {
-            assert!(check_name(bad).is_err(), "{bad:?}");
+        for bad in ["", ".", "..", ".stats", "a/b", "a\0b"] {
+            assert!(
+                matches!(
+                    check_name(bad),
+                    Err(Error::Mount(MountRefusal::Name { name, stats: ".stats" })) if name == bad
+                ),
+                "{bad:?}"
+            );
         }
+    }
+
+    /// The mount point checks, each refusal by its variant.
+    #[test]
+    fn mount_point_refusals() {
+        let t = crate::test_support::TempDir::new("mountpoint-refusals");
+        let missing = t.join("missing");
+        assert!(matches!(
+            check_mountpoint(&missing, false),
+            Err(Error::Mount(MountRefusal::MountPointMissing { path })) if path == missing
+        ));
+        let file = t.file("file", "x");
+        assert!(matches!(
+            check_mountpoint(&file, false),
+            Err(Error::Mount(MountRefusal::MountPointNotDirectory { path })) if path == file
+        ));
+        let full = t.dir("full");
+        std::fs::write(full.join("f"), "x").unwrap();
+        assert!(matches!(
+            check_mountpoint(&full, false),
+            Err(Error::Mount(MountRefusal::MountPointNotEmpty { path })) if path == full
+        ));
+        assert!(check_mountpoint(&full, true).is_ok());
+        assert!(check_mountpoint(&t.dir("empty"), false).is_ok());
+        // /proc is a mount point on every Linux machine.
+        assert!(matches!(
+            check_mountpoint(Path::new("/proc"), true),
+            Err(Error::Mount(MountRefusal::AlreadyMountPoint { .. }))
+        ));
     }
 }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use clap::CommandFactory;
 
 use crate::cli::{ChainArgs, Cli, MountArgs};
-use crate::error::{Error, Result};
+use crate::error::{Error, MountRefusal, Result};
 
 /// What a helper-style command line asks for.
 #[derive(Debug)]
@@ -78,7 +78,12 @@ fn parse_helper_args(args: &[OsString]) -> Result<HelperCall> {
     let mut options: Vec<String> = Vec::new();
     let (mut verbose, mut fake) = (0u8, false);
     let mut it = args.iter();
-    let usage = |msg: &str| Error::Invalid(format!("{msg}; {USAGE}"));
+    let usage = |problem: &str| {
+        Error::Mount(MountRefusal::Usage {
+            problem: problem.to_string(),
+            usage: USAGE,
+        })
+    };
     while let Some(a) = it.next() {
         let b = a.as_bytes();
         if b == b"-h" || b == b"--help" {
@@ -109,15 +114,16 @@ fn parse_helper_args(args: &[OsString]) -> Result<HelperCall> {
                             .ok_or_else(|| usage(&format!("-{} needs a value", c as char)))?
                     };
                     match c {
-                        b'o' => options.push(value.into_string().map_err(|v| {
-                            Error::Invalid(format!("-o {v:?}: options must be UTF-8 text"))
-                        })?),
+                        b'o' => options.push(
+                            value
+                                .into_string()
+                                .map_err(|option| Error::Mount(MountRefusal::NotUtf8 { option }))?,
+                        ),
                         b't' => {} // the type we were called for
                         _ => {
-                            return Err(Error::Invalid(format!(
-                                "-N {}: mounting in another mount namespace is not supported",
-                                value.to_string_lossy()
-                            )))
+                            return Err(Error::Mount(MountRefusal::Namespace {
+                                namespace: value.to_string_lossy().into_owned(),
+                            }))
                         }
                     }
                     break;
@@ -195,20 +201,25 @@ pub fn absorb_own_options(args: &MountArgs) -> Result<MountArgs> {
         let need = |v: Option<&str>| -> Result<String> {
             match v {
                 Some(v) if !v.is_empty() => Ok(v.to_string()),
-                _ => Err(Error::Invalid(format!(
-                    "-o {key}: needs a value ({key}=...)"
-                ))),
+                _ => Err(Error::Mount(MountRefusal::NeedsValue { key: key.clone() })),
             }
         };
         let number = |v: Option<&str>| -> Result<u64> {
             let v = need(v)?;
-            v.parse()
-                .map_err(|_| Error::Invalid(format!("-o {key}={v}: not a number")))
+            v.parse().map_err(|_| {
+                Error::Mount(MountRefusal::NotANumber {
+                    key: key.clone(),
+                    value: v,
+                })
+            })
         };
         let flag = |v: Option<&str>| -> Result<bool> {
             match v {
                 None => Ok(true),
-                Some(v) => Err(Error::Invalid(format!("-o {key}={v}: takes no value"))),
+                Some(v) => Err(Error::Mount(MountRefusal::TakesNoValue {
+                    key: key.clone(),
+                    value: v.to_string(),
+                })),
             }
         };
         match key.as_str() {
@@ -221,8 +232,11 @@ pub fn absorb_own_options(args: &MountArgs) -> Result<MountArgs> {
             "cache_size" => out.cache_size = number(value)?,
             "cache_block" => out.cache_block = need(value)?,
             "threads" => {
-                out.threads = usize::try_from(number(value)?)
-                    .map_err(|_| Error::Invalid("-o threads: too large".into()))?
+                out.threads = usize::try_from(number(value)?).map_err(|_| {
+                    Error::Mount(MountRefusal::TooLarge {
+                        key: "threads".into(),
+                    })
+                })?
             }
             "log_file" => out.log_file = Some(PathBuf::from(need(value)?)),
             _ => rest.push(opt.to_string()),
@@ -316,16 +330,51 @@ mod tests {
 
     #[test]
     fn bad_helper_calls() {
-        for v in [
-            &["mount.vdiskfs", "a"][..],
-            &["mount.vdiskfs", "a", "b", "c"],
-            &["mount.vdiskfs", "a", "b", "-x"],
-            &["mount.vdiskfs", "a", "b", "-o"],
-            &["mount.vdiskfs", "a", "b", "-N", "/proc/1/ns/mnt"],
-            &["mount.vdiskfs", "", "b"],
+        let usage = |problem: &str| MountRefusal::Usage {
+            problem: problem.into(),
+            usage: USAGE,
+        };
+        for (v, want) in [
+            (
+                &["mount.vdiskfs", "a"][..],
+                usage("1 arguments given, 2 expected"),
+            ),
+            (
+                &["mount.vdiskfs", "a", "b", "c"],
+                usage("3 arguments given, 2 expected"),
+            ),
+            (
+                &["mount.vdiskfs", "a", "b", "-x"],
+                usage("unknown option -x"),
+            ),
+            (
+                &["mount.vdiskfs", "a", "b", "-o"],
+                usage("-o needs a value"),
+            ),
+            (
+                &["mount.vdiskfs", "a", "b", "-N", "/proc/1/ns/mnt"],
+                MountRefusal::Namespace {
+                    namespace: "/proc/1/ns/mnt".into(),
+                },
+            ),
+            (
+                &["mount.vdiskfs", "", "b"],
+                usage("the image (mount source) is empty"),
+            ),
         ] {
-            assert!(matches!(parse_argv(&argv(v)), Some(Err(_))), "{v:?}");
+            match parse_argv(&argv(v)) {
+                Some(Err(Error::Mount(r))) => assert_eq!(r, want, "{v:?}"),
+                other => panic!("{v:?}: {other:?}"),
+            }
         }
+        let mut v = argv(&["mount.vdiskfs", "a", "b", "-o"]);
+        v.push(<OsString as std::os::unix::ffi::OsStringExt>::from_vec(
+            b"ro,\xff".to_vec(),
+        ));
+        assert!(matches!(
+            parse_argv(&v),
+            Some(Err(Error::Mount(MountRefusal::NotUtf8 { .. })))
+        ));
     }
 
     #[test]
@@ -353,15 +402,42 @@ mod tests {
         assert_eq!(b.log_file.as_deref(), Some(Path::new("/l")));
         assert_eq!(b.options, ["ro,allow_other"]);
 
-        for bad in [
-            "cache_size=big",
-            "cache_size",
-            "parent=",
-            "ignore_linkage=1",
-            "threads=-1",
+        let key = |k: &str| k.to_string();
+        for (bad, want) in [
+            (
+                "cache_size=big",
+                MountRefusal::NotANumber {
+                    key: key("cache_size"),
+                    value: "big".into(),
+                },
+            ),
+            (
+                "cache_size",
+                MountRefusal::NeedsValue {
+                    key: key("cache_size"),
+                },
+            ),
+            ("parent=", MountRefusal::NeedsValue { key: key("parent") }),
+            (
+                "ignore_linkage=1",
+                MountRefusal::TakesNoValue {
+                    key: key("ignore_linkage"),
+                    value: "1".into(),
+                },
+            ),
+            (
+                "threads=-1",
+                MountRefusal::NotANumber {
+                    key: key("threads"),
+                    value: "-1".into(),
+                },
+            ),
         ] {
             a.options = vec![bad.into()];
-            assert!(absorb_own_options(&a).is_err(), "{bad}");
+            match absorb_own_options(&a) {
+                Err(Error::Mount(r)) => assert_eq!(r, want, "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
         }
     }
 }

@@ -16,7 +16,7 @@
 //! reaching past the disk's end is cut at the end (one starting past it gets no file).
 //! Every problem is a warning in the layout; nothing here fails, panics or loops.
 
-pub mod fs;
+pub(crate) mod fs;
 mod types;
 
 #[cfg(test)]

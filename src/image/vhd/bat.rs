@@ -232,10 +232,6 @@ impl Bat {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// The raw BAT entry of block `b`.
     pub fn entry(&self, b: usize) -> u32 {
         self.entries[b].load(Ordering::Acquire)

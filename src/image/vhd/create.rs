@@ -35,6 +35,7 @@ use crate::layer::Layer;
 use crate::paths::{windows_absolute_path, windows_relative_path};
 
 /// Default block size for new VHDs (2 MiB, as Hyper-V and qemu use).
+#[cfg(test)]
 pub const DEFAULT_BLOCK_SIZE: u32 = 2 << 20;
 /// Largest virtual size a VHD can describe (2040 GiB, the specification's limit).
 pub const MAX_SIZE: u64 = 2040 << 30;

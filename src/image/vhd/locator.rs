@@ -48,7 +48,7 @@ impl LocatorEntry {
         }
     }
 
-    pub fn to_bytes(&self) -> [u8; ENTRY_SIZE] {
+    pub fn to_bytes(self) -> [u8; ENTRY_SIZE] {
         let mut b = [0u8; ENTRY_SIZE];
         b[0..4].copy_from_slice(&self.platform_code);
         b[4..8].copy_from_slice(&self.platform_data_space.to_be_bytes());

@@ -363,11 +363,6 @@ impl Vhd {
         &self.footer
     }
 
-    /// The dynamic disk header (dynamic and differencing disks).
-    pub fn dynamic_header(&self) -> Option<&DynamicHeader> {
-        self.header.as_ref()
-    }
-
     fn is_differencing(&self) -> bool {
         self.footer.disk_type == DiskType::Differencing
     }

@@ -94,7 +94,7 @@ thread_local! {
 /// Total work (bytes read and checksummed from logs, plus `STEP_WORK` per chain step)
 /// of every `find_replay` on this thread so far, failed ones included. Tests take the
 /// difference around an open to check the scan's bound without timing anything.
-#[doc(hidden)]
+#[cfg(test)]
 pub fn scan_work_on_this_thread() -> u64 {
     SCAN_WORK.with(|w| w.get())
 }
@@ -133,11 +133,8 @@ impl ReplayBudget {
         Self::new(CHAIN_REPLAY_MEMORY)
     }
 
-    pub fn limit(&self) -> u64 {
-        self.limit
-    }
-
     /// Bytes charged and not given back.
+    #[cfg(test)]
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Acquire)
     }
@@ -203,12 +200,14 @@ pub struct Replay {
     /// Every descriptor of every entry, tail entry first, in order.
     pub writes: Vec<LogWrite>,
     /// FlushedFileOffset of the head entry (already checked against the file size).
+    #[cfg(test)]
     pub flushed_file_offset: u64,
     /// LastFileOffset of the head entry: the file must be at least this long after replay.
     pub last_file_offset: u64,
     /// Number of entries in the active sequence.
     pub entries: usize,
     /// SequenceNumber of the head entry (a new log should continue above it).
+    #[cfg(test)]
     pub head_sequence: u64,
     /// What the writes were charged to the `ReplayBudget` (bytes).
     pub memory: u64,
@@ -698,9 +697,11 @@ impl<'a> Scanner<'a> {
         result?;
         Ok(Some(Replay {
             writes: c.writes,
+            #[cfg(test)]
             flushed_file_offset: head.flushed_file_offset,
             last_file_offset: head.last_file_offset,
             entries: candidate.len(),
+            #[cfg(test)]
             head_sequence: head.sequence,
             memory: c.charged,
         }))
@@ -729,6 +730,7 @@ impl<'a> Scanner<'a> {
 
 /// Find the active log sequence of a VHDX whose current header has LogGuid `log_guid`
 /// (MS-VHDX 2.3.3), with a budget of its own for the replayed writes.
+#[cfg(test)]
 pub fn find_replay(
     file: &ImageFile,
     log_offset: u64,
@@ -867,7 +869,9 @@ pub fn apply_to_file(file: &ImageFile, replay: &Replay) -> Result<()> {
 pub enum LogUpdate<'a> {
     /// Write these 4096 bytes at `file_offset` (4 KiB aligned).
     Data { file_offset: u64, data: &'a [u8] },
-    /// Zero `len` bytes (a multiple of 4 KiB) at `file_offset` (4 KiB aligned).
+    /// Zero `len` bytes (a multiple of 4 KiB) at `file_offset` (4 KiB aligned). Written
+    /// by tests and the fuzz seeds; the writer logs whole pages only.
+    #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
     Zero { file_offset: u64, len: u64 },
 }
 
@@ -972,6 +976,7 @@ impl LogWriter {
     }
 
     /// The SequenceNumber the next entry will get.
+    #[cfg(test)]
     pub fn next_sequence(&self) -> u64 {
         self.next_sequence
     }
@@ -1083,9 +1088,10 @@ impl LogWriter {
     }
 }
 
-/// Helpers to craft VHDX files with a pending log, for this module's tests and for
-/// integration tests of the reader. Not part of the supported API.
-#[doc(hidden)]
+/// Helpers to craft VHDX files with a pending log, for this module's tests, the fuzz
+/// seeds and integration tests of the reader (`vdiskfs::testing`, cargo feature
+/// `testing`). Not part of the supported API.
+#[cfg(any(test, feature = "testing"))]
 pub mod testutil {
     use std::path::Path;
 

@@ -48,7 +48,6 @@ pub struct Vhdx {
     /// Problems of the pending log that did not stop a read-only open (`check` lists them).
     log_problems: Vec<String>,
     warnings: Vec<Warning>,
-    writable: bool,
     pub(crate) write_state: Option<Mutex<write::WriteState>>,
 }
 
@@ -201,7 +200,6 @@ impl Vhdx {
             log_state,
             log_problems,
             warnings,
-            writable: opts.writable,
             write_state: None,
         };
         // Small BATs (every realistic disk) are checked in full now, so a damaged file
@@ -234,10 +232,6 @@ impl Vhdx {
             .unwrap_or_else(|e| e.into_inner())
             .0
             .clone()
-    }
-
-    pub fn is_writable(&self) -> bool {
-        self.writable
     }
 
     fn block_size(&self) -> u64 {
