@@ -8,6 +8,7 @@ pub mod generate;
 pub mod info;
 pub mod mount;
 pub mod mount_helper;
+pub mod resize;
 
 use crate::cli::{Cli, Command};
 use crate::error::Result;
@@ -23,5 +24,6 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Mount(a) => mount::run(&a, cli.verbose),
         Command::Umount(a) => mount::umount(&a),
         Command::Generate(a) => generate::run(&a),
+        Command::Resize(a) => resize::run(&a),
     }
 }

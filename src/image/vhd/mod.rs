@@ -20,6 +20,7 @@ pub mod create;
 pub mod dynamic;
 pub mod footer;
 pub mod locator;
+pub(crate) mod resize;
 mod write;
 
 use std::path::Path;

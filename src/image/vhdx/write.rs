@@ -363,7 +363,6 @@ impl Vhdx {
     }
 
     /// Most 4 KiB pages `commit_pages` takes in one (atomic) call.
-    #[allow(dead_code)] // used by the structural verbs as they land
     pub(crate) fn max_commit_pages(&self) -> usize {
         entry_page_limit(self.header().log_length as u64)
     }
@@ -372,7 +371,6 @@ impl Vhdx {
     /// a structural rewrite (a new BAT, a moved block, a larger metadata region). The
     /// space is unreferenced until a `commit_pages` points at it; whatever the caller
     /// writes there is made durable by that call before its log entry.
-    #[allow(dead_code)] // used by the structural verbs as they land
     pub(crate) fn allocate_space(&self, len: u64) -> Result<u64> {
         let mut st = self.state_lock()?;
         self.allocate(&mut st, len.div_ceil(MIB) * MIB)
@@ -388,7 +386,6 @@ impl Vhdx {
     ///
     /// The in-memory tables (metadata, regions, BAT) are NOT updated from the pages: after
     /// a structural rewrite, `close` the image and open it again.
-    #[allow(dead_code)] // used by the structural verbs as they land
     pub(crate) fn commit_pages(&self, pages: &[(u64, Vec<u8>)], data_changes: bool) -> Result<()> {
         let mut st = self.state_lock()?;
         let limit = entry_page_limit(self.header().log_length as u64);
