@@ -14,7 +14,8 @@
 //!    the footer was, flush; the dynamic header's first sector (Table Offset, Max Table
 //!    Entries, checksum: all in that sector) points at it, flush. The old BAT stays as
 //!    unreferenced space. Until the footer changes the disk has the old size;
-//! 3. the footer at the end with the new Current Size and geometry, flush; then its copy
+//! 3. the footer at the end with the new Current Size, Original Size (libvhdi reads the
+//!    disk's size from it) and geometry (the specification's CHS algorithm), flush; then its copy
 //!    at offset 0, flush. Between these two `check` reports that the copy differs (the end
 //!    footer is the one readers use); running `resize` again rewrites the copy.
 //!
@@ -74,6 +75,8 @@ impl Vhd {
         }
         let mut next = self.footer.clone();
         next.current_size = new_size;
+        // Original Size too: libvhdi (20210425) takes the disk's size from it.
+        next.original_size = new_size;
         next.disk_geometry = Geometry::for_sectors(new_size / SECTOR);
         let new_footer = next.to_bytes();
         match self.footer.disk_type {
@@ -257,9 +260,9 @@ impl Vhd {
         if head == tail || &head[..8] != b"conectix" {
             return Ok(false);
         }
-        // Only Current Size (48..56), Disk Geometry (56..60) and the checksum may differ.
+        // Only the sizes (40..56), Disk Geometry (56..60) and the checksum may differ.
         let same = |r: std::ops::Range<usize>| head[r.clone()] == tail[r];
-        if !(same(0..48) && same(68..FOOTER_SIZE)) {
+        if !(same(0..40) && same(60..64) && same(68..FOOTER_SIZE)) {
             return Ok(false);
         }
         self.file.write_all_at(&tail, 0)?;
