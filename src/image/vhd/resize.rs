@@ -274,3 +274,84 @@ impl Vhd {
 fn footer_header_at(v: &Vhd) -> u64 {
     v.footer.data_offset
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::create::{create_dynamic, fixed_footer};
+    use super::super::Vhd;
+    use crate::chain::{Chain, ChainOptions, Intent};
+    use crate::disk::{Disk, DiskOptions};
+    use crate::image::vhdx::resize::tests::cut_everywhere;
+    use crate::image::vhdx::tests::Rng;
+    use crate::layer::{OpenOptions, WritableLayer};
+    use crate::test_support::TempDir;
+
+    fn vhd_resize(new: u64) -> impl Fn(&Path) -> bool {
+        move |p: &Path| match Vhd::open(p, OpenOptions::writable()) {
+            Ok(v) => {
+                let r = v
+                    .repair_footer_copy()
+                    .and_then(|_| v.grow_to(new))
+                    .and_then(|_| WritableLayer::close(&v));
+                r.is_ok()
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Between the end footer and its copy at offset 0 `check` names the copy, and the
+    /// size is the new one (the end footer rules).
+    fn copy_behind(new: u64) -> impl Fn(&[String], u64) -> bool {
+        move |p: &[String], size: u64| {
+            size == new && p.len() == 1 && p[0].contains("footer copy at offset 0 differs")
+        }
+    }
+
+    #[test]
+    fn a_cut_vhd_grow_leaves_old_or_new_size() {
+        let d = TempDir::new("vhd-resize-cut");
+        let size: u64 = (8 << 20) + 1536;
+        let mut data = vec![0u8; size as usize];
+        Rng(4).fill(&mut data);
+        data[(2 << 20)..(4 << 20)].fill(0);
+
+        let dynamic = d.join("t.vhd");
+        create_dynamic(&dynamic, size, 1 << 20).unwrap();
+        {
+            let chain = Chain::open(
+                &dynamic,
+                &ChainOptions {
+                    intent: Intent::WriteTop,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let disk = Disk::new(chain, DiskOptions::default());
+            disk.write_at(0, &data[..2 << 20]).unwrap();
+            disk.write_at(4 << 20, &data[4 << 20..]).unwrap();
+            disk.close().unwrap();
+        }
+        // In the BAT's sectors (odd growth), then past them (the BAT moves).
+        for new in [size + (3 << 20) + 512, 140 << 20] {
+            cut_everywhere(
+                &d,
+                &dynamic,
+                &data,
+                new,
+                &vhd_resize(new),
+                &copy_behind(new),
+            );
+        }
+
+        let fixed = d.join("f.vhd");
+        let mut bytes = data.clone();
+        bytes.extend_from_slice(&fixed_footer(&fixed, size).unwrap());
+        std::fs::write(&fixed, &bytes).unwrap();
+        let none = |_: &[String], _: u64| false;
+        for new in [size + 512, size + (3 << 20) + 512] {
+            cut_everywhere(&d, &fixed, &data, new, &vhd_resize(new), &none);
+        }
+    }
+}
