@@ -498,8 +498,9 @@ fn grown_gpt_partition_extended_with_sgdisk_and_resize2fs() {
 /// One SIGKILL cycle: a fresh copy of `orig`, `vdiskfs resize COPY target` killed after
 /// `delay`; then the copy must check clean (a VHD killed between its end footer and the
 /// copy at offset 0 may report exactly that, and a second resize must finish it) and
-/// show the old or new size with the data intact. Returns whether the kill landed
-/// while the resize was still running.
+/// show the old or new size with the data intact. Returns where the kill landed: 0 before
+/// any change, 1 after some change with the old size still showing, 2 with the new size
+/// showing but the process killed, 3 after the resize finished.
 fn kill_cycle(
     d: &TempDir,
     orig: &Path,
@@ -507,7 +508,7 @@ fn kill_cycle(
     old: u64,
     target: u64,
     delay: Duration,
-) -> bool {
+) -> usize {
     let img = d.join(
         orig.file_name()
             .unwrap()
@@ -528,6 +529,7 @@ fn kill_cycle(
     let _ = child.kill();
     let status = child.wait().unwrap();
     let killed = !status.success();
+    let untouched = sha256_file(&img) == sha256_file(orig);
     let o = vd(&[OsStr::new("check"), img.as_os_str()]);
     if !o.success() {
         assert!(
@@ -543,6 +545,12 @@ fn kill_cycle(
         check_clean(&img);
     }
     let size = virtual_size(&img);
+    let landed = match (killed, untouched, size == target) {
+        (false, _, _) => 3,
+        (true, true, _) => 0,
+        (true, false, false) => 1,
+        (true, false, true) => 2,
+    };
     assert!(
         size == old || size == target,
         "size {size} after a kill: neither {old} nor {target}"
@@ -554,7 +562,7 @@ fn kill_cycle(
     check_clean(&img);
     assert_eq!(virtual_size(&img), target);
     fs::remove_file(&img).unwrap();
-    killed
+    landed
 }
 
 #[test]
@@ -603,15 +611,14 @@ fn sigkill_during_resize_leaves_old_or_new_size() {
         assert!(o.success(), "{}", o.stderr);
         let span = t0.elapsed();
         fs::remove_file(&copy).unwrap();
-        let mut mid = 0;
+        let mut landed = [0; 4];
         for _ in 0..kills {
             let delay = span.mul_f64(rng.below(1200) as f64 / 1000.0);
-            if kill_cycle(&d, &orig, &model, size, target, delay) {
-                mid += 1;
-            }
+            landed[kill_cycle(&d, &orig, &model, size, target, delay)] += 1;
         }
         eprintln!(
-            "{ext} {kind}: {kills} kills, {mid} before the resize finished (a run takes {span:?})"
+            "{ext} {kind}: {kills} kills (a run takes {span:?}): {} before any change, {} mid-way at the old size, {} mid-way at the new size, {} after the end",
+            landed[0], landed[1], landed[2], landed[3]
         );
     }
 }
