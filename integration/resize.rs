@@ -455,11 +455,26 @@ fn grown_gpt_partition_extended_with_sgdisk_and_resize2fs() {
         {
             let _m = vdiskfs_mount(&img, &mnt, false);
             let raw = mnt.join("disk.raw");
-            // The backup GPT to the new end, then partition 1 over all of it (same start).
-            sh(Command::new("sgdisk").arg("-e").arg(&raw));
-            sh(Command::new("sgdisk")
-                .args(["-d", "1", "-n", "1:2048:0", "-t", "1:8300"])
-                .arg(&raw));
+            // docs/usage.md's recipe: the backup GPT to the new end, then partition 1
+            // recreated with the same start, type and GUID, to the end.
+            let guid_before = sh(Command::new("sgdisk").args(["-i", "1"]).arg(&raw)).stdout_str();
+            sh(Command::new("sh").current_dir(&mnt).arg("-c").arg(
+                "set -e
+                 sgdisk -e disk.raw
+                 START=$(sgdisk -i 1 disk.raw | awk '/^First sector/ {print $3}')
+                 GUID=$(sgdisk -i 1 disk.raw | awk '/unique GUID/ {print $4}')
+                 sgdisk -d 1 -n 1:\"$START\":0 -t 1:8300 -u 1:\"$GUID\" disk.raw",
+            ));
+            let guid_after = sh(Command::new("sgdisk").args(["-i", "1"]).arg(&raw)).stdout_str();
+            let line = |t: &str, k: &str| t.lines().find(|l| l.starts_with(k)).map(str::to_string);
+            assert_eq!(
+                line(&guid_before, "Partition unique GUID"),
+                line(&guid_after, "Partition unique GUID")
+            );
+            assert_eq!(
+                line(&guid_before, "First sector"),
+                line(&guid_after, "First sector")
+            );
             let p1 = mnt.join("p1");
             let psize = fs::metadata(&p1).unwrap().len();
             assert!(psize > 80 * MIB, "p1 is {psize} bytes after the table grew");
