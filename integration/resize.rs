@@ -637,3 +637,85 @@ fn sigkill_during_resize_leaves_old_or_new_size() {
         );
     }
 }
+
+/// A GPT disk shrinks too: the backup GPT moves to the new end (its old place is not
+/// data to keep; its new place must hold none), the primary header follows; refused
+/// below the partition's end plus the backup's 33 sectors. Base and child.
+#[test]
+fn shrinking_a_gpt_disk_moves_its_backup_table() {
+    if !require_tools(&["sgdisk", "mkfs.ext4", "debugfs", "e2fsck"]) || !require_fuse() {
+        return;
+    }
+    for child in [false, true] {
+        let d = TempDir::new(&format!("resize-gpt-shrink-{child}"));
+        let base = d.join("g.vhdx");
+        vd(&[
+            OsStr::new("create"),
+            OsStr::new("--size"),
+            OsStr::new("64M"),
+            base.as_os_str(),
+        ])
+        .assert_success();
+        let payload = d.join("payload.bin");
+        make_random(&payload, 200_000, 4);
+        let mnt = d.dir("m");
+        {
+            let _m = vdiskfs_mount(&base, &mnt, false);
+            sh(Command::new("sgdisk")
+                .args(["-n", "1:2048:+20M", "-t", "1:8300"])
+                .arg(mnt.join("disk.raw")));
+            sh(Command::new("mkfs.ext4").arg("-q").arg(mnt.join("p1")));
+            sh(Command::new("debugfs")
+                .args(["-w", "-R"])
+                .arg(format!("write {} payload", payload.display()))
+                .arg(mnt.join("p1")));
+            vd(&[OsStr::new("umount"), mnt.as_os_str()]).assert_success();
+        }
+        let img = if child {
+            let c = d.join("c.vhdx");
+            vd(&[
+                OsStr::new("create"),
+                OsStr::new("--parent"),
+                base.as_os_str(),
+                c.as_os_str(),
+            ])
+            .assert_success();
+            c
+        } else {
+            base.clone()
+        };
+        let minimum = 21 * MIB + 33 * 512;
+        let before = sha256_file(&img);
+        let o = resize(&img, "21M", &[]);
+        assert_clean_failure(&o, &img);
+        assert!(
+            o.stderr
+                .contains(&format!("smallest size allowed is {minimum} bytes")),
+            "{}",
+            o.stderr
+        );
+        let o = resize(&img, "32M", &["--dry-run"]);
+        o.assert_success();
+        assert!(o.stdout_str().contains("backup GPT"), "{}", o.stdout_str());
+        assert_eq!(sha256_file(&img), before, "a dry run changed the file");
+        let o = resize(&img, &minimum.to_string(), &[]);
+        o.assert_success();
+        assert_eq!(virtual_size(&img), minimum);
+        check_clean(&img);
+        let raw = d.join("out.raw");
+        cat_to_file(&img, &[], &raw);
+        let v = sh(Command::new("sgdisk").arg("-v").arg(&raw)).stdout_str();
+        assert!(v.contains("No problems found"), "sgdisk -v: {v}");
+        {
+            let _m = vdiskfs_mount(&img, &mnt, true);
+            let p1 = mnt.join("p1");
+            sh(Command::new("e2fsck").args(["-f", "-n"]).arg(&p1));
+            let out = d.join("payload.out");
+            sh(Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("dump payload {}", out.display()))
+                .arg(&p1));
+            assert_same_file(&out, &payload, "the file in the shrunk disk's partition");
+        }
+    }
+}
