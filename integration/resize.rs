@@ -719,3 +719,56 @@ fn shrinking_a_gpt_disk_moves_its_backup_table() {
         }
     }
 }
+
+/// Bases qemu-img made (it sizes its own VHDs by CHS geometry, creator "qemu"): grown
+/// by an odd number of sectors, a VHD's size is rounded up to a size the geometry
+/// describes (as qemu-img create rounds), so plain `qemu-img` (no size override) reads
+/// the same disk as vdiskfs; VHDX to whole sectors.
+#[test]
+fn qemu_made_bases_grow_as_qemu_reads_them() {
+    if !require_tools(&["qemu-img", "qemu-io"]) {
+        return;
+    }
+    let d = TempDir::new("resize-qemu");
+    for (fmt, sub) in [
+        ("vpc", "dynamic"),
+        ("vpc", "fixed"),
+        ("vhdx", "dynamic"),
+        ("vhdx", "fixed"),
+    ] {
+        let img = d.join(format!("q-{sub}.{fmt}"));
+        let p = img.to_str().unwrap();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-o",
+            &format!("subformat={sub}"),
+            p,
+            "10M",
+        ]);
+        sh(Command::new("qemu-io").args(["-f", fmt, "-c", "write -P 0x5a 1M 3M", p]));
+        let o = resize(&img, &format!("+{}", 3 * MIB + 512), &[]);
+        o.assert_success();
+        if fmt == "vpc" {
+            assert!(
+                o.stdout_str().contains("CHS geometry"),
+                "{}",
+                o.stdout_str()
+            );
+        }
+        check_clean(&img);
+        let size = virtual_size(&img);
+        let q = d.join("q.raw");
+        let _ = fs::remove_file(&q);
+        qemu_img(&["convert", "-f", fmt, "-O", "raw", p, q.to_str().unwrap()]);
+        assert_eq!(file_len(&q), size, "{fmt} {sub}: qemu-img's size");
+        let mut model = vec![0u8; size as usize];
+        model[MIB as usize..4 * MIB as usize].fill(0x5a);
+        let m = d.join("model.raw");
+        write_file(&m, &model);
+        assert_same_file(&q, &m, &format!("qemu-img's view of {fmt} {sub}"));
+        assert_view(&d, &img, &m, &format!("{fmt} {sub}"));
+    }
+}

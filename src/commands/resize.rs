@@ -262,16 +262,27 @@ pub fn run(args: &ResizeArgs) -> Result<i32> {
     let new = asked
         .checked_next_multiple_of(gran)
         .ok_or_else(|| Error::Invalid(format!("{}: size {spec} is too large", path.display())))?;
+    let mut chs = None;
+    let new = match &top {
+        Top::Vhd(v) if new > old => {
+            let (n, creator) = v.round_size(new);
+            chs = creator;
+            n
+        }
+        _ => new,
+    };
     if new == 0 {
         return Err(Error::Invalid(format!(
             "{}: the new size must be at least one sector",
             path.display()
         )));
     }
-    let rounded = if new != asked {
-        format!(" (rounded up from {asked} to whole {gran}-byte sectors)")
-    } else {
-        String::new()
+    let rounded = match &chs {
+        _ if new == asked => String::new(),
+        Some(c) => format!(
+            " (rounded up from {asked} to a size its CHS geometry describes exactly: files made by {c:?} are sized by it)"
+        ),
+        None => format!(" (rounded up from {asked} to whole {gran}-byte sectors)"),
     };
 
     let mut notes = Vec::new();

@@ -50,6 +50,34 @@ pub struct Resized {
 }
 
 impl Vhd {
+    /// Virtual PC and qemu (creator "vpc " / "qemu") size a VHD by its CHS geometry,
+    /// not by Current Size: for files they made, `size` is rounded up to the next size
+    /// the geometry describes exactly (as `qemu-img create` does), so they read the same
+    /// disk; other files (Hyper-V, vdiskfs, qemu with force_size) only to whole sectors.
+    /// Past the largest geometry (about 127 GiB) every reader uses Current Size.
+    /// Returns the size and, when the geometry decided it, the creator.
+    pub fn round_size(&self, size: u64) -> (u64, Option<String>) {
+        let sectors = size.div_ceil(SECTOR);
+        let chs_sized = matches!(&self.footer.creator_application, b"vpc " | b"qemu");
+        if !chs_sized {
+            return (sectors * SECTOR, None);
+        }
+        let max = Geometry::for_sectors(u64::MAX / SECTOR);
+        for i in 0..(1u64 << 20) {
+            let g = Geometry::for_sectors(sectors + i);
+            if g == max {
+                break;
+            }
+            if g.bytes() >= sectors * SECTOR {
+                return (
+                    g.bytes(),
+                    Some(super::footer::fourcc(&self.footer.creator_application)),
+                );
+            }
+        }
+        (sectors * SECTOR, None)
+    }
+
     /// Grow to `new_size` (a multiple of 512, larger than the current size). Writable
     /// opens only.
     pub(crate) fn grow_to(&self, new_size: u64) -> Result<Resized> {
