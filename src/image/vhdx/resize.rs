@@ -75,6 +75,9 @@ impl Vhdx {
         let old_entries = self.bat.entries;
         let new_entries = entries_for(new_blocks, cr, parent);
 
+        // New FileWriteGuid and DataWriteGuid before anything is written (the content
+        // changes: new space, or space cut off).
+        self.start_structural_change(true)?;
         // A fixed disk's new blocks get payload now (contiguous, zeros: fresh space).
         let mut payload = if fixed && new_blocks > old_blocks {
             Some(self.allocate_space((new_blocks - old_blocks) * bs)?)

@@ -416,6 +416,14 @@ impl Vhdx {
         })
     }
 
+    /// Rotate FileWriteGuid (and DataWriteGuid when `data_changes`) before a structural
+    /// rewrite writes anything to the file (MS-VHDX 2.2.2.1: before the first change);
+    /// `commit_pages` does it too, this is for data written before it.
+    pub(crate) fn start_structural_change(&self, data_changes: bool) -> Result<()> {
+        let mut st = self.state_lock()?;
+        self.start_session_with(&mut st, data_changes)
+    }
+
     /// The image file, for a structural rewrite's data (see `commit_pages`).
     #[allow(dead_code)] // used by the structural verbs as they land
     pub(crate) fn file(&self) -> &ImageFile {
