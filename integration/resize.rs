@@ -11,7 +11,7 @@
 //! - a GPT guest's partition grown afterwards with sgdisk + resize2fs through a writable
 //!   mount;
 //! - SIGKILL at random moments of a resize: `check` clean, the old or the new size, data
-//!   intact. VDISKFS_RESIZE_KILLS: kills per format (default 12; run 50+ by hand).
+//!   intact. VDISKFS_RESIZE_KILLS: kills per format (default 10; run 50+ by hand).
 
 mod common;
 
@@ -585,7 +585,7 @@ fn sigkill_during_resize_leaves_old_or_new_size() {
     let kills: u64 = std::env::var("VDISKFS_RESIZE_KILLS")
         .ok()
         .map(|v| v.parse().expect("VDISKFS_RESIZE_KILLS: a number"))
-        .unwrap_or(12);
+        .unwrap_or(10);
     let seed = std::env::var("VDISKFS_RESIZE_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
