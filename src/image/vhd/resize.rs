@@ -23,7 +23,8 @@
 //! 1. the old footer is copied to the new end (and the file cut after it, when a crashed
 //!    earlier run left it longer), flush: the disk still has the old size, and the old
 //!    footer bytes at the old end lie outside it;
-//! 2. zeros over `[old size, new size)` (the old footer's bytes included), flush;
+//! 2. zeros over `[old size, new size)` (the old footer's bytes included; holes are
+//!    zeros already and stay holes), flush;
 //! 3. the footer with the new size at the end, flush.
 //!
 //! So the old footer's bytes are never disk data. A crash after step 1 or 2 leaves a
@@ -148,12 +149,32 @@ impl Vhd {
                 f.sync_data()?;
             }
         }
+        // Zeros over whatever is not a hole in [old, new) (the old footer, and what an
+        // interrupted earlier run left); where the file system cannot tell, over all.
         let zeros = vec![0u8; MIB.min(new_size - old) as usize];
         let mut at = old;
         while at < new_size {
-            let n = (new_size - at).min(MIB);
-            f.write_all_at(&zeros[..n as usize], at)?;
-            at += n;
+            use crate::image::raw::seek;
+            use nix::unistd::Whence;
+            let start = match seek(&f.file, at, Whence::SeekData) {
+                None => at,
+                Some(None) => new_size,
+                Some(Some(d)) => d.min(new_size),
+            };
+            let end = match seek(&f.file, start, Whence::SeekHole) {
+                Some(Some(h)) if start < new_size => h.clamp(start, new_size),
+                _ => new_size,
+            };
+            let mut p = start;
+            while p < end {
+                let n = (end - p).min(MIB);
+                f.write_all_at(&zeros[..n as usize], p)?;
+                p += n;
+            }
+            if end >= new_size {
+                break;
+            }
+            at = end.max(at + 1);
         }
         f.sync_data()?;
         f.write_all_at(new_footer, new_size)?;
