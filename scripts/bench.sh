@@ -796,7 +796,8 @@ resize_bench() {
     cargo build --release
     mkdir -p "$BASEDIR"
     rw=$(mktemp -d "$BASEDIR/vdiskfs-bench-resize.XXXXXX")
-    trap 'rm -rf "$rw"' EXIT
+    RZ_WORK=$rw
+    trap 'rm -rf "$RZ_WORK"' EXIT
     rz_time() { # rz_time LABEL CMD...
         sync
         t0=$(date +%s.%N)
@@ -819,7 +820,7 @@ resize_bench() {
     rz_time "VHD dynamic 2 GiB -> 2000 GiB (2 MiB blocks: the BAT moves)" "$VD" resize "$rw/d.vhd" 2000G
     truncate -s 1G "$rw/f.raw"
     "$VD" convert -q -f raw --type fixed "$rw/f.raw" "$rw/f.vhd"
-    rz_time "VHD fixed 1 GiB -> 2 GiB (1 GiB of zeros written)" "$VD" resize "$rw/f.vhd" 2G
+    rz_time "VHD fixed 1 GiB -> 2 GiB (sparse: the old footer zeroed)" "$VD" resize "$rw/f.vhd" 2G
     "$VD" convert -q -f raw --type fixed "$rw/f.raw" "$rw/f.vhdx"
     rz_time "VHDX fixed 1 GiB -> 2 GiB (payload allocated, sparse)" "$VD" resize "$rw/f.vhdx" 2G
     "$VD" check "$rw/d.vhdx" >/dev/null && "$VD" check "$rw/d.vhd" >/dev/null &&
