@@ -75,6 +75,14 @@ impl Vhdx {
         let old_entries = self.bat.entries;
         let new_entries = entries_for(new_blocks, cr, parent);
 
+        // Where the size is, checked before anything is written.
+        let size_at = self.size_item_offset()?;
+        if size_at % PAGE > PAGE - 8 {
+            return Err(Error::Invalid(format!(
+                "{}: the VirtualDiskSize item crosses a 4 KiB page (at {size_at}); not resizing",
+                path.display()
+            )));
+        }
         // New FileWriteGuid and DataWriteGuid before anything is written (the content
         // changes: new space, or space cut off).
         self.start_structural_change(true)?;
@@ -130,7 +138,6 @@ impl Vhdx {
 
         let mut pages: Vec<(u64, Vec<u8>)> = Vec::new();
         // The VirtualDiskSize item.
-        let size_at = self.size_item_offset()?;
         let page_at = size_at - size_at % PAGE;
         let mut page = vec![0u8; PAGE as usize];
         self.file.read_exact_at(&mut page, page_at)?;
