@@ -81,6 +81,17 @@ if [ "${BENCH_ONLY:-}" = convert ]; then
     convert_bench
     exit 0
 fi
+# BENCH_ONLY=resize: only the `vdiskfs resize` section (at the end of this file).
+if [ "${BENCH_ONLY:-}" = resize ]; then
+    if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+        # shellcheck disable=SC1091
+        . "$HOME/.cargo/env"
+    fi
+    # shellcheck disable=SC1090
+    source <(sed -n '/^# >>> resize section -/,/^# <<< resize section/p' "${BASH_SOURCE[0]}")
+    resize_bench
+    exit 0
+fi
 # cargo from rustup, as setup.sh and test.sh find it (a fresh root shell lacks it on PATH).
 if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
     # shellcheck disable=SC1091
@@ -774,3 +785,46 @@ if [ "$QSD" = 0 ] || [ "$HYPERFINE" = 0 ]; then
 else
     say "done"
 fi
+
+# >>> resize section ----------------------------------------------------------------------
+# Self-contained (BENCH_ONLY=resize runs it alone; the full run does not include it):
+# how long `vdiskfs resize` takes where it has work to do. No peer: qemu-img cannot resize
+# vpc or vhdx files.
+resize_bench() {
+    local rw t0 t1
+    say "build: cargo build --release"
+    cargo build --release
+    mkdir -p "$BASEDIR"
+    rw=$(mktemp -d "$BASEDIR/vdiskfs-bench-resize.XXXXXX")
+    RZ_WORK=$rw
+    trap 'rm -rf "$RZ_WORK"' EXIT
+    rz_time() { # rz_time LABEL CMD...
+        sync
+        t0=$(date +%s.%N)
+        "${@:2}" >/dev/null || die "$* failed"
+        t1=$(date +%s.%N)
+        printf '  %-62s %6.3f s\n' "$1" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')"
+    }
+    say "resize: machine"
+    echo "date: $(date -u '+%Y-%m-%d %H:%M UTC'); cpus: $(nproc); load $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "dir:  $rw ($(df --output=fstype "$rw" | tail -n 1))"
+    say "resize"
+    head -c $((100 * MIB)) /dev/urandom >"$rw/data"
+    truncate -s 64G "$rw/base.raw"
+    dd if="$rw/data" of="$rw/base.raw" bs=1M seek=1000 conv=notrunc status=none
+    "$VD" convert -q -f raw --block-size 1M "$rw/base.raw" "$rw/d.vhdx"
+    rz_time "VHDX dynamic 64 GiB -> 300 GiB (1 MiB blocks: the BAT moves)" "$VD" resize "$rw/d.vhdx" 300G
+    rz_time "VHDX dynamic 300 GiB -> 64 GiB (data check over 236 GiB)" "$VD" resize "$rw/d.vhdx" 64G
+    rz_time "VHDX dynamic 64 GiB -> 4 TiB (a BAT of 32 MiB written)" "$VD" resize "$rw/d.vhdx" 4T
+    "$VD" create --size 2G "$rw/d.vhd" >/dev/null
+    rz_time "VHD dynamic 2 GiB -> 2000 GiB (2 MiB blocks: the BAT moves)" "$VD" resize "$rw/d.vhd" 2000G
+    truncate -s 1G "$rw/f.raw"
+    "$VD" convert -q -f raw --type fixed "$rw/f.raw" "$rw/f.vhd"
+    rz_time "VHD fixed 1 GiB -> 2 GiB (sparse: the old footer zeroed)" "$VD" resize "$rw/f.vhd" 2G
+    "$VD" convert -q -f raw --type fixed "$rw/f.raw" "$rw/f.vhdx"
+    rz_time "VHDX fixed 1 GiB -> 2 GiB (payload allocated, sparse)" "$VD" resize "$rw/f.vhdx" 2G
+    "$VD" check "$rw/d.vhdx" >/dev/null && "$VD" check "$rw/d.vhd" >/dev/null &&
+        "$VD" check "$rw/f.vhd" >/dev/null && "$VD" check "$rw/f.vhdx" >/dev/null || die "check failed"
+    echo "  (all four files check clean afterwards)"
+}
+# <<< resize section

@@ -48,6 +48,9 @@ pub enum Command {
     /// Make a differencing disk point at its parent's new place (after files were moved or
     /// renamed): rewrite its parent locator as `create` writes it, crash-safe.
     SetParent(SetParentArgs),
+    /// Grow a VHDX or VHD (fixed, dynamic or differencing), or shrink a VHDX when nothing
+    /// lies past the new end.
+    Resize(ResizeArgs),
 }
 
 /// Options for finding and checking parents; every command that opens an image takes them.
@@ -321,4 +324,26 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("bad size {s:?}: not a number"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("bad size {s:?}: too large"))
+}
+
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// The image to resize (the top of its chain; locked like a writable mount).
+    pub image: PathBuf,
+    /// The new virtual size (suffixes K, M, G, T: powers of 1024), or +N to grow by N.
+    /// Rounded up to a whole sector (VHDX: its logical sector size; VHD: 512 bytes).
+    #[arg(allow_hyphen_values = true)]
+    pub size: String,
+    /// Shrink even when a guest partition extends past the new end (never when data
+    /// does).
+    #[arg(long)]
+    pub force: bool,
+    /// Say what would be done; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print nothing on success.
+    #[arg(short, long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub chain: ChainArgs,
 }

@@ -8,6 +8,7 @@ pub mod generate;
 pub mod info;
 pub mod mount;
 pub mod mount_helper;
+pub mod resize;
 pub mod set_parent;
 
 use crate::cli::{Cli, Command};
@@ -25,6 +26,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Umount(a) => mount::umount(&a),
         Command::Generate(a) => generate::run(&a),
         Command::SetParent(a) => set_parent::run(&a),
+        Command::Resize(a) => resize::run(&a),
     }
 }
 

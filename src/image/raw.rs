@@ -11,7 +11,11 @@ use crate::layer::{push_run, Format, Layer, LayerInfo, OpenOptions, ParentRef, R
 /// `lseek(fd, at, whence)` for SEEK_DATA / SEEK_HOLE: `None` when the file system
 /// cannot answer (then the caller treats everything as data), `Some(None)` for ENXIO
 /// (no data at or after `at`), `Some(Some(offset))` otherwise.
-fn seek(file: &std::fs::File, at: u64, whence: nix::unistd::Whence) -> Option<Option<u64>> {
+pub(crate) fn seek(
+    file: &std::fs::File,
+    at: u64,
+    whence: nix::unistd::Whence,
+) -> Option<Option<u64>> {
     let at = libc::off_t::try_from(at).ok()?;
     // Moves only the file position, which nothing uses (all I/O is positioned).
     match nix::unistd::lseek(file, at, whence) {

@@ -87,7 +87,6 @@ impl Geometry {
     }
 
     /// Bytes addressed by this geometry (what old readers take as the disk size).
-    #[cfg(test)]
     pub fn bytes(self) -> u64 {
         self.cylinders as u64 * self.heads as u64 * self.sectors_per_track as u64 * 512
     }

@@ -20,6 +20,7 @@ pub mod create;
 pub mod dynamic;
 pub mod footer;
 pub mod locator;
+pub(crate) mod resize;
 pub mod set_parent;
 mod write;
 

@@ -11,6 +11,7 @@ pub mod header;
 pub mod log;
 pub mod metadata;
 pub mod region;
+pub mod resize;
 pub mod set_parent;
 pub mod write;
 

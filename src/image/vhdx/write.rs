@@ -371,7 +371,6 @@ impl Vhdx {
     /// a structural rewrite (a new BAT, a moved block, a larger metadata region). The
     /// space is unreferenced until a `commit_pages` points at it; whatever the caller
     /// writes there is made durable by that call before its log entry.
-    #[allow(dead_code)] // used by the structural verbs as they land
     pub(crate) fn allocate_space(&self, len: u64) -> Result<u64> {
         let mut st = self.state_lock()?;
         self.allocate(&mut st, len.div_ceil(MIB) * MIB)
@@ -415,6 +414,14 @@ impl Vhdx {
             self.log_and_apply(&mut st, pages)?;
             Ok(true)
         })
+    }
+
+    /// Rotate FileWriteGuid (and DataWriteGuid when `data_changes`) before a structural
+    /// rewrite writes anything to the file (MS-VHDX 2.2.2.1: before the first change);
+    /// `commit_pages` does it too, this is for data written before it.
+    pub(crate) fn start_structural_change(&self, data_changes: bool) -> Result<()> {
+        let mut st = self.state_lock()?;
+        self.start_session_with(&mut st, data_changes)
     }
 
     /// The image file, for a structural rewrite's data (see `commit_pages`).
