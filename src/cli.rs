@@ -247,8 +247,21 @@ pub struct MountArgs {
     /// When detached, append the daemon's log to FILE (otherwise it is discarded).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// How requests reach the daemon: FUSE over io_uring where the kernel offers it
+    /// (Linux 6.14+, /sys/module/fuse/parameters/enable_uring = Y), else /dev/fuse
+    /// (auto); only io_uring, failing otherwise (uring); only /dev/fuse (classic).
+    #[arg(long, value_enum, default_value_t = Transport::Auto)]
+    pub transport: Transport,
     #[command(flatten)]
     pub chain: ChainArgs,
+}
+
+/// `mount --transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    Auto,
+    Uring,
+    Classic,
 }
 
 #[derive(Debug, Args)]

@@ -22,6 +22,7 @@ pub mod progress;
 pub mod sys;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub mod uring;
 pub mod vfs;
 
 pub use chain::{Chain, ChainOptions, Intent};

@@ -154,6 +154,7 @@ fn parse_helper_args(args: &[OsString]) -> Result<HelperCall> {
             threads: 4,
             log_file: None,
             no_partitions: false,
+            transport: crate::cli::Transport::Auto,
             chain: ChainArgs {
                 search_dirs: Vec::new(),
                 parents: Vec::new(),
@@ -177,6 +178,10 @@ pub const OWN_OPTIONS: &[(&str, &str)] = &[
     ("threads=N", "--threads N"),
     ("log_file=FILE", "--log-file FILE"),
     ("no_partitions", "--no-partitions"),
+    (
+        "transport=auto|uring|classic",
+        "--transport auto|uring|classic",
+    ),
 ];
 
 /// Move vdiskfs's own options out of the `-o` lists into the fields they stand for
@@ -225,6 +230,12 @@ pub fn absorb_own_options(args: &MountArgs) -> Result<MountArgs> {
                     .map_err(|_| Error::Invalid("-o threads: too large".into()))?
             }
             "log_file" => out.log_file = Some(PathBuf::from(need(value)?)),
+            "transport" => {
+                let v = need(value)?;
+                out.transport = clap::ValueEnum::from_str(&v, false).map_err(|_| {
+                    Error::Invalid(format!("-o transport={v}: must be auto, uring or classic"))
+                })?
+            }
             _ => rest.push(opt.to_string()),
         }
     }
