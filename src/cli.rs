@@ -250,8 +250,9 @@ pub struct MountArgs {
     /// How requests reach the daemon: FUSE over io_uring where the kernel offers it
     /// (Linux 6.14+, /sys/module/fuse/parameters/enable_uring = Y), else /dev/fuse
     /// (auto); only io_uring, failing otherwise (uring); only /dev/fuse (classic).
-    #[arg(long, value_enum, default_value_t = Transport::Auto)]
-    pub transport: Transport,
+    /// Default: $VDISKFS_TRANSPORT, else auto.
+    #[arg(long, value_enum)]
+    pub transport: Option<Transport>,
     #[command(flatten)]
     pub chain: ChainArgs,
 }
@@ -262,6 +263,26 @@ pub enum Transport {
     Auto,
     Uring,
     Classic,
+}
+
+/// The environment variable that sets the default of `mount --transport`.
+pub const TRANSPORT_ENV: &str = "VDISKFS_TRANSPORT";
+
+impl Transport {
+    /// `--transport` if given, else `$VDISKFS_TRANSPORT` if set, else auto.
+    pub fn resolve(given: Option<Transport>) -> crate::Result<Transport> {
+        if let Some(t) = given {
+            return Ok(t);
+        }
+        match std::env::var(TRANSPORT_ENV) {
+            Ok(v) if !v.is_empty() => clap::ValueEnum::from_str(&v, false).map_err(|_| {
+                crate::Error::Invalid(format!(
+                    "{TRANSPORT_ENV}={v}: must be auto, uring or classic"
+                ))
+            }),
+            _ => Ok(Transport::Auto),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -739,11 +739,12 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
         vfs.enable_partitions();
     }
     let mut fs = VdiskFs::from_vfs(vfs);
-    let uring_agreed = match args.transport {
+    let transport = Transport::resolve(args.transport)?;
+    let uring_agreed = match transport {
         Transport::Classic => None,
         Transport::Uring | Transport::Auto => match uring::unavailable() {
             None => Some(fs.ask_for_uring()),
-            Some(why) if args.transport == Transport::Uring => {
+            Some(why) if transport == Transport::Uring => {
                 return Err(Error::Invalid(format!(
                     "mount {}: --transport uring: {why}",
                     args.mountpoint.display()
@@ -767,7 +768,7 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
         options: parsed,
         mountpoint,
         writable,
-        transport: args.transport,
+        transport,
         uring_agreed,
         threads: args.threads,
     })

@@ -154,7 +154,7 @@ fn parse_helper_args(args: &[OsString]) -> Result<HelperCall> {
             threads: 4,
             log_file: None,
             no_partitions: false,
-            transport: crate::cli::Transport::Auto,
+            transport: None,
             chain: ChainArgs {
                 search_dirs: Vec::new(),
                 parents: Vec::new(),
@@ -232,9 +232,10 @@ pub fn absorb_own_options(args: &MountArgs) -> Result<MountArgs> {
             "log_file" => out.log_file = Some(PathBuf::from(need(value)?)),
             "transport" => {
                 let v = need(value)?;
-                out.transport = clap::ValueEnum::from_str(&v, false).map_err(|_| {
+                let t = clap::ValueEnum::from_str(&v, false).map_err(|_| {
                     Error::Invalid(format!("-o transport={v}: must be auto, uring or classic"))
-                })?
+                })?;
+                out.transport = Some(t);
             }
             _ => rest.push(opt.to_string()),
         }
