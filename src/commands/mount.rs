@@ -808,12 +808,17 @@ fn start_uring(
             );
             Ok(Some(r))
         }
+        // Unmounted before the rings were up: the session ends at once as well.
+        Err(uring::StartError::Gone) => {
+            log::debug!("the connection ended before the rings were registered");
+            Ok(None)
+        }
         // The kernel has gone back to /dev/fuse for this connection.
-        Err(e) if transport == Transport::Auto => {
+        Err(uring::StartError::Failed(e)) if transport == Transport::Auto => {
             log::info!("transport: classic (/dev/fuse): io_uring: {e}");
             Ok(None)
         }
-        Err(e) => Err(e),
+        Err(uring::StartError::Failed(e)) => Err(e),
     }
 }
 

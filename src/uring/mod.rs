@@ -97,6 +97,16 @@ impl Running {
     }
 }
 
+/// Why `start` did not get the rings serving.
+#[derive(Debug)]
+pub enum StartError {
+    /// The connection ended before the rings were registered (unmounted at once): not a
+    /// transport failure; the session ends too.
+    Gone,
+    /// The rings cannot serve (the kernel went back to /dev/fuse for the connection).
+    Failed(String),
+}
+
 /// Register ring entries on every queue of the connection `dev` (INIT must have agreed
 /// to io_uring) and serve them with `vfs`: `threads` threads in all (at least one per
 /// queue), each with its own ring. `payload` is the payload buffer size (at least the
@@ -107,15 +117,18 @@ pub fn start(
     dev: &OwnedFd,
     threads: usize,
     payload: usize,
-) -> Result<Running, String> {
-    let queues = possible_cpus().map_err(|e| format!("possible CPUs: {e}"))?;
+) -> Result<Running, StartError> {
+    let failed = StartError::Failed;
+    let queues = possible_cpus().map_err(|e| failed(format!("possible CPUs: {e}")))?;
     let per_queue = threads.div_ceil(queues).max(1);
     let (done_tx, done) = mpsc::channel::<()>();
-    let (reg_tx, reg_rx) = mpsc::channel::<Result<(), String>>();
+    let (reg_tx, reg_rx) = mpsc::channel::<Result<(), StartError>>();
     let mut started = 0;
     for qid in 0..queues {
         for t in 0..per_queue {
-            let dev = dev.try_clone().map_err(|e| format!("dup /dev/fuse: {e}"))?;
+            let dev = dev
+                .try_clone()
+                .map_err(|e| failed(format!("dup /dev/fuse: {e}")))?;
             let (vfs, done_tx, reg_tx) = (vfs.clone(), done_tx.clone(), reg_tx.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("vdiskfs-uring{qid}.{t}"))
@@ -124,7 +137,7 @@ pub fn start(
                     drop(done_tx);
                 });
             if let Err(e) = spawned {
-                return Err(format!("cannot start a ring thread: {e}"));
+                return Err(failed(format!("cannot start a ring thread: {e}")));
             }
             started += 1;
         }
@@ -134,7 +147,7 @@ pub fn start(
         match reg_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
-            Err(_) => return Err("a ring thread ended before registering".into()),
+            Err(_) => return Err(failed("a ring thread ended before registering".into())),
         }
     }
     Ok(Running {
@@ -151,13 +164,14 @@ fn queue_thread(
     dev: OwnedFd,
     qid: u16,
     payload: usize,
-    registered: mpsc::Sender<Result<(), String>>,
+    registered: mpsc::Sender<Result<(), StartError>>,
 ) {
+    let failed = |m: String| Err(StartError::Failed(m));
     let fd = dev.as_raw_fd();
     let mut ring = match FuseRing::new((ENTRIES_PER_THREAD * 2) as u32) {
         Ok(r) => r,
         Err(e) => {
-            let _ = registered.send(Err(format!("io_uring setup: {e}")));
+            let _ = registered.send(failed(format!("io_uring setup: {e}")));
             return;
         }
     };
@@ -166,23 +180,27 @@ fn queue_thread(
         .collect();
     for (i, e) in entries.iter().enumerate() {
         if let Err(err) = ring.push(fd, proto::CMD_REGISTER, proto::cmd_req(qid, 0), e, i as u64) {
-            let _ = registered.send(Err(format!("queue a REGISTER: {err}")));
+            let _ = registered.send(failed(format!("queue a REGISTER: {err}")));
             return;
         }
     }
     if let Err(e) = ring.submit() {
-        let _ = registered.send(Err(format!("submit REGISTER: {e}")));
+        let _ = registered.send(failed(format!("submit REGISTER: {e}")));
         return;
     }
     // A REGISTER that fails completes at once; one that succeeds completes only with
     // the entry's first request.
     let mut done: Vec<(u64, i32)> = Vec::new();
     ring.completions(&mut done);
-    if let Some((_, res)) = done.iter().find(|(_, r)| *r < 0) {
-        let _ = registered.send(Err(format!(
-            "FUSE_IO_URING_CMD_REGISTER on queue {qid}: {}",
-            std::io::Error::from_raw_os_error(-res)
-        )));
+    if let Some(&(_, res)) = done.iter().find(|(_, r)| *r < 0) {
+        let _ = registered.send(if matches!(-res, libc::ENOTCONN | libc::ECONNABORTED) {
+            Err(StartError::Gone)
+        } else {
+            failed(format!(
+                "FUSE_IO_URING_CMD_REGISTER on queue {qid}: {}",
+                std::io::Error::from_raw_os_error(-res)
+            ))
+        });
         return;
     }
     let _ = registered.send(Ok(()));
@@ -312,6 +330,116 @@ fn dispatch(vfs: &Vfs, req: &Request, payload: &mut [u8]) -> Result<usize, i32> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chain::{Chain, ChainOptions, Intent};
+    use crate::disk::{Disk, DiskOptions};
+    use crate::image::vhdx::tests::{new_base, TempDir};
+    use crate::vfs::{FsOptions, DISK_INO, ROOT_INO};
+
+    /// Answer one request built as the kernel lays it out: (errno, answer bytes).
+    fn ask(vfs: &Vfs, opcode: u32, ino: u64, op_in: &[u8], payload_in: &[u8]) -> (i32, Vec<u8>) {
+        let mut header = proto::test_header(opcode, 42, ino, op_in, payload_in.len() as u32);
+        let mut payload = vec![0u8; 1 << 20];
+        payload[..payload_in.len()].copy_from_slice(payload_in);
+        let req = proto::decode(&header, &payload).unwrap();
+        let (errno, len) = match dispatch(vfs, &req, &mut payload) {
+            Ok(n) => (0, n),
+            Err(e) => (e, 0),
+        };
+        proto::encode_reply_header(&mut header, req.header.unique, errno, len);
+        payload.truncate(len);
+        (errno, payload)
+    }
+
+    /// The ring transport answers through the same `Vfs` calls as the fuser adapter:
+    /// lookup, open, write, read back, getattr, readdir and a refusal, on a real chain.
+    #[test]
+    fn dispatch_calls_the_vfs() {
+        let dir = TempDir::new("uring-dispatch");
+        let base = dir.join("base.vhdx");
+        new_base(&base, 4 << 20, 1 << 20, 512);
+        let chain = Chain::open(
+            &base,
+            &ChainOptions {
+                intent: Intent::WriteTop,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let disk = Arc::new(Disk::new(
+            chain,
+            DiskOptions {
+                cache_bytes: 0,
+                cache_block: 64 << 10,
+            },
+        ));
+        let vfs = Vfs::new(
+            disk.clone(),
+            FsOptions {
+                name: "disk.raw".into(),
+                read_only: false,
+                uid: 1,
+                gid: 2,
+            },
+        );
+        // lookup "disk.raw" in the root: fuse_entry_out with the disk's inode and size.
+        let (e, out) = ask(&vfs, 1, ROOT_INO, &[], b"disk.raw\0");
+        assert_eq!(e, 0);
+        assert_eq!(out.len(), 128);
+        assert_eq!(proto::test_u64(&out, 0), DISK_INO);
+        assert_eq!(proto::test_u64(&out, 40 + 8), 4 << 20);
+        let (e, _) = ask(&vfs, 1, ROOT_INO, &[], b"nope\0");
+        assert_eq!(e, libc::ENOENT);
+        // open for writing, write 3000 bytes at 5000, read them back.
+        let mut open_in = vec![0u8; 8];
+        open_in[..4].copy_from_slice(&(libc::O_RDWR as u32).to_le_bytes());
+        let (e, out) = ask(&vfs, 14, DISK_INO, &open_in, &[]);
+        assert_eq!(e, 0);
+        let fh = proto::test_u64(&out, 0);
+        let data: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        let (e, out) = ask(
+            &vfs,
+            16,
+            DISK_INO,
+            &proto::tests::read_in(fh, 5000, 3000),
+            &data,
+        );
+        assert_eq!(e, 0);
+        assert_eq!(&out[..4], &3000u32.to_le_bytes());
+        let (e, out) = ask(
+            &vfs,
+            15,
+            DISK_INO,
+            &proto::tests::read_in(fh, 4096, 8192),
+            &[],
+        );
+        assert_eq!(e, 0);
+        assert_eq!(out.len(), 8192);
+        assert_eq!(&out[904..3904], &data[..]);
+        let mut direct = vec![0u8; 8192];
+        assert_eq!(vfs.read(DISK_INO, fh, 4096, &mut direct), Ok(8192));
+        assert_eq!(out, direct, "the same bytes as Vfs::read");
+        // getattr: fuse_attr_out with the size; readdir lists ., .., disk.raw, .stats.
+        let (e, out) = ask(&vfs, 3, DISK_INO, &[0; 16], &[]);
+        assert_eq!((e, out.len()), (0, 104));
+        assert_eq!(proto::test_u64(&out, 16 + 8), 4 << 20);
+        let (e, out) = ask(&vfs, 28, ROOT_INO, &proto::tests::read_in(0, 0, 4096), &[]);
+        assert_eq!(e, 0);
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.contains("disk.raw") && text.contains(".stats"),
+            "{text:?}"
+        );
+        // mkdir is refused as the fuser adapter refuses it; readlink is ENOSYS.
+        assert_eq!(ask(&vfs, 9, ROOT_INO, &[0; 8], b"d\0").0, libc::EPERM);
+        assert_eq!(ask(&vfs, 5, DISK_INO, &[], &[]).0, libc::ENOSYS);
+        // release, then the chain closes cleanly.
+        assert_eq!(
+            ask(&vfs, 18, DISK_INO, &proto::tests::read_in(fh, 0, 0), &[]).0,
+            0
+        );
+        vfs.destroy();
+        disk.close().unwrap();
+    }
 
     #[test]
     fn cpu_lists() {

@@ -498,13 +498,37 @@ impl<'a> DirentWriter<'a> {
     }
 }
 
+/// A ring header holding a request as the kernel lays it out (for tests).
 #[cfg(test)]
-mod tests {
+pub(crate) fn test_header(
+    opcode: u32,
+    unique: u64,
+    nodeid: u64,
+    op_in: &[u8],
+    payload_sz: u32,
+) -> Vec<u8> {
+    tests::header(opcode, unique, nodeid, op_in, payload_sz)
+}
+
+/// Read a little-endian field (for tests).
+#[cfg(test)]
+pub(crate) fn test_u64(b: &[u8], at: usize) -> u64 {
+    u64_at(b, at)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
 
     /// A ring header holding a request as the kernel lays it out.
-    fn header(opcode: u32, unique: u64, nodeid: u64, op_in: &[u8], payload_sz: u32) -> Vec<u8> {
+    pub(crate) fn header(
+        opcode: u32,
+        unique: u64,
+        nodeid: u64,
+        op_in: &[u8],
+        payload_sz: u32,
+    ) -> Vec<u8> {
         let mut h = vec![0u8; RING_HEADER_LEN];
         put_u32(&mut h, 0, (IN_HEADER_LEN + op_in.len()) as u32);
         put_u32(&mut h, 4, opcode);
@@ -519,7 +543,7 @@ mod tests {
         h
     }
 
-    fn read_in(fh: u64, offset: u64, size: u32) -> Vec<u8> {
+    pub(crate) fn read_in(fh: u64, offset: u64, size: u32) -> Vec<u8> {
         let mut a = vec![0u8; 40];
         put_u64(&mut a, 0, fh);
         put_u64(&mut a, 8, offset);
