@@ -826,7 +826,8 @@ transport_bench() {
     for t in cargo qemu-img vhdimount fio mkfs.ext4 losetup fusermount3 tar; do
         command -v "$t" >/dev/null 2>&1 || die "$t not found (run scripts/setup.sh --bench)"
     done
-    local sw_file=/sys/module/fuse/parameters/enable_uring
+    TB_SW_FILE=/sys/module/fuse/parameters/enable_uring
+    local sw_file=$TB_SW_FILE
     [ -w "$sw_file" ] || die "$sw_file not writable: the kernel has no FUSE over io_uring (CONFIG_FUSE_IO_URING, Linux 6.14+)"
     say "build: cargo build --release"
     cargo build --release
@@ -843,7 +844,7 @@ transport_bench() {
             fi
         done
         for l in "${TB_LOOPS[@]}"; do losetup -d "$l" 2>/dev/null; done
-        echo "$TB_SWITCH" >"$sw_file"
+        echo "$TB_SWITCH" >"$TB_SW_FILE"
         if [ "${BENCH_KEEP:-0}" = 1 ]; then echo "bench: kept $TB_WORK"; else rm -rf "$TB_WORK"; fi
         return 0
     }
@@ -851,7 +852,7 @@ transport_bench() {
     trap 'exit 130' INT TERM
     echo Y >"$sw_file"
     local w=$TB_WORK
-    mkdir -p "$w/log" "$w/mnt" "$w/g"
+    mkdir -p "$w/log" "$w/mnt/w" "$w/mnt/classic" "$w/mnt/uring" "$w/mnt/m" "$w/g"
 
     say "transport: machine"
     echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')"
