@@ -1073,3 +1073,120 @@ fn log_file_is_opened_before_detaching() {
     let log = fs::read_to_string(&good).unwrap();
     assert!(log.contains("unmounted"), "daemon log: {log}");
 }
+
+// ---------------------------------------------------------------- transports
+
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Sets the kernel's FUSE-over-io_uring switch and puts back what it found on drop.
+struct UringSwitch(String);
+
+impl UringSwitch {
+    fn set(on: bool) -> UringSwitch {
+        let old = fs::read_to_string(ENABLE_URING).unwrap().trim().to_string();
+        fs::write(ENABLE_URING, if on { "Y" } else { "N" }).unwrap();
+        UringSwitch(old)
+    }
+}
+
+impl Drop for UringSwitch {
+    fn drop(&mut self) {
+        let _ = fs::write(ENABLE_URING, &self.0);
+    }
+}
+
+/// The value of `key` in the mount's `.stats`.
+fn stats_value(m: &FuseMount, key: &str) -> String {
+    let text = fs::read_to_string(m.file(".stats")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {key} in .stats: {text}"))
+        .to_string()
+}
+
+/// `--transport uring` with enable_uring=Y serves through the rings (`.stats` says so
+/// and counts ring requests), reads and writes are right (qemu-img judges the image
+/// after the unmount); with enable_uring=N it fails in one line and auto falls back to
+/// classic; `--transport classic` stays classic with the switch on. Needs root (the
+/// switch) and a kernel with CONFIG_FUSE_IO_URING.
+#[test]
+fn transports_uring_and_classic() {
+    if !can_run("transports_uring_and_classic", &[], true) {
+        return;
+    }
+    if !Path::new(ENABLE_URING).exists() {
+        let msg = format!("transports_uring_and_classic: {ENABLE_URING} missing (kernel without FUSE over io_uring)");
+        assert!(!require(), "{msg} (VDISKFS_REQUIRE_FUSE=1)");
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    let t = TempDir::new("transport");
+    let (image, mut data) = small_vhdx(&t);
+    let mnt = t.dir("mnt");
+    {
+        let _on = UringSwitch::set(true);
+        let m = mount(&image, &mnt, &["--transport", "uring"]);
+        assert_eq!(stats_value(&m, "transport"), "uring");
+        let disk = m.file("disk.raw");
+        assert_eq!(fs::read(&disk).unwrap(), data, "read through the rings");
+        // A write that is not page aligned, then one of 1 MiB, read back after a
+        // drop of the page cache (the reads go to the daemon again).
+        let f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        let small = prng_bytes(21, 3000);
+        f.write_all_at(&small, 12345).unwrap();
+        data[12345..12345 + 3000].copy_from_slice(&small);
+        let big = prng_bytes(22, 1 << 20);
+        f.write_all_at(&big, 2 << 20).unwrap();
+        data[2 << 20..3 << 20].copy_from_slice(&big);
+        f.sync_all().unwrap();
+        drop(f);
+        fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+        assert_eq!(fs::read(&disk).unwrap(), data, "read back after writes");
+        let served: u64 = stats_value(&m, "ring_requests").parse().unwrap();
+        assert!(served > 0, "no request came through the rings");
+        let out = Command::new(BIN).arg("umount").arg(&mnt).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        drop(m);
+        assert_eq!(
+            qemu_raw(&image, &t.join("after.raw")),
+            data,
+            "qemu-img's view"
+        );
+        let check = Command::new(BIN).arg("check").arg(&image).output().unwrap();
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+
+        let m = mount(&image, &mnt, &["-r", "--transport", "classic"]);
+        assert_eq!(stats_value(&m, "transport"), "classic");
+        assert_eq!(stats_value(&m, "ring_requests"), "0");
+        assert_eq!(fs::read(m.file("disk.raw")).unwrap(), data);
+    }
+    assert_eq!(mount_count(&mnt), 0);
+    if std::env::var("VDISKFS_TRANSPORT").is_ok_and(|v| v == "uring") {
+        // The other tests of this run mount in parallel and insist on io_uring: the
+        // switch stays on.
+        eprintln!(
+            "transports_uring_and_classic: VDISKFS_TRANSPORT=uring, not turning enable_uring off"
+        );
+        return;
+    }
+    {
+        let _off = UringSwitch::set(false);
+        let e = expect_mount_error(
+            &[&"-r", &"--transport", &"uring", &image, &mnt],
+            "uring off",
+        );
+        assert!(e.contains("enable_uring"), "{e}");
+        assert_eq!(mount_count(&mnt), 0);
+        let m = mount(&image, &mnt, &["-r", "--transport", "auto"]);
+        assert_eq!(stats_value(&m, "transport"), "classic");
+        assert_eq!(fs::read(m.file("disk.raw")).unwrap(), data);
+    }
+}

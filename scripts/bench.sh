@@ -44,6 +44,14 @@
 #   fusermount3 and cmp): `vdiskfs convert` of a depth-3 VHDX chain of BENCH_SIZE to a
 #   dynamic VHDX against `qemu-img convert -f raw -O vhdx` of the same merged raw file,
 #   outputs on disk and in tmpfs, BENCH_REPEAT rounds; and a 2 TiB chain holding ~100 MiB.
+#   transport (BENCH_ONLY=transport only; needs qemu-img, vhdimount, fio, mkfs.ext4,
+#   losetup and a kernel with CONFIG_FUSE_IO_URING): the FUSE transports (issue 18) on a
+#   written depth-2 VHDX chain holding an ext4 guest: vdiskfs --transport classic,
+#   vdiskfs --transport uring (enable_uring turned on for the section, then put back),
+#   vhdimount, and the raw merged disk (the ceiling), interleaved, BENCH_REPEAT rounds:
+#   fio 1 MiB sequential reads, 4 KiB random reads QD1 and 4 jobs (as above), then tar
+#   of the guest and find+stat of every guest file through a loop device (caches
+#   dropped, backing files hot); and the 70/30 mixed write for both transports.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -70,26 +78,18 @@ MIB=$((1 << 20))
 
 [ "$(id -u)" -eq 0 ] || die "run as root (drop_caches, FUSE mounts)"
 
-# BENCH_ONLY=convert: only the `vdiskfs convert` section (near the end of this file).
-if [ "${BENCH_ONLY:-}" = convert ]; then
+# BENCH_ONLY=NAME: only the self-contained section NAME (convert, resize, transport, ...:
+# the `# >>> NAME section` blocks near the end of this file), which defines NAME_bench.
+if [ -n "${BENCH_ONLY:-}" ]; then
     if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
         # shellcheck disable=SC1091
         . "$HOME/.cargo/env"
     fi
+    grep -q "^# >>> ${BENCH_ONLY} section -" "${BASH_SOURCE[0]}" ||
+        die "BENCH_ONLY=${BENCH_ONLY}: no such section (see the '# >>> NAME section' lines in $0)"
     # shellcheck disable=SC1090
-    source <(sed -n '/^# >>> convert section -/,/^# <<< convert section/p' "${BASH_SOURCE[0]}")
-    convert_bench
-    exit 0
-fi
-# BENCH_ONLY=resize: only the `vdiskfs resize` section (at the end of this file).
-if [ "${BENCH_ONLY:-}" = resize ]; then
-    if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
-        # shellcheck disable=SC1091
-        . "$HOME/.cargo/env"
-    fi
-    # shellcheck disable=SC1090
-    source <(sed -n '/^# >>> resize section -/,/^# <<< resize section/p' "${BASH_SOURCE[0]}")
-    resize_bench
+    source <(sed -n "/^# >>> ${BENCH_ONLY} section -/,/^# <<< ${BENCH_ONLY} section/p" "${BASH_SOURCE[0]}")
+    "${BENCH_ONLY}_bench"
     exit 0
 fi
 # cargo from rustup, as setup.sh and test.sh find it (a fresh root shell lacks it on PATH).
@@ -206,14 +206,14 @@ qsd_stop() { # qsd_stop FILE
 }
 
 # Page cache: drop everything, then read the backing files back in.
-cold_exported_hot_backing() {
+tb_cold() {
     sync
     echo 3 >/proc/sys/vm/drop_caches
     cat "$@" >/dev/null
 }
 
 # fio --minimal (terse v3) fields: 7 read KiB/s, 8 read IOPS, 48 write KiB/s, 49 write IOPS.
-fio_run() { # fio_run LOGNAME fio-args... ; prints the terse line
+fio_run() { # tb_fio LOGNAME fio-args... ; prints the terse line
     local log=$1
     shift
     fio --minimal --group_reporting --invalidate=0 "$@" >"$WORK/log/$log.terse" 2>"$WORK/log/$log.err" ||
@@ -379,14 +379,14 @@ for r in $(seq "$REPEAT"); do
     for t in "${TARGETS[@]}"; do
         f=${FILE[$t]}
         # shellcheck disable=SC2086
-        cold_exported_hot_backing ${BACKING[$t]}
-        bw=$(fio_run "seq.$t.$r" --name=seq --filename="$f" --rw=read --bs=1M --ioengine=psync \
+        tb_cold ${BACKING[$t]}
+        bw=$(tb_fio "seq.$t.$r" --name=seq --filename="$f" --rw=read --bs=1M --ioengine=psync \
             --size="$SIZE" | field 7)
         SEQ[$t]="${SEQ[$t]:-} $((bw / 1024))"
         direct=1
         [ "$t" = raw-pagecache ] && direct=0
         for j in 1 4; do
-            iops=$(fio_run "rand$j.$t.$r" --name=rand --filename="$f" --rw=randread --bs=4k \
+            iops=$(tb_fio "rand$j.$t.$r" --name=rand --filename="$f" --rw=randread --bs=4k \
                 --ioengine=psync --direct=$direct --time_based --runtime="$RUNTIME" \
                 --ramp_time=$RAMP --numjobs=$j --norandommap --randrepeat=0 | field 8)
             if [ $j = 1 ]; then RQ1[$t]="${RQ1[$t]:-} $iops"; else RQ4[$t]="${RQ4[$t]:-} $iops"; fi
@@ -399,9 +399,9 @@ done
 for t in "${TARGETS[@]}"; do
     # shellcheck disable=SC2086
     {
-        SEQ[$t]=$(median ${SEQ[$t]})
-        RQ1[$t]=$(median ${RQ1[$t]})
-        RQ4[$t]=$(median ${RQ4[$t]})
+        SEQ[$t]=$(tb_median ${SEQ[$t]})
+        RQ1[$t]=$(tb_median ${RQ1[$t]})
+        RQ4[$t]=$(tb_median ${RQ4[$t]})
     }
 done
 
@@ -425,11 +425,11 @@ cell() { # cell TARGET ARRAYNAME -> "value (ratio)"
     if [ -n "${NA[$t]:-}" ]; then
         printf '%s' "${NA[$t]}"
     elif [ "$ref" = both ]; then
-        printf '%s (%s|%s)' "${arr[$t]}" "$(ratio "${arr[$t]}" "${arr[vdiskfs-vhdx]}")" "$(ratio "${arr[$t]}" "${arr[vdiskfs-vhd]}")"
+        printf '%s (%s|%s)' "${arr[$t]}" "$(tb_ratio "${arr[$t]}" "${arr[vdiskfs-vhdx]}")" "$(tb_ratio "${arr[$t]}" "${arr[vdiskfs-vhd]}")"
     elif [ "$ref" = "$t" ]; then
         printf '%s' "${arr[$t]}"
     else
-        printf '%s (%s)' "${arr[$t]}" "$(ratio "${arr[$t]}" "${arr[$ref]}")"
+        printf '%s (%s)' "${arr[$t]}" "$(tb_ratio "${arr[$t]}" "${arr[$ref]}")"
     fi
 }
 
@@ -441,7 +441,7 @@ for t in "${ALL_TARGETS[@]}"; do
 done
 na_notes "${ALL_TARGETS[@]}"
 
-target_line() { # target_line WHAT VALUE PEER FACTOR
+target_line() { # tb_goal WHAT VALUE PEER FACTOR
     local v
     v=$(awk -v a="$2" -v b="$3" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
     if awk -v v="$v" -v f="$4" 'BEGIN { exit !(v >= f) }'; then
@@ -452,14 +452,14 @@ target_line() { # target_line WHAT VALUE PEER FACTOR
 }
 say "issue 5 targets"
 for f in vhdx vhd; do
-    target_line "seq read, vdiskfs $f / vhdimount $f" "${SEQ[vdiskfs-$f]}" "${SEQ[vhdimount-$f]}" 1.5
+    tb_goal "seq read, vdiskfs $f / vhdimount $f" "${SEQ[vdiskfs-$f]}" "${SEQ[vhdimount-$f]}" 1.5
     if [ "$QSD" = 1 ]; then
-        target_line "seq read, vdiskfs $f / qemu-storage-daemon qcow2" "${SEQ[vdiskfs-$f]}" "${SEQ[qsd-qcow2]}" 3
+        tb_goal "seq read, vdiskfs $f / qemu-storage-daemon qcow2" "${SEQ[vdiskfs-$f]}" "${SEQ[qsd-qcow2]}" 3
     else
         printf '  %-52s %s\n' "seq read, vdiskfs $f / qemu-storage-daemon qcow2" "$QSD_NA"
     fi
-    target_line "4K rand IOPS QD1, vdiskfs $f / vhdimount $f" "${RQ1[vdiskfs-$f]}" "${RQ1[vhdimount-$f]}" 1.5
-    target_line "4K rand IOPS 4 jobs, vdiskfs $f / vhdimount $f" "${RQ4[vdiskfs-$f]}" "${RQ4[vhdimount-$f]}" 1.5
+    tb_goal "4K rand IOPS QD1, vdiskfs $f / vhdimount $f" "${RQ1[vdiskfs-$f]}" "${RQ1[vhdimount-$f]}" 1.5
+    tb_goal "4K rand IOPS 4 jobs, vdiskfs $f / vhdimount $f" "${RQ4[vdiskfs-$f]}" "${RQ4[vhdimount-$f]}" 1.5
 done
 
 # Unmount the read mounts before the write runs (they hold shared locks on c2).
@@ -496,17 +496,17 @@ for t in "${WTARGETS[@]}"; do
             ;;
         esac
         # shellcheck disable=SC2086
-        cold_exported_hot_backing ${BACKING[$t]}
+        tb_cold ${BACKING[$t]}
         if [ $kind = seqw ]; then
-            line=$(fio_run "$kind.$t" --name=seqw --filename="$f" --rw=write --bs=1M --ioengine=psync \
+            line=$(tb_fio "$kind.$t" --name=seqw --filename="$f" --rw=write --bs=1M --ioengine=psync \
                 --size="$SIZE" --end_fsync=1)
-            WSEQ[$t]=$(($(field 48 <<<"$line") / 1024))
+            WSEQ[$t]=$(($(tb_field 48 <<<"$line") / 1024))
         else
-            line=$(fio_run "$kind.$t" --name=mixed --filename="$f" --rw=randrw --rwmixread=70 --bs=4k \
+            line=$(tb_fio "$kind.$t" --name=mixed --filename="$f" --rw=randrw --rwmixread=70 --bs=4k \
                 --ioengine=psync --direct=1 --numjobs=4 --time_based --runtime="$RUNTIME" \
                 --ramp_time=$RAMP --end_fsync=1 --norandommap --randrepeat=0)
-            MIXR[$t]=$(field 8 <<<"$line")
-            MIXW[$t]=$(field 49 <<<"$line")
+            MIXR[$t]=$(tb_field 8 <<<"$line")
+            MIXW[$t]=$(tb_field 49 <<<"$line")
         fi
         case $t in
         vdiskfs-*)
@@ -540,9 +540,9 @@ for t in "${ALL_WTARGETS[@]}"; do
         continue
     fi
     printf '| %-14s | %-22s | %-28s | %-28s | %-24s |\n' "$t" \
-        "${WSEQ[$t]} ($(ratio "${WSEQ[$t]}" "${WSEQ[vdiskfs-vhdx]}"))" \
-        "${MIXR[$t]} ($(ratio "${MIXR[$t]}" "${MIXR[vdiskfs-vhdx]}"))" \
-        "${MIXW[$t]} ($(ratio "${MIXW[$t]}" "${MIXW[vdiskfs-vhdx]}"))" "${WCHECK[$t]}"
+        "${WSEQ[$t]} ($(tb_ratio "${WSEQ[$t]}" "${WSEQ[vdiskfs-vhdx]}"))" \
+        "${MIXR[$t]} ($(tb_ratio "${MIXR[$t]}" "${MIXR[vdiskfs-vhdx]}"))" \
+        "${MIXW[$t]} ($(tb_ratio "${MIXW[$t]}" "${MIXW[vdiskfs-vhdx]}"))" "${WCHECK[$t]}"
 done
 na_notes "${ALL_WTARGETS[@]}"
 
@@ -828,3 +828,230 @@ resize_bench() {
     echo "  (all four files check clean afterwards)"
 }
 # <<< resize section
+# >>> transport section -------------------------------------------------------------------
+# Self-contained (BENCH_ONLY=transport sources it from the top of this file): its own
+# helpers, as the main script's are defined after that point.
+tb_cold() { # drop the page cache, then read the backing files back in
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    cat "$@" >/dev/null
+}
+tb_fio() { # tb_fio LOGNAME fio-args... ; prints fio's terse line
+    local log=$1
+    shift
+    fio --minimal --group_reporting --invalidate=0 "$@" >"$TB_WORK/log/$log.terse" 2>"$TB_WORK/log/$log.err" ||
+        die "fio $log failed: $(cat "$TB_WORK/log/$log.err")"
+    tail -n 1 "$TB_WORK/log/$log.terse"
+}
+tb_field() { cut -d';' -f"$1"; }
+tb_median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+tb_ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
+tb_goal() { # tb_goal WHAT VALUE PEER FACTOR
+    local v
+    v=$(awk -v a="$2" -v b="$3" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+    if awk -v v="$v" -v f="$4" 'BEGIN { exit !(v >= f) }'; then
+        printf '  %-52s %5sx (goal >= %sx): met\n' "$1" "$v" "$4"
+    else
+        printf '  %-52s %5sx (goal >= %sx): NOT met\n' "$1" "$v" "$4"
+    fi
+}
+transport_bench() {
+    local t r f img line tw sw
+    for t in cargo qemu-img vhdimount fio mkfs.ext4 losetup fusermount3 tar; do
+        command -v "$t" >/dev/null 2>&1 || die "$t not found (run scripts/setup.sh --bench)"
+    done
+    TB_SW_FILE=/sys/module/fuse/parameters/enable_uring
+    local sw_file=$TB_SW_FILE
+    [ -w "$sw_file" ] || die "$sw_file not writable: the kernel has no FUSE over io_uring (CONFIG_FUSE_IO_URING, Linux 6.14+)"
+    say "build: cargo build --release"
+    cargo build --release
+    mkdir -p "$BASEDIR"
+    TB_WORK=$(mktemp -d "$BASEDIR/vdiskfs-bench-transport.XXXXXX")
+    TB_SWITCH=$(cat "$sw_file")
+    TB_MOUNTS=() TB_LOOPS=()
+    transport_cleanup() {
+        local m l
+        set +e
+        for m in "${TB_MOUNTS[@]}"; do
+            if grep -qF " $m " /proc/self/mountinfo; then
+                umount "$m" 2>/dev/null || fusermount3 -u -z "$m" 2>/dev/null || umount -l "$m"
+            fi
+        done
+        for l in "${TB_LOOPS[@]}"; do losetup -d "$l" 2>/dev/null; done
+        echo "$TB_SWITCH" >"$TB_SW_FILE"
+        if [ "${BENCH_KEEP:-0}" = 1 ]; then echo "bench: kept $TB_WORK"; else rm -rf "$TB_WORK"; fi
+        return 0
+    }
+    trap 'rc=$?; transport_cleanup; exit $rc' EXIT
+    trap 'exit 130' INT TERM
+    echo Y >"$sw_file"
+    local w=$TB_WORK
+    mkdir -p "$w/log" "$w/mnt/w" "$w/mnt/classic" "$w/mnt/uring" "$w/mnt/m" "$w/g"
+
+    say "transport: machine"
+    echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "cpus:    $(nproc); kernel $(uname -r)"
+    echo "load:    $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)"
+    echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "size:    $SIZE_ARG, fio runtime ${RUNTIME}s, $REPEAT round(s)"
+
+    say "transport: an ext4 guest in a written depth-2 VHDX chain"
+    # The guest: ext4 over the whole disk, 2/3 filled with files of 4 KiB..256 KiB of
+    # random data in 64 directories (the base), then a child written through a vdiskfs
+    # mount: more files, and a third of the base's files rewritten.
+    truncate -s "$SIZE" "$w/guest.raw"
+    mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$w/guest.raw"
+    mount -o loop "$w/guest.raw" "$w/g"
+    TB_MOUNTS+=("$w/g")
+    local fill=$((SIZE * 2 / 3 / 2)) made=0 n=0 sz
+    while [ "$made" -lt "$fill" ]; do
+        sz=$(((RANDOM % 64 + 1) * 4096))
+        mkdir -p "$w/g/d$((n % 64))"
+        head -c "$sz" /dev/urandom >"$w/g/d$((n % 64))/f$n"
+        made=$((made + sz)) n=$((n + 1))
+    done
+    umount "$w/g"
+    qemu-img convert -f raw -O vhdx -o subformat=dynamic "$w/guest.raw" "$w/base.vhdx"
+    rm -f "$w/guest.raw"
+    "$VD" create --parent "$w/base.vhdx" "$w/c1.vhdx" >/dev/null
+    "$VD" mount "$w/c1.vhdx" "$w/mnt/w"
+    TB_MOUNTS+=("$w/mnt/w")
+    mount -o loop "$w/mnt/w/disk.raw" "$w/g"
+    made=0
+    while [ "$made" -lt "$fill" ]; do
+        sz=$(((RANDOM % 64 + 1) * 4096))
+        if [ $((n % 3)) = 0 ] && [ -e "$w/g/d$((n % 64))/f$((n / 2))" ]; then
+            head -c "$sz" /dev/urandom >"$w/g/d$((n % 64))/f$((n / 2))"
+        else
+            head -c "$sz" /dev/urandom >"$w/g/d$((n % 64))/f$n"
+        fi
+        made=$((made + sz)) n=$((n + 1))
+    done
+    umount "$w/g"
+    "$VD" umount "$w/mnt/w"
+    flock -x -w 60 "$w/c1.vhdx" true
+    "$VD" cat "$w/c1.vhdx" >"$w/ref.raw"
+    echo "  $(find "$w" -maxdepth 1 -name '*.vhdx' -printf '%f %s bytes; ' ) guest files: $n"
+
+    say "transport: mounts"
+    declare -A TFILE TBACK
+    "$VD" mount --read-only --transport classic "$w/c1.vhdx" "$w/mnt/classic"
+    TB_MOUNTS+=("$w/mnt/classic")
+    "$VD" mount --read-only --transport uring "$w/c1.vhdx" "$w/mnt/uring"
+    TB_MOUNTS+=("$w/mnt/uring")
+    grep -q '^transport uring' "$w/mnt/uring/.stats" || die "the uring mount does not say transport uring"
+    grep -q '^transport classic' "$w/mnt/classic/.stats" || die "the classic mount does not say transport classic"
+    mkdir -p "$w/mnt/vhdi"
+    vhdimount "$w/c1.vhdx" "$w/mnt/vhdi" >/dev/null
+    TB_MOUNTS+=("$w/mnt/vhdi")
+    for _ in $(seq 100); do [ -e "$w/mnt/vhdi/vhdi2" ] && break; sleep 0.1; done
+    local TT=(vdiskfs-classic vdiskfs-uring vhdimount raw)
+    TFILE[vdiskfs-classic]="$w/mnt/classic/disk.raw"
+    TFILE[vdiskfs-uring]="$w/mnt/uring/disk.raw"
+    TFILE[vhdimount]=$(find "$w/mnt/vhdi" -maxdepth 1 -name 'vhdi*' | sort -V | tail -n 1)
+    TFILE[raw]="$w/ref.raw"
+    for t in vdiskfs-classic vdiskfs-uring vhdimount raw; do TBACK[$t]="$w/base.vhdx $w/c1.vhdx"; done
+    TBACK[raw]="$w/ref.raw"
+    for t in "${TT[@]}"; do
+        cmp -s "${TFILE[$t]}" "$w/ref.raw" || die "$t does not show the same bytes as vdiskfs cat"
+    done
+    echo "  all four show the same bytes"
+
+    # tb_time CMD...: wall seconds of CMD into TB_S.
+    tb_time() {
+        local s e
+        s=$(date +%s.%N)
+        "$@" >/dev/null 2>&1 || die "$* failed"
+        e=$(date +%s.%N)
+        TB_S=$(awk -v a="$s" -v b="$e" 'BEGIN { printf "%.3f", b - a }')
+    }
+    tb_tar() { tar -C "$1" -cf - . | cat >/dev/null; }
+    tb_find() { find "$1" -printf '%s %T@ %m\n' >/dev/null; }
+
+    say "transport: reads, $REPEAT round(s), targets interleaved"
+    declare -A SEQ RQ1 RQ4 TAR FIND
+    for r in $(seq "$REPEAT"); do
+        for t in "${TT[@]}"; do
+            f=${TFILE[$t]}
+            # shellcheck disable=SC2086
+            tb_cold ${TBACK[$t]}
+            line=$(tb_fio "seq.$t.$r" --name=seq --filename="$f" --rw=read --bs=1M --ioengine=psync --size="$SIZE")
+            SEQ[$t]="${SEQ[$t]:-} $(($(tb_field 7 <<<"$line") / 1024))"
+            local direct=1
+            [ "$t" = raw ] && direct=0
+            for j in 1 4; do
+                line=$(tb_fio "rand$j.$t.$r" --name=rand --filename="$f" --rw=randread --bs=4k \
+                    --ioengine=psync --direct=$direct --time_based --runtime="$RUNTIME" \
+                    --ramp_time=$RAMP --numjobs=$j --norandommap --randrepeat=0)
+                if [ $j = 1 ]; then RQ1[$t]="${RQ1[$t]:-} $(tb_field 8 <<<"$line")"; else RQ4[$t]="${RQ4[$t]:-} $(tb_field 8 <<<"$line")"; fi
+            done
+            # The guest through a loop device, everything cold but the backing files.
+            # shellcheck disable=SC2086
+            tb_cold ${TBACK[$t]}
+            local lo
+            lo=$(losetup -r --find --show "$f")
+            TB_LOOPS+=("$lo")
+            mount -o ro,noload "$lo" "$w/g"
+            tb_time tb_find "$w/g"
+            FIND[$t]="${FIND[$t]:-} $TB_S"
+            tb_time tb_tar "$w/g"
+            TAR[$t]="${TAR[$t]:-} $TB_S"
+            umount "$w/g"
+            losetup -d "$lo"
+            printf '  round %s %-16s seq %6s MiB/s  QD1 %6s IOPS  4 jobs %6s IOPS  find+stat %6s s  tar %6s s\n' \
+                "$r" "$t" "${SEQ[$t]##* }" "${RQ1[$t]##* }" "${RQ4[$t]##* }" "${FIND[$t]##* }" "${TAR[$t]##* }"
+        done
+    done
+    for t in "${TT[@]}"; do
+        # shellcheck disable=SC2086
+        {
+            SEQ[$t]=$(tb_median ${SEQ[$t]})
+            RQ1[$t]=$(tb_median ${RQ1[$t]})
+            RQ4[$t]=$(tb_median ${RQ4[$t]})
+            TAR[$t]=$(tb_median ${TAR[$t]})
+            FIND[$t]=$(tb_median ${FIND[$t]})
+        }
+    done
+    for d in classic uring; do "$VD" umount "$w/mnt/$d"; done
+    fusermount3 -u "$w/mnt/vhdi"
+
+    say "transport: 70/30 mixed 4 KiB writes (fresh child of the chain, 4 jobs, O_DIRECT)"
+    declare -A MIXR MIXW
+    for t in vdiskfs-classic vdiskfs-uring; do
+        img="$w/mixed.vhdx"
+        rm -f "$img"
+        "$VD" create --parent "$w/c1.vhdx" "$img" >/dev/null
+        "$VD" mount --transport "${t#vdiskfs-}" "$img" "$w/mnt/m"
+        TB_MOUNTS+=("$w/mnt/m")
+        line=$(tb_fio "mixed.$t" --name=mixed --filename="$w/mnt/m/disk.raw" --rw=randrw --rwmixread=70 --bs=4k \
+            --ioengine=psync --direct=1 --numjobs=4 --time_based --runtime="$RUNTIME" \
+            --ramp_time=$RAMP --end_fsync=1 --norandommap --randrepeat=0)
+        MIXR[$t]=$(tb_field 8 <<<"$line") MIXW[$t]=$(tb_field 49 <<<"$line")
+        "$VD" umount "$w/mnt/m"
+        flock -x -w 60 "$img" true
+        "$VD" check "$img" >/dev/null || die "check of $t's mixed child failed"
+        printf '  %-16s read %6s IOPS  write %6s IOPS  (check: clean)\n' "$t" "${MIXR[$t]}" "${MIXW[$t]}"
+    done
+
+    say "transport results (median of $REPEAT; ratio to vdiskfs-classic; tar/find: seconds, lower is better)"
+    printf '| %-16s | %-16s | %-16s | %-16s | %-14s | %-14s | %-22s |\n' target "seq MiB/s" "4K QD1 IOPS" "4K 4 jobs IOPS" "guest tar s" "find+stat s" "70/30 mixed r/w IOPS"
+    printf '|%s|%s|%s|%s|%s|%s|%s|\n' ------------------ ------------------ ------------------ ------------------ ---------------- ---------------- ------------------------
+    for t in "${TT[@]}"; do
+        local mix="-"
+        [ -n "${MIXR[$t]:-}" ] && mix="${MIXR[$t]} / ${MIXW[$t]}"
+        printf '| %-16s | %-16s | %-16s | %-16s | %-14s | %-14s | %-22s |\n' "$t" \
+            "${SEQ[$t]} ($(tb_ratio "${SEQ[$t]}" "${SEQ[vdiskfs-classic]}"))" \
+            "${RQ1[$t]} ($(tb_ratio "${RQ1[$t]}" "${RQ1[vdiskfs-classic]}"))" \
+            "${RQ4[$t]} ($(tb_ratio "${RQ4[$t]}" "${RQ4[vdiskfs-classic]}"))" \
+            "${TAR[$t]} ($(tb_ratio "${TAR[$t]}" "${TAR[vdiskfs-classic]}"))" \
+            "${FIND[$t]} ($(tb_ratio "${FIND[$t]}" "${FIND[vdiskfs-classic]}"))" "$mix"
+    done
+    say "issue 18 goals"
+    for t in vdiskfs-classic vdiskfs-uring; do
+        printf '  %-40s %s x the raw-loop ceiling (goal <= 1.25)\n' "guest tar, $t:" "$(awk -v a="${TAR[$t]}" -v b="${TAR[raw]}" 'BEGIN { printf "%.2f", a / b }')"
+        tb_goal "seq read, $t / vhdimount" "${SEQ[$t]}" "${SEQ[vhdimount]}" 1.5
+        tb_goal "4K QD1, $t / vhdimount" "${RQ1[$t]}" "${RQ1[vhdimount]}" 1.3
+    done
+    echo "  load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+# <<< transport section

@@ -253,8 +253,42 @@ pub struct MountArgs {
     /// When detached, append the daemon's log to FILE (otherwise it is discarded).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// How requests reach the daemon: FUSE over io_uring where the kernel offers it
+    /// (Linux 6.14+, /sys/module/fuse/parameters/enable_uring = Y), else /dev/fuse
+    /// (auto); only io_uring, failing otherwise (uring); only /dev/fuse (classic).
+    /// Default: $VDISKFS_TRANSPORT, else auto.
+    #[arg(long, value_enum)]
+    pub transport: Option<Transport>,
     #[command(flatten)]
     pub chain: ChainArgs,
+}
+
+/// `mount --transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    Auto,
+    Uring,
+    Classic,
+}
+
+/// The environment variable that sets the default of `mount --transport`.
+pub const TRANSPORT_ENV: &str = "VDISKFS_TRANSPORT";
+
+impl Transport {
+    /// `--transport` if given, else `$VDISKFS_TRANSPORT` if set, else auto.
+    pub fn resolve(given: Option<Transport>) -> crate::Result<Transport> {
+        if let Some(t) = given {
+            return Ok(t);
+        }
+        match std::env::var(TRANSPORT_ENV) {
+            Ok(v) if !v.is_empty() => clap::ValueEnum::from_str(&v, false).map_err(|_| {
+                crate::Error::Invalid(format!(
+                    "{TRANSPORT_ENV}={v}: must be auto, uring or classic"
+                ))
+            }),
+            _ => Ok(Transport::Auto),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

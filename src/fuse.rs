@@ -11,15 +11,17 @@
 
 use std::cell::RefCell;
 use std::ffi::{OsStr, OsString};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags, PollEvents,
-    PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, Notifier, OpenFlags,
+    PollEvents, PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::vfs::{
@@ -110,7 +112,11 @@ pub fn start_notifier(slot: &NotifySlot, notifier: Notifier) {
 
 /// The fuser `Filesystem` over a `Vfs`.
 pub struct VdiskFs {
-    vfs: Vfs,
+    vfs: Arc<Vfs>,
+    /// Ask for FUSE_OVER_IO_URING at INIT (`uring.rs` then serves the rings).
+    want_uring: bool,
+    /// Set at INIT when the kernel offered FUSE_OVER_IO_URING and we asked for it.
+    uring_agreed: Arc<AtomicBool>,
 }
 
 thread_local! {
@@ -182,7 +188,23 @@ fn reply_attr(r: vfs::Reply<Attr>, reply: ReplyAttr) {
 impl VdiskFs {
     /// Serve a `Vfs` built by the caller (with windows added, say).
     pub fn from_vfs(vfs: Vfs) -> Self {
-        VdiskFs { vfs }
+        VdiskFs {
+            vfs: Arc::new(vfs),
+            want_uring: false,
+            uring_agreed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The `Vfs` this adapter serves, for the other transport to share.
+    pub fn vfs(&self) -> Arc<Vfs> {
+        self.vfs.clone()
+    }
+
+    /// Ask the kernel for FUSE_OVER_IO_URING at INIT; the flag reads true after the
+    /// handshake if it agreed.
+    pub fn ask_for_uring(&mut self) -> Arc<AtomicBool> {
+        self.want_uring = true;
+        self.uring_agreed.clone()
     }
 
     /// Whether the exported files accept writes.
@@ -208,6 +230,13 @@ impl Filesystem for VdiskFs {
         // Let the kernel keep more readahead/async requests in flight than the default 16,
         // so every worker has work.
         let _ = config.set_max_background(64);
+        if self.want_uring {
+            // Refused when the kernel did not offer it (enable_uring off).
+            match config.add_capabilities(InitFlags::FUSE_OVER_IO_URING) {
+                Ok(()) => self.uring_agreed.store(true, Ordering::SeqCst),
+                Err(_) => log::debug!("the kernel did not offer FUSE_OVER_IO_URING at INIT"),
+            }
+        }
         log::debug!("FUSE init done");
         Ok(())
     }

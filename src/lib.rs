@@ -47,6 +47,7 @@ pub(crate) mod progress;
 pub(crate) mod sys;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub(crate) mod uring;
 pub(crate) mod vfs;
 
 pub use chain::{Chain, ChainOptions, Intent, ParentFound, MAX_CHAIN_DEPTH};

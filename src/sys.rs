@@ -210,3 +210,154 @@ pub fn block_termination_signals() {
 pub fn wait_termination_signal() -> io::Result<i32> {
     Ok(termination_signals().wait()? as i32)
 }
+
+/// One FUSE-over-io_uring ring entry's buffers: the 288-byte request header and the
+/// payload, and the two-element iovec array a REGISTER command points the kernel at.
+///
+/// The memory is allocated once and never freed (it lives until the daemon exits): the
+/// kernel keeps the addresses from REGISTER for the life of the connection and writes a
+/// request into them whenever it hands the entry a request, so freeing them while the
+/// connection (or a cancelled command) might still use them would be a use after free.
+/// A daemon serves one mount, and a mount has a fixed number of entries.
+pub struct FuseRingEntry {
+    header: std::ptr::NonNull<u8>,
+    header_len: usize,
+    payload: std::ptr::NonNull<u8>,
+    payload_len: usize,
+    iov: std::ptr::NonNull<libc::iovec>,
+}
+
+impl FuseRingEntry {
+    /// Buffers for one entry: `header_len` bytes of header, `payload_len` of payload.
+    pub fn new(header_len: usize, payload_len: usize) -> Self {
+        let leak = |n: usize| -> std::ptr::NonNull<u8> {
+            let b: &'static mut [u8] = Box::leak(vec![0u8; n].into_boxed_slice());
+            std::ptr::NonNull::from(b).cast()
+        };
+        let header = leak(header_len);
+        let payload = leak(payload_len);
+        let iov: &'static mut [libc::iovec; 2] = Box::leak(Box::new([
+            libc::iovec {
+                iov_base: header.as_ptr().cast(),
+                iov_len: header_len,
+            },
+            libc::iovec {
+                iov_base: payload.as_ptr().cast(),
+                iov_len: payload_len,
+            },
+        ]));
+        FuseRingEntry {
+            header,
+            header_len,
+            payload,
+            payload_len,
+            iov: std::ptr::NonNull::from(iov).cast(),
+        }
+    }
+
+    /// The header and payload buffers, to read a request from and write its reply into.
+    /// Call it only while the entry is with this process: after its command completed
+    /// and before the next command for it is submitted (the kernel writes the buffers
+    /// only while it holds the entry, and only inside this thread's io_uring_enter:
+    /// the ring is set up with DEFER_TASKRUN where the kernel allows, and the copy is
+    /// task work of the submitting thread in any case). `&mut self` makes the borrow
+    /// exclusive on this side.
+    pub fn buffers(&mut self) -> (&mut [u8], &mut [u8]) {
+        // SAFETY: both allocations are live for the rest of the process (leaked in
+        // `new`), `header_len`/`payload_len` bytes long, disjoint, and initialised
+        // (zeroed at allocation, then written only by us or the kernel as bytes). The
+        // caller has the entry back from the kernel (see above), so nothing else
+        // accesses them while these borrows, tied to `&mut self`, live.
+        unsafe {
+            (
+                std::slice::from_raw_parts_mut(self.header.as_ptr(), self.header_len),
+                std::slice::from_raw_parts_mut(self.payload.as_ptr(), self.payload_len),
+            )
+        }
+    }
+}
+
+/// An io_uring with 128-byte SQEs (what FUSE's URING_CMDs need) on which one thread
+/// registers FUSE ring entries and commits their replies.
+pub struct FuseRing {
+    ring: io_uring::IoUring<io_uring::squeue::Entry128, io_uring::cqueue::Entry>,
+}
+
+impl FuseRing {
+    /// A ring of `entries` SQEs. The completion work of the kernel's FUSE commands is
+    /// deferred to this thread's waits (SINGLE_ISSUER + DEFER_TASKRUN) where the kernel
+    /// offers that, so it must be used by the thread that created it.
+    pub fn new(entries: u32) -> io::Result<Self> {
+        let deferred = io_uring::IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries);
+        let ring = match deferred {
+            Ok(r) => r,
+            Err(_) => io_uring::IoUring::builder().build(entries)?,
+        };
+        Ok(FuseRing { ring })
+    }
+
+    /// Queue a FUSE command (`cmd_op`, with `cmd` in the SQE's 80-byte command area) for
+    /// `entry` on the FUSE device `dev`; `user_data` comes back in its completion.
+    pub fn push(
+        &mut self,
+        dev: RawFd,
+        cmd_op: u32,
+        cmd: [u8; 80],
+        entry: &FuseRingEntry,
+        user_data: u64,
+    ) -> io::Result<()> {
+        use io_uring::{opcode, types};
+        let sqe = opcode::UringCmd80::new(types::Fd(dev), cmd_op)
+            .cmd(cmd)
+            .addr(Some(entry.iov.as_ptr() as u64))
+            .build()
+            .user_data(user_data);
+        // The kernel reads the iovec count from the SQE's `len` (offset 24), which the
+        // crate's UringCmd80 does not set: FUSE wants 2 (header, payload).
+        // SAFETY: `Entry128` is `#[repr(C)]` and exactly 128 bytes (a struct
+        // io_uring_sqe followed by 64 command bytes; transmute checks the size), made of
+        // integers and unions of integers, so any byte pattern is a valid value; bytes
+        // 24..28 are the SQE's `len` field in the kernel's ABI.
+        let sqe: io_uring::squeue::Entry128 = unsafe {
+            let mut raw: [u8; 128] = std::mem::transmute(sqe);
+            raw[24..28].copy_from_slice(&2u32.to_le_bytes());
+            std::mem::transmute::<[u8; 128], io_uring::squeue::Entry128>(raw)
+        };
+        // SAFETY: the SQE points at `entry`'s iovec array and, through it, at its header
+        // and payload buffers, which are never freed (`FuseRingEntry::new` leaks them),
+        // so they stay valid for as long as the kernel may use them.
+        let pushed = unsafe { self.ring.submission().push(&sqe) };
+        if pushed.is_err() {
+            self.ring.submit()?;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(&sqe) }
+                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        }
+        Ok(())
+    }
+
+    /// Submit what is queued without waiting.
+    pub fn submit(&mut self) -> io::Result<()> {
+        self.ring.submit()?;
+        Ok(())
+    }
+
+    /// Submit what is queued and wait for at least one completion (EINTR retried).
+    pub fn submit_and_wait(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Take the completions there are: (user_data, result).
+    pub fn completions(&mut self, out: &mut Vec<(u64, i32)>) {
+        out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+    }
+}

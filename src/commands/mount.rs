@@ -18,12 +18,13 @@ use std::sync::Arc;
 use fuser::{Config, Session, SessionACL};
 
 use crate::chain::{Chain, Intent};
-use crate::cli::{parse_size, MountArgs, UmountArgs};
+use crate::cli::{parse_size, MountArgs, Transport, UmountArgs};
 use crate::disk::{Disk, DiskOptions};
 use crate::error::{Error, MountRefusal, Result};
 use crate::fuse::{start_notifier, FsOptions, VdiskFs, STATS_NAME};
 use crate::sys;
-use crate::vfs::Vfs;
+use crate::uring;
+use crate::vfs::{Vfs, MAX_IO};
 
 /// The file system type shown in /proc/self/mountinfo ("fuse." + subtype).
 #[cfg(test)]
@@ -662,6 +663,11 @@ struct Prepared {
     options: ParsedOptions,
     mountpoint: PathBuf,
     writable: bool,
+    transport: Transport,
+    /// Set at INIT when the kernel agreed to FUSE over io_uring (only asked for when
+    /// `transport` allows it and nothing is known to be missing).
+    uring_agreed: Option<Arc<std::sync::atomic::AtomicBool>>,
+    threads: usize,
 }
 
 fn prepare(args: &MountArgs) -> Result<Prepared> {
@@ -740,7 +746,24 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
         // Its warnings are logged (on the terminal: we have not detached yet).
         vfs.enable_partitions();
     }
-    let fs = VdiskFs::from_vfs(vfs);
+    let mut fs = VdiskFs::from_vfs(vfs);
+    let transport = Transport::resolve(args.transport)?;
+    let uring_agreed = match transport {
+        Transport::Classic => None,
+        Transport::Uring | Transport::Auto => match uring::unavailable() {
+            None => Some(fs.ask_for_uring()),
+            Some(why) if transport == Transport::Uring => {
+                return Err(Error::Invalid(format!(
+                    "mount {}: --transport uring: {why}",
+                    args.mountpoint.display()
+                )))
+            }
+            Some(why) => {
+                log::info!("transport: classic (/dev/fuse): {why}");
+                None
+            }
+        },
+    };
     let writable = fs.is_writable();
     let mut config = Config::default();
     config.acl = parsed.acl;
@@ -753,7 +776,58 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
         options: parsed,
         mountpoint,
         writable,
+        transport,
+        uring_agreed,
+        threads: args.threads,
     })
+}
+
+/// After INIT: serve the rings if the kernel agreed to FUSE over io_uring; None when the
+/// classic transport serves (said once at -v), an error when `--transport uring` cannot
+/// be had.
+fn start_uring(
+    vfs: &Arc<Vfs>,
+    dev: &OwnedFd,
+    transport: Transport,
+    agreed: Option<&Arc<std::sync::atomic::AtomicBool>>,
+    threads: usize,
+) -> std::result::Result<Option<uring::Running>, String> {
+    let Some(agreed) = agreed else {
+        if transport == Transport::Classic {
+            log::info!("transport: classic (/dev/fuse), as --transport classic asks");
+        }
+        return Ok(None);
+    };
+    if !agreed.load(std::sync::atomic::Ordering::SeqCst) {
+        let why = "the kernel did not offer FUSE_OVER_IO_URING at INIT";
+        if transport == Transport::Uring {
+            return Err(why.into());
+        }
+        log::info!("transport: classic (/dev/fuse): {why}");
+        return Ok(None);
+    }
+    match uring::start(vfs.clone(), dev, threads, (MAX_IO as usize).max(8192)) {
+        Ok(r) => {
+            vfs.set_transport("uring");
+            log::info!(
+                "transport: FUSE over io_uring ({} queues, {} ring threads)",
+                r.queues,
+                r.threads
+            );
+            Ok(Some(r))
+        }
+        // Unmounted before the rings were up: the session ends at once as well.
+        Err(uring::StartError::Gone) => {
+            log::debug!("the connection ended before the rings were registered");
+            Ok(None)
+        }
+        // The kernel has gone back to /dev/fuse for this connection.
+        Err(uring::StartError::Failed(e)) if transport == Transport::Auto => {
+            log::info!("transport: classic (/dev/fuse): io_uring: {e}");
+            Ok(None)
+        }
+        Err(uring::StartError::Failed(e)) => Err(e),
+    }
 }
 
 /// Let the kernel read ahead 1 MiB at a time on this mount (FUSE mounts start at
@@ -800,9 +874,14 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<File>, detached: bool) 
         options,
         mountpoint,
         writable,
+        transport,
+        uring_agreed,
+        threads,
     } = p;
     sys::block_termination_signals();
     let notify = fs.notify_slot();
+    let vfs = fs.vfs();
+    let mut rings = None;
     let session = fuse_mount(&mountpoint, &options).and_then(|m| {
         let dev = m
             .dev
@@ -810,7 +889,20 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<File>, detached: bool) 
             .map_err(|e| Error::file(Path::new("/dev/fuse"), "dup", e))?;
         let acl = config.acl;
         match Session::from_fd(fs, dev, acl, config) {
-            Ok(s) => Ok((s, m)),
+            Ok(s) => match start_uring(&vfs, &m.dev, transport, uring_agreed.as_ref(), threads) {
+                Ok(r) => {
+                    rings = r;
+                    Ok((s, m))
+                }
+                Err(e) => {
+                    drop(s);
+                    let _ = unmount(&mountpoint, true);
+                    Err(Error::Invalid(format!(
+                        "mount {}: --transport uring: {e}",
+                        mountpoint.display()
+                    )))
+                }
+            },
             Err(e) => {
                 let _ = unmount(&mountpoint, true);
                 Err(Error::Invalid(format!(
@@ -851,6 +943,13 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<File>, detached: bool) 
     if res.is_err() {
         // The loop failed while the mount may still be there: do not leave it hanging.
         let _ = unmount(&mountpoint, true);
+    }
+    if let Some(r) = rings {
+        // The connection is gone, so the kernel ends every ring command; the threads
+        // may still be answering one request each.
+        if !r.wait(std::time::Duration::from_secs(30)) {
+            log::warn!("ring threads still running 30 s after the unmount");
+        }
     }
     if writable {
         if let Err(e) = disk.close() {

@@ -160,6 +160,7 @@ fn parse_helper_args(args: &[OsString]) -> Result<HelperCall> {
             threads: 4,
             log_file: None,
             no_partitions: false,
+            transport: None,
             chain: ChainArgs {
                 search_dirs: Vec::new(),
                 parents: Vec::new(),
@@ -183,6 +184,10 @@ pub const OWN_OPTIONS: &[(&str, &str)] = &[
     ("threads=N", "--threads N"),
     ("log_file=FILE", "--log-file FILE"),
     ("no_partitions", "--no-partitions"),
+    (
+        "transport=auto|uring|classic",
+        "--transport auto|uring|classic",
+    ),
 ];
 
 /// Move vdiskfs's own options out of the `-o` lists into the fields they stand for
@@ -239,6 +244,13 @@ pub fn absorb_own_options(args: &MountArgs) -> Result<MountArgs> {
                 })?
             }
             "log_file" => out.log_file = Some(PathBuf::from(need(value)?)),
+            "transport" => {
+                let v = need(value)?;
+                let t = clap::ValueEnum::from_str(&v, false).map_err(|_| {
+                    Error::Invalid(format!("-o transport={v}: must be auto, uring or classic"))
+                })?;
+                out.transport = Some(t);
+            }
             _ => rest.push(opt.to_string()),
         }
     }

@@ -349,6 +349,10 @@ pub struct Vfs {
     next_fh: AtomicU64,
     /// `.stats` contents, generated at open, by file handle.
     stats: Mutex<HashMap<u64, Arc<[u8]>>>,
+    /// Which transport serves the mount ("classic", "uring"), for `.stats`.
+    transport: RwLock<&'static str>,
+    /// Requests answered through FUSE-over-io_uring ring entries (for `.stats`).
+    ring_requests: AtomicU64,
     faults: FaultInjection,
 }
 
@@ -397,6 +401,8 @@ impl Vfs {
             mtime_ns: AtomicU64::new(0),
             next_fh: AtomicU64::new(1),
             stats: Mutex::new(HashMap::new()),
+            transport: RwLock::new("classic"),
+            ring_requests: AtomicU64::new(0),
             faults: FaultInjection::from_env(),
         }
     }
@@ -617,6 +623,21 @@ impl Vfs {
     }
 
     /// Whether the data files accept writes.
+    /// Record which transport serves the mount (shown in `.stats`).
+    pub fn set_transport(&self, name: &'static str) {
+        *self.transport.write().unwrap_or_else(|p| p.into_inner()) = name;
+    }
+
+    /// Count one request answered through a FUSE-over-io_uring ring entry.
+    pub fn note_ring_request(&self) {
+        self.ring_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The transport `.stats` names.
+    pub fn transport(&self) -> &'static str {
+        *self.transport.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn is_writable(&self) -> bool {
         self.writable
     }
@@ -790,7 +811,13 @@ impl Vfs {
                 }
                 let fh = self.alloc_fh(FH_STATS);
                 // The daemon's pid first: `vdiskfs umount` waits for it to finish.
-                let text = format!("pid {}\n{}", std::process::id(), self.disk.stats_text());
+                let text = format!(
+                    "pid {}\n{}transport {}\nring_requests {}\n",
+                    std::process::id(),
+                    self.disk.stats_text(),
+                    self.transport(),
+                    self.ring_requests.load(Ordering::Relaxed)
+                );
                 let text: Arc<[u8]> = text.into_bytes().into();
                 self.stats
                     .lock()
