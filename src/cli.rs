@@ -45,6 +45,9 @@ pub enum Command {
     /// Write the man pages or shell completions (for packaging; see scripts/deb.sh).
     #[command(hide = true)]
     Generate(GenerateArgs),
+    /// Fold a child (and the layers between) into an ancestor, then delete the merged
+    /// files: afterwards the ancestor alone reads what the child read.
+    Merge(MergeArgs),
 }
 
 /// Options for finding and checking parents; every command that opens an image takes them.
@@ -73,6 +76,7 @@ impl ChainArgs {
             ignore_linkage: self.ignore_linkage,
             intent,
             allow_device_parent: self.allow_device_parent,
+            resume_merge: false,
         }
     }
 }
@@ -247,6 +251,30 @@ pub struct MountArgs {
     /// When detached, append the daemon's log to FILE (otherwise it is discarded).
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The child whose view is merged (the top of the run of layers to fold).
+    pub child: PathBuf,
+    /// The ancestor to merge into (default: CHILD's parent); must be in CHILD's chain.
+    #[arg(long, value_name = "ANCESTOR")]
+    pub into: Option<PathBuf>,
+    /// Keep CHILD and the layers between instead of deleting them (they are no longer
+    /// valid children afterwards).
+    #[arg(long)]
+    pub keep: bool,
+    /// Merge even when other disks depend on ANCESTOR or a merged layer (they break).
+    #[arg(long)]
+    pub force: bool,
+    /// Only say what would be merged into what, how many bytes, and which other disks
+    /// would break.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
     #[command(flatten)]
     pub chain: ChainArgs,
 }

@@ -531,4 +531,11 @@ pub enum Request {
         parent: PathBuf,
         parent_size: u32,
     },
+    /// `layer` carries the record of a `vdiskfs merge` into `ancestor` that did not finish.
+    #[error("{}: a merge into {} was interrupted; run `{command}` to finish it", layer.display(), ancestor.display())]
+    MergeInterrupted {
+        layer: PathBuf,
+        ancestor: PathBuf,
+        command: String,
+    },
 }

@@ -17,6 +17,7 @@ pub mod fuse;
 pub mod guest;
 pub mod image;
 pub mod layer;
+pub mod merge;
 pub mod paths;
 pub mod progress;
 pub mod sys;

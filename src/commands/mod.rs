@@ -6,6 +6,7 @@ pub mod convert;
 pub mod create;
 pub mod generate;
 pub mod info;
+pub mod merge;
 pub mod mount;
 pub mod mount_helper;
 
@@ -23,5 +24,6 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Mount(a) => mount::run(&a, cli.verbose),
         Command::Umount(a) => mount::umount(&a),
         Command::Generate(a) => generate::run(&a),
+        Command::Merge(a) => merge::run(&a),
     }
 }
