@@ -300,7 +300,13 @@ fn refusals() {
     drop(guard);
     unchanged();
     // The dry run changes nothing and says what would happen.
-    let o = ok(&[s("merge"), s("--dry-run"), s("--into"), p(&chain[0]), p(&chain[2])]);
+    let o = ok(&[
+        s("merge"),
+        s("--dry-run"),
+        s("--into"),
+        p(&chain[0]),
+        p(&chain[2]),
+    ]);
     let out = o.stdout_str();
     assert!(out.contains("would merge 2 layer(s)"), "{out}");
     assert!(out.contains("bytes to merge"), "{out}");
@@ -322,12 +328,7 @@ fn other_children_refuse_unless_forced() {
     let grandchild = elsewhere.join("grand.avhd");
     ok(&[s("create"), s("--parent"), p(&chain[1]), p(&grandchild)]);
     let base_sum = sha256_file(&chain[0]);
-    let o = vdiskfs([
-        s("merge"),
-        s("--search-dir"),
-        p(&elsewhere),
-        p(&chain[1]),
-    ]);
+    let o = vdiskfs([s("merge"), s("--search-dir"), p(&elsewhere), p(&chain[1])]);
     assert_clean_failure(&o, &sib);
     assert!(o.stderr.contains("grand.avhd"), "{}", o.stderr);
     assert!(o.stderr.contains("--force"), "{}", o.stderr);
@@ -339,7 +340,11 @@ fn other_children_refuse_unless_forced() {
         p(&elsewhere),
         p(&chain[1]),
     ]);
-    assert!(o.stdout_str().contains("sibling.avhd"), "{}", o.stdout_str());
+    assert!(
+        o.stdout_str().contains("sibling.avhd"),
+        "{}",
+        o.stdout_str()
+    );
     let pre = t.join("pre.raw");
     cat_to_file(&chain[1], &[], &pre);
     ok(&[s("merge"), s("--quiet"), s("--force"), p(&chain[1])]);
@@ -361,7 +366,11 @@ fn ext4_guest_survives_the_merge() {
     let mnt = t.join("mnt");
     {
         let g = vdiskfs_mount(&base, &mnt, false);
-        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(mnt.join("disk.raw")));
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(mnt.join("disk.raw")),
+        );
         ok(&[s("umount"), p(&mnt)]);
         drop(g);
     }
@@ -373,7 +382,13 @@ fn ext4_guest_survives_the_merge() {
     {
         let g = vdiskfs_mount(&child, &mnt, false);
         let raw = mnt.join("disk.raw");
-        run_ok(Command::new("mount").arg("-o").arg("loop").arg(&raw).arg(&fsdir));
+        run_ok(
+            Command::new("mount")
+                .arg("-o")
+                .arg("loop")
+                .arg(&raw)
+                .arg(&fsdir),
+        );
         for i in 0..20u64 {
             let f = fsdir.join(format!("file{i}"));
             make_random(&f, 1000 + i * 37_000, 700 + i);
@@ -567,7 +582,11 @@ fn crash_loop(fmt: Fmt, cycles: u64, seed: u64) -> u64 {
             assert!(o.success(), "{ctx}: rerun: {}", o.stderr);
         }
         assert!(!top.exists() && !work.join(name(1)).exists(), "{ctx}");
-        assert!(records_in(&work).is_empty(), "{ctx}: {:?}", records_in(&work));
+        assert!(
+            records_in(&work).is_empty(),
+            "{ctx}: {:?}",
+            records_in(&work)
+        );
         cat_to_file(&anc, &[], &got);
         assert_same_file(&got, &pre, &format!("{ctx}: ANCESTOR after the rerun"));
         let o = ok(&[s("check"), p(&anc)]);

@@ -538,6 +538,9 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
         ancestor_id: ids[k],
         command: command.clone(),
     });
+    for p in &run_paths {
+        crate::image::remove_stale_temps(&record_path(p)?);
+    }
     if rec.phase == Phase::Copying {
         // Before the ancestor's first byte changes: CHILD's record first (it is what a
         // rerun starts from), then the others.
@@ -627,7 +630,10 @@ fn finish(rec: &MergeRecord, keep: bool, disk: Option<Disk>) -> Result<()> {
     }
     drop(disk);
     for p in rec.layers.iter().skip(1).chain(rec.layers.first()) {
-        remove_durably(&record_path(p)?)?;
+        let r = record_path(p)?;
+        remove_durably(&r)?;
+        // A record's temporary file a killed run left behind.
+        crate::image::remove_stale_temps(&r);
     }
     Ok(())
 }
