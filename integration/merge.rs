@@ -4,7 +4,7 @@
 //! (VHDX); `vdiskfs check` is clean. Children are written sector-granularly through
 //! writable mounts of files made by `vdiskfs create`.
 //!
-//! Crash loop: VDISKFS_MERGE_CRASH_CYCLES kills per format (default 4); the seed is
+//! Crash loop: VDISKFS_MERGE_CRASH_CYCLES kills per format (default 3); the seed is
 //! VDISKFS_CRASH_SEED (default from the clock; printed).
 //!
 //! Needs /dev/fuse (skips unless VDISKFS_REQUIRE_FUSE=1, where it fails), qemu-img,
@@ -353,24 +353,33 @@ fn other_children_refuse_unless_forced() {
     assert_same_file(&got, &pre, "forced merge");
 }
 
-/// An ext4 guest changed through a writable mount of a child, merged; the ancestor
-/// alone, loop-mounted read-only, has the files and e2fsck finds nothing.
-#[test]
-fn ext4_guest_survives_the_merge() {
-    if !require_fuse() || !require_tools(&["mkfs.ext4", "e2fsck", "losetup", "mount"]) {
-        return;
-    }
-    let t = TempDir::new("merge-ext4");
+/// A guest file system (`ext4` or `ntfs`) changed through a writable mount of a child,
+/// merged; the ancestor alone, loop-mounted read-only, has the files and the file
+/// system's checker finds nothing.
+fn guest_survives_the_merge(fs_kind: &str) {
+    let t = TempDir::new("merge-guest");
     let base = t.join("base.vhdx");
     ok(&[s("create"), s("--size"), s("64M"), p(&base)]);
     let mnt = t.join("mnt");
+    let mount_fs = |raw: &Path, dir: &Path, ro: bool| {
+        let mut c = Command::new("mount");
+        if fs_kind == "ntfs" {
+            c.args(["-t", "ntfs-3g"]);
+        }
+        c.arg("-o")
+            .arg(if ro { "loop,ro" } else { "loop,rw" })
+            .arg(raw)
+            .arg(dir);
+        run_ok(&mut c);
+    };
     {
         let g = vdiskfs_mount(&base, &mnt, false);
-        run_ok(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F"])
-                .arg(mnt.join("disk.raw")),
-        );
+        let raw = mnt.join("disk.raw");
+        if fs_kind == "ntfs" {
+            run_ok(Command::new("mkntfs").args(["-q", "-F", "-f"]).arg(&raw));
+        } else {
+            run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&raw));
+        }
         ok(&[s("umount"), p(&mnt)]);
         drop(g);
     }
@@ -381,14 +390,7 @@ fn ext4_guest_survives_the_merge() {
     let mut want = Vec::new();
     {
         let g = vdiskfs_mount(&child, &mnt, false);
-        let raw = mnt.join("disk.raw");
-        run_ok(
-            Command::new("mount")
-                .arg("-o")
-                .arg("loop")
-                .arg(&raw)
-                .arg(&fsdir),
-        );
+        mount_fs(&mnt.join("disk.raw"), &fsdir, false);
         for i in 0..20u64 {
             let f = fsdir.join(format!("file{i}"));
             make_random(&f, 1000 + i * 37_000, 700 + i);
@@ -402,23 +404,36 @@ fn ext4_guest_survives_the_merge() {
     assert!(!child.exists());
     let g = vdiskfs_mount(&base, &mnt, true);
     let raw = mnt.join("disk.raw");
-    run_ok(Command::new("e2fsck").args(["-fn"]).arg(&raw));
-    run_ok(
-        Command::new("mount")
-            .args(["-o", "loop,ro"])
-            .arg(&raw)
-            .arg(&fsdir),
-    );
+    if fs_kind == "ntfs" {
+        run_ok(Command::new("ntfsfix").arg("-n").arg(&raw));
+    } else {
+        run_ok(Command::new("e2fsck").args(["-fn"]).arg(&raw));
+    }
+    mount_fs(&raw, &fsdir, true);
     for (name, sum) in &want {
         let got = sha256_file(&fsdir.join(name));
         if &got != sum {
             let _ = Command::new("umount").arg(&fsdir).status();
-            panic!("{name:?} differs after the merge");
+            panic!("{fs_kind}: {name:?} differs after the merge");
         }
     }
     run_ok(Command::new("umount").arg(&fsdir));
     ok(&[s("umount"), p(&mnt)]);
     drop(g);
+}
+
+#[test]
+fn ext4_guest_survives_the_merge() {
+    if require_fuse() && require_tools(&["mkfs.ext4", "e2fsck", "losetup", "mount"]) {
+        guest_survives_the_merge("ext4");
+    }
+}
+
+#[test]
+fn ntfs_guest_survives_the_merge() {
+    if require_fuse() && require_tools(&["mkntfs", "ntfs-3g", "ntfsfix", "mount"]) {
+        guest_survives_the_merge("ntfs");
+    }
 }
 
 /// A merge that would not fit on the ancestor's file system is refused before anything
@@ -602,7 +617,7 @@ fn sigkill_at_random_points_then_rerun() {
     if !judges_present() {
         return;
     }
-    let cycles = env_u64("VDISKFS_MERGE_CRASH_CYCLES", 4);
+    let cycles = env_u64("VDISKFS_MERGE_CRASH_CYCLES", 3);
     let seed = env_u64(
         "VDISKFS_CRASH_SEED",
         std::time::SystemTime::now()

@@ -622,10 +622,28 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
 fn finish(rec: &MergeRecord, keep: bool, disk: Option<Disk>) -> Result<()> {
     if !keep {
         for p in &rec.layers {
-            // Only a file this merge recorded (its record beside it, or already gone).
-            if p.symlink_metadata().is_ok() && MergeRecord::beside(p)?.is_some() {
-                remove_durably(p)?;
+            // Only a file this merge recorded: an image with the same record beside it,
+            // owned by the file's owner (a record planted in a shared directory such as
+            // /tmp must not make merge delete someone else's file).
+            if p.symlink_metadata().is_err() {
+                continue;
             }
+            let same = MergeRecord::beside(p)?
+                .is_some_and(|r| r.layers == rec.layers && r.ancestor_id == rec.ancestor_id);
+            if !same || !same_owner(p)? {
+                return Err(Error::Invalid(format!(
+                    "{}: listed in the merge record of {} but without the same record beside it (owned by its owner); not deleted",
+                    p.display(),
+                    rec.layers[0].display()
+                )));
+            }
+            if !matches!(detect_format(p)?, Some(Format::Vhdx | Format::Vhd)) {
+                return Err(Error::Invalid(format!(
+                    "{}: listed in a merge record but not a VHDX or VHD; not deleted",
+                    p.display()
+                )));
+            }
+            remove_durably(p)?;
         }
     }
     drop(disk);
@@ -636,4 +654,64 @@ fn finish(rec: &MergeRecord, keep: bool, disk: Option<Disk>) -> Result<()> {
         crate::image::remove_stale_temps(&r);
     }
     Ok(())
+}
+
+/// The record beside `layer` belongs to the layer's owner.
+fn same_owner(layer: &Path) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let r = record_path(layer)?;
+    let a = std::fs::metadata(layer).map_err(|e| Error::file(layer, "stat", e))?;
+    let b = std::fs::metadata(&r).map_err(|e| Error::file(&r, "stat", e))?;
+    Ok(a.uid() == b.uid())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::vhdx::tests::{new_base, new_child, TempDir};
+
+    fn write(path: &Path, writes: &[(u64, usize)]) {
+        let chain = Chain::open(
+            path,
+            &ChainOptions {
+                intent: Intent::WriteTop,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let d = Disk::new(chain, DiskOptions::default());
+        for &(o, n) in writes {
+            d.write_at(o, &vec![7u8; n]).unwrap();
+        }
+        d.close().unwrap();
+    }
+
+    /// Sector-granular presence in two layers over a written base: the ranges are the
+    /// union of what the two children hold, nothing of the base's own data, widened to
+    /// the unit asked for.
+    #[test]
+    fn ranges_are_what_the_merged_layers_hold() {
+        let t = TempDir::new("merge-ranges");
+        let (b, c1, c2) = (t.join("b.vhdx"), t.join("c1.vhdx"), t.join("c2.vhdx"));
+        new_base(&b, 8 << 20, 1 << 20, 512);
+        write(&b, &[(0, 4 << 20)]);
+        new_child(&c1, &b, Some("1M"));
+        write(&c1, &[(512, 512), (3 << 20, 1024)]);
+        new_child(&c2, &c1, Some("1M"));
+        write(&c2, &[(1024, 512), (5 << 20, 4096)]);
+        let chain = Chain::open(&c2, &ChainOptions::default()).unwrap();
+        let size = 8 << 20;
+        assert_eq!(
+            merge_ranges(&chain.layers, 2, size, 512).unwrap(),
+            vec![(512, 1024), (3 << 20, 1024), (5 << 20, 4096)]
+        );
+        assert_eq!(
+            merge_ranges(&chain.layers, 1, size, 512).unwrap(),
+            vec![(1024, 512), (5 << 20, 4096)]
+        );
+        assert_eq!(
+            merge_ranges(&chain.layers, 2, size, 4096).unwrap(),
+            vec![(0, 4096), (3 << 20, 4096), (5 << 20, 4096)]
+        );
+    }
 }
