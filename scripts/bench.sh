@@ -836,7 +836,7 @@ merge_bench() {
         mrates+=("$ms")
         crates+=("$cs")
     done
-    "$VD" cat "$mw/run/base.vhdx" | tail -c +$((512 * MIB + 1)) | head -c $((1024 * MIB)) | cmp -s - "$mw/pat" ||
+    cmp -s -n $((1024 * MIB)) -i $((512 * MIB)):0 <("$VD" cat "$mw/run/base.vhdx") "$mw/pat" ||
         die "the merged base does not hold the child's data"
     ms=$(printf '%s\n' "${mrates[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')
     cs=$(printf '%s\n' "${crates[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')

@@ -322,7 +322,7 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
     if args.child.symlink_metadata().is_err() {
         return match existing {
             Some(rec) if rec.phase == Phase::Copied => {
-                finish(&rec, false, None)?;
+                finish(&rec, false, None, None)?;
                 if !args.progress.quiet {
                     eprintln!(
                         "vdiskfs: {}: finished the interrupted merge into {}",
@@ -595,12 +595,13 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
         rec.phase = Phase::Copied;
         rec.write_beside(&run_paths[0])?;
         drop(anc);
-        finish(&rec, args.keep, Some(disk))?;
+        finish(&rec, args.keep, Some(disk), Some(&ids[..k]))?;
     } else {
         finish(
             &rec,
             args.keep,
             Some(Disk::new(chain, DiskOptions::default())),
+            Some(&ids[..k]),
         )?;
     }
     if args.keep && !args.progress.quiet {
@@ -619,9 +620,23 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
 
 /// After the copy: delete the merged layers (top first) unless `keep`, release the chain,
 /// then remove the records (CHILD's last: a rerun starts from it).
-fn finish(rec: &MergeRecord, keep: bool, disk: Option<Disk>) -> Result<()> {
+fn finish(
+    rec: &MergeRecord,
+    keep: bool,
+    disk: Option<Disk>,
+    expected: Option<&[FileId]>,
+) -> Result<()> {
     if !keep {
-        for p in &rec.layers {
+        for (i, p) in rec.layers.iter().enumerate() {
+            // Still the very file that was merged (not one put at its path meanwhile).
+            if let (Some(ids), Ok(id)) = (expected, file_id(p)) {
+                if ids.get(i) != Some(&id) {
+                    return Err(Error::Invalid(format!(
+                        "{}: replaced by another file while it was being merged; not deleted",
+                        p.display()
+                    )));
+                }
+            }
             // Only a file this merge recorded: an image with the same record beside it,
             // owned by the file's owner (a record planted in a shared directory such as
             // /tmp must not make merge delete someone else's file).
