@@ -427,7 +427,9 @@ fn man_pages_and_completions() {
             "vdiskfs-convert.1",
             "vdiskfs-create.1",
             "vdiskfs-info.1",
+            "vdiskfs-merge.1",
             "vdiskfs-mount.1",
+            "vdiskfs-resize.1",
             "vdiskfs-set-parent.1",
             "vdiskfs-umount.1",
             "vdiskfs.1"

@@ -42,6 +42,9 @@ pub struct ChainOptions {
     pub intent: Intent,
     /// Allow block devices and other non-regular files as parents.
     pub allow_device_parent: bool,
+    /// Open layers that carry a merge record (`merge.rs`) instead of refusing, accepting
+    /// the one link the record says changed (`merge` finishing its work, `check`).
+    pub resume_merge: bool,
 }
 
 /// What a chain is opened for. This is the one place the lock rules live; every command
@@ -150,6 +153,8 @@ impl Chain {
     {
         let top = opener(path, opts.intent.open_options(0), false)?;
         let mut ids = vec![file_id(path)?];
+        let mut accepted = Vec::new();
+        merge_record_check(top.as_ref(), opts, &mut accepted)?;
         let mut chain = Chain {
             layers: vec![top],
             found: vec![None],
@@ -183,11 +188,24 @@ impl Chain {
                 opts.intent.open_options(level + 1),
                 via_override,
             )?;
+            merge_record_check(parent.as_ref(), opts, &mut accepted)?;
+            // The link an interrupted merge changed on purpose (its record names it).
+            let merging = accepted.contains(&(*ids.last().expect("top id"), id));
+            let link_opts;
+            let link_opts = if merging {
+                link_opts = ChainOptions {
+                    ignore_linkage: true,
+                    ..opts.clone()
+                };
+                &link_opts
+            } else {
+                opts
+            };
             check_link(
                 child.as_ref(),
                 parent.as_ref(),
                 pref,
-                opts,
+                link_opts,
                 &mut chain.warnings,
             )?;
             log::info!(
@@ -222,6 +240,35 @@ impl Chain {
         }
         Ok(chain)
     }
+}
+
+/// Refuse a layer that carries a merge record (an interrupted `vdiskfs merge`), unless
+/// `resume_merge`; then remember the link the record allows to mismatch.
+fn merge_record_check(
+    layer: &dyn Layer,
+    opts: &ChainOptions,
+    accepted: &mut Vec<(FileId, FileId)>,
+) -> Result<()> {
+    let Some(rec) = crate::merge::MergeRecord::beside(layer.path())? else {
+        return Ok(());
+    };
+    if !opts.resume_merge {
+        return Err(Error::Request(Request::MergeInterrupted {
+            layer: layer.path().to_path_buf(),
+            ancestor: rec.ancestor,
+            command: rec.command,
+        }));
+    }
+    log::warn!(
+        "{}: a merge into {} was interrupted; run `{}` to finish it",
+        layer.path().display(),
+        rec.ancestor.display(),
+        rec.command
+    );
+    if let Some(link) = rec.accepted_link() {
+        accepted.push(link);
+    }
+    Ok(())
 }
 
 const LOCATOR_OVERRIDE: &str = "--parent";

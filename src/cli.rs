@@ -51,6 +51,9 @@ pub enum Command {
     /// Grow a VHDX or VHD (fixed, dynamic or differencing), or shrink a VHDX when nothing
     /// lies past the new end.
     Resize(ResizeArgs),
+    /// Fold a child (and the layers between) into an ancestor, then delete the merged
+    /// files: afterwards the ancestor alone reads what the child read.
+    Merge(MergeArgs),
 }
 
 /// Options for finding and checking parents; every command that opens an image takes them.
@@ -79,6 +82,7 @@ impl ChainArgs {
             ignore_linkage: self.ignore_linkage,
             intent,
             allow_device_parent: self.allow_device_parent,
+            resume_merge: false,
         }
     }
 }
@@ -289,6 +293,30 @@ impl Transport {
             _ => Ok(Transport::Auto),
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The child whose view is merged (the top of the run of layers to fold).
+    pub child: PathBuf,
+    /// The ancestor to merge into (default: CHILD's parent); must be in CHILD's chain.
+    #[arg(long, value_name = "ANCESTOR")]
+    pub into: Option<PathBuf>,
+    /// Keep CHILD and the layers between instead of deleting them (they are no longer
+    /// valid children afterwards).
+    #[arg(long)]
+    pub keep: bool,
+    /// Merge even when other disks depend on ANCESTOR or a merged layer (they break).
+    #[arg(long)]
+    pub force: bool,
+    /// Only say what would be merged into what, how many bytes, and which other disks
+    /// would break.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
+    #[command(flatten)]
+    pub chain: ChainArgs,
 }
 
 #[derive(Debug, Args)]

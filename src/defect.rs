@@ -558,6 +558,13 @@ pub enum Request {
         parent: PathBuf,
         same: PathBuf,
     },
+    /// `layer` carries the record of a `vdiskfs merge` into `ancestor` that did not finish.
+    #[error("{}: a merge into {} was interrupted; run `{command}` to finish it", layer.display(), ancestor.display())]
+    MergeInterrupted {
+        layer: PathBuf,
+        ancestor: PathBuf,
+        command: String,
+    },
 }
 
 /// A mount vdiskfs refuses before mounting: an option, or the mount point, does not fit.

@@ -42,6 +42,7 @@ pub(crate) mod fuse;
 pub mod guest;
 pub(crate) mod image;
 pub(crate) mod layer;
+pub(crate) mod merge;
 pub(crate) mod paths;
 pub(crate) mod progress;
 pub(crate) mod sys;

@@ -15,10 +15,11 @@ pub fn run(args: &CheckArgs) -> Result<i32> {
     }
     let mut layers = Vec::new();
     let mut damaged = false;
-    match Chain::open(
-        &args.image,
-        &args.chain.options(crate::chain::Intent::Inspect),
-    ) {
+    // A chain of an interrupted merge opens for checking (its record is a note, logged as
+    // a warning): the files themselves must be sound at every moment of a merge.
+    let mut opts = args.chain.options(crate::chain::Intent::Inspect);
+    opts.resume_merge = true;
+    match Chain::open(&args.image, &opts) {
         Ok(chain) => {
             for l in &chain.layers {
                 // A structure that fails while being checked is damage to report, not a

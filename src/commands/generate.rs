@@ -155,6 +155,8 @@ fn extra_sections(r: &mut Roff, name: &str) {
                     "vdiskfs-mount(1)",
                     "vdiskfs-umount(1)",
                     "vdiskfs-set-parent(1)",
+                    "vdiskfs-resize(1)",
+                    "vdiskfs-merge(1)",
                     "qemu-img(1)",
                     "losetup(8)",
                 ],

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod create;
 pub mod generate;
 pub mod info;
+pub mod merge;
 pub mod mount;
 pub mod mount_helper;
 pub mod resize;
@@ -27,6 +28,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Generate(a) => generate::run(&a),
         Command::SetParent(a) => set_parent::run(&a),
         Command::Resize(a) => resize::run(&a),
+        Command::Merge(a) => merge::run(&a),
     }
 }
 
