@@ -45,6 +45,9 @@ pub enum Command {
     /// Write the man pages or shell completions (for packaging; see scripts/deb.sh).
     #[command(hide = true)]
     Generate(GenerateArgs),
+    /// Give unused space back: release all-zero blocks of the top file of IMAGE's chain,
+    /// move blocks from the end into the holes and shorten the file (offline, in place).
+    Compact(CompactArgs),
 }
 
 /// Options for finding and checking parents; every command that opens an image takes them.
@@ -297,4 +300,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("bad size {s:?}: not a number"))?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("bad size {s:?}: too large"))
+}
+
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// The image whose top file is compacted (a base or a child; parents are only read).
+    pub image: PathBuf,
+    /// Only report what would be freed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
 }

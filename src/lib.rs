@@ -9,6 +9,7 @@ pub mod cache;
 pub mod chain;
 pub mod cli;
 pub mod commands;
+pub mod compact;
 pub mod convert;
 pub mod defect;
 pub mod disk;

@@ -2,6 +2,7 @@
 
 pub mod cat;
 pub mod check;
+pub mod compact;
 pub mod convert;
 pub mod create;
 pub mod generate;
@@ -23,5 +24,6 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Mount(a) => mount::run(&a, cli.verbose),
         Command::Umount(a) => mount::umount(&a),
         Command::Generate(a) => generate::run(&a),
+        Command::Compact(a) => compact::run(&a),
     }
 }
