@@ -8,7 +8,7 @@ use super::bat::{
     file_offset, make_entry, state, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
     PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_ZERO, SB_BLOCK_PRESENT,
 };
-use super::bitmap::BITMAP_BLOCK_SIZE;
+use super::bitmap::{self, BITMAP_BLOCK_SIZE};
 use super::header::HEADER_SECTION_SIZE;
 use super::Vhdx;
 use crate::compact::{Compact, Layout, Move, Object};
@@ -90,8 +90,13 @@ impl Compact for Vhdx {
         // every reader returns zeros for it in a non-differencing file). Child: NOT_PRESENT
         // when the parents read zeros too, else ZERO (MS-VHDX 2.5.1.1: reads return
         // zeros; UNMAPPED and UNDEFINED allow the parent's or stale data).
-        let mut pages = BTreeMap::new();
+        // A child's released block also loses its sector bitmap bits (in the same log
+        // entry): they mean nothing once the block is not PARTIALLY_PRESENT, our writer
+        // clears them before reusing them, and libvhdi reads set bits even then.
+        let mut pages: BTreeMap<u64, Option<(u64, u64)>> = BTreeMap::new();
         let mut freed = Vec::new();
+        let ss = self.meta.logical_sector_size as u64;
+        let spb = self.block_size() / ss;
         for &(block, parent_zero) in blocks {
             let idx = self.bat.payload_index(block);
             let new_state = if !self.meta.has_parent || parent_zero {
@@ -100,19 +105,54 @@ impl Compact for Vhdx {
                 PAYLOAD_BLOCK_ZERO
             };
             freed.push(block);
-            if !dry_run {
-                self.bat.set(&self.file, idx, make_entry(new_state, 0))?;
-                pages.insert(self.bat_page_of(idx), ());
+            if dry_run {
+                continue;
+            }
+            self.bat.set(&self.file, idx, make_entry(new_state, 0))?;
+            pages.insert(self.bat_page_of(idx), None);
+            let chunk = block / self.bat.chunk_ratio;
+            if !self.meta.has_parent
+                || state(self.bat.get(&self.file, self.bat.bitmap_index(chunk))?)
+                    != SB_BLOCK_PRESENT
+            {
+                continue;
+            }
+            let sb_off = self.bitmap_offset(chunk)?;
+            let bits = self.bitmaps.get(&self.file, chunk, sb_off)?;
+            let first = (block % self.bat.chunk_ratio) * spb;
+            if bitmap::run_length(bits, first, spb, false) < spb {
+                bitmap::clear_bits(bits, first, spb);
+                let (b0, b1) = (first / 8, (first + spb).div_ceil(8));
+                let mut p = b0 - b0 % PAGE;
+                while p < b1 {
+                    pages.insert(sb_off + p, Some((chunk, p)));
+                    p += PAGE;
+                }
             }
         }
         if dry_run || pages.is_empty() {
             return Ok(freed);
         }
-        let offs: Vec<u64> = pages.into_keys().collect();
-        for group in offs.chunks(self.max_commit_pages()) {
+        // BAT pages first: a block's bits may only go once its new state is durable (bits
+        // cleared under a still PARTIALLY_PRESENT entry would show the parent's data),
+        // while the new state with the old bits is the same content.
+        let mut all: Vec<(u64, Option<(u64, u64)>)> = pages.into_iter().collect();
+        all.sort_by_key(|&(o, what)| (what.is_some(), o));
+        for group in all.chunks(self.max_commit_pages()) {
             let pages = group
                 .iter()
-                .map(|&o| Ok((o, self.bat_page(o)?)))
+                .map(|&(o, what)| {
+                    Ok((
+                        o,
+                        match what {
+                            None => self.bat_page(o)?,
+                            Some((chunk, byte)) => {
+                                let bits = self.bitmaps.loaded(chunk).expect("loaded above");
+                                bitmap::to_bytes(bits, (byte / 8) as usize, (PAGE / 8) as usize)
+                            }
+                        },
+                    ))
+                })
                 .collect::<Result<Vec<_>>>()?;
             self.commit_pages(&pages, false)?;
         }
