@@ -18,7 +18,7 @@
 //! libvhdi's vhdimount (except where it is known to be wrong: PAYLOAD_BLOCK_ZERO in a
 //! differencing VHDX, which libvhdi reads from the parent; docs/formats.md).
 //!
-//! VDISKFS_COMPACT_CRASH_CYCLES: kill cycles per format (default 6).
+//! VDISKFS_COMPACT_CRASH_CYCLES: kill cycles per format (default 4).
 //! VDISKFS_COMPACT_WSL_MIB: MiB of files written and deleted in the WSL cases (1024).
 //! Needs root, /dev/fuse, qemu-img, 7zz, vhdimount, mkfs.ext4, e2fsck, filefrag; skips
 //! unless VDISKFS_REQUIRE_FUSE=1, where it fails.
@@ -609,13 +609,13 @@ fn crash_fixture(
     child: bool,
     mnt: &Path,
 ) -> (PathBuf, Option<PathBuf>, Vec<u8>) {
-    let size = 96 * MIB;
+    let size = 48 * MIB;
     let mut model = vec![0u8; size as usize];
-    let base = t.join(format!("base.{}", fmt.ext()));
-    create(&base, "96M", None);
+    let base = t.join(format!("base-{child}.{}", fmt.ext()));
+    create(&base, "48M", None);
     let mut rng = Rng::new(42 + child as u64);
     let mut writes = vec![(0, random(size, 5))];
-    for b in 0..96 {
+    for b in 0..48 {
         match rng.below(4) {
             0 | 1 => writes.push((b * MIB, vec![0; MIB as usize])),
             2 => writes.push((b * MIB + 4096 * rng.below(200), vec![0; 4096])),
@@ -626,8 +626,8 @@ fn crash_fixture(
         write_through(&base, mnt, &mut model, &writes);
         return (base, None, model);
     }
-    write_through(&base, mnt, &mut model, &[(0, random(48 * MIB, 6))]);
-    let top = t.join(format!("child.{}", fmt.ext()));
+    write_through(&base, mnt, &mut model, &[(0, random(24 * MIB, 6))]);
+    let top = t.join(format!("child-{child}.{}", fmt.ext()));
     create(&top, "", Some(&base));
     write_through(&top, mnt, &mut model, &writes);
     (top, Some(base), model)
@@ -637,7 +637,7 @@ fn crash_loop(fmt: Fmt) {
     if !can_run(&["qemu-img", "7zz", "vhdimount"], false) {
         return;
     }
-    let cycles = env_u64("VDISKFS_COMPACT_CRASH_CYCLES", 6);
+    let cycles = env_u64("VDISKFS_COMPACT_CRASH_CYCLES", 4);
     let seed = env_u64(
         "VDISKFS_CRASH_SEED",
         std::time::SystemTime::now()
