@@ -5,10 +5,11 @@
 //!   compacted: the content equals a raw model, the file is exactly as long as an empty
 //!   file of the same kind plus the blocks still holding data, and `--dry-run` said so
 //!   beforehand without changing a byte.
-//! - The WSL case: a 4 GiB dynamic disk (1 MiB blocks) with ext4, files written through a
-//!   writable mount and deleted; the freed space is zeroed (the test writes zeros over
-//!   the deleted files' extents, found with `filefrag`: what `fstrim` will do once
-//!   discard reaches the mount, issue 15 part 1), then compacted: the file shrinks by at
+//! - The WSL case: a dynamic disk (1 MiB blocks; 4 GiB with VDISKFS_COMPACT_WSL_DISK=4G)
+//!   with ext4, files written through a writable mount and deleted; the freed space is
+//!   zeroed (the test writes zeros over the deleted files' extents, found with
+//!   `filefrag`: what `fstrim` will do once discard reaches the mount, issue 15 part 1),
+//!   then compacted: the file shrinks by at
 //!   least 90% of what was deleted, `e2fsck -fn` is clean, the kept files are unchanged.
 //!   VHDX base, VHDX child over a base (the base never changes), VHD base.
 //! - SIGKILL at random moments of compacts of both formats, bases and children: `check`
@@ -18,8 +19,10 @@
 //! libvhdi's vhdimount (except where it is known to be wrong: PAYLOAD_BLOCK_ZERO in a
 //! differencing VHDX, which libvhdi reads from the parent; docs/formats.md).
 //!
-//! VDISKFS_COMPACT_CRASH_CYCLES: kill cycles per format (default 4).
-//! VDISKFS_COMPACT_WSL_MIB: MiB of files written and deleted in the WSL cases (1024).
+//! VDISKFS_COMPACT_CRASH_CYCLES: kill cycles per format and kind (base, child; default 4).
+//! VDISKFS_COMPACT_WSL_MIB: MiB of files written and deleted in the WSL cases (default
+//! 128; the issue's case is 1024 on a 4 GiB disk, about 10 minutes per case here).
+//! VDISKFS_COMPACT_WSL_DISK: the WSL cases' disk size (default 1G; the issue's: 4G).
 //! Needs root, /dev/fuse, qemu-img, 7zz, vhdimount, mkfs.ext4, e2fsck, filefrag; skips
 //! unless VDISKFS_REQUIRE_FUSE=1, where it fails.
 
@@ -493,12 +496,13 @@ fn wsl(fmt: Fmt, child: bool) {
     ) {
         return;
     }
-    let mib = env_u64("VDISKFS_COMPACT_WSL_MIB", 1024);
+    let mib = env_u64("VDISKFS_COMPACT_WSL_MIB", 128);
+    let disk_size = std::env::var("VDISKFS_COMPACT_WSL_DISK").unwrap_or_else(|_| "1G".into());
     let t = TempDir::new(&format!("compact-wsl-{}-{child}", fmt.ext()));
     let mnt = t.join("mnt");
     let guest = t.join("guest");
     let base = t.join(format!("ext4.{}", fmt.ext()));
-    create(&base, "4G", None);
+    create(&base, &disk_size, None);
     let keep = random(5 * MIB + 123, 9);
     {
         let _m = vdiskfs_mount(&base, &mnt, false);
