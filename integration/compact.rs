@@ -726,3 +726,31 @@ fn sigkill_during_vhdx_compact() {
 fn sigkill_during_vhd_compact() {
     crash_loop(Fmt::Vhd);
 }
+
+#[test]
+fn progress_bar_on_a_terminal_and_none_in_a_pipe() {
+    let t = TempDir::new("compact-progress");
+    let raw = t.join("data.raw");
+    filled_raw(&raw, 32 * MIB, 11, &[(4 * MIB, 8 * MIB)]);
+    let img = t.join("a.vhdx");
+    vdiskfs([
+        OsStr::new("convert"),
+        OsStr::new("-f"),
+        OsStr::new("raw"),
+        OsStr::new("--block-size"),
+        OsStr::new("1M"),
+        raw.as_os_str(),
+        img.as_os_str(),
+    ])
+    .assert_success();
+    let shown = on_terminal(&[OsStr::new("compact"), img.as_os_str()]);
+    assert!(
+        shown.contains("compact: scan"),
+        "no progress bar on a terminal: {shown:?}"
+    );
+    assert!(shown.contains(" -> "), "no result line: {shown:?}");
+    let o = compact(&img, &[]);
+    o.assert_success();
+    assert!(o.stderr.is_empty(), "stderr in a pipe: {:?}", o.stderr);
+    assert_eq!(cat_sha256(&img, &[]), sha256_file(&raw));
+}
