@@ -669,7 +669,8 @@ fn crash_loop(fmt: Fmt) {
         let final_len = file_len(&top);
         let final_sha = sha256_file(&top);
         judge(&t, fmt, &top, !child, &want, !(child && fmt == Fmt::Vhdx));
-        let mut killed_mid = 0;
+        let pristine_sha = sha256_file(&pristine);
+        let (mut killed_mid, mut killed_writing) = (0, 0);
         for cycle in 0..cycles {
             fs::copy(&pristine, &top).unwrap();
             // Within the first three quarters of a full run's time (which varies with
@@ -688,6 +689,10 @@ fn crash_loop(fmt: Fmt) {
             let st = c.wait().unwrap();
             if st.code().is_none() {
                 killed_mid += 1;
+                // Killed after the first change to the file (releases, moves, the cut).
+                if sha256_file(&top) != pristine_sha {
+                    killed_writing += 1;
+                }
             }
             let ctx = format!(
                 "{} child={child} seed {seed} cycle {cycle} (killed after {delay:?})",
@@ -712,7 +717,7 @@ fn crash_loop(fmt: Fmt) {
             }
         }
         eprintln!(
-            "{} child={child}: {cycles} cycles, {killed_mid} killed mid-run (full run {full:?}, final sha {final_sha})",
+            "{} child={child}: {cycles} cycles, {killed_mid} killed mid-run, {killed_writing} of them after the file changed (full run {full:?}, final sha {final_sha})",
             fmt.ext()
         );
         fs::remove_file(&pristine).unwrap();
