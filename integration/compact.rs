@@ -662,7 +662,11 @@ fn crash_loop(fmt: Fmt) {
         let pristine = t.join("pristine");
         fs::copy(&top, &pristine).unwrap();
         let base_sha = base.as_ref().map(|b| sha256_file(b));
-        // One full run for its duration and the final length.
+        // A dry run (the read-only scan, about) and one full run, for their durations
+        // and the final length: kills land between the end of the scan and the end.
+        let t0 = Instant::now();
+        compact(&top, &["--dry-run"]).assert_success();
+        let scan = t0.elapsed() * 9 / 10;
         let t0 = Instant::now();
         compact(&top, &["--quiet"]).assert_success();
         let full = t0.elapsed();
@@ -673,9 +677,10 @@ fn crash_loop(fmt: Fmt) {
         let (mut killed_mid, mut killed_writing) = (0, 0);
         for cycle in 0..cycles {
             fs::copy(&pristine, &top).unwrap();
-            // Within the first three quarters of a full run's time (which varies with
-            // the machine's load), so most kills land before the end.
-            let delay = Duration::from_micros(rng.below(full.as_micros() as u64 * 3 / 4 + 1));
+            // After most of the scan, before the end of a full run (both vary with the
+            // machine's load: some kills land in the scan, some after the end).
+            let span = full.saturating_sub(scan).as_micros() as u64;
+            let delay = scan + Duration::from_micros(rng.below(span + 1));
             let mut c = Command::new(bin())
                 .args(["compact", "--quiet"])
                 .arg(&top)
