@@ -637,6 +637,48 @@ fn crash_fixture(
     (top, Some(base), model)
 }
 
+fn mtime(p: &Path) -> std::time::SystemTime {
+    fs::metadata(p).unwrap().modified().unwrap()
+}
+
+/// Run `vdiskfs compact IMG`, watching IMG's modification time: with `kill_after`, SIGKILL
+/// it that long after its first change of the file (the scan before that only reads).
+/// Returns the exit status and, when it changed the file, the time from the first change
+/// to its end.
+fn spawn_watch(
+    img: &Path,
+    kill_after: Option<Duration>,
+) -> (std::process::ExitStatus, Option<Duration>) {
+    let m0 = mtime(img);
+    let mut c = Command::new(bin())
+        .args(["compact", "--quiet"])
+        .arg(img)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut changed: Option<Instant> = None;
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            if changed.is_none() && mtime(img) != m0 {
+                changed = Some(Instant::now());
+            }
+            return (st, changed.map(|t| t.elapsed()));
+        }
+        match changed {
+            None if mtime(img) != m0 => changed = Some(Instant::now()),
+            Some(t) if kill_after.is_some_and(|d| t.elapsed() >= d) => {
+                let _ = c.kill();
+                let st = c.wait().unwrap();
+                return (st, Some(t.elapsed()));
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 fn crash_loop(fmt: Fmt) {
     if !can_run(&["qemu-img", "7zz", "vhdimount"], false) {
         return;
@@ -662,14 +704,11 @@ fn crash_loop(fmt: Fmt) {
         let pristine = t.join("pristine");
         fs::copy(&top, &pristine).unwrap();
         let base_sha = base.as_ref().map(|b| sha256_file(b));
-        // A dry run (the read-only scan, about) and one full run, for their durations
-        // and the final length: kills land between the end of the scan and the end.
-        let t0 = Instant::now();
-        compact(&top, &["--dry-run"]).assert_success();
-        let scan = t0.elapsed() * 9 / 10;
-        let t0 = Instant::now();
-        compact(&top, &["--quiet"]).assert_success();
-        let full = t0.elapsed();
+        // One full run: its final length, and how long it writes (from its first change
+        // of the file to its end): the kills land in that phase.
+        let (st, writing) = spawn_watch(&top, None);
+        assert!(st.success(), "the full compact failed: {st}");
+        let full = writing.expect("the full run changed the file");
         let final_len = file_len(&top);
         let final_sha = sha256_file(&top);
         judge(&t, fmt, &top, !child, &want, !(child && fmt == Fmt::Vhdx));
@@ -677,21 +716,8 @@ fn crash_loop(fmt: Fmt) {
         let (mut killed_mid, mut killed_writing) = (0, 0);
         for cycle in 0..cycles {
             fs::copy(&pristine, &top).unwrap();
-            // After most of the scan, before the end of a full run (both vary with the
-            // machine's load: some kills land in the scan, some after the end).
-            let span = full.saturating_sub(scan).as_micros() as u64;
-            let delay = scan + Duration::from_micros(rng.below(span + 1));
-            let mut c = Command::new(bin())
-                .args(["compact", "--quiet"])
-                .arg(&top)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            std::thread::sleep(delay);
-            let _ = c.kill();
-            let st = c.wait().unwrap();
+            let delay = Duration::from_micros(rng.below(full.as_micros() as u64 + 1));
+            let (st, _) = spawn_watch(&top, Some(delay));
             if st.code().is_none() {
                 killed_mid += 1;
                 // Killed after the first change to the file (releases, moves, the cut).
