@@ -21,8 +21,8 @@
 //!
 //! VDISKFS_COMPACT_CRASH_CYCLES: kill cycles per format and kind (base, child; default 4).
 //! VDISKFS_COMPACT_WSL_MIB: MiB of files written and deleted in the WSL cases (default
-//! 128; the case is 1024 on a 4 GiB disk, about 10 minutes per case here).
-//! VDISKFS_COMPACT_WSL_DISK: the WSL cases' disk size (default 1G; the issue's: 4G).
+//! 96; the case is 1024 on a 4 GiB disk, 6 to 10 minutes per case here).
+//! VDISKFS_COMPACT_WSL_DISK: the WSL cases' disk size (default 512M; the issue's: 4G).
 //! Needs root, /dev/fuse, qemu-img, 7zz, vhdimount, mkfs.ext4, e2fsck, filefrag; skips
 //! unless VDISKFS_REQUIRE_FUSE=1, where it fails.
 
@@ -496,8 +496,8 @@ fn wsl(fmt: Fmt, child: bool) {
     ) {
         return;
     }
-    let mib = env_u64("VDISKFS_COMPACT_WSL_MIB", 128);
-    let disk_size = std::env::var("VDISKFS_COMPACT_WSL_DISK").unwrap_or_else(|_| "1G".into());
+    let mib = env_u64("VDISKFS_COMPACT_WSL_MIB", 96);
+    let disk_size = std::env::var("VDISKFS_COMPACT_WSL_DISK").unwrap_or_else(|_| "512M".into());
     let t = TempDir::new(&format!("compact-wsl-{}-{child}", fmt.ext()));
     let mnt = t.join("mnt");
     let guest = t.join("guest");
