@@ -7,10 +7,11 @@
 //!    (VHDX: otherwise PAYLOAD_BLOCK_ZERO; VHD has no zero state and keeps the block).
 //!    The content of the disk does not change, so any subset of releases that reached
 //!    the file is a valid state.
-//! 2. **Move** blocks from the end of the file into the lowest holes, one at a time:
-//!    copy -> fdatasync -> the one metadata change pointing at the copy (VHDX: one log
-//!    entry; VHD: the BAT sector) -> fdatasync. Until the metadata change is durable the
-//!    old copy is the one referenced; the destination was unreferenced space.
+//! 2. **Move** blocks from the end of the file into the lowest holes, in batches of up to
+//!    64 MiB: copy -> fdatasync -> the metadata changes pointing at the copies (VHDX: the
+//!    BAT pages through the log, one entry per `max_commit_pages`; VHD: the BAT sectors)
+//!    -> fdatasync. Until a change is durable the old copy is the one referenced; the
+//!    destination was unreferenced space, and no source is ever a destination.
 //! 3. **Truncate** after the last structure, once every move is durable (VHD: the footer
 //!    is first written at the new end, so the file always ends with a valid footer).
 //!
@@ -230,8 +231,11 @@ pub trait Compact {
     fn release(&self, blocks: &[(u64, bool)], dry_run: bool) -> Result<Vec<u64>>;
     /// The structures, leaving out the payload blocks in `freed`.
     fn layout(&self, freed: &[u64]) -> Result<Layout>;
-    /// Move one object (copy, fdatasync, metadata, fdatasync).
-    fn move_object(&self, m: &Move) -> Result<()>;
+    /// Move a batch of objects: copy each into its hole, fdatasync, then the metadata
+    /// pointing at the copies, fdatasync. Every destination is a hole and every source a
+    /// live object (the plan never reuses a source), so after a crash each entry points
+    /// at its old copy or its new, durable one: both hold the same data.
+    fn move_objects(&self, ms: &[Move]) -> Result<()>;
     /// Everything is durable: end the file at `len` (and close cleanly).
     fn finish(&self, len: u64) -> Result<()>;
 }
@@ -262,6 +266,12 @@ pub struct Control<'a> {
 }
 
 const PIECE: usize = 1 << 20;
+/// Bytes of block copies per durable step of the moves (small in unit tests, so their
+/// cuts fall between batches too).
+#[cfg(not(test))]
+const BATCH: u64 = 64 << 20;
+#[cfg(test)]
+const BATCH: u64 = 2 << 20;
 
 fn all_zero(b: &[u8]) -> bool {
     // OR-folding fixed pieces vectorises; stop at the first piece with a set byte.
@@ -327,15 +337,24 @@ pub fn compact(
     (ctl.moving)(moves.iter().map(|m| m.object.len).sum());
     let mut done_end = None;
     if !ctl.dry_run && !report.interrupted {
-        for m in &moves {
+        let mut rest = &moves[..];
+        while !rest.is_empty() {
             if ctl.cancel.load(Ordering::Relaxed) {
                 report.interrupted = true;
                 break;
             }
-            top.move_object(m)?;
-            report.moved += 1;
-            report.moved_bytes += m.object.len;
-            (ctl.moved)(m.object.len);
+            // Up to BATCH bytes of copies share one fdatasync and one metadata update.
+            let mut n = 0;
+            let mut bytes = 0;
+            while n < rest.len() && (n == 0 || bytes + rest[n].object.len <= BATCH) {
+                bytes += rest[n].object.len;
+                n += 1;
+            }
+            top.move_objects(&rest[..n])?;
+            report.moved += n as u64;
+            report.moved_bytes += bytes;
+            (ctl.moved)(bytes);
+            rest = &rest[n..];
         }
         if !report.interrupted {
             done_end = Some(end);

@@ -139,45 +139,51 @@ impl Compact for Vhd {
         })
     }
 
-    fn move_object(&self, m: &Move) -> Result<()> {
+    fn move_objects(&self, ms: &[Move]) -> Result<()> {
         let bat = self.bat.as_ref().expect("compactable");
-        let o = &m.object;
-        let b = o.id as usize;
-        let e = bat.entry(b);
-        if e as u64 * SECTOR != o.offset {
-            return Err(Error::Invalid(format!(
-                "{}: internal: block {b} moved under compact",
-                self.file.path.display()
-            )));
-        }
-        let to = u32::try_from(m.to / SECTOR)
-            .ok()
-            .filter(|&s| s != UNALLOCATED);
-        let Some(to) = to else {
-            return Err(Error::Invalid(format!(
-                "{}: internal: move target {} out of range",
-                self.file.path.display(),
-                m.to
-            )));
-        };
         let mut buf = vec![0u8; COPY as usize];
-        let mut p = 0;
-        while p < o.len {
-            let n = COPY.min(o.len - p) as usize;
-            pread(&self.file, &mut buf[..n], o.offset + p)?;
-            self.file.write_all_at(&buf[..n], m.to + p)?;
-            p += n as u64;
+        let mut entries = Vec::with_capacity(ms.len());
+        for m in ms {
+            let o = &m.object;
+            let b = o.id as usize;
+            if bat.entry(b) as u64 * SECTOR != o.offset {
+                return Err(Error::Invalid(format!(
+                    "{}: internal: block {b} moved under compact",
+                    self.file.path.display()
+                )));
+            }
+            let to = u32::try_from(m.to / SECTOR)
+                .ok()
+                .filter(|&s| s != UNALLOCATED);
+            let Some(to) = to else {
+                return Err(Error::Invalid(format!(
+                    "{}: internal: move target {} out of range",
+                    self.file.path.display(),
+                    m.to
+                )));
+            };
+            let mut p = 0;
+            while p < o.len {
+                let n = COPY.min(o.len - p) as usize;
+                pread(&self.file, &mut buf[..n], o.offset + p)?;
+                self.file.write_all_at(&buf[..n], m.to + p)?;
+                p += n as u64;
+            }
+            entries.push((b, to));
         }
-        // Readers (none but us here) see the new place once the copy is written.
-        bat.set_entry(b, to);
-        let r = self.file.flush_ordered(true, || {
-            self.write_bat_sector(b / (SECTOR as usize / 4))?;
+        // The copies durable, then the BAT sectors (each lands whole or not at all, and
+        // either way its entries point at a durable copy), then durable again.
+        let mut sectors = BTreeSet::new();
+        for &(b, to) in &entries {
+            bat.set_entry(b, to);
+            sectors.insert(b / (SECTOR as usize / 4));
+        }
+        self.file.flush_ordered(true, || {
+            for &n in &sectors {
+                self.write_bat_sector(n)?;
+            }
             Ok(true)
-        });
-        if r.is_err() {
-            bat.set_entry(b, e);
-        }
-        r
+        })
     }
 
     fn finish(&self, len: u64) -> Result<()> {

@@ -214,37 +214,48 @@ impl Compact for Vhdx {
         })
     }
 
-    fn move_object(&self, m: &Move) -> Result<()> {
-        let o = &m.object;
-        let e = self.bat.get(&self.file, o.id)?;
-        if file_offset(e) != o.offset {
-            return Err(Error::Invalid(format!(
-                "{}: internal: BAT entry {} moved under compact",
-                self.file.path.display(),
-                o.id
-            )));
-        }
-        // The last block of a disk may end before its full size in the file.
-        let len = o.len.min(self.file_len()?.saturating_sub(o.offset));
+    fn move_objects(&self, ms: &[Move]) -> Result<()> {
         let mut buf = vec![0u8; COPY as usize];
-        let mut p = 0;
-        while p < len {
-            let n = COPY.min(len - p) as usize;
-            self.file.read_exact_at(&mut buf[..n], o.offset + p)?;
-            self.file.write_all_at(&buf[..n], m.to + p)?;
-            p += n as u64;
+        let file_len = self.file_len()?;
+        let mut entries = Vec::with_capacity(ms.len());
+        for m in ms {
+            let o = &m.object;
+            let e = self.bat.get(&self.file, o.id)?;
+            if file_offset(e) != o.offset {
+                return Err(Error::Invalid(format!(
+                    "{}: internal: BAT entry {} moved under compact",
+                    self.file.path.display(),
+                    o.id
+                )));
+            }
+            // The last block of a disk may end before its full size in the file.
+            let len = o.len.min(file_len.saturating_sub(o.offset));
+            let mut p = 0;
+            while p < len {
+                let n = COPY.min(len - p) as usize;
+                self.file.read_exact_at(&mut buf[..n], o.offset + p)?;
+                self.file.write_all_at(&buf[..n], m.to + p)?;
+                p += n as u64;
+            }
+            entries.push((o.id, make_entry(state(e), m.to)));
         }
-        // In memory first (the page is built from it), then one log entry; the copy is
-        // made durable by `commit_pages` before the entry is written.
-        self.bat.set(&self.file, o.id, make_entry(state(e), m.to))?;
-        let page = self.bat_page_of(o.id);
-        let r = self
-            .bat_page(page)
-            .and_then(|p| self.commit_pages(&[(page, p)], false));
-        if r.is_err() {
-            self.bat.set(&self.file, o.id, e)?;
+        // In memory first (the pages are built from it), then the BAT pages as few log
+        // entries as allow; `commit_pages` makes the copies durable before its entry.
+        // (Should a later entry fail, the process stops: `finish` never runs.)
+        let mut pages = std::collections::BTreeSet::new();
+        for &(id, e) in &entries {
+            self.bat.set(&self.file, id, e)?;
+            pages.insert(self.bat_page_of(id));
         }
-        r
+        let pages: Vec<u64> = pages.into_iter().collect();
+        for group in pages.chunks(self.max_commit_pages()) {
+            let content = group
+                .iter()
+                .map(|&o| Ok((o, self.bat_page(o)?)))
+                .collect::<Result<Vec<_>>>()?;
+            self.commit_pages(&content, false)?;
+        }
+        Ok(())
     }
 
     fn finish(&self, len: u64) -> Result<()> {
