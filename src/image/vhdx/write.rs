@@ -363,7 +363,6 @@ impl Vhdx {
     }
 
     /// Most 4 KiB pages `commit_pages` takes in one (atomic) call.
-    #[allow(dead_code)] // used by the structural verbs as they land
     pub(crate) fn max_commit_pages(&self) -> usize {
         entry_page_limit(self.header().log_length as u64)
     }
@@ -388,7 +387,6 @@ impl Vhdx {
     ///
     /// The in-memory tables (metadata, regions, BAT) are NOT updated from the pages: after
     /// a structural rewrite, `close` the image and open it again.
-    #[allow(dead_code)] // used by the structural verbs as they land
     pub(crate) fn commit_pages(&self, pages: &[(u64, Vec<u8>)], data_changes: bool) -> Result<()> {
         let mut st = self.state_lock()?;
         let limit = entry_page_limit(self.header().log_length as u64);
