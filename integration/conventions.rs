@@ -424,6 +424,7 @@ fn man_pages_and_completions() {
         [
             "vdiskfs-cat.1",
             "vdiskfs-check.1",
+            "vdiskfs-compact.1",
             "vdiskfs-convert.1",
             "vdiskfs-create.1",
             "vdiskfs-info.1",

@@ -1116,3 +1116,130 @@ merge_bench() {
     awk -v m="$ms" -v c="$cs" -v r="$r" 'BEGIN { printf "  median: merge %s MiB/s, cp %s MiB/s; median of the rounds'"'"' ratios %.2fx of cp (target >= 0.5x): %s\n", m, c, r, (r >= 0.5 ? "met" : "NOT met") }'
 }
 # <<< merge section
+# >>> compact section ---------------------------------------------------------------------
+# BENCH_ONLY=compact (needs root, fusermount3, qemu-img, mkfs.ext4, filefrag): the WSL case.
+# A 4 GiB dynamic VHDX with 1 MiB blocks (as WSL's ext4.vhdx) and ext4 on the whole disk,
+# made through a writable vdiskfs mount: BENCH_COMPACT_KEEP_MIB (512) of random files kept,
+# BENCH_COMPACT_MIB (1024) of random files written, deleted, and their extents zeroed
+# through disk.raw (what fstrim will do once discard reaches the mount). Then, on copies
+# of that file, BENCH_REPEAT rounds: `vdiskfs compact` in place against the usual
+# workaround, `qemu-img convert -O vhdx` of the same file (qemu's default block size,
+# 16 MiB for 4 GiB, and -o block_size=1M). Sizes: the file length and the allocated
+# bytes; goal: compacted length <= qemu-img's + 1%. Every output's content is checked.
+cpb_now() { date +%s.%N; }
+cpb_median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+cpb_time() { # cpb_time CMD...: CPB_REAL = wall seconds
+    local t0
+    t0=$(cpb_now)
+    "$@" >/dev/null || die "$* failed"
+    CPB_REAL=$(awk -v a="$t0" -v b="$(cpb_now)" 'BEGIN { printf "%.2f", b - a }')
+}
+CPB_WORK=""
+compact_cleanup() {
+    local m
+    for m in "$CPB_WORK/guest" "$CPB_WORK/mnt"; do
+        if [ -n "$CPB_WORK" ] && grep -qF " $m " /proc/self/mountinfo; then
+            umount "$m" 2>/dev/null || fusermount3 -u -z "$m" 2>/dev/null || umount -l "$m"
+        fi
+    done
+    if [ -n "$CPB_WORK" ]; then
+        if [ "${BENCH_KEEP:-0}" = 1 ]; then echo "bench: kept $CPB_WORK"; else rm -rf "$CPB_WORK"; fi
+    fi
+    return 0
+}
+
+compact_bench() {
+    local w keep_mib del_mib i r ext f
+    for t in cargo qemu-img fusermount3 mkfs.ext4 filefrag; do
+        command -v "$t" >/dev/null 2>&1 || die "$t not found (run scripts/setup.sh)"
+    done
+    keep_mib=${BENCH_COMPACT_KEEP_MIB:-512}
+    del_mib=${BENCH_COMPACT_MIB:-1024}
+    say "build: cargo build --release"
+    cargo build --release
+    mkdir -p "$BASEDIR"
+    w=$(mktemp -d "$BASEDIR/vdiskfs-bench-compact.XXXXXX")
+    CPB_WORK=$w
+    trap 'rc=$?; compact_cleanup; exit $rc' EXIT
+    trap 'exit 130' INT TERM
+    mkdir -p "$w/mnt" "$w/guest" "$w/out"
+
+    say "compact: machine"
+    echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "cpus:    $(nproc); load $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "disk:    $(df --output=fstype "$w" | tail -n 1) ($w)"
+
+    say "compact: ext4.vhdx, 4 GiB, 1 MiB blocks: $keep_mib MiB kept, $del_mib MiB written, deleted, zeroed"
+    "$VD" create --size 4G --block-size 1M "$w/ext4.vhdx" >/dev/null
+    "$VD" mount "$w/ext4.vhdx" "$w/mnt"
+    mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$w/mnt/disk.raw"
+    mount -o loop "$w/mnt/disk.raw" "$w/guest"
+    for i in 1 2 3 4; do
+        head -c $((keep_mib / 4 * MIB)) /dev/urandom >"$w/guest/keep$i.bin"
+    done
+    for i in $(seq 1 8); do
+        head -c $((del_mib / 8 * MIB)) /dev/urandom >"$w/guest/gone$i.bin"
+    done
+    sync
+    for i in $(seq 1 8); do
+        filefrag -v -b4096 "$w/guest/gone$i.bin" |
+            awk -F: '$1 ~ /^ *[0-9]+$/ { split($3, p, "\\.\\."); print p[1] + 0, $4 + 0 }'
+    done >"$w/extents"
+    rm "$w"/guest/gone*.bin
+    sync
+    umount "$w/guest"
+    while read -r off len; do
+        dd if=/dev/zero of="$w/mnt/disk.raw" bs=4096 seek="$off" count="$len" conv=notrunc status=none
+    done <"$w/extents"
+    sync "$w/mnt/disk.raw"
+    "$VD" umount "$w/mnt"
+    flock -x -w 60 "$w/ext4.vhdx" true || die "daemon still holds ext4.vhdx"
+    local want len0
+    want=$("$VD" cat "$w/ext4.vhdx" | sha256sum | cut -d' ' -f1)
+    len0=$(stat -c %s "$w/ext4.vhdx")
+    echo "  before: $len0 bytes ($(du -B1 "$w/ext4.vhdx" | cut -f1) allocated)"
+    "$VD" compact --dry-run "$w/ext4.vhdx"
+
+    local t_vd=() t_q=() t_q1=()
+    for r in $(seq 1 "$REPEAT"); do
+        rm -f "$w/out/"*
+        cp --sparse=always "$w/ext4.vhdx" "$w/out/vd.vhdx"
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+        cpb_time "$VD" compact -q "$w/out/vd.vhdx"
+        t_vd+=("$CPB_REAL")
+        echo 3 >/proc/sys/vm/drop_caches
+        cpb_time qemu-img convert -f vhdx -O vhdx "$w/ext4.vhdx" "$w/out/q.vhdx"
+        t_q+=("$CPB_REAL")
+        echo 3 >/proc/sys/vm/drop_caches
+        cpb_time qemu-img convert -f vhdx -O vhdx -o block_size=1M "$w/ext4.vhdx" "$w/out/q1.vhdx"
+        t_q1+=("$CPB_REAL")
+        echo "  round $r: compact ${t_vd[-1]} s, qemu-img convert ${t_q[-1]} s, with 1 MiB blocks ${t_q1[-1]} s"
+    done
+    for f in vd q q1; do
+        [ "$("$VD" cat "$w/out/$f.vhdx" | sha256sum | cut -d' ' -f1)" = "$want" ] ||
+            die "$f.vhdx does not read as the original"
+    done
+    "$VD" check "$w/out/vd.vhdx" >/dev/null || die "check of the compacted file failed"
+    qemu-img check -f vhdx "$w/out/vd.vhdx" >/dev/null || die "qemu-img check of the compacted file failed"
+
+    say "compact results (median of $REPEAT; times include reading the 4 GiB disk's data; vdiskfs's include its fdatasyncs, qemu-img's default cache=unsafe flushes nothing)"
+    local lv lq lq1
+    lv=$(stat -c %s "$w/out/vd.vhdx")
+    lq=$(stat -c %s "$w/out/q.vhdx")
+    lq1=$(stat -c %s "$w/out/q1.vhdx")
+    printf '  %-44s %14s %14s %8s\n' "" "length" "allocated" "time s"
+    printf '  %-44s %14s %14s %8s\n' "before" "$len0" "$(du -B1 "$w/ext4.vhdx" | cut -f1)" "-"
+    printf '  %-44s %14s %14s %8s\n' "vdiskfs compact (in place)" "$lv" "$(du -B1 "$w/out/vd.vhdx" | cut -f1)" "$(cpb_median "${t_vd[@]}")"
+    printf '  %-44s %14s %14s %8s\n' "qemu-img convert -O vhdx" "$lq" "$(du -B1 "$w/out/q.vhdx" | cut -f1)" "$(cpb_median "${t_q[@]}")"
+    printf '  %-44s %14s %14s %8s\n' "qemu-img convert -O vhdx -o block_size=1M" "$lq1" "$(du -B1 "$w/out/q1.vhdx" | cut -f1)" "$(cpb_median "${t_q1[@]}")"
+    for pair in "qemu-img convert:$lq" "qemu-img convert, 1 MiB blocks:$lq1"; do
+        if awk -v v="$lv" -v q="${pair##*:}" 'BEGIN { exit !(v <= q * 1.01) }'; then
+            echo "  compacted length <= ${pair%%:*} + 1%: met ($(awk -v v="$lv" -v q="${pair##*:}" 'BEGIN { printf "%.3f", v / q }')x)"
+        else
+            echo "  compacted length <= ${pair%%:*} + 1%: NOT met ($(awk -v v="$lv" -v q="${pair##*:}" 'BEGIN { printf "%.3f", v / q }')x)"
+        fi
+    done
+}
+# <<< compact section

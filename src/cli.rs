@@ -54,6 +54,9 @@ pub enum Command {
     /// Fold a child (and the layers between) into an ancestor, then delete the merged
     /// files: afterwards the ancestor alone reads what the child read.
     Merge(MergeArgs),
+    /// Give unused space back: release all-zero blocks of the top file of IMAGE's chain,
+    /// move blocks from the end into the holes and shorten the file (offline, in place).
+    Compact(CompactArgs),
 }
 
 /// Options for finding and checking parents; every command that opens an image takes them.
@@ -408,4 +411,17 @@ pub struct ResizeArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub chain: ChainArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// The image whose top file is compacted (a base or a child; parents are only read).
+    pub image: PathBuf,
+    /// Only report what would be freed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    #[command(flatten)]
+    pub progress: ProgressArgs,
 }

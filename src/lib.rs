@@ -34,6 +34,7 @@ pub(crate) mod cache;
 pub(crate) mod chain;
 pub(crate) mod cli;
 pub(crate) mod commands;
+pub(crate) mod compact;
 pub(crate) mod convert;
 pub(crate) mod defect;
 pub(crate) mod disk;

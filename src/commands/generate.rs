@@ -157,6 +157,7 @@ fn extra_sections(r: &mut Roff, name: &str) {
                     "vdiskfs-set-parent(1)",
                     "vdiskfs-resize(1)",
                     "vdiskfs-merge(1)",
+                    "vdiskfs-compact(1)",
                     "qemu-img(1)",
                     "losetup(8)",
                 ],

@@ -211,7 +211,7 @@ fn render_text(doc: &Value) -> String {
 }
 
 /// "1.00 MiB" (no byte count: the table shows sectors).
-fn short_size(n: u64) -> String {
+pub(crate) fn short_size(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;
     let mut u = 0;

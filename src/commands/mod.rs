@@ -2,6 +2,7 @@
 
 pub mod cat;
 pub mod check;
+pub mod compact;
 pub mod convert;
 pub mod create;
 pub mod generate;
@@ -29,6 +30,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::SetParent(a) => set_parent::run(&a),
         Command::Resize(a) => resize::run(&a),
         Command::Merge(a) => merge::run(&a),
+        Command::Compact(a) => compact::run(&a),
     }
 }
 

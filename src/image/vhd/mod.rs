@@ -16,6 +16,7 @@
 
 pub mod bat;
 mod check;
+mod compact;
 pub mod create;
 pub mod dynamic;
 pub mod footer;

@@ -6,6 +6,7 @@
 
 pub mod bat;
 pub mod bitmap;
+mod compact;
 pub mod create;
 pub mod header;
 pub mod log;
