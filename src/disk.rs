@@ -301,6 +301,42 @@ impl Disk {
         Ok(n)
     }
 
+    /// Discard `[offset, offset + len)` in the top layer (clamped to the disk): afterwards
+    /// it reads zeros. The whole write units inside go to `WritableLayer::discard`
+    /// (which gives space back); the unaligned edges get zeros written (read-modify-write
+    /// by `write_at`). Durable at the next flush.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let top = self.chain.top();
+        let Some(w) = top.writable() else {
+            return Err(Error::io(
+                top.path(),
+                "discard",
+                offset,
+                io::Error::from_raw_os_error(libc::EROFS),
+            ));
+        };
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(());
+        }
+        let s = (w.write_granularity() as u64).max(self.sector);
+        let a = offset.div_ceil(s) * s;
+        // The disk's end is a whole number of sectors, and counts as a unit boundary.
+        let b = if end == self.size { end } else { end / s * s };
+        let zeros = |from: u64, to: u64| -> Result<()> {
+            if from < to {
+                self.write_at(from, &vec![0u8; (to - from) as usize])?;
+            }
+            Ok(())
+        };
+        if a >= b {
+            return zeros(offset, end);
+        }
+        zeros(offset, a)?;
+        w.discard(a, b - a)?;
+        zeros(b, end)
+    }
+
     /// Make all writes durable.
     pub fn flush(&self) -> Result<()> {
         match self.chain.top().writable() {
