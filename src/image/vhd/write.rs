@@ -157,7 +157,7 @@ impl Vhd {
             drop(st);
             return self.write_in_place(b, e, boff, data);
         }
-        self.allocate(&mut st, b, boff, data)
+        self.allocate(&mut st, b, boff, data.len() as u64, Some(data))
     }
 
     fn write_in_place(&self, b: usize, e: u32, boff: u64, data: &[u8]) -> Result<()> {
@@ -225,7 +225,16 @@ impl Vhd {
 
     /// Allocate block `b` in a reserved slot and write `data` at `boff` in it. The BAT
     /// entry reaches the file at the next flush. Called with the writer's lock held.
-    fn allocate(&self, st: &mut State, b: usize, boff: u64, data: &[u8]) -> Result<()> {
+    /// `data: None` marks `len` bytes at `boff` present without writing them: a slot's
+    /// data area reads zeros (a reservation is a hole, a freed slot was punched).
+    fn allocate(
+        &self,
+        st: &mut State,
+        b: usize,
+        boff: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<()> {
         let bat = self.bat.as_ref().expect("sparse disk");
         let block_len = self.block_len();
         // A slot is used up from here on, whatever happens: a slot that may hold bytes of
@@ -250,7 +259,7 @@ impl Vhd {
         let sectors = bat.sectors_per_block();
         let (bitmap, bytes) = if self.footer.disk_type == DiskType::Differencing {
             let s0 = (boff / SECTOR) as u32;
-            let s1 = s0 + (data.len() as u64 / SECTOR) as u32;
+            let s1 = s0 + (len / SECTOR) as u32;
             let mut bytes = vec![0u8; bitmap_size as usize];
             set_bits(&mut bytes, s0, s1);
             (Bitmap::from_bytes(&bytes, sectors), bytes)
@@ -258,8 +267,10 @@ impl Vhd {
             (Bitmap::Full, vec![0xFF; bitmap_size as usize])
         };
         self.file.write_all_at(&bytes, new_block)?;
-        self.file
-            .write_all_at(data, new_block + bitmap_size + boff)?;
+        if let Some(data) = data {
+            self.file
+                .write_all_at(data, new_block + bitmap_size + boff)?;
+        }
 
         // Publish: bitmap before entry, so a reader that sees the entry finds the bitmap.
         let fresh = bat.set_bitmap(b, bitmap);
@@ -289,19 +300,16 @@ impl Vhd {
         if e == UNALLOCATED && !diff {
             return Ok(());
         }
+        let mut st = self.state();
+        let e = bat.entry(b);
         if e == UNALLOCATED {
-            // A new block in a reserved or freed slot (both read zeros), the range
-            // marked present: the data written is zeros, in pieces.
-            let zeros = vec![0u8; len.min(1 << 20) as usize];
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(zeros.len() as u64);
-                self.write_block(b, boff + done, &zeros[..n as usize])?;
-                done += n;
-            }
-            return Ok(());
+            // A new block in a reserved or freed slot (its data area reads zeros), the
+            // range marked present; nothing written but the bitmap.
+            return self.allocate(&mut st, b, boff, len, None);
         }
+        drop(st);
         let data_start = e as u64 * SECTOR + bat.bitmap_size as u64;
+        // Cached before the lock (a read), as `write_in_place` does.
         let bm = bat.bitmap(&self.file, b)?;
         let mut st = self.state();
         if !diff && boff == 0 && len == bat.block_size as u64 {

@@ -334,16 +334,18 @@ impl Vhdx {
                 self.mark_present(st, block, in_block, len)?;
             }
             _ => {
-                // Not present in a differencing file: a new block (its space reads
-                // zeros: fresh file extension or a punched slot), this range marked.
-                // The first piece allocates, the rest write into it in place.
-                let zeros = vec![0u8; len.min(MIB) as usize];
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(MIB);
-                    self.write_block(st, block, in_block + done, &zeros[..n as usize])?;
-                    done += n;
-                }
+                // Not present in a differencing file: a new block whose space reads
+                // zeros (fresh file extension or a punched slot), nothing written but
+                // the range marked present, as a write into it would leave it.
+                let off = self.allocate_block(st)?;
+                self.mark_absent(st, block)?;
+                self.mark_present(st, block, in_block, len)?;
+                self.bat.set(
+                    &self.file,
+                    idx,
+                    make_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, off),
+                )?;
+                self.mark_bat_dirty(st, idx);
             }
         }
         st.unsynced = true;
