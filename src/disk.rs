@@ -333,8 +333,49 @@ impl Disk {
             return zeros(offset, end);
         }
         zeros(offset, a)?;
-        w.discard(a, b - a)?;
+        self.discard_units(w, a, b)?;
         zeros(b, end)
+    }
+
+    /// `w.discard` of `[a, b)` (whole write units), leaving out the 1 MiB pieces that
+    /// already read zeros because the top does not hold them and no parent has data
+    /// there: a differencing VHD has no zero state, so discarding those would allocate
+    /// blocks only to say "zeros" (mkfs and fstrim discard whole free areas).
+    fn discard_units(&self, w: &dyn crate::layer::WritableLayer, a: u64, b: u64) -> Result<()> {
+        if self.chain.layers.len() == 1 {
+            return w.discard(a, b - a);
+        }
+        const PIECE: u64 = 1 << 20;
+        let top = self.chain.top();
+        let mut runs = Vec::new();
+        let mut data = Vec::new();
+        // Start of the pending range still to be discarded.
+        let mut pending: Option<u64> = None;
+        let mut pos = a;
+        while pos < b {
+            let next = ((pos / PIECE + 1) * PIECE).min(b);
+            runs.clear();
+            top.map(pos, next - pos, &mut runs)?;
+            let absent = runs.iter().all(|r| matches!(r, Run::Absent { .. }));
+            let skip = absent && {
+                data.clear();
+                self.data_ranges_level(1, pos, next - pos, &mut data)?;
+                data.is_empty()
+            };
+            match (skip, pending) {
+                (true, Some(p)) => {
+                    w.discard(p, pos - p)?;
+                    pending = None;
+                }
+                (false, None) => pending = Some(pos),
+                _ => {}
+            }
+            pos = next;
+        }
+        if let Some(p) = pending {
+            w.discard(p, b - p)?;
+        }
+        Ok(())
     }
 
     /// Make all writes durable.

@@ -302,3 +302,40 @@ fn a_crash_after_any_write_of_discards_leaves_old_or_new() {
         );
     }
 }
+
+/// Discarding what already reads zeros in a child (not held by it, no data in the
+/// parents) allocates nothing: a VHD child would otherwise get a block per discarded
+/// block (VHD has no zero state), e.g. for mkfs's discard of the whole device.
+#[test]
+fn discarding_zeros_in_a_child_allocates_nothing() {
+    for ext in ["vhd", "vhdx"] {
+        let d = TempDir::new(&format!("discard-child-zeros-{ext}"));
+        let size = 64 * MIB;
+        let b = d.join(format!("base.{ext}"));
+        base(&b, size, 512);
+        let mut data = vec![0u8; (3 * MIB) as usize];
+        Rng(3).fill(&mut data);
+        {
+            let disk = open_disk(&b, true);
+            disk.write_at(MIB + 512, &data).unwrap();
+            disk.close().unwrap();
+        }
+        let c = d.join(format!("child.{ext}"));
+        new_child(&c, &b, Some("1M"));
+        let len0 = std::fs::metadata(&c).unwrap().len();
+        {
+            let disk = open_disk(&c, true);
+            disk.discard(0, size).unwrap();
+            disk.close().unwrap();
+        }
+        let disk = open_disk(&c, false);
+        assert!(read_all(&disk).iter().all(|&x| x == 0), "{ext}: all zeros");
+        let len1 = std::fs::metadata(&c).unwrap().len();
+        // VHD: at most the 5 blocks over the parent's data (1 MiB + bitmap each).
+        assert!(
+            len1 <= len0 + 5 * (MIB + 4096),
+            "{ext}: the child grew from {len0} to {len1} bytes"
+        );
+        assert_eq!(disk.layers()[0].check().unwrap(), Vec::<String>::new());
+    }
+}
