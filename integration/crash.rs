@@ -596,6 +596,7 @@ fn crash_cycles(fmt: Fmt) {
     let mut layers = 0;
     let mut acked_total = 0usize;
     let mut issued_total = 0usize;
+    let mut discards_total = 0usize;
     // What libvhdi's view of the top is judged against. libvhdi ignores a VHDX log, so it
     // sees the file as written in place: every acknowledged write (they were applied
     // before the fsync returned), and each unacknowledged one old or new, but not
@@ -681,6 +682,7 @@ fn crash_cycles(fmt: Fmt) {
             }
         }
         issued_total += j.ops.len();
+        discards_total += j.ops.iter().filter(|o| o.discard).count();
         acked_total += j.acked;
         let info = CycleInfo {
             cycle,
@@ -747,8 +749,8 @@ fn crash_cycles(fmt: Fmt) {
         }
     }
     eprintln!(
-        "crash test {}: {cycles} kill cycles, {layers} children stacked, {issued_total} writes \
-         issued, {acked_total} acknowledged, {libvhdi_checks} libvhdi checks ({in_place_behind} \
+        "crash test {}: {cycles} kill cycles, {layers} children stacked, {issued_total} ops \
+         issued ({discards_total} of them discards), {acked_total} acknowledged, {libvhdi_checks} libvhdi checks ({in_place_behind} \
          where libvhdi's view differed from vdiskfs's: a VHDX log entry of an \
          unacknowledged commit, not yet in place), in {:.1} s",
         fmt.ext(),
