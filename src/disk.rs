@@ -301,6 +301,83 @@ impl Disk {
         Ok(n)
     }
 
+    /// Discard `[offset, offset + len)` in the top layer (clamped to the disk): afterwards
+    /// it reads zeros. The whole write units inside go to `WritableLayer::discard`
+    /// (which gives space back); the unaligned edges get zeros written (read-modify-write
+    /// by `write_at`). Durable at the next flush.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let top = self.chain.top();
+        let Some(w) = top.writable() else {
+            return Err(Error::io(
+                top.path(),
+                "discard",
+                offset,
+                io::Error::from_raw_os_error(libc::EROFS),
+            ));
+        };
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(());
+        }
+        let s = (w.write_granularity() as u64).max(self.sector);
+        let a = offset.div_ceil(s) * s;
+        // The disk's end is a whole number of sectors, and counts as a unit boundary.
+        let b = if end == self.size { end } else { end / s * s };
+        let zeros = |from: u64, to: u64| -> Result<()> {
+            if from < to {
+                self.write_at(from, &vec![0u8; (to - from) as usize])?;
+            }
+            Ok(())
+        };
+        if a >= b {
+            return zeros(offset, end);
+        }
+        zeros(offset, a)?;
+        self.discard_units(w, a, b)?;
+        zeros(b, end)
+    }
+
+    /// `w.discard` of `[a, b)` (whole write units), leaving out the 1 MiB pieces that
+    /// already read zeros because the top does not hold them and no parent has data
+    /// there: a differencing VHD has no zero state, so discarding those would allocate
+    /// blocks only to say "zeros" (mkfs and fstrim discard whole free areas).
+    fn discard_units(&self, w: &dyn crate::layer::WritableLayer, a: u64, b: u64) -> Result<()> {
+        if self.chain.layers.len() == 1 {
+            return w.discard(a, b - a);
+        }
+        const PIECE: u64 = 1 << 20;
+        let top = self.chain.top();
+        let mut runs = Vec::new();
+        let mut data = Vec::new();
+        // Start of the pending range still to be discarded.
+        let mut pending: Option<u64> = None;
+        let mut pos = a;
+        while pos < b {
+            let next = ((pos / PIECE + 1) * PIECE).min(b);
+            runs.clear();
+            top.map(pos, next - pos, &mut runs)?;
+            let absent = runs.iter().all(|r| matches!(r, Run::Absent { .. }));
+            let skip = absent && {
+                data.clear();
+                self.data_ranges_level(1, pos, next - pos, &mut data)?;
+                data.is_empty()
+            };
+            match (skip, pending) {
+                (true, Some(p)) => {
+                    w.discard(p, pos - p)?;
+                    pending = None;
+                }
+                (false, None) => pending = Some(pos),
+                _ => {}
+            }
+            pos = next;
+        }
+        if let Some(p) = pending {
+            w.discard(p, b - p)?;
+        }
+        Ok(())
+    }
+
     /// Make all writes durable.
     pub fn flush(&self) -> Result<()> {
         match self.chain.top().writable() {

@@ -565,14 +565,14 @@ impl Filesystem for VdiskFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(Refused::Fallocate.errno()));
+        reply_empty(self.vfs.fallocate(ino.0, fh.0, offset, length, mode), reply);
     }
 
     fn lseek(

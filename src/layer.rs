@@ -174,6 +174,11 @@ pub trait WritableLayer: Layer {
     /// unaligned requests). Other sectors of a newly allocated block
     /// keep falling through to the parent (differencing) or read as zeros (base).
     fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Discard `[offset, offset + len)`: afterwards it reads zeros (never the parent's
+    /// data), and the format gives back what space it can (whole blocks unallocated or
+    /// made zero blocks, file space punched out). Same alignment rules as `write`
+    /// (`write_granularity`); durable at the next `flush`, like a write.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Make every write so far durable.
     fn flush(&self) -> Result<()>;
     /// Flush and leave the file clean for other tools (e.g. a VHDX header without a

@@ -1,5 +1,5 @@
-//! A fuzzed sequence of writes to a small differencing child (VHDX or VHD) through
-//! `Disk::write_at`, checked against a plain byte model after the writes, and again
+//! A fuzzed sequence of writes and discards to a small differencing child (VHDX or VHD)
+//! through `Disk::write_at` and `Disk::discard`, checked against a plain byte model after the writes, and again
 //! after closing and reopening the file read-only.
 //!
 //! Made once per process with the library's `create` (what `vdiskfs create` runs): a
@@ -8,8 +8,9 @@
 //!
 //! Input: `format:u8` (bit 0: 0 = VHDX, 1 = VHD), then up to 48 ops of 8 bytes:
 //! `offset:u32le` (modulo the disk size), `len:u16le` (1..=65536, unaligned allowed),
-//! `seed:u8` (the bytes written), `flags:u8` (bit 0: flush after this write; bit 1:
-//! close and reopen the child for writing before the next op).
+//! `seed:u8` (the bytes written), `flags:u8` (bit 0: flush after this op; bit 1:
+//! close and reopen the child for writing before the next op; bit 2: a discard of
+//! `len * 64` bytes instead of a write, so it can cover whole blocks).
 #![no_main]
 
 use std::path::{Path, PathBuf};
@@ -134,10 +135,16 @@ fuzz_target!(|data: &[u8]| {
     for (i, op) in ops.chunks_exact(8).take(48).enumerate() {
         let off = u32::from_le_bytes(op[0..4].try_into().unwrap()) as u64 % SIZE;
         let len = u16::from_le_bytes(op[4..6].try_into().unwrap()) as usize + 1;
-        let data = pattern(op[6], len, i as u64);
-        let n = disk.write_at(off, &data).expect("write");
-        assert_eq!(n as u64, (len as u64).min(SIZE - off));
-        model[off as usize..off as usize + n].copy_from_slice(&data[..n]);
+        if op[7] & 4 != 0 {
+            let end = (off + len as u64 * 64).min(SIZE);
+            disk.discard(off, end - off).expect("discard");
+            model[off as usize..end as usize].fill(0);
+        } else {
+            let data = pattern(op[6], len, i as u64);
+            let n = disk.write_at(off, &data).expect("write");
+            assert_eq!(n as u64, (len as u64).min(SIZE - off));
+            model[off as usize..off as usize + n].copy_from_slice(&data[..n]);
+        }
         if op[7] & 1 != 0 {
             disk.flush().expect("flush");
         }

@@ -6,6 +6,9 @@ pub mod raw;
 pub mod vhd;
 pub mod vhdx;
 
+#[cfg(test)]
+mod discard_tests;
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -290,6 +293,62 @@ impl ImageFile {
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| Error::io(&self.path, "write", offset, e))
+    }
+
+    /// Make `[offset, offset + len)` of the real file read zeros (writable opens only;
+    /// inside the file, whose size does not change). `keep_allocated`: with
+    /// FALLOC_FL_ZERO_RANGE, the space stays allocated (a fixed disk stays fully
+    /// provisioned); otherwise with FALLOC_FL_PUNCH_HOLE, the host file system gets the
+    /// space back. Where the file system has neither, zeros are written. Not durable
+    /// until the next fdatasync, like a write.
+    pub fn zero_range(&self, offset: u64, len: u64, keep_allocated: bool) -> Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        if len == 0 {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if crash_sim::write_fails() {
+            return Err(Error::io(
+                &self.path,
+                "punch a hole (simulated crash)",
+                offset,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        let mode = if keep_allocated {
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+        } else {
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+        };
+        let (Ok(o), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(Error::io(
+                &self.path,
+                "punch a hole",
+                offset,
+                std::io::Error::from_raw_os_error(libc::EFBIG),
+            ));
+        };
+        match fallocate(&self.file, mode, o, l) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EOPNOTSUPP) | Err(nix::errno::Errno::ENOSYS) => {
+                let zeros = vec![0u8; len.min(1 << 20) as usize];
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(zeros.len() as u64);
+                    self.file
+                        .write_all_at(&zeros[..n as usize], offset + done)
+                        .map_err(|e| Error::io(&self.path, "write", offset + done, e))?;
+                    done += n;
+                }
+                Ok(())
+            }
+            Err(e) => Err(Error::io(
+                &self.path,
+                "punch a hole",
+                offset,
+                std::io::Error::from(e),
+            )),
+        }
     }
 
     /// fdatasync the file. A failure sets the poison latch: every later

@@ -253,6 +253,7 @@ pub enum Refused {
     GetXattr,
     Ioctl,
     Poll,
+    /// fallocate modes other than punching a hole and zeroing a range (`Vfs::fallocate`).
     Fallocate,
     Lseek,
 }
@@ -912,15 +913,72 @@ impl Vfs {
                 errno_of(&e)
             })
         })?;
+        self.touch();
+        self.after_write(ino, start + offset, n as u64);
+        // n <= data.len() <= the kernel's max_write, far below u32::MAX.
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// fallocate(2) on a data file. Two modes, both "these bytes read zeros from now
+    /// on": FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (a discard: what a loop device
+    /// sends for `blkdiscard` and `fstrim`) and FALLOC_FL_ZERO_RANGE, with or without
+    /// FALLOC_FL_KEEP_SIZE (write-zeroes). The disk's space is given back
+    /// (`Disk::discard`). A range reaching past the end: clamped with KEEP_SIZE, ENOSPC
+    /// without (the file cannot grow). EROFS on a read-only mount; every other mode gets
+    /// EOPNOTSUPP (`Refused::Fallocate`).
+    pub fn fallocate(&self, ino: u64, _fh: u64, offset: u64, len: u64, mode: i32) -> Reply<()> {
+        let node = self.node_or_stale(ino)?;
+        let (start, size) = match node.kind {
+            NodeKind::Disk | NodeKind::Window { .. } => node.data_range().expect("a data node"),
+            NodeKind::Stats => return Err(libc::EBADF),
+            NodeKind::Root => return Err(libc::EISDIR),
+            NodeKind::Gone => return Err(libc::ESTALE),
+        };
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
+        const ZERO_KEEP: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        if !matches!(mode, PUNCH | ZERO | ZERO_KEEP) {
+            return Err(Refused::Fallocate.errno());
+        }
+        if !self.writable {
+            return Err(libc::EROFS);
+        }
+        if len == 0 {
+            return Err(libc::EINVAL);
+        }
+        let end = offset.saturating_add(len);
+        if end > size && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+            return Err(libc::ENOSPC);
+        }
+        let end = end.min(size);
+        if offset >= end {
+            return Ok(());
+        }
+        let name = node.name.to_string_lossy();
+        guarded("fallocate", || {
+            self.disk
+                .discard(start + offset, end - offset)
+                .map_err(|e| {
+                    log::error!(
+                        "discard of {} bytes at offset {offset} of {name}: {e}",
+                        end - offset
+                    );
+                    errno_of(&e)
+                })
+        })?;
+        self.touch();
+        self.after_write(ino, start + offset, end - offset);
+        Ok(())
+    }
+
+    /// The data files' mtime is now.
+    fn touch(&self) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
             .max(1);
         self.mtime_ns.store(now, Ordering::Relaxed);
-        self.after_write(ino, start + offset, n as u64);
-        // n <= data.len() <= the kernel's max_write, far below u32::MAX.
-        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     /// close() of a descriptor: if it was opened for writing, make the writes durable and

@@ -940,3 +940,96 @@ fn the_partition_list_follows_a_table_rewritten_through_the_mount() {
     v.destroy();
     assert_eq!(fresh_read(&f.top, 0, 1024), [0u8; 1024]);
 }
+
+// ---------------------------------------------------------------------------
+// fallocate: discard through the mount
+// ---------------------------------------------------------------------------
+
+const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+
+/// Punching a hole and zeroing a range read zeros afterwards, through the mount and in
+/// the image after a flush, in a child over the parent's data (zeros, not the parent);
+/// a window maps the range as a write does; a range past the end is clamped with
+/// KEEP_SIZE and refused (ENOSPC) without; the data files' mtime changes.
+#[test]
+fn fallocate_punches_and_zeroes_ranges_that_then_read_zeros() {
+    let f = fixture("vfs-fallocate");
+    let mut v = mount(&f, true, false);
+    let start = MIB + 4096;
+    let len = 2 * MIB;
+    let win = v.add_window(OsStr::new("part1"), start, len).unwrap();
+    let fh = v.open(DISK_INO, libc::O_RDWR).unwrap().fh;
+    let mut model = f.model.clone();
+    assert!(model[MIB as usize..][..4096].iter().any(|&b| b != 0));
+    let before = v.getattr(DISK_INO).unwrap().mtime;
+
+    // The parent's data under a hole punched in the child: zeros.
+    assert_eq!(v.fallocate(DISK_INO, fh, MIB + 100, 5000, PUNCH), Ok(()));
+    model[(MIB + 100) as usize..][..5000].fill(0);
+    // Zero range with and without KEEP_SIZE, inside the file.
+    let zero_keep = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+    assert_eq!(
+        v.fallocate(DISK_INO, fh, MIB + 65536, 8192, libc::FALLOC_FL_ZERO_RANGE),
+        Ok(())
+    );
+    model[(MIB + 65536) as usize..][..8192].fill(0);
+    // Through the window: its offset 0 is disk byte `start`.
+    assert_eq!(v.fallocate(win, fh, 0, 70_000, zero_keep), Ok(()));
+    model[start as usize..][..70_000].fill(0);
+    assert!(read(&v, DISK_INO, fh, 0, SIZE as usize).unwrap() == model);
+    assert!(v.getattr(DISK_INO).unwrap().mtime > before, "mtime moved");
+
+    // Past the end: clamped with KEEP_SIZE, refused without (the file cannot grow).
+    assert_eq!(v.fallocate(win, fh, len - 512, 4096, PUNCH), Ok(()));
+    model[(start + len - 512) as usize..][..512].fill(0);
+    assert_eq!(
+        v.fallocate(win, fh, len - 512, 4096, libc::FALLOC_FL_ZERO_RANGE),
+        Err(libc::ENOSPC)
+    );
+    assert_eq!(v.fallocate(DISK_INO, fh, SIZE, 4096, PUNCH), Ok(()));
+    assert_eq!(v.fallocate(DISK_INO, fh, 0, 0, PUNCH), Err(libc::EINVAL));
+    assert!(read(&v, DISK_INO, fh, 0, SIZE as usize).unwrap() == model);
+
+    // Whole blocks and the disk's last (partial) sector run.
+    assert_eq!(v.fallocate(DISK_INO, fh, 0, SIZE, PUNCH), Ok(()));
+    model.fill(0);
+    assert!(read(&v, DISK_INO, fh, 0, SIZE as usize).unwrap() == model);
+    assert_eq!(v.fsync(DISK_INO, fh, false), Ok(()));
+    assert!(fresh_read(&f.top, 0, SIZE as usize) == model);
+}
+
+/// EROFS on a read-only mount; EOPNOTSUPP for every other mode, on any mount; the
+/// other nodes refuse as for writes.
+#[test]
+fn fallocate_refuses_read_only_mounts_other_modes_and_other_nodes() {
+    let f = fixture("vfs-fallocate-refused");
+    for (writable_chain, read_only) in [(false, false), (true, true)] {
+        let v = mount(&f, writable_chain, read_only);
+        assert_eq!(v.fallocate(DISK_INO, 0, 0, 4096, PUNCH), Err(libc::EROFS));
+        assert_eq!(
+            v.fallocate(DISK_INO, 0, 0, 4096, libc::FALLOC_FL_ZERO_RANGE),
+            Err(libc::EROFS)
+        );
+    }
+    let v = mount(&f, true, false);
+    for mode in [
+        0,
+        libc::FALLOC_FL_KEEP_SIZE,
+        libc::FALLOC_FL_PUNCH_HOLE,
+        libc::FALLOC_FL_COLLAPSE_RANGE,
+        libc::FALLOC_FL_INSERT_RANGE,
+        libc::FALLOC_FL_UNSHARE_RANGE,
+        PUNCH | libc::FALLOC_FL_ZERO_RANGE,
+    ] {
+        assert_eq!(
+            v.fallocate(DISK_INO, 0, 0, 4096, mode),
+            Err(libc::EOPNOTSUPP),
+            "mode {mode:#x}"
+        );
+    }
+    assert_eq!(v.fallocate(STATS_INO, 0, 0, 4096, PUNCH), Err(libc::EBADF));
+    assert_eq!(v.fallocate(ROOT_INO, 0, 0, 4096, PUNCH), Err(libc::EISDIR));
+    assert_eq!(v.fallocate(99, 0, 0, 4096, PUNCH), Err(libc::ENOENT));
+    // Nothing changed.
+    assert!(fresh_read(&f.top, 0, SIZE as usize) == f.model);
+}

@@ -77,6 +77,13 @@ struct State {
     /// Blocks the next reservation takes.
     reserve_next: u64,
     dirty: BTreeSet<Dirty>,
+    /// Slots of blocks a discard unallocated (their data punched to zeros) that no BAT
+    /// entry points at, durably: allocation takes them before reserving more.
+    free: Vec<u64>,
+    /// Slots unallocated in memory since the last flush; they join `free` once the BAT
+    /// sector saying so is durable (reused earlier, a crash could leave two entries
+    /// pointing at one slot).
+    released: Vec<u64>,
 }
 
 pub(super) struct Writer {
@@ -95,6 +102,8 @@ impl Writer {
                 next_block: footer_pos.div_ceil(SECTOR) * SECTOR,
                 reserve_next: 1,
                 dirty: BTreeSet::new(),
+                free: Vec::new(),
+                released: Vec::new(),
             }),
             dirty_len: AtomicUsize::new(0),
         }
@@ -148,7 +157,7 @@ impl Vhd {
             drop(st);
             return self.write_in_place(b, e, boff, data);
         }
-        self.allocate(&mut st, b, boff, data)
+        self.allocate(&mut st, b, boff, data.len() as u64, Some(data))
     }
 
     fn write_in_place(&self, b: usize, e: u32, boff: u64, data: &[u8]) -> Result<()> {
@@ -251,16 +260,31 @@ impl Vhd {
 
     /// Allocate block `b` in a reserved slot and write `data` at `boff` in it. The BAT
     /// entry reaches the file at the next flush. Called with the writer's lock held.
-    fn allocate(&self, st: &mut State, b: usize, boff: u64, data: &[u8]) -> Result<()> {
+    /// `data: None` marks `len` bytes at `boff` present without writing them: a slot's
+    /// data area reads zeros (a reservation is a hole, a freed slot was punched).
+    fn allocate(
+        &self,
+        st: &mut State,
+        b: usize,
+        boff: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<()> {
         let bat = self.bat.as_ref().expect("sparse disk");
         let block_len = self.block_len();
-        if st.next_block + block_len > st.footer_pos {
-            self.reserve(st)?;
-        }
-        let new_block = st.next_block;
-        // Used up from here on, whatever happens: a slot that may hold bytes of a failed
-        // write is never handed out again.
-        st.next_block += block_len;
+        // A slot is used up from here on, whatever happens: a slot that may hold bytes of
+        // a failed write is never handed out again.
+        let new_block = match st.free.pop() {
+            Some(slot) => slot,
+            None => {
+                if st.next_block + block_len > st.footer_pos {
+                    self.reserve(st)?;
+                }
+                let b = st.next_block;
+                st.next_block += block_len;
+                b
+            }
+        };
         let sector = (new_block / SECTOR) as u32; // < UNALLOCATED: checked by reserve
 
         // A dynamic disk's block is zero around the data and every sector is marked
@@ -270,7 +294,7 @@ impl Vhd {
         let sectors = bat.sectors_per_block();
         let (bitmap, bytes) = if self.footer.disk_type == DiskType::Differencing {
             let s0 = (boff / SECTOR) as u32;
-            let s1 = s0 + (data.len() as u64 / SECTOR) as u32;
+            let s1 = s0 + (len / SECTOR) as u32;
             let mut bytes = vec![0u8; bitmap_size as usize];
             set_bits(&mut bytes, s0, s1);
             (Bitmap::from_bytes(&bytes, sectors), bytes)
@@ -278,14 +302,73 @@ impl Vhd {
             (Bitmap::Full, vec![0xFF; bitmap_size as usize])
         };
         self.file.write_all_at(&bytes, new_block)?;
-        self.file
-            .write_all_at(data, new_block + bitmap_size + boff)?;
+        if let Some(data) = data {
+            self.file
+                .write_all_at(data, new_block + bitmap_size + boff)?;
+        }
 
         // Publish: bitmap before entry, so a reader that sees the entry finds the bitmap.
         let fresh = bat.set_bitmap(b, bitmap);
-        debug_assert!(fresh, "bitmap cached for an unallocated block");
+        // A dynamic block unallocated by a discard may keep its cached bitmap, which the
+        // discard set in full (as the one written here).
+        debug_assert!(
+            fresh || self.footer.disk_type != DiskType::Differencing,
+            "bitmap cached for an unallocated block"
+        );
         bat.set_entry(b, sector);
         self.mark_dirty(st, Dirty::Bat(b / (SECTOR as usize / 4)));
+        Ok(())
+    }
+
+    /// Discard `len` bytes at `boff` inside block `b` (whole sectors; 4 KiB units in a
+    /// differencing disk, see `write_granularity`).
+    ///
+    /// A dynamic disk's whole block becomes unallocated (BAT entry 0xFFFFFFFF) and its
+    /// data is punched out of the file; the slot is reused once the BAT sector is
+    /// durable. VHD has no zero-block state, so in a differencing disk the range gets
+    /// zeros with its bitmap bits set (punched where the block exists, a new block
+    /// otherwise). Part of a dynamic block: zeros in place (punched).
+    fn discard_block(&self, b: usize, boff: u64, len: u64) -> Result<()> {
+        let bat = self.bat.as_ref().expect("sparse disk");
+        let diff = self.footer.disk_type == DiskType::Differencing;
+        let e = bat.entry(b);
+        if e == UNALLOCATED && !diff {
+            return Ok(());
+        }
+        let mut st = self.state();
+        let e = bat.entry(b);
+        if e == UNALLOCATED {
+            // A new block in a reserved or freed slot (its data area reads zeros), the
+            // range marked present; nothing written but the bitmap.
+            return self.allocate(&mut st, b, boff, len, None);
+        }
+        drop(st);
+        let data_start = e as u64 * SECTOR + bat.bitmap_size as u64;
+        // Cached before the lock (a read), as `write_in_place` does.
+        let bm = bat.bitmap(&self.file, b)?;
+        let mut st = self.state();
+        if !diff && boff == 0 && len == bat.block_size as u64 {
+            // Readers see the block unallocated first, then its data is punched. A
+            // cached bitmap stays (a OnceLock), set in full as a new block's will be.
+            bm.set_range(0, bat.sectors_per_block());
+            bat.set_entry(b, UNALLOCATED);
+            self.mark_dirty(&mut st, Dirty::Bat(b / (SECTOR as usize / 4)));
+            // Punched before the flush: a crash before it leaves the old entry
+            // pointing at zeros, which is what a discard not yet flushed may read.
+            self.file
+                .zero_range(data_start, bat.block_size as u64, false)?;
+            st.released.push(e as u64 * SECTOR);
+            return Ok(());
+        }
+        self.file.zero_range(data_start + boff, len, false)?;
+        let s0 = (boff / SECTOR) as u32;
+        let s1 = s0 + (len / SECTOR) as u32;
+        if bm.run_from(s0, s1) != (true, s1 - s0) {
+            bm.set_range(s0, s1);
+            for sector in s0 / 8 / SECTOR as u32..=(s1 - 1) / 8 / SECTOR as u32 {
+                self.mark_dirty(&mut st, Dirty::Bitmap { block: b, sector });
+            }
+        }
         Ok(())
     }
 
@@ -329,6 +412,9 @@ impl Vhd {
             Ok(!st.dirty.is_empty())
         })?;
         st.dirty.clear();
+        // The BAT no longer points at discarded slots, durably: they may be reused.
+        let released = std::mem::take(&mut st.released);
+        st.free.extend(released);
         self.writer().dirty_len.store(0, Ordering::Relaxed);
         Ok(())
     }
@@ -379,6 +465,43 @@ impl WritableLayer for Vhd {
             let boff = pos % bs;
             let n = (bs - boff).min(len - done);
             self.write_block(b, boff, &data[done as usize..(done + n) as usize])?;
+            done += n;
+        }
+        if self.writer().dirty_len.load(Ordering::Relaxed) >= MAX_DIRTY {
+            let mut st = self.state();
+            if st.dirty.len() >= MAX_DIRTY {
+                self.commit(&mut st)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.footer.current_size;
+        if !offset.is_multiple_of(SECTOR)
+            || !len.is_multiple_of(SECTOR)
+            || !matches!(offset.checked_add(len), Some(e) if e <= size)
+        {
+            return Err(Error::Invalid(format!(
+                "{}: discard of {len} bytes at {offset} is not sector-aligned or lies past the virtual size {size}",
+                self.path().display()
+            )));
+        }
+        if self.writer.is_some() {
+            self.file.check_poison(POISONED_WRITE)?;
+        }
+        let Some(bat) = &self.bat else {
+            // Fixed: zeros in place, the space stays allocated.
+            return self.file.zero_range(offset, len, true);
+        };
+        let bs = bat.block_size as u64;
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let b = (pos / bs) as usize;
+            let boff = pos % bs;
+            let n = (bs - boff).min(len - done);
+            self.discard_block(b, boff, n)?;
             done += n;
         }
         if self.writer().dirty_len.load(Ordering::Relaxed) >= MAX_DIRTY {

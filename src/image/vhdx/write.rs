@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::bat::{
     file_offset, make_entry, state, PAYLOAD_BLOCK_FULLY_PRESENT, PAYLOAD_BLOCK_NOT_PRESENT,
-    PAYLOAD_BLOCK_PARTIALLY_PRESENT, SB_BLOCK_PRESENT,
+    PAYLOAD_BLOCK_PARTIALLY_PRESENT, PAYLOAD_BLOCK_ZERO, SB_BLOCK_PRESENT,
 };
 use super::bitmap::{self, BITMAP_BLOCK_SIZE};
 use super::log::LogWriter;
@@ -73,6 +73,13 @@ pub(crate) struct WriteState {
     log_in_header: bool,
     /// Data written since the last fdatasync.
     unsynced: bool,
+    /// Payload-block slots (1 MiB aligned, one block long, their bytes punched to zeros)
+    /// that no BAT entry points at, durably: new blocks take them before the file grows.
+    free: Vec<u64>,
+    /// Slots a discard took out of the BAT in memory since the last commit. They join
+    /// `free` only once a commit made the BAT change durable: reused earlier, a crash
+    /// could leave the old entry and a new one both pointing at the slot.
+    released: Vec<u64>,
 }
 
 impl WriteState {
@@ -136,6 +143,16 @@ impl Vhdx {
         st.next_free = end;
         st.unsynced = true;
         Ok(off)
+    }
+
+    /// Space for a new payload block: a freed slot (zeros, see `discard_block`), else the
+    /// end of the file.
+    fn allocate_block(&self, st: &mut WriteState) -> Result<u64> {
+        if let Some(off) = st.free.pop() {
+            st.unsynced = true;
+            return Ok(off);
+        }
+        self.allocate(st, self.meta.block_size as u64)
     }
 
     fn mark_bat_dirty(&self, st: &mut WriteState, index: u64) {
@@ -209,7 +226,6 @@ impl Vhdx {
         in_block: u64,
         data: &[u8],
     ) -> Result<()> {
-        let bs = self.meta.block_size as u64;
         let idx = self.bat.payload_index(block);
         let e = self.bat.get(&self.file, idx)?;
         let st_now = self.check_payload(block, e)?;
@@ -228,7 +244,7 @@ impl Vhdx {
                 // read as zeros) becomes FULLY_PRESENT, the rest of it zeros from the
                 // file extension.
                 let partial = self.meta.has_parent && st_now == PAYLOAD_BLOCK_NOT_PRESENT;
-                let off = self.allocate(st, bs)?;
+                let off = self.allocate_block(st)?;
                 self.file.write_all_at(data, off + in_block)?;
                 if partial {
                     // Bits of a block that was not present are meaningless (a file from
@@ -248,6 +264,87 @@ impl Vhdx {
                         make_entry(PAYLOAD_BLOCK_FULLY_PRESENT, off),
                     )?;
                 }
+                self.mark_bat_dirty(st, idx);
+            }
+        }
+        st.unsynced = true;
+        Ok(())
+    }
+
+    /// Discard `len` bytes at `in_block` of `block` (within the block).
+    ///
+    /// A whole block of a dynamic or differencing file becomes PAYLOAD_BLOCK_ZERO
+    /// (MS-VHDX 2.5.1.1: "implementations MUST return zeros"; the one state with a tightly
+    /// defined read, and a differencing file's reads do not go to the parent) with
+    /// FileOffsetMB 0; its slot is punched out of the file and reused once the BAT change
+    /// is committed. A fixed file's blocks stay allocated (LeaveBlockAllocated) and are
+    /// zeroed in place. Part of a block: zeros in place (punched where the host file
+    /// system can), or, in a differencing file where the block is not present, a new
+    /// block whose sectors in the range are marked present (zeros, not the parent).
+    fn discard_block(
+        &self,
+        st: &mut WriteState,
+        block: u64,
+        in_block: u64,
+        len: u64,
+    ) -> Result<()> {
+        let bs = self.meta.block_size as u64;
+        let idx = self.bat.payload_index(block);
+        let e = self.bat.get(&self.file, idx)?;
+        let now = self.check_payload(block, e)?;
+        let fixed = self.meta.leave_block_allocated && !self.meta.has_parent;
+        let in_disk = bs.min(self.meta.virtual_size - block * bs);
+        let whole = in_block == 0 && len >= in_disk;
+        let held = matches!(
+            now,
+            PAYLOAD_BLOCK_FULLY_PRESENT | PAYLOAD_BLOCK_PARTIALLY_PRESENT
+        );
+        // States that read zeros already: a base's blocks not held, a child's zero,
+        // unmapped and undefined blocks (we read zeros for each; MS-VHDX allows it).
+        let reads_zeros = !held && (!self.meta.has_parent || now != PAYLOAD_BLOCK_NOT_PRESENT);
+        if whole && !fixed {
+            if now == PAYLOAD_BLOCK_ZERO || (reads_zeros && now == PAYLOAD_BLOCK_NOT_PRESENT) {
+                return Ok(());
+            }
+            // Readers see the zero block first, then the slot is punched.
+            self.bat
+                .set(&self.file, idx, make_entry(PAYLOAD_BLOCK_ZERO, 0))?;
+            self.mark_bat_dirty(st, idx);
+            if held {
+                let off = file_offset(e);
+                // Punched before the commit: a crash before it leaves the old entry
+                // pointing at zeros, which is what a discard not yet flushed may read.
+                self.file.zero_range(off, bs, false)?;
+                st.unsynced = true;
+                st.released.push(off);
+            }
+            return Ok(());
+        }
+        if reads_zeros {
+            return Ok(());
+        }
+        match now {
+            PAYLOAD_BLOCK_FULLY_PRESENT => {
+                self.file
+                    .zero_range(file_offset(e) + in_block, len, fixed)?;
+            }
+            PAYLOAD_BLOCK_PARTIALLY_PRESENT => {
+                self.file
+                    .zero_range(file_offset(e) + in_block, len, false)?;
+                self.mark_present(st, block, in_block, len)?;
+            }
+            _ => {
+                // Not present in a differencing file: a new block whose space reads
+                // zeros (fresh file extension or a punched slot), nothing written but
+                // the range marked present, as a write into it would leave it.
+                let off = self.allocate_block(st)?;
+                self.mark_absent(st, block)?;
+                self.mark_present(st, block, in_block, len)?;
+                self.bat.set(
+                    &self.file,
+                    idx,
+                    make_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, off),
+                )?;
                 self.mark_bat_dirty(st, idx);
             }
         }
@@ -292,6 +389,9 @@ impl Vhdx {
         self.file
             .flush_ordered(unsynced, || self.commit_metadata(st, unsynced))?;
         st.dirty.clear();
+        // The BAT no longer points at discarded slots, durably: they may be reused.
+        let released = std::mem::take(&mut st.released);
+        st.free.extend(released);
         Ok(())
     }
 
@@ -466,6 +566,25 @@ impl WritableLayer for Vhdx {
             self.write_block(&mut st, block, in_block, &data[done..done + n])?;
             done += n;
             // Between blocks, so one block's BAT and bitmap pages share a commit.
+            if st.dirty.len() >= AUTO_COMMIT_PAGES {
+                self.commit(&mut st)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let mut st = self.state_lock()?;
+        self.start_session(&mut st)?;
+        let bs = self.meta.block_size as u64;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / bs;
+            let in_block = pos % bs;
+            let n = (bs - in_block).min(end - pos);
+            self.discard_block(&mut st, block, in_block, n)?;
+            pos += n;
             if st.dirty.len() >= AUTO_COMMIT_PAGES {
                 self.commit(&mut st)?;
             }
