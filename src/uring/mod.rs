@@ -304,6 +304,12 @@ fn dispatch(vfs: &Vfs, req: &Request, payload: &mut [u8]) -> Result<usize, i32> 
         Op::Release { fh } => vfs.release(ino, *fh).map(|()| 0),
         Op::Fsync { fh, datasync } => vfs.fsync(ino, *fh, *datasync).map(|()| 0),
         Op::Flush { fh } => vfs.flush(ino, *fh).map(|()| 0),
+        Op::Fallocate {
+            fh,
+            offset,
+            length,
+            mode,
+        } => vfs.fallocate(ino, *fh, *offset, *length, *mode).map(|()| 0),
         Op::Opendir => Ok(proto::encode_open(payload, &vfs.opendir(ino)?)),
         Op::Readdir { offset, size } => {
             let size = (*size as usize).min(payload.len());
@@ -433,6 +439,33 @@ mod tests {
         assert!(
             text.contains("disk.raw") && text.contains(".stats"),
             "{text:?}"
+        );
+        // fallocate (FUSE_FALLOCATE, 43): punch-hole|keep-size zeroes the range as
+        // Vfs::fallocate does; other modes are EOPNOTSUPP.
+        let falloc_in = |off: u64, len: u64, mode: i32| {
+            let mut a = vec![0u8; 32];
+            a[..8].copy_from_slice(&fh.to_le_bytes());
+            a[8..16].copy_from_slice(&off.to_le_bytes());
+            a[16..24].copy_from_slice(&len.to_le_bytes());
+            a[24..28].copy_from_slice(&(mode as u32).to_le_bytes());
+            a
+        };
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        assert_eq!(
+            ask(&vfs, 43, DISK_INO, &falloc_in(5000, 1000, punch), &[]).0,
+            0
+        );
+        let mut after = vec![0u8; 3000];
+        assert_eq!(vfs.read(DISK_INO, fh, 5000, &mut after), Ok(3000));
+        assert!(
+            after[..1000].iter().all(|&b| b == 0),
+            "punched range reads zeros"
+        );
+        assert_eq!(&after[1000..], &data[1000..], "the rest is kept");
+        let collapse = libc::FALLOC_FL_COLLAPSE_RANGE;
+        assert_eq!(
+            ask(&vfs, 43, DISK_INO, &falloc_in(0, 4096, collapse), &[]).0,
+            libc::EOPNOTSUPP
         );
         // mkdir is refused as the fuser adapter refuses it; readlink is ENOSYS.
         assert_eq!(ask(&vfs, 9, ROOT_INO, &[0; 8], b"d\0").0, libc::EPERM);

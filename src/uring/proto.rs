@@ -168,6 +168,13 @@ pub enum Op {
     Flush {
         fh: u64,
     },
+    /// `struct fuse_fallocate_in`: fh, offset, length, mode.
+    Fallocate {
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    },
     Opendir,
     Readdir {
         offset: u64,
@@ -294,7 +301,12 @@ pub fn decode(header: &[u8], payload: &[u8]) -> Result<Request, DecodeError> {
         | op::TMPFILE => Op::Refused(Refused::ChangeTree),
         op::IOCTL => Op::Refused(Refused::Ioctl),
         op::POLL => Op::Refused(Refused::Poll),
-        op::FALLOCATE => Op::Refused(Refused::Fallocate),
+        op::FALLOCATE => Op::Fallocate {
+            fh: u64_at(a, 0),
+            offset: u64_at(a, 8),
+            length: u64_at(a, 16),
+            mode: u32_at(a, 24) as i32,
+        },
         op::LSEEK => Op::Refused(Refused::Lseek),
         _ => Op::Unsupported,
     };
