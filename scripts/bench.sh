@@ -1069,8 +1069,10 @@ merge_bench() {
     cargo build --release
     mkdir -p "$BASEDIR"
     mw=$(mktemp -d "$BASEDIR/vdiskfs-bench-merge.XXXXXX")
+    # Keeps the script's own exit status: under set -e a failing command in the trap (the
+    # mount point is usually not mounted any more) would turn a finished run into exit 1.
     # shellcheck disable=SC2064
-    trap "fusermount3 -u -z '$mw/mnt' 2>/dev/null; rm -rf '$mw'" EXIT
+    trap "rc=\$?; fusermount3 -u -z '$mw/mnt' 2>/dev/null || true; rm -rf '$mw'; exit \$rc" EXIT
     trap 'exit 130' INT TERM
     say "merge: machine"
     echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')"
