@@ -7,9 +7,9 @@
 //!   beforehand without changing a byte.
 //! - The WSL case: a dynamic disk (1 MiB blocks; 4 GiB with VDISKFS_COMPACT_WSL_DISK=4G)
 //!   with ext4, files written through a writable mount and deleted; the freed space is
-//!   zeroed (the test writes zeros over the deleted files' extents, found with
-//!   `filefrag`: what `fstrim` will do once discard reaches the mount, issue 15 part 1),
-//!   then compacted: the file shrinks by at
+//!   given back by `fstrim` through the mount (discard, issue 15 part 1; the `_fstrim`
+//!   tests) or zeroed (zeros written over the deleted files' extents, found with
+//!   `filefrag`), then compacted: the file shrinks by at
 //!   least 90% of what was deleted, `e2fsck -fn` is clean, the kept files are unchanged.
 //!   VHDX base, VHDX child over a base (the base never changes), VHD base.
 //! - SIGKILL at random moments of compacts of both formats, bases and children: `check`
@@ -482,7 +482,38 @@ fn fill_delete_zero(guest: Ext4, disk: &Path, mib: u64) {
     f.sync_all().unwrap();
 }
 
+/// Write `mib` MiB of files into the mounted ext4 (on a loop device over a writable
+/// vdiskfs mount), delete them and `fstrim` the file system: the discards travel through
+/// the loop device into the mount (FUSE fallocate) and free the image's blocks.
+fn fill_delete_trim(guest: Ext4, mib: u64) {
+    let chunk = random(MIB, 78);
+    for i in 0..8 {
+        let p = guest.0.join(format!("big{i}.bin"));
+        let f = File::create(&p).unwrap();
+        for k in 0..mib / 8 {
+            let mut c = chunk.clone();
+            c[0] = i as u8;
+            c[1] = k as u8;
+            f.write_all_at(&c, k * MIB).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+    for i in 0..8 {
+        fs::remove_file(guest.0.join(format!("big{i}.bin"))).unwrap();
+    }
+    run_ok(&mut Command::new("sync"));
+    let o = run_ok(Command::new("fstrim").arg("-v").arg(&guest.0));
+    eprintln!("{}", o.stdout_str().trim());
+    drop(guest);
+}
+
 fn wsl(fmt: Fmt, child: bool) {
+    wsl_with(fmt, child, false);
+}
+
+/// `trim`: free the deleted files' space with `fstrim` through the mount (issue 15 part
+/// 1) instead of writing zeros over their extents.
+fn wsl_with(fmt: Fmt, child: bool, trim: bool) {
     if !can_run(
         &[
             "qemu-img",
@@ -522,6 +553,8 @@ fn wsl(fmt: Fmt, child: bool) {
         fs::write(guest.join("hello.txt"), b"hello\n").unwrap();
         if child {
             drop(g);
+        } else if trim {
+            fill_delete_trim(g, mib);
         } else {
             fill_delete_zero(g, &disk, mib);
         }
@@ -592,6 +625,17 @@ fn wsl(fmt: Fmt, child: bool) {
 #[test]
 fn wsl_ext4_vhdx_base() {
     wsl(Fmt::Vhdx, false);
+}
+
+/// The WSL recipe as usage.md gives it: fstrim through the mount, then compact.
+#[test]
+fn wsl_ext4_vhdx_base_fstrim() {
+    wsl_with(Fmt::Vhdx, false, true);
+}
+
+#[test]
+fn wsl_ext4_vhd_base_fstrim() {
+    wsl_with(Fmt::Vhd, false, true);
 }
 
 #[test]
