@@ -60,16 +60,6 @@ impl Fmt {
     }
 }
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
-        Err(_) => default,
-    }
-}
-
 fn is_root() -> bool {
     // The effective uid, from /proc (no library internals in integration tests).
     fs::read_to_string("/proc/self/status")

@@ -55,16 +55,6 @@ impl Fmt {
     }
 }
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
-        Err(_) => default,
-    }
-}
-
 // ---------------------------------------------------------------- the daemon
 
 /// `vdiskfs mount -f IMG MNT` as our child process; on drop, killed and unmounted.

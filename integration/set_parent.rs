@@ -31,16 +31,6 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
-        Err(_) => default,
-    }
-}
-
 /// A dynamic base of `SIZE` random bytes (`convert -f raw`); returns its content.
 fn make_base(d: &TempDir, path: &Path, seed: u64) -> Vec<u8> {
     let raw = d.join(format!("seed{seed}.raw"));

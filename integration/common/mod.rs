@@ -961,3 +961,15 @@ pub fn on_terminal(args: &[&OsStr]) -> String {
     o.assert_success();
     o.stdout_str()
 }
+
+/// A number from the environment (test sizes and cycle counts), `default` when unset;
+/// a value that is not a number fails the test.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
+        Err(_) => default,
+    }
+}
