@@ -401,7 +401,7 @@ impl Ext4 {
 
 impl Drop for Ext4 {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        umount_guest(&self.0);
     }
 }
 

@@ -776,7 +776,6 @@ pub fn require_fuse() -> bool {
     }
 }
 
-/// Mount points listed in /proc/self/mountinfo (field 5, unescaped).
 /// Unmount a FUSE mount point: `fusermount3 -u`, retried while the mount is busy,
 /// then a lazy `fusermount3 -uz` as the last resort. Returns true when unmounted.
 pub fn fuse_unmount(dir: &Path) -> bool {
@@ -972,4 +971,35 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
             .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
         Err(_) => default,
     }
+}
+
+/// Unmount a kernel file system (a guest on a loop device): `umount`, retried while busy
+/// (another test thread's fork can hold a copy of a descriptor into the guest until it
+/// execs), then, naming the holders (`fuser -vm`) on stderr, a lazy `umount -l` as the
+/// last resort. Returns true when it was unmounted without the lazy fallback.
+pub fn umount_guest(dir: &Path) -> bool {
+    for _ in 0..50 {
+        if !is_mounted(dir) {
+            return true;
+        }
+        let _ = Command::new("umount")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !is_mounted(dir) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let holders = run(Command::new("fuser").arg("-vm").arg(dir));
+    eprintln!(
+        "{} stayed busy for 5 s; holders:\n{}{}",
+        dir.display(),
+        holders.stdout_str(),
+        holders.stderr
+    );
+    let _ = Command::new("umount").arg("-l").arg(dir).status();
+    false
 }
