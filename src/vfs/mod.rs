@@ -354,6 +354,10 @@ pub struct Vfs {
     transport: RwLock<&'static str>,
     /// Requests answered through FUSE-over-io_uring ring entries (for `.stats`).
     ring_requests: AtomicU64,
+    /// Read requests for data files and their bytes (for `.stats`: the average request
+    /// size shows whether read-ahead reaches the daemon as large requests).
+    read_requests: AtomicU64,
+    read_bytes: AtomicU64,
     faults: FaultInjection,
 }
 
@@ -404,6 +408,8 @@ impl Vfs {
             stats: Mutex::new(HashMap::new()),
             transport: RwLock::new("classic"),
             ring_requests: AtomicU64::new(0),
+            read_requests: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
             faults: FaultInjection::from_env(),
         }
     }
@@ -813,11 +819,13 @@ impl Vfs {
                 let fh = self.alloc_fh(FH_STATS);
                 // The daemon's pid first: `vdiskfs umount` waits for it to finish.
                 let text = format!(
-                    "pid {}\n{}transport {}\nring_requests {}\n",
+                    "pid {}\n{}transport {}\nring_requests {}\nread_requests {}\nread_bytes {}\n",
                     std::process::id(),
                     self.disk.stats_text(),
                     self.transport(),
-                    self.ring_requests.load(Ordering::Relaxed)
+                    self.ring_requests.load(Ordering::Relaxed),
+                    self.read_requests.load(Ordering::Relaxed),
+                    self.read_bytes.load(Ordering::Relaxed),
                 );
                 let text: Arc<[u8]> = text.into_bytes().into();
                 self.stats
@@ -847,6 +855,8 @@ impl Vfs {
                 }
                 let n = (buf.len() as u64).min(len - offset) as usize;
                 let size = buf.len();
+                self.read_requests.fetch_add(1, Ordering::Relaxed);
+                self.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 guarded("read", || {
                     self.faults.panic_if_asked(start + offset, n);
                     self.disk
