@@ -1015,22 +1015,28 @@ transport_bench() {
     for d in classic uring; do "$VD" umount "$w/mnt/$d"; done
     fusermount3 -u "$w/mnt/vhdi"
 
-    say "transport: 70/30 mixed 4 KiB writes (fresh child of the chain, 4 jobs, O_DIRECT)"
+    say "transport: 70/30 mixed 4 KiB writes (fresh child of the chain, 4 jobs, O_DIRECT), $REPEAT round(s), interleaved"
     declare -A MIXR MIXW
+    for r in $(seq "$REPEAT"); do
+        for t in vdiskfs-classic vdiskfs-uring; do
+            img="$w/mixed.vhdx"
+            rm -f "$img"
+            "$VD" create --parent "$w/c1.vhdx" "$img" >/dev/null
+            "$VD" mount --transport "${t#vdiskfs-}" "$img" "$w/mnt/m"
+            TB_MOUNTS+=("$w/mnt/m")
+            line=$(tb_fio "mixed.$t.$r" --name=mixed --filename="$w/mnt/m/disk.raw" --rw=randrw --rwmixread=70 --bs=4k \
+                --ioengine=psync --direct=1 --numjobs=4 --time_based --runtime="$RUNTIME" \
+                --ramp_time=$RAMP --end_fsync=1 --norandommap --randrepeat=0)
+            MIXR[$t]="${MIXR[$t]:-} $(tb_field 8 <<<"$line")" MIXW[$t]="${MIXW[$t]:-} $(tb_field 49 <<<"$line")"
+            "$VD" umount "$w/mnt/m"
+            flock -x -w 60 "$img" true
+            "$VD" check "$img" >/dev/null || die "check of $t's mixed child failed"
+            printf '  round %s %-16s read %6s IOPS  write %6s IOPS  (check: clean)\n' "$r" "$t" "${MIXR[$t]##* }" "${MIXW[$t]##* }"
+        done
+    done
     for t in vdiskfs-classic vdiskfs-uring; do
-        img="$w/mixed.vhdx"
-        rm -f "$img"
-        "$VD" create --parent "$w/c1.vhdx" "$img" >/dev/null
-        "$VD" mount --transport "${t#vdiskfs-}" "$img" "$w/mnt/m"
-        TB_MOUNTS+=("$w/mnt/m")
-        line=$(tb_fio "mixed.$t" --name=mixed --filename="$w/mnt/m/disk.raw" --rw=randrw --rwmixread=70 --bs=4k \
-            --ioengine=psync --direct=1 --numjobs=4 --time_based --runtime="$RUNTIME" \
-            --ramp_time=$RAMP --end_fsync=1 --norandommap --randrepeat=0)
-        MIXR[$t]=$(tb_field 8 <<<"$line") MIXW[$t]=$(tb_field 49 <<<"$line")
-        "$VD" umount "$w/mnt/m"
-        flock -x -w 60 "$img" true
-        "$VD" check "$img" >/dev/null || die "check of $t's mixed child failed"
-        printf '  %-16s read %6s IOPS  write %6s IOPS  (check: clean)\n' "$t" "${MIXR[$t]}" "${MIXW[$t]}"
+        # shellcheck disable=SC2086
+        MIXR[$t]=$(tb_median ${MIXR[$t]}) MIXW[$t]=$(tb_median ${MIXW[$t]})
     done
 
     say "transport results (median of $REPEAT; ratio to vdiskfs-classic; tar/find: seconds, lower is better)"
