@@ -886,7 +886,7 @@ transport_bench() {
     trap 'exit 130' INT TERM
     echo Y >"$sw_file"
     local w=$TB_WORK
-    mkdir -p "$w/log" "$w/mnt/w" "$w/mnt/classic" "$w/mnt/uring" "$w/mnt/m" "$w/g"
+    mkdir -p "$w/log" "$w/mnt/w" "$w/mnt/classic" "$w/mnt/uring" "$w/mnt/dio" "$w/mnt/m" "$w/g"
 
     say "transport: machine"
     echo "date:    $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -939,23 +939,26 @@ transport_bench() {
     TB_MOUNTS+=("$w/mnt/classic")
     "$VD" mount --read-only --transport uring "$w/c1.vhdx" "$w/mnt/uring"
     TB_MOUNTS+=("$w/mnt/uring")
+    "$VD" mount --read-only --transport uring --direct-io "$w/c1.vhdx" "$w/mnt/dio"
+    TB_MOUNTS+=("$w/mnt/dio")
     grep -q '^transport uring' "$w/mnt/uring/.stats" || die "the uring mount does not say transport uring"
     grep -q '^transport classic' "$w/mnt/classic/.stats" || die "the classic mount does not say transport classic"
     mkdir -p "$w/mnt/vhdi"
     vhdimount "$w/c1.vhdx" "$w/mnt/vhdi" >/dev/null
     TB_MOUNTS+=("$w/mnt/vhdi")
     for _ in $(seq 100); do [ -e "$w/mnt/vhdi/vhdi2" ] && break; sleep 0.1; done
-    local TT=(vdiskfs-classic vdiskfs-uring vhdimount raw)
+    local TT=(vdiskfs-classic vdiskfs-uring vdiskfs-uring-dio vhdimount raw)
     TFILE[vdiskfs-classic]="$w/mnt/classic/disk.raw"
     TFILE[vdiskfs-uring]="$w/mnt/uring/disk.raw"
+    TFILE[vdiskfs-uring-dio]="$w/mnt/dio/disk.raw"
     TFILE[vhdimount]=$(find "$w/mnt/vhdi" -maxdepth 1 -name 'vhdi*' | sort -V | tail -n 1)
     TFILE[raw]="$w/ref.raw"
-    for t in vdiskfs-classic vdiskfs-uring vhdimount raw; do TBACK[$t]="$w/base.vhdx $w/c1.vhdx"; done
+    for t in "${TT[@]}"; do TBACK[$t]="$w/base.vhdx $w/c1.vhdx"; done
     TBACK[raw]="$w/ref.raw"
     for t in "${TT[@]}"; do
         cmp -s "${TFILE[$t]}" "$w/ref.raw" || die "$t does not show the same bytes as vdiskfs cat"
     done
-    echo "  all four show the same bytes"
+    echo "  all five show the same bytes"
 
     # tb_time CMD...: wall seconds of CMD into TB_S.
     tb_time() {
@@ -1012,7 +1015,7 @@ transport_bench() {
             FIND[$t]=$(tb_median ${FIND[$t]})
         }
     done
-    for d in classic uring; do "$VD" umount "$w/mnt/$d"; done
+    for d in classic uring dio; do "$VD" umount "$w/mnt/$d"; done
     fusermount3 -u "$w/mnt/vhdi"
 
     say "transport: 70/30 mixed 4 KiB writes (fresh child of the chain, 4 jobs, O_DIRECT), $REPEAT round(s), interleaved"
@@ -1053,7 +1056,7 @@ transport_bench() {
             "${FIND[$t]} ($(tb_ratio "${FIND[$t]}" "${FIND[vdiskfs-classic]}"))" "$mix"
     done
     say "issue 18 goals"
-    for t in vdiskfs-classic vdiskfs-uring; do
+    for t in vdiskfs-classic vdiskfs-uring vdiskfs-uring-dio; do
         printf '  %-40s %s x the raw-loop ceiling (goal <= 1.25)\n' "guest tar, $t:" "$(awk -v a="${TAR[$t]}" -v b="${TAR[raw]}" 'BEGIN { printf "%.2f", a / b }')"
         tb_goal "seq read, $t / vhdimount" "${SEQ[$t]}" "${SEQ[vhdimount]}" 1.5
         tb_goal "4K QD1, $t / vhdimount" "${RQ1[$t]}" "${RQ1[vhdimount]}" 1.3

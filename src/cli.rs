@@ -254,6 +254,12 @@ pub struct MountArgs {
     /// Worker threads serving requests.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
+    /// Serve the data files without the kernel's page cache (also `-o direct_io`): every
+    /// read and write goes to the daemon at the size the program asked for. Faster for
+    /// large sequential reads (no second copy of the disk in memory), much slower for
+    /// small ones (no read-ahead); shared mmap of the files is refused (ENODEV).
+    #[arg(long)]
+    pub direct_io: bool,
     /// Do not show the guest's partitions as files (p1, p2, ...) beside the raw file.
     #[arg(long)]
     pub no_partitions: bool,

@@ -740,6 +740,7 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
             read_only: parsed.read_only,
             uid,
             gid,
+            direct_io: args.direct_io,
         },
     );
     if !args.no_partitions {

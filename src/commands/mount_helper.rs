@@ -160,6 +160,7 @@ fn parse_helper_args(args: &[OsString]) -> Result<HelperCall> {
             threads: 4,
             log_file: None,
             no_partitions: false,
+            direct_io: false,
             transport: None,
             chain: ChainArgs {
                 search_dirs: Vec::new(),
@@ -188,6 +189,7 @@ pub const OWN_OPTIONS: &[(&str, &str)] = &[
         "transport=auto|uring|classic",
         "--transport auto|uring|classic",
     ),
+    ("direct_io", "--direct-io"),
 ];
 
 /// Move vdiskfs's own options out of the `-o` lists into the fields they stand for
@@ -233,6 +235,7 @@ pub fn absorb_own_options(args: &MountArgs) -> Result<MountArgs> {
             "ignore_linkage" => out.chain.ignore_linkage = flag(value)?,
             "allow_device_parent" => out.chain.allow_device_parent = flag(value)?,
             "no_partitions" => out.no_partitions = flag(value)?,
+            "direct_io" => out.direct_io = flag(value)?,
             "name" => out.name = need(value)?,
             "cache_size" => out.cache_size = number(value)?,
             "cache_block" => out.cache_block = need(value)?,

@@ -390,6 +390,7 @@ mod tests {
                 read_only: false,
                 uid: 1,
                 gid: 2,
+                direct_io: false,
             },
         );
         // lookup "disk.raw" in the root: fuse_entry_out with the disk's inode and size.

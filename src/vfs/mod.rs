@@ -89,6 +89,8 @@ pub struct FsOptions {
     /// Owner of the files.
     pub uid: u32,
     pub gid: u32,
+    /// Open the data files with FOPEN_DIRECT_IO (no page cache, no read-ahead).
+    pub direct_io: bool,
 }
 
 /// What a node is.
@@ -343,6 +345,8 @@ pub struct Vfs {
     /// Whether data files keep the kernel's page cache across opens: not when writes
     /// through one file can change another's bytes (windows on a writable mount).
     keep_cache: bool,
+    /// `FsOptions::direct_io`.
+    direct_io: bool,
     notify: NotifySlot,
     mount_time: SystemTime,
     /// Last write, as nanoseconds since the epoch (0: never written while mounted).
@@ -401,6 +405,7 @@ impl Vfs {
             nodes: RwLock::new(nodes.into_iter().map(Arc::new).collect()),
             partitions: None,
             keep_cache: true,
+            direct_io: opts.direct_io,
             notify: Arc::new(OnceLock::new()),
             mount_time: SystemTime::now(),
             mtime_ns: AtomicU64::new(0),
@@ -808,8 +813,8 @@ impl Vfs {
                 // pages, and writes invalidate the other files' copies (`after_write`).
                 Ok(Opened {
                     fh: self.alloc_fh(if wants_write { FH_WRITE } else { 0 }),
-                    keep_cache: self.keep_cache,
-                    direct_io: false,
+                    keep_cache: self.keep_cache && !self.direct_io,
+                    direct_io: self.direct_io,
                 })
             }
             NodeKind::Stats => {

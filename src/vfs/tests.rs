@@ -69,6 +69,7 @@ fn options(read_only: bool) -> FsOptions {
         read_only,
         uid: UID,
         gid: GID,
+        direct_io: false,
     }
 }
 
@@ -220,6 +221,27 @@ fn readdir_lists_dots_then_files_and_resumes_at_an_offset() {
     assert_eq!(v.opendir(DISK_INO), Err(libc::ENOTDIR));
     assert_eq!(v.opendir(STATS_INO), Err(libc::ENOTDIR));
     assert_eq!(v.fsyncdir(ROOT_INO), Ok(()));
+}
+
+/// `FsOptions::direct_io`: data files open with FOPEN_DIRECT_IO and without
+/// KEEP_CACHE (reads and writes go to the daemon as the program issued them); `.stats`
+/// is direct either way.
+#[test]
+fn direct_io_option_opens_data_files_direct() {
+    let f = fixture("vfs-direct-io");
+    let v = Vfs::new(
+        open_disk(&f.top, true),
+        FsOptions {
+            direct_io: true,
+            ..options(false)
+        },
+    );
+    for flags in [libc::O_RDONLY, libc::O_RDWR] {
+        let o = v.open(DISK_INO, flags).unwrap();
+        assert!(o.direct_io && !o.keep_cache, "flags {flags:#o}");
+    }
+    let s = v.open(STATS_INO, libc::O_RDONLY).unwrap();
+    assert!(s.direct_io && !s.keep_cache);
 }
 
 #[test]
