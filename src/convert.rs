@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 
 use crate::disk::Disk;
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result};
 use crate::image::vhd::create::{fixed_footer, DynamicWriter};
 use crate::image::vhdx::bat::{make_entry, PAYLOAD_BLOCK_FULLY_PRESENT};
 use crate::image::vhdx::create::{write_new, NewVhdx};
@@ -132,10 +132,9 @@ pub fn source_data_bytes(disk: &Disk) -> Result<u64> {
 }
 
 fn interrupted(path: &Path) -> Error {
-    Error::Invalid(format!(
-        "{}: interrupted; nothing was written at that path",
-        path.display()
-    ))
+    Error::Request(Request::ConvertInterrupted {
+        path: path.to_path_buf(),
+    })
 }
 
 /// The output units the data ranges touch, in order, handed out one at a time to the
@@ -226,12 +225,11 @@ pub fn write_image(
     cancel: &AtomicBool,
 ) -> Result<ConvertReport> {
     if spec.virtual_size < disk.len() {
-        return Err(Error::Invalid(format!(
-            "{}: output size {} is smaller than the source's {}",
-            path.display(),
-            spec.virtual_size,
-            disk.len()
-        )));
+        return Err(Error::Request(Request::OutputSmaller {
+            path: path.to_path_buf(),
+            size: spec.virtual_size,
+            source_size: disk.len(),
+        }));
     }
     let (mut sink, unit) = start(file, path, spec)?;
     let piece_len = PIECE.min(unit) as usize;

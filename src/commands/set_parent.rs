@@ -38,11 +38,10 @@ pub fn run(args: &SetParentArgs) -> Result<i32> {
             parent: args.new_parent.clone(),
             parent_format: name(p),
         })),
-        (f, _) => Err(Error::Invalid(format!(
-            "{}: {} file, not a VHDX or VHD differencing disk",
-            child.display(),
-            name(f)
-        ))),
+        (f, _) => Err(Error::Request(Request::SetParentFormat {
+            child: child.to_path_buf(),
+            format: name(f),
+        })),
     }
 }
 

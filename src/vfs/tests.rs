@@ -461,7 +461,14 @@ fn disk_errors_become_errnos() {
         ),
         (Error::corrupt(p, "bad BAT"), libc::EIO),
         (Error::unsupported(p, "feature"), libc::EIO),
-        (Error::Invalid("no".into()), libc::EIO),
+        (
+            Error::Request(crate::error::Request::AlreadyExists { path: p.into() }),
+            libc::EIO,
+        ),
+        (
+            Error::Usage(crate::error::Usage::BlockSizeTooLarge { block_size: 1 }),
+            libc::EIO,
+        ),
     ] {
         assert_eq!(errno_of(&e), want, "{e}");
     }

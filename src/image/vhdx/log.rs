@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use uuid::Uuid;
 
-use crate::error::{Error, Feature, Result, VhdxDefect};
+use crate::error::{Error, Feature, Internal, LogWriteProblem, Result, VhdxDefect};
 use crate::image::{ImageFile, OverlayPiece};
 
 /// Log sectors (and the granularity of every log write) are 4 KiB.
@@ -1005,7 +1005,12 @@ impl LogWriter {
         flushed_file_offset: u64,
         last_file_offset: u64,
     ) -> Result<()> {
-        let invalid = |msg: String| Err(Error::Invalid(format!("{}: {msg}", file.path.display())));
+        let invalid = |problem| {
+            Err(Error::Internal(Internal::LogWrite {
+                path: file.path.clone(),
+                problem,
+            }))
+        };
         let (offset, length) = (self.log_offset, self.log_length);
         if length == 0
             || length % MIB != 0
@@ -1014,22 +1019,18 @@ impl LogWriter {
             || offset < MIB
             || !matches!(offset.checked_add(length), Some(e) if e <= file.len())
         {
-            return invalid(format!(
-                "cannot write a log entry: log at offset {offset} length {length} is not a \
-                 valid log region of this file"
-            ));
+            return invalid(LogWriteProblem::Region { offset, length });
         }
         if self.next_sequence == 0 || self.next_sequence == u64::MAX {
-            return invalid(format!(
-                "log sequence number {} is unusable",
-                self.next_sequence
-            ));
+            return invalid(LogWriteProblem::Sequence {
+                sequence: self.next_sequence,
+            });
         }
         if !flushed_file_offset.is_multiple_of(MIB) || !last_file_offset.is_multiple_of(MIB) {
-            return invalid(format!(
-                "FlushedFileOffset {flushed_file_offset} and LastFileOffset {last_file_offset} \
-                 must be multiples of 1 MiB"
-            ));
+            return invalid(LogWriteProblem::FileOffsets {
+                flushed: flushed_file_offset,
+                last: last_file_offset,
+            });
         }
         for u in updates {
             let (off, len, ok) = match *u {
@@ -1045,10 +1046,7 @@ impl LogWriter {
                 || off < HEADER_AREA_END
                 || off.checked_add(len).is_none()
             {
-                return invalid(format!(
-                    "log update at file offset {off} length {len} is not 4 KiB aligned \
-                     metadata outside the header section"
-                ));
+                return invalid(LogWriteProblem::Update { offset: off, len });
             }
         }
         let data_count = updates
@@ -1065,10 +1063,7 @@ impl LogWriter {
             .newest
             .is_some_and(|(p, l)| start < p + l && p < start + entry_len);
         if start + entry_len > length || overlaps_newest {
-            return invalid(format!(
-                "a log entry of {entry_len} bytes does not fit in the {length}-byte log \
-                 beside the newest entry; write fewer updates per entry"
-            ));
+            return invalid(LogWriteProblem::NoRoom { entry_len, length });
         }
 
         let buf = build_entry(
@@ -1098,7 +1093,7 @@ pub mod testutil {
     use uuid::Uuid;
 
     use super::{LogWriter, MIB};
-    use crate::error::{Error, Result};
+    use crate::error::{Error, Request, Result};
     use crate::image::vhdx::header::{read_current_header, HEADER_OFFSETS};
     use crate::image::vhdx::region::read_regions;
     use crate::image::ImageFile;
@@ -1111,10 +1106,9 @@ pub mod testutil {
         let file = ImageFile::open(path, true)?;
         let (hdr, _, _) = read_current_header(&file)?;
         if !hdr.log_guid.is_nil() {
-            return Err(Error::Invalid(format!(
-                "{}: already has a pending log",
-                path.display()
-            )));
+            return Err(Error::Request(Request::PendingLog {
+                path: path.to_path_buf(),
+            }));
         }
         let guid = Uuid::new_v4();
         let mut writer = LogWriter::new(hdr.log_offset, u64::from(hdr.log_length), guid, 1);
