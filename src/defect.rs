@@ -461,6 +461,16 @@ pub enum Warning {
         actual: u32,
         recorded: u32,
     },
+    /// `set-parent --ignore-id-mismatch`: the new parent is not the disk the child was
+    /// made from, recorded anyway.
+    #[error("{}: {} is not the disk it was made from (it records parent {id_name} {}, the new parent's is {id}); recording it as the parent anyway (--ignore-id-mismatch): the merged view is whatever the bytes of the two files say", child.display(), parent.display(), either(expected))]
+    IdMismatchIgnored {
+        child: PathBuf,
+        parent: PathBuf,
+        id_name: &'static str,
+        expected: Vec<Uuid>,
+        id: Uuid,
+    },
 }
 
 /// Warnings as text, for the JSON of `info` and `check`.
@@ -473,18 +483,22 @@ pub fn warning_lines(warnings: &[Warning]) -> Vec<String> {
 pub enum LinkageProblem {
     /// The parent (a raw file given with --parent) has no id; `expected` lists the ids
     /// the child records.
-    #[error("it is a {format} file with no id to check against the recorded parent id {expected}")]
+    #[error(
+        "it is a {format} file with no id to check against the recorded parent id {}",
+        either(expected)
+    )]
     NoId {
         format: &'static str,
-        expected: String,
+        expected: Vec<Uuid>,
     },
     /// The parent's id (`id_name`: DataWriteGuid, unique id) is not the recorded one.
     #[error(
-        "the child records parent id {expected}, the parent's {id_name} is {id}; the parent \
-         was changed after the child was made, so the merged view would be garbage"
+        "the child records parent id {}, the parent's {id_name} is {id}; the parent \
+         was changed after the child was made, so the merged view would be garbage",
+        either(expected)
     )]
     Changed {
-        expected: String,
+        expected: Vec<Uuid>,
         id_name: &'static str,
         id: Uuid,
     },
@@ -535,12 +549,12 @@ pub enum Request {
     #[error("{}: not a differencing disk (it has no parent to set)", child.display())]
     NotDifferencing { child: PathBuf },
     /// `set-parent`: the new parent is not the disk the child was made from.
-    #[error("{}: {} is not the disk it was made from (it records parent {id_name} {expected}, the new parent's is {id}); use --ignore-id-mismatch to make it the parent anyway", child.display(), parent.display())]
+    #[error("{}: {} is not the disk it was made from (it records parent {id_name} {}, the new parent's is {id}); use --ignore-id-mismatch to make it the parent anyway", child.display(), parent.display(), either(expected))]
     ParentIdMismatch {
         child: PathBuf,
         parent: PathBuf,
         id_name: &'static str,
-        expected: String,
+        expected: Vec<Uuid>,
         id: Uuid,
     },
     /// `set-parent`: the new parent is larger than the child.
@@ -1075,4 +1089,50 @@ pub enum LogWriteProblem {
     Update { offset: u64, len: u64 },
     #[error("a log entry of {entry_len} bytes does not fit in the {length}-byte log beside the newest entry; write fewer updates per entry")]
     NoRoom { entry_len: u64, length: u64 },
+}
+
+/// Why a path was not taken as a differencing disk's parent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotParent {
+    #[error("no such file")]
+    Missing,
+    /// The file could not be looked at; `error` is the system's message.
+    #[error("{error}")]
+    Stat { error: String },
+    #[error("is a directory")]
+    Directory,
+    /// `kind` is "a block device", "a character device", "a FIFO", "a socket" or "not a
+    /// regular file".
+    #[error("is {kind}, not a regular file (--allow-device-parent allows it)")]
+    NotRegular { kind: &'static str },
+    #[error("is the child itself")]
+    Child,
+}
+
+/// One place a parent was looked for in vain (`Error::ParentNotFound` lists them).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Tried {
+    /// The path given with --parent.
+    #[error("--parent {}: {why}", path.display())]
+    Override { path: PathBuf, why: NotParent },
+    /// Where a recorded parent path (`recorded`, as shown, from `locator`) leads;
+    /// `matched` is the file a case-insensitive match found instead of `path`.
+    #[error("{locator} \"{recorded}\" -> {}{}: {why}", path.display(), matched.as_ref().map(|m| format!(" (matched {})", m.display())).unwrap_or_default())]
+    Path {
+        locator: String,
+        recorded: String,
+        path: PathBuf,
+        matched: Option<PathBuf>,
+        why: NotParent,
+    },
+    #[error("nothing: the child records no parent path (use --parent)")]
+    NoPath,
+}
+
+/// Ids for a message: "A", "A or B".
+fn either(ids: &[Uuid]) -> String {
+    ids.iter()
+        .map(Uuid::to_string)
+        .collect::<Vec<_>>()
+        .join(" or ")
 }

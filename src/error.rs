@@ -39,8 +39,8 @@ pub enum Error {
     },
 
     /// A differencing disk's parent could not be found.
-    #[error("{}: parent not found; tried: {}", child.display(), tried.join(", "))]
-    ParentNotFound { child: PathBuf, tried: Vec<String> },
+    #[error("{}: parent not found; tried: {}", child.display(), tried.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+    ParentNotFound { child: PathBuf, tried: Vec<Tried> },
 
     /// A parent exists but is not (or cannot be shown to be) the file the child was made
     /// from; `msg` says which.

@@ -209,7 +209,10 @@ mod tests {
         fs::remove_file(&l).unwrap();
         assert_eq!(MergeRecord::beside(&l).unwrap(), Some(rec));
         fs::write(&p, "garbage").unwrap();
-        let e = MergeRecord::beside(&l).unwrap_err().to_string();
-        assert!(e.contains("not a vdiskfs merge record"), "{e}");
+        let e = MergeRecord::beside(&l).unwrap_err();
+        assert!(
+            matches!(&e, Error::Request(Request::BadMergeRecord { path, what: "not JSON" }) if *path == p),
+            "{e}"
+        );
     }
 }

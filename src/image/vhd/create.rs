@@ -344,6 +344,15 @@ mod tests {
         assert!(create_dynamic(&d.join("x.vhd"), MAX_SIZE + 512, DEFAULT_BLOCK_SIZE).is_err());
         assert!(create_dynamic(&d.join("x.vhd"), 0, DEFAULT_BLOCK_SIZE).is_err());
         let e = create_dynamic(&d.join("x.vhd"), 1 << 40, 512).unwrap_err();
-        assert!(e.to_string().contains("BAT entries"), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Request(Request::NewVhdBatEntries {
+                    block_size: 512,
+                    ..
+                })
+            ),
+            "{e}"
+        );
     }
 }

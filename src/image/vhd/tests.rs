@@ -594,10 +594,11 @@ fn created_dynamic_base_passes_qemu_check() {
     let size = Geometry::for_sectors((20 << 20) / 512).bytes();
     let p = t.join("base.vhd");
     create_dynamic(&p, size, DEFAULT_BLOCK_SIZE).unwrap();
-    let e = create_dynamic(&p, size, DEFAULT_BLOCK_SIZE)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("already exists"), "{e}");
+    let e = create_dynamic(&p, size, DEFAULT_BLOCK_SIZE).unwrap_err();
+    assert!(
+        matches!(&e, Error::Request(crate::error::Request::AlreadyExists { path }) if *path == p),
+        "{e}"
+    );
     let v = Vhd::open(&p, RO).unwrap();
     let i = v.info().unwrap();
     assert_eq!((i.disk_type.as_str(), i.virtual_size), ("dynamic", size));

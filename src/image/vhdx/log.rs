@@ -1267,9 +1267,12 @@ mod tests {
         }
     }
 
-    fn corrupt_msg(r: Result<Option<Replay>>) -> String {
+    fn corrupt_defect(r: Result<Option<Replay>>) -> VhdxDefect {
         match r {
-            Err(e @ Error::Corrupt { .. }) => e.to_string(),
+            Err(Error::Corrupt {
+                defect: crate::error::Defect::Vhdx(d),
+                ..
+            }) => d,
             Err(e) => panic!("expected a corrupt-file error, got {e}"),
             Ok(r) => panic!("expected a corrupt-file error, got {r:?}"),
         }
@@ -1363,7 +1366,16 @@ mod tests {
         let big = vec![0u8; SECTOR];
         let refs: Vec<(u64, &[u8])> = (0..200).map(|p| (2 * MIB + p * 4096, &big[..])).collect();
         let err = w.write_entry(&file, &refs, FLUSHED, FILE_LEN).unwrap_err();
-        assert!(err.to_string().contains("does not fit"), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::Internal(Internal::LogWrite {
+                    problem: LogWriteProblem::NoRoom { .. },
+                    ..
+                })
+            ),
+            "{err}"
+        );
         // ... and the log is unchanged by the refusal.
         assert_eq!(replay(&path, guid).unwrap().unwrap().head_sequence, 112);
     }
@@ -1523,8 +1535,8 @@ mod tests {
         assert_eq!((r.entries, r.head_sequence), (1, 5));
         assert_eq!(sector(&r.writes[0]).1, &a[..]);
         // With a LogGuid no entry carries, there is no valid sequence: corrupt (2.3.3).
-        let msg = corrupt_msg(replay(&path, Uuid::new_v4()));
-        assert!(msg.contains("no valid entry sequence"), "{msg}");
+        let d = corrupt_defect(replay(&path, Uuid::new_v4()));
+        assert!(matches!(d, VhdxDefect::LogNoSequence { .. }), "{d}");
     }
 
     #[test]
@@ -1580,7 +1592,7 @@ mod tests {
         // Entry 6 continues entry 5 but names a tail that is not in the sequence: the
         // maximal sequence [5, 6] is invalid, and so is [6] alone.
         put(&path, l, &entry(&g, 6, 512 << 10, &[data(2 * MIB, &a)]));
-        corrupt_msg(replay(&path, g));
+        corrupt_defect(replay(&path, g));
         put(&path, l, &entry(&g, 6, 0, &[data(2 * MIB, &a)]));
         assert_eq!(replay(&path, g).unwrap().unwrap().entries, 2);
     }
@@ -1662,8 +1674,8 @@ mod tests {
                 &[data(2 * MIB, &a)],
             ),
         );
-        let msg = corrupt_msg(replay(&path, g));
-        assert!(msg.contains("truncated"), "{msg}");
+        let d = corrupt_defect(replay(&path, g));
+        assert!(matches!(d, VhdxDefect::LogTruncated { .. }), "{d}");
     }
 
     #[test]
@@ -2154,9 +2166,10 @@ mod tests {
         find_replay_within(&f, LOG_OFF, LOG_LEN, g, &budget).unwrap();
         // A third replay goes past the limit: refused, and its partial charge given back.
         match find_replay_within(&f, LOG_OFF, LOG_LEN, g, &budget) {
-            Err(e @ Error::Unsupported { .. }) => {
-                assert!(e.to_string().contains("log replays of all layers"), "{e}")
-            }
+            Err(Error::Unsupported {
+                feature: Feature::VhdxReplayBudget { .. },
+                ..
+            }) => {}
             r => panic!("expected the budget to refuse: {r:?}"),
         }
         assert_eq!(budget.used(), 2 * cost);
@@ -2188,13 +2201,13 @@ mod tests {
         let f = open(&path, false);
         let ring = Ring::new(&f, LOG_OFF, LOG_LEN).unwrap();
         let mut s = Scanner::new(&f, ring, g);
-        let msg = corrupt_msg(s.find(&ReplayBudget::new(0)));
-        assert!(msg.contains("no valid entry sequence"), "{msg}");
+        let d = corrupt_defect(s.find(&ReplayBudget::new(0)));
+        assert!(matches!(d, VhdxDefect::LogNoSequence { .. }), "{d}");
         assert!(s.work > 2 * LOG_LEN && s.work < SCAN_WORK_FACTOR * LOG_LEN);
         let mut s = Scanner::new(&f, ring, g);
         s.limit = LOG_LEN;
-        let msg = corrupt_msg(s.find(&ReplayBudget::new(0)));
-        assert!(msg.contains("damaged or crafted"), "{msg}");
+        let d = corrupt_defect(s.find(&ReplayBudget::new(0)));
+        assert!(matches!(d, VhdxDefect::LogScanBudget { .. }), "{d}");
         assert!(s.work <= LOG_LEN + 4096, "{}", s.work);
     }
 }

@@ -67,6 +67,8 @@ fn open_error(path: &Path) -> Error {
     match Vhdx::open(path, OpenOptions::default()) {
         Ok(_) => panic!("{} opened but should not", path.display()),
         Err(e) => {
+            // Rendered-message checks, kept on purpose: the line the user reads names
+            // the file and is one line.
             let s = e.to_string();
             assert!(
                 s.contains(&path.display().to_string()),
