@@ -478,7 +478,7 @@ impl Vfs {
     /// Show the guest's partitions as files `p1`, `p2`, ... (see `guest::Layout::files`),
     /// and on a writable mount follow changes of the table. Only before serving. Returns
     /// the table's warnings (also logged).
-    pub fn enable_partitions(&mut self) -> Vec<String> {
+    pub fn enable_partitions(&mut self) -> Vec<guest::TableWarning> {
         let layout = self.scan_partitions();
         if self.writable {
             self.keep_cache = false;

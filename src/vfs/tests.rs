@@ -785,7 +785,7 @@ fn stale(v: &Vfs) -> bool {
 fn partitions_are_files_showing_and_changing_only_their_bytes() {
     let f = partitioned("vfs-parts");
     let mut v = mount(&f, true, false);
-    assert_eq!(v.enable_partitions(), Vec::<String>::new());
+    assert_eq!(v.enable_partitions(), []);
     let rec = Recorder::default();
     assert!(v.notify_slot().set(Box::new(rec.clone())).is_ok());
     assert_eq!(
