@@ -1,6 +1,7 @@
-//! What is wrong with a file, typed: defects (`Error::Corrupt`), features vdiskfs does
-//! not implement (`Error::Unsupported`), requests it refuses (`Error::Request`) and
-//! warnings (non-fatal findings of an open). Each variant carries the structure and the
+//! What is wrong, typed: defects (`Error::Corrupt`), features vdiskfs does not implement
+//! (`Error::Unsupported`), requests it refuses (`Error::Request`), option conflicts
+//! (`Error::Usage`), mounts refused or failed (`Error::Mount`, `Error::MountFailed`),
+//! broken invariants (`Error::Internal`) and warnings (non-fatal findings). Each variant carries the structure and the
 //! numbers that matter (offsets, expected and found values); its `Display` is the
 //! one-line message users see, and code and tests match on the variant, never on the
 //! text. Text is made only at the boundary (the CLI line, the JSON of `info`/`check`).
@@ -415,7 +416,7 @@ impl From<&str> for Feature {
 }
 
 /// A non-fatal finding of an open, kept in `LayerInfo::warnings` / `Chain::warnings`
-/// and logged. `Display` is the line `info` prints.
+/// and logged (and `set-parent`'s `--ignore-id-mismatch`, logged). `Display` is the line `info` prints.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Warning {
     /// One VHDX header copy is invalid (`copy` 1 at 64 KiB, 2 at 128 KiB); the other
