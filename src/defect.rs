@@ -179,8 +179,8 @@ pub enum VhdxDefect {
 
     // Region table (MS-VHDX 2.2.3).
     /// Each problem names its copy ("region table 1 (at 192 KiB): ...").
-    #[error("both VHDX region tables are invalid: {}", problems.join("; "))]
-    BothRegionTables { problems: Vec<String> },
+    #[error("both VHDX region tables are invalid: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    BothRegionTables { problems: Vec<RegionTableCopy> },
     #[error("region {id} appears twice")]
     RegionTwice { id: Uuid },
     /// `name` is "BAT" or "metadata".
@@ -1136,4 +1136,29 @@ fn either(ids: &[Uuid]) -> String {
         .map(Uuid::to_string)
         .collect::<Vec<_>>()
         .join(" or ")
+}
+
+/// Why one copy of the VHDX region table (`copy` 1 at 192 KiB, 2 at 256 KiB) is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegionTableCopy {
+    /// The copy could not be read (`error`: the I/O error, without the path).
+    #[error("region table {copy}: {error}")]
+    Read { copy: u64, error: String },
+    #[error("region table {copy} (at {} KiB): {problem}", offset >> 10)]
+    Invalid {
+        copy: u64,
+        offset: u64,
+        problem: RegionTableProblem,
+    },
+}
+
+/// What is wrong inside a VHDX region table copy (MS-VHDX 2.2.3).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegionTableProblem {
+    #[error("bad signature (expected \"regi\")")]
+    Signature,
+    #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("{count} entries (at most {max} allowed)")]
+    Entries { count: u32, max: u32 },
 }

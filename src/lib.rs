@@ -57,8 +57,8 @@ pub use commands::create::{create, CreateOptions};
 pub use convert::{convert, ConvertReport, ConvertSpec, OutFormat};
 pub use defect::{
     Defect, Feature, HeaderProblem, HumanSize, Internal, LinkageProblem, LocatorProblem, LogGrowth,
-    LogWriteProblem, MountFailure, MountRefusal, NotParent, Request, ShrinkBlocker, SizeProblem,
-    Tried, Usage, VhdDefect, VhdxDefect, Warning,
+    LogWriteProblem, MountFailure, MountRefusal, NotParent, RegionTableCopy, RegionTableProblem,
+    Request, ShrinkBlocker, SizeProblem, Tried, Usage, VhdDefect, VhdxDefect, Warning,
 };
 pub use disk::{Disk, DiskOptions};
 pub use error::{Error, Result};
