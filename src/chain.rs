@@ -21,7 +21,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::error::{Error, LinkageProblem, Request, Result, Warning};
+use crate::error::{Error, LinkageProblem, NotParent, Request, Result, Tried, Warning};
 use crate::image::{open_layer_within, vhdx::log::ReplayBudget};
 use crate::layer::{Format, IfWritten, Layer, OpenOptions, ParentRef};
 use crate::paths::{self, file_name_of, find_case_insensitive, windows_to_linux};
@@ -307,20 +307,22 @@ fn check_candidate(
     path: &Path,
     child: FileId,
     allow_device: bool,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), NotParent> {
     let md = match fs::metadata(path) {
         Ok(md) => md,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err("no such file".to_string())
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(NotParent::Missing),
+        Err(e) => {
+            return Err(NotParent::Stat {
+                error: e.to_string(),
+            })
         }
-        Err(e) => return Err(e.to_string()),
     };
     let ft = md.file_type();
     if ft.is_dir() {
-        return Err("is a directory".to_string());
+        return Err(NotParent::Directory);
     }
     if !ft.is_file() && !allow_device {
-        let what = if ft.is_block_device() {
+        let kind = if ft.is_block_device() {
             "a block device"
         } else if ft.is_char_device() {
             "a character device"
@@ -331,16 +333,14 @@ fn check_candidate(
         } else {
             "not a regular file"
         };
-        return Err(format!(
-            "is {what}, not a regular file (--allow-device-parent allows it)"
-        ));
+        return Err(NotParent::NotRegular { kind });
     }
     if (FileId {
         dev: md.dev(),
         ino: md.ino(),
     }) == child
     {
-        return Err("is the child itself".to_string());
+        return Err(NotParent::Child);
     }
     Ok(())
 }
@@ -355,7 +355,7 @@ pub fn resolve_parent(
     opts: &ChainOptions,
 ) -> Result<ParentFound> {
     let child_id = file_id(child_path)?;
-    let not_found = |tried: Vec<String>| Error::ParentNotFound {
+    let not_found = |tried: Vec<Tried>| Error::ParentNotFound {
         child: child_path.to_path_buf(),
         tried,
     };
@@ -367,10 +367,10 @@ pub fn resolve_parent(
                 recorded: p.display().to_string(),
                 path: p.clone(),
             }),
-            Err(why) => Err(not_found(vec![format!(
-                "{LOCATOR_OVERRIDE} {}: {why}",
-                p.display()
-            )])),
+            Err(why) => Err(not_found(vec![Tried::Override {
+                path: p.clone(),
+                why,
+            }])),
         };
     }
 
@@ -404,9 +404,15 @@ pub fn resolve_parent(
         if !seen.insert(path.clone()) {
             continue;
         }
-        let what = format!("{locator} \"{}\" -> {}", show(rec), path.display());
+        let tried_path = |matched, why| Tried::Path {
+            locator: locator.clone(),
+            recorded: show(rec),
+            path: path.clone(),
+            matched,
+            why,
+        };
         let Some(actual) = find_case_insensitive(&path) else {
-            tried.push(format!("{what}: no such file"));
+            tried.push(tried_path(None, NotParent::Missing));
             continue;
         };
         match check_candidate(&actual, child_id, opts.allow_device_parent) {
@@ -417,12 +423,14 @@ pub fn resolve_parent(
                     path: actual,
                 })
             }
-            Err(why) if actual == path => tried.push(format!("{what}: {why}")),
-            Err(why) => tried.push(format!("{what} (matched {}): {why}", actual.display())),
+            Err(why) => {
+                let matched = (actual != path).then(|| actual.clone());
+                tried.push(tried_path(matched, why));
+            }
         }
     }
     if candidates.is_empty() {
-        tried.push("nothing: the child records no parent path (use --parent)".to_string());
+        tried.push(Tried::NoPath);
     }
     Err(not_found(tried))
 }
@@ -483,12 +491,7 @@ pub(crate) fn check_link(
         }));
     }
     if !pref.linkage.is_empty() {
-        let expected = pref
-            .linkage
-            .iter()
-            .map(|u| u.to_string())
-            .collect::<Vec<_>>()
-            .join(" or ");
+        let expected = pref.linkage.clone();
         match parent.linkage_id() {
             None => {
                 // A raw file (given with --parent) has no id: the link cannot be verified,
@@ -582,7 +585,7 @@ mod tests {
         }
     }
 
-    fn not_found_tried(r: Result<ParentFound>) -> Vec<String> {
+    fn not_found_tried(r: Result<ParentFound>) -> Vec<Tried> {
         match r {
             Err(Error::ParentNotFound { tried, .. }) => tried,
             Err(e) => panic!("expected ParentNotFound, got {e}"),
@@ -644,7 +647,10 @@ mod tests {
         let r = pref(&[("parent_unicode_name", "Cargo.toml")]);
         let tried = not_found_tried(resolve_parent(&rel, &r, 0, &ChainOptions::default()));
         let want = t.path().join("vms/diffs/Cargo.toml");
-        assert!(tried[0].contains(&want.display().to_string()), "{tried:?}");
+        assert!(
+            matches!(&tried[0], Tried::Path { path, why: NotParent::Missing, .. } if *path == want),
+            "{tried:?}"
+        );
     }
 
     #[test]
@@ -762,12 +768,28 @@ mod tests {
                 t.path().display()
             ),
         ];
-        assert_eq!(tried, expect);
-        // The whole message names the child.
-        let msg = resolve_parent(&child, &r, 0, &opts)
-            .unwrap_err()
-            .to_string();
-        assert!(msg.starts_with(&format!("{}: parent not found; tried: ", child.display())));
+        let whys: Vec<&NotParent> = tried
+            .iter()
+            .map(|t| match t {
+                Tried::Path { why, .. } => why,
+                t => panic!("{t:?}"),
+            })
+            .collect();
+        use NotParent::*;
+        let fifo_kind = NotRegular { kind: "a FIFO" };
+        let want = [&Directory, &Missing, &Missing, &fifo_kind, &Child, &Child];
+        assert_eq!(whys[..6], want, "{tried:?}");
+        assert!(whys[6..].iter().all(|w| **w == Missing), "{tried:?}");
+        // The rendered list, exactly: what the user reads (locator, recorded string as
+        // recorded, where it led, the case-insensitive match, why not).
+        let shown: Vec<String> = tried.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, expect);
+        // The error is about the child.
+        let e = resolve_parent(&child, &r, 0, &opts).unwrap_err();
+        assert!(
+            matches!(&e, Error::ParentNotFound { child: c, .. } if *c == child),
+            "{e}"
+        );
 
         // With --allow-device-parent the FIFO is accepted.
         let opts = ChainOptions {
@@ -783,8 +805,7 @@ mod tests {
         let child = t.file("child.vhd", "");
         let r = pref(&[("W2ru", ""), ("W2ku", "\0\0")]);
         let tried = not_found_tried(resolve_parent(&child, &r, 0, &ChainOptions::default()));
-        assert_eq!(tried.len(), 1);
-        assert!(tried[0].contains("no parent path"), "{tried:?}");
+        assert_eq!(tried, [Tried::NoPath]);
     }
 
     #[test]
@@ -817,17 +838,23 @@ mod tests {
         let tried = not_found_tried(resolve_parent(&child, &r, 0, &opts));
         assert_eq!(
             tried,
-            vec![format!(
-                "--parent {}/missing.vhdx: no such file",
-                t.path().display()
-            )]
+            [Tried::Override {
+                path: t.path().join("missing.vhdx"),
+                why: NotParent::Missing
+            }]
         );
         let opts = ChainOptions {
             parents: vec![child.clone()],
             ..Default::default()
         };
         let tried = not_found_tried(resolve_parent(&child, &r, 0, &opts));
-        assert!(tried[0].ends_with("is the child itself"), "{tried:?}");
+        assert_eq!(
+            tried,
+            [Tried::Override {
+                path: child.clone(),
+                why: NotParent::Child
+            }]
+        );
     }
 
     // ---- Fake layers: chain rules without real image files ----
@@ -947,24 +974,20 @@ mod tests {
         child.parent = Some(r.clone());
         let mut w = Vec::new();
         let e = check_link(&child, &parent, &r, &ChainOptions::default(), &mut w).unwrap_err();
-        let msg = e.to_string();
-        assert!(matches!(e, Error::Linkage { .. }));
-        assert!(msg.contains(&Uuid::from_u128(5).to_string()), "{msg}");
-        assert!(msg.contains(&Uuid::from_u128(6).to_string()), "{msg}");
-        assert!(msg.contains(&Uuid::from_u128(7).to_string()), "{msg}");
-        assert!(
-            matches!(
-                &e,
-                Error::Linkage {
-                    msg: LinkageProblem::Changed {
-                        id_name: "DataWriteGuid",
-                        ..
-                    },
-                    ..
-                }
-            ),
-            "{msg}"
-        );
+        let Error::Linkage {
+            msg:
+                LinkageProblem::Changed {
+                    expected,
+                    id_name,
+                    id,
+                },
+            ..
+        } = &e
+        else {
+            panic!("{e}")
+        };
+        assert_eq!(*expected, [Uuid::from_u128(5), Uuid::from_u128(6)]);
+        assert_eq!((*id_name, *id), ("DataWriteGuid", Uuid::from_u128(7)));
         assert!(w.is_empty());
 
         let opts = ChainOptions {
@@ -1154,10 +1177,11 @@ mod tests {
             ],
             ..Default::default()
         };
-        let msg = open_fake(&top, &opts).err().unwrap().to_string();
+        let e = open_fake(&top, &opts).err().unwrap();
         assert!(
-            msg.contains("base.vhdx") && msg.contains("not a differencing"),
-            "{msg}"
+            matches!(&e, Error::Request(Request::ExtraParent { number: 3, base, .. })
+                if base.ends_with("base/base.vhdx")),
+            "{e}"
         );
     }
 
@@ -1337,25 +1361,24 @@ mod tests {
         let Some(fx) = fixtures_dir() else { return };
         let top = fx.join("fat-differential.vhd");
         let e = Chain::open(&top, &ChainOptions::default()).err().unwrap();
-        let msg = e.to_string();
         let Error::ParentNotFound { tried, .. } = e else {
-            panic!("{msg}")
+            panic!("{e}")
+        };
+        let missing = |p: &Path| {
+            tried.iter().any(
+                |t| matches!(t, Tried::Path { path, why: NotParent::Missing, .. } if path == p),
+            )
         };
         assert!(
-            msg.contains("W2ku \"C:\\Projects\\dfvfs\\test_data\\fat-parent.vhd\""),
-            "{msg}"
-        );
-        assert!(
-            tried
-                .iter()
-                .any(|t| t.contains("-> /Projects/dfvfs/test_data/fat-parent.vhd: no such file")),
+            tried.iter().any(|t| matches!(t, Tried::Path { locator, recorded, .. }
+                if locator == "W2ku" && recorded == "C:\\Projects\\dfvfs\\test_data\\fat-parent.vhd")),
             "{tried:?}"
         );
-        let next_to_child = format!("-> {}/fat-parent.vhd: no such file", fx.display());
         assert!(
-            tried.iter().any(|t| t.contains(&next_to_child)),
+            missing(Path::new("/Projects/dfvfs/test_data/fat-parent.vhd")),
             "{tried:?}"
         );
+        assert!(missing(&fx.join("fat-parent.vhd")), "{tried:?}");
     }
 
     #[test]
@@ -1370,8 +1393,19 @@ mod tests {
             ..Default::default()
         };
         let e = Chain::open(&top, &opts).err().unwrap();
-        assert!(matches!(e, Error::Linkage { .. }), "{e}");
-        assert!(e.to_string().contains("unique id"), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Linkage {
+                    msg: LinkageProblem::Changed {
+                        id_name: "unique id",
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{e}"
+        );
 
         let opts = ChainOptions {
             ignore_linkage: true,
@@ -1486,10 +1520,11 @@ mod tests {
             intent,
             ..Default::default()
         };
-        let refused = |path: &Path, intent: Intent| -> String {
+        let refused = |path: &Path, intent: Intent| -> Request {
             match Chain::open(path, &with(intent)) {
                 Ok(_) => panic!("{intent:?} open of {} was allowed", path.display()),
-                Err(e) => e.to_string(),
+                Err(Error::Request(r)) => r,
+                Err(e) => panic!("{intent:?} open of {}: {e}", path.display()),
             }
         };
         let me = format!("pid {}: this process", std::process::id());
@@ -1497,27 +1532,23 @@ mod tests {
         // The base is being written (by "another process": another descriptor here).
         let writer = Chain::open(base, &with(Intent::WriteTop)).unwrap();
         for (path, intent, why) in [
-            (child, Intent::WriteTop, "refusing to write a disk over it"),
-            (
-                base,
-                Intent::CreateChild,
-                "refusing to create a child over it",
-            ),
-            (child, Intent::CreateChild, "over a chain that includes it"),
+            // The reason each intent gives (its start).
+            (child, Intent::WriteTop, "to write a disk over it"),
+            (base, Intent::CreateChild, "to create a child over it"),
             (
                 child,
-                Intent::Rewrite(1),
-                "refusing to write a disk over it",
+                Intent::CreateChild,
+                "to create a child over a chain that includes it",
             ),
+            (child, Intent::Rewrite(1), "to write a disk over it"),
             (child, Intent::Copy, "to copy a chain that includes it"),
             (base, Intent::Copy, "to copy a chain that includes it"),
         ] {
-            let msg = refused(path, intent);
+            let r = refused(path, intent);
             assert!(
-                msg.starts_with(&format!("{}: open for writing by", base.display()))
-                    && msg.contains(&me)
-                    && msg.contains(why),
-                "{intent:?} {}: {msg}",
+                matches!(&r, Request::OpenForWriting { path: p, who, why: w }
+                    if p == base && who.contains(&me) && w.starts_with(why)),
+                "{intent:?} {}: {r}",
                 path.display()
             );
         }
@@ -1541,10 +1572,10 @@ mod tests {
         // the child opened for writing twice; a look at either still works.
         let w = Chain::open(child, &with(Intent::WriteTop)).unwrap();
         for path in [base, child] {
-            let msg = refused(path, Intent::WriteTop);
+            let r = refused(path, Intent::WriteTop);
             assert!(
-                msg.starts_with(&format!("{}: in use by", path.display())),
-                "{msg}"
+                matches!(&r, Request::InUse { path: p, .. } if p == path),
+                "{r}"
             );
         }
         let c = Chain::open(base, &with(Intent::CreateChild)).unwrap();
@@ -1554,11 +1585,11 @@ mod tests {
         let c = Chain::open(base, &with(Intent::Copy)).unwrap();
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         drop(c);
-        let msg = refused(child, Intent::Copy);
+        let r = refused(child, Intent::Copy);
         assert!(
-            msg.starts_with(&format!("{}: open for writing by", child.display()))
-                && msg.contains("to copy a chain that includes it"),
-            "{msg}"
+            matches!(&r, Request::OpenForWriting { path: p, why, .. }
+                if p == child && why.starts_with("to copy a chain that includes it")),
+            "{r}"
         );
         drop(w);
 
@@ -1598,7 +1629,10 @@ mod tests {
         let e = Chain::open(&paths[1], &ChainOptions::default())
             .err()
             .unwrap();
-        assert!(e.to_string().contains("not a VHDX or VHD"), "{e}");
+        assert!(
+            matches!(e.defect(), Some(crate::error::Defect::NotAnImage)),
+            "{e}"
+        );
     }
 
     // ---- Real VHDX chains made with the VHDX writer ----
@@ -1677,11 +1711,13 @@ mod tests {
         // Writing to the base changes its DataWriteGuid: the chain no longer links.
         write_page(&base, 5, 9);
         let e = Chain::open(&top, &ChainOptions::default()).err().unwrap();
-        assert!(matches!(e, Error::Linkage { .. }), "{e}");
-        let msg = e.to_string();
         assert!(
-            msg.contains("DataWriteGuid") && msg.contains("Base.vhdx"),
-            "{msg}"
+            matches!(&e, Error::Linkage {
+                parent,
+                msg: LinkageProblem::Changed { id_name: "DataWriteGuid", .. },
+                ..
+            } if parent.ends_with("Base.vhdx")),
+            "{e}"
         );
         let opts = ChainOptions {
             ignore_linkage: true,

@@ -295,9 +295,10 @@ impl Transport {
         }
         match std::env::var(TRANSPORT_ENV) {
             Ok(v) if !v.is_empty() => clap::ValueEnum::from_str(&v, false).map_err(|_| {
-                crate::Error::Invalid(format!(
-                    "{TRANSPORT_ENV}={v}: must be auto, uring or classic"
-                ))
+                crate::Error::Usage(crate::error::Usage::TransportEnv {
+                    var: TRANSPORT_ENV,
+                    value: v.clone(),
+                })
             }),
             _ => Ok(Transport::Auto),
         }
@@ -374,7 +375,8 @@ pub struct SetParentArgs {
 }
 
 /// Parse "64K", "2M", "1G", "1T" or plain bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, crate::error::SizeProblem> {
+    use crate::error::SizeProblem;
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -383,18 +385,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'M' => 1 << 20,
                 'G' => 1 << 30,
                 'T' => 1 << 40,
-                _ => return Err(format!("bad size {s:?}: unknown suffix {c:?}")),
+                _ => {
+                    return Err(SizeProblem::UnknownSuffix {
+                        text: s.to_string(),
+                        suffix: c,
+                    })
+                }
             };
             (&s[..i], m)
         }
         _ => (s, 1),
     };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad size {s:?}: not a number"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("bad size {s:?}: too large"))
+    let n: u64 = num.trim().parse().map_err(|_| SizeProblem::NotANumber {
+        text: s.to_string(),
+    })?;
+    n.checked_mul(mult).ok_or_else(|| SizeProblem::TooLarge {
+        text: s.to_string(),
+    })
 }
 
 #[derive(Debug, Args)]

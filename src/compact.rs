@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::chain::{Chain, ChainOptions};
 use crate::disk::{Disk, DiskOptions};
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result};
 use crate::image::vhdx::log::ReplayBudget;
 use crate::image::{detect_format, open_layer_within, vhd::Vhd, vhdx::Vhdx};
 use crate::layer::{Format, Layer};
@@ -67,10 +67,9 @@ pub fn open_top(image: &Path, opts: &ChainOptions) -> Result<(Chain, Top)> {
                 v
             }
             _ => {
-                return Err(Error::Invalid(format!(
-                    "{}: not a VHDX or VHD image",
-                    p.display()
-                )))
+                return Err(Error::Request(Request::NotVhdxOrVhd {
+                    path: p.to_path_buf(),
+                }))
             }
         };
         Ok(layer)

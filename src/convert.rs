@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 
 use crate::disk::Disk;
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result};
 use crate::image::vhd::create::{fixed_footer, DynamicWriter};
 use crate::image::vhdx::bat::{make_entry, PAYLOAD_BLOCK_FULLY_PRESENT};
 use crate::image::vhdx::create::{write_new, NewVhdx};
@@ -132,10 +132,9 @@ pub fn source_data_bytes(disk: &Disk) -> Result<u64> {
 }
 
 fn interrupted(path: &Path) -> Error {
-    Error::Invalid(format!(
-        "{}: interrupted; nothing was written at that path",
-        path.display()
-    ))
+    Error::Request(Request::ConvertInterrupted {
+        path: path.to_path_buf(),
+    })
 }
 
 /// The output units the data ranges touch, in order, handed out one at a time to the
@@ -226,12 +225,11 @@ pub fn write_image(
     cancel: &AtomicBool,
 ) -> Result<ConvertReport> {
     if spec.virtual_size < disk.len() {
-        return Err(Error::Invalid(format!(
-            "{}: output size {} is smaller than the source's {}",
-            path.display(),
-            spec.virtual_size,
-            disk.len()
-        )));
+        return Err(Error::Request(Request::OutputSmaller {
+            path: path.to_path_buf(),
+            size: spec.virtual_size,
+            source_size: disk.len(),
+        }));
     }
     let (mut sink, unit) = start(file, path, spec)?;
     let piece_len = PIECE.min(unit) as usize;
@@ -675,7 +673,7 @@ mod tests {
             let e =
                 write_image(&disk, &f, &out, &spec(format, size), &|_| {}, &cancel).unwrap_err();
             assert!(
-                e.to_string().contains("src: read at offset"),
+                matches!(&e, Error::Io { path, op: "read", .. } if *path == dir.join("src")),
                 "{format:?}: {e}"
             );
 
@@ -690,7 +688,7 @@ mod tests {
             let f = std::fs::File::open(&ro).unwrap();
             let e = write_image(&disk, &f, &ro, &spec(format, size), &|_| {}, &cancel).unwrap_err();
             assert!(
-                e.to_string().contains(&format!("ro-{format:?}")),
+                matches!(&e, Error::Io { path, .. } | Error::File { path, .. } if *path == ro),
                 "{format:?}: {e}"
             );
         }
@@ -712,7 +710,10 @@ mod tests {
             &cancel,
         )
         .unwrap_err();
-        assert!(e.to_string().contains("interrupted"), "{e}");
+        assert!(
+            matches!(&e, Error::Request(Request::ConvertInterrupted { path }) if *path == out),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1,6 +1,7 @@
-//! What is wrong with a file, typed: defects (`Error::Corrupt`), features vdiskfs does
-//! not implement (`Error::Unsupported`), requests it refuses (`Error::Request`) and
-//! warnings (non-fatal findings of an open). Each variant carries the structure and the
+//! What is wrong, typed: defects (`Error::Corrupt`), features vdiskfs does not implement
+//! (`Error::Unsupported`), requests it refuses (`Error::Request`), option conflicts
+//! (`Error::Usage`), mounts refused or failed (`Error::Mount`, `Error::MountFailed`),
+//! broken invariants (`Error::Internal`) and warnings (non-fatal findings). Each variant carries the structure and the
 //! numbers that matter (offsets, expected and found values); its `Display` is the
 //! one-line message users see, and code and tests match on the variant, never on the
 //! text. Text is made only at the boundary (the CLI line, the JSON of `info`/`check`).
@@ -178,8 +179,8 @@ pub enum VhdxDefect {
 
     // Region table (MS-VHDX 2.2.3).
     /// Each problem names its copy ("region table 1 (at 192 KiB): ...").
-    #[error("both VHDX region tables are invalid: {}", problems.join("; "))]
-    BothRegionTables { problems: Vec<String> },
+    #[error("both VHDX region tables are invalid: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    BothRegionTables { problems: Vec<RegionTableCopy> },
     #[error("region {id} appears twice")]
     RegionTwice { id: Uuid },
     /// `name` is "BAT" or "metadata".
@@ -415,7 +416,7 @@ impl From<&str> for Feature {
 }
 
 /// A non-fatal finding of an open, kept in `LayerInfo::warnings` / `Chain::warnings`
-/// and logged. `Display` is the line `info` prints.
+/// and logged (and `set-parent`'s `--ignore-id-mismatch`, logged). `Display` is the line `info` prints.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Warning {
     /// One VHDX header copy is invalid (`copy` 1 at 64 KiB, 2 at 128 KiB); the other
@@ -461,6 +462,16 @@ pub enum Warning {
         actual: u32,
         recorded: u32,
     },
+    /// `set-parent --ignore-id-mismatch`: the new parent is not the disk the child was
+    /// made from, recorded anyway.
+    #[error("{}: {} is not the disk it was made from (it records parent {id_name} {}, the new parent's is {id}); recording it as the parent anyway (--ignore-id-mismatch): the merged view is whatever the bytes of the two files say", child.display(), parent.display(), either(expected))]
+    IdMismatchIgnored {
+        child: PathBuf,
+        parent: PathBuf,
+        id_name: &'static str,
+        expected: Vec<Uuid>,
+        id: Uuid,
+    },
 }
 
 /// Warnings as text, for the JSON of `info` and `check`.
@@ -473,18 +484,22 @@ pub fn warning_lines(warnings: &[Warning]) -> Vec<String> {
 pub enum LinkageProblem {
     /// The parent (a raw file given with --parent) has no id; `expected` lists the ids
     /// the child records.
-    #[error("it is a {format} file with no id to check against the recorded parent id {expected}")]
+    #[error(
+        "it is a {format} file with no id to check against the recorded parent id {}",
+        either(expected)
+    )]
     NoId {
         format: &'static str,
-        expected: String,
+        expected: Vec<Uuid>,
     },
     /// The parent's id (`id_name`: DataWriteGuid, unique id) is not the recorded one.
     #[error(
-        "the child records parent id {expected}, the parent's {id_name} is {id}; the parent \
-         was changed after the child was made, so the merged view would be garbage"
+        "the child records parent id {}, the parent's {id_name} is {id}; the parent \
+         was changed after the child was made, so the merged view would be garbage",
+        either(expected)
     )]
     Changed {
-        expected: String,
+        expected: Vec<Uuid>,
         id_name: &'static str,
         id: Uuid,
     },
@@ -535,12 +550,12 @@ pub enum Request {
     #[error("{}: not a differencing disk (it has no parent to set)", child.display())]
     NotDifferencing { child: PathBuf },
     /// `set-parent`: the new parent is not the disk the child was made from.
-    #[error("{}: {} is not the disk it was made from (it records parent {id_name} {expected}, the new parent's is {id}); use --ignore-id-mismatch to make it the parent anyway", child.display(), parent.display())]
+    #[error("{}: {} is not the disk it was made from (it records parent {id_name} {}, the new parent's is {id}); use --ignore-id-mismatch to make it the parent anyway", child.display(), parent.display(), either(expected))]
     ParentIdMismatch {
         child: PathBuf,
         parent: PathBuf,
         id_name: &'static str,
-        expected: String,
+        expected: Vec<Uuid>,
         id: Uuid,
     },
     /// `set-parent`: the new parent is larger than the child.
@@ -565,6 +580,300 @@ pub enum Request {
         ancestor: PathBuf,
         command: String,
     },
+
+    // Opening: files held by others, formats that cannot be written.
+    /// A writable open of a file another process holds (`holders` describes them).
+    #[error("{}: in use by {holders} (it is mounted, or is the parent of a mounted disk); refusing to open it for writing", path.display())]
+    InUse { path: PathBuf, holders: String },
+    /// An open refused because another process (`who`) writes the file; `why` says what
+    /// the open was for ("to copy a chain that includes it").
+    #[error("{}: open for writing by {who}; refusing {why}", path.display())]
+    OpenForWriting {
+        path: PathBuf,
+        who: String,
+        why: &'static str,
+    },
+    #[error("{}: a raw file can only be a read-only base, not the top of a writable chain", path.display())]
+    RawWritable { path: PathBuf },
+    /// A change asked of an image opened read-only.
+    #[error("{}: opened read-only", path.display())]
+    ReadOnlyOpen { path: PathBuf },
+    /// A write or discard (`op`) the disk cannot take: not sector-aligned, or past the
+    /// virtual size `size`.
+    #[error("{}: {op} of {len} bytes at {offset} is not sector-aligned or lies past the virtual size {size}", path.display())]
+    OutOfRange {
+        path: PathBuf,
+        op: &'static str,
+        len: u64,
+        offset: u64,
+        size: u64,
+    },
+    /// A map asked of a VHD past its virtual size.
+    #[error("{}: map of {len} bytes at {offset} is past the virtual size {size}", path.display())]
+    MapPastEnd {
+        path: PathBuf,
+        len: u64,
+        offset: u64,
+        size: u64,
+    },
+    /// A command for VHDX and VHD images given another file.
+    #[error("{}: not a VHDX or VHD image", path.display())]
+    NotVhdxOrVhd { path: PathBuf },
+
+    // Creating files.
+    #[error("{}: already exists (vdiskfs never overwrites a file)", path.display())]
+    AlreadyExists { path: PathBuf },
+    /// A path without a final file name ("/", "..").
+    #[error("{}: not a file name", path.display())]
+    NotAFileName { path: PathBuf },
+    #[error("{}: block size {block_size} is invalid for VHDX (a power of two from 1 MiB to 256 MiB)", path.display())]
+    NewVhdxBlockSize { path: PathBuf, block_size: u32 },
+    #[error("{}: sector size {size} is invalid (512 or 4096)", path.display())]
+    NewVhdxSectorSize { path: PathBuf, size: u32 },
+    #[error("{}: size {size} is invalid for VHDX (a non-zero multiple of the {sector_size}-byte sector size, at most 64 TiB)", path.display())]
+    NewVhdxSize {
+        path: PathBuf,
+        size: u64,
+        sector_size: u64,
+    },
+    /// A VHDX parent locator that does not fit its metadata region.
+    #[error("parent locator too large")]
+    LocatorTooLarge,
+    #[error("{}: fixed VHD size {size} must be a non-zero multiple of 512 bytes, at most {max} (32 TiB)", path.display())]
+    FixedVhdSize { path: PathBuf, size: u64, max: u64 },
+    #[error("{}: VHD block size {block_size} must be a power of two between {min} and {max}", path.display())]
+    NewVhdBlockSize {
+        path: PathBuf,
+        block_size: u32,
+        min: u32,
+        max: u32,
+    },
+    #[error("{}: {size} bytes in {block_size}-byte blocks needs more than {max} BAT entries; use a larger block size", path.display())]
+    NewVhdBatEntries {
+        path: PathBuf,
+        size: u64,
+        block_size: u32,
+        max: u32,
+    },
+    #[error("{}: VHD size {size} must be a non-zero multiple of 512 bytes, at most {max} (2040 GiB)", path.display())]
+    NewVhdSize { path: PathBuf, size: u64, max: u64 },
+    /// A new VHD block would start past the sector numbers a BAT entry holds.
+    #[error("{}: the VHD grew past what a BAT entry can address", path.display())]
+    VhdBatAddress { path: PathBuf },
+    /// `create --parent`: no such parent file (`tried` lists the paths looked at).
+    #[error("parent {} does not exist or is not a file (tried {})", parent.display(), tried.join(", "))]
+    CreateParentMissing { parent: PathBuf, tried: Vec<String> },
+    /// `create --parent`: `want` says which parent format the child needs ("a VHD child
+    /// needs a VHD parent"); the parent is `got`.
+    #[error("{}: {want}, but {} is {got}", image.display(), parent.display())]
+    CreateParentFormat {
+        image: PathBuf,
+        want: &'static str,
+        parent: PathBuf,
+        got: &'static str,
+    },
+
+    // set-parent.
+    /// `set-parent` on a file of format `format` (raw, or neither VHDX nor VHD).
+    #[error("{}: {format} file, not a VHDX or VHD differencing disk", child.display())]
+    SetParentFormat {
+        child: PathBuf,
+        format: &'static str,
+    },
+    #[error("{}: not a differencing disk (its metadata has no parent locator)", path.display())]
+    NoParentLocator { path: PathBuf },
+    #[error("{}: the new parent locator ({len} bytes) does not fit into the free space of the {region_len}-byte metadata region; vdiskfs does not grow the region (use shorter paths)", path.display())]
+    LocatorNoRoom {
+        path: PathBuf,
+        len: u64,
+        region_len: u64,
+    },
+    #[error("{}: the new parent locator ({len} bytes) is too large for one log entry", path.display())]
+    LocatorTooLargeForLog { path: PathBuf, len: u64 },
+    #[error("{}: not a differencing disk (it has no parent)", path.display())]
+    NoParent { path: PathBuf },
+
+    // Resizing.
+    #[error("{}: size {spec} is too large", path.display())]
+    SizeTooLarge { path: PathBuf, spec: String },
+    #[error("{}: the new size must be at least one sector", path.display())]
+    SizeZero { path: PathBuf },
+    #[error("{}: a VHD cannot be shrunk (only grown; Hyper-V shrinks only VHDX: convert it to VHDX first)", path.display())]
+    VhdShrink { path: PathBuf },
+    /// Shrinking below `minimum` bytes; `blocker` says what is in the way.
+    #[error("{}: cannot shrink to {}: {blocker}; the smallest size allowed is {}", path.display(), HumanSize(*new), HumanSize(*minimum))]
+    ShrinkBelowMinimum {
+        path: PathBuf,
+        new: u64,
+        blocker: ShrinkBlocker,
+        minimum: u64,
+    },
+    #[error("{}: cannot shrink to {}: a guest partition reaches past where the backup GPT would go, so the GPT cannot be kept valid (shrink the partition first)", path.display(), HumanSize(*new))]
+    ShrinkGpt { path: PathBuf, new: u64 },
+    /// `problem` is the GPT library's message.
+    #[error("{}: rewriting the guest's GPT: {problem}", path.display())]
+    GptRewrite { path: PathBuf, problem: String },
+    #[error("{}: cannot grow to {}: its parent {} holds data past the current end (up to byte {end}), which the new space would show instead of zeros", path.display(), HumanSize(*new), parent.display())]
+    GrowOverParentData {
+        path: PathBuf,
+        new: u64,
+        parent: PathBuf,
+        end: u64,
+    },
+    #[error("{}: a VHDX's size must be a multiple of its {sector_size}-byte sectors, from {sector_size} bytes to 64 TiB (asked: {asked})", path.display())]
+    VhdxResizeSize {
+        path: PathBuf,
+        sector_size: u64,
+        asked: u64,
+    },
+    #[error("{}: the VirtualDiskSize item crosses a 4 KiB page (at {at}); not resizing", path.display())]
+    SizeItemCrossesPage { path: PathBuf, at: u64 },
+    #[error("{}: a BAT of {len} bytes does not fit a region table entry", path.display())]
+    BatTooLarge { path: PathBuf, len: u64 },
+    #[error("{}: a VHD grows to a multiple of 512 bytes up to 2040 GiB (asked: {asked})", path.display())]
+    VhdResizeSize { path: PathBuf, asked: u64 },
+    #[error("{}: the footer is not in the last 512 bytes (an old 511-byte footer?); not resizing", path.display())]
+    FooterNotLast { path: PathBuf },
+    #[error("{}: {needed} blocks of {block_size} bytes are more than vdiskfs handles ({max})", path.display())]
+    VhdResizeBlocks {
+        path: PathBuf,
+        needed: u64,
+        block_size: u64,
+        max: u32,
+    },
+    #[error("{}: a VHD file cannot grow past 2 TiB", path.display())]
+    VhdFileTooLarge { path: PathBuf },
+
+    // Compacting.
+    /// `why` says what stands in the way.
+    #[error("{}: cannot compact: {why}", path.display())]
+    NotCompactable { path: PathBuf, why: &'static str },
+
+    // Converting.
+    #[error("{}: not a VHDX or VHD image; if it is a raw disk image, say so with -f raw", input.display())]
+    SourceNotImage { input: PathBuf },
+    /// The output is the top image (`top`) or another layer of the source chain.
+    #[error("{}: the output is {} of the source chain; write to a new file", output.display(), if *top { "the top image" } else { "a layer" })]
+    OutputInChain { output: PathBuf, top: bool },
+    #[error("{}: already exists (use --force to replace it)", output.display())]
+    OutputExists { output: PathBuf },
+    /// `cause` is the rendered I/O error (without the path).
+    #[error("{}: the output's file system is full ({cause}); nothing was written at that path (the source holds {total} bytes of data to copy, plus the format's metadata)", output.display())]
+    OutputFull {
+        output: PathBuf,
+        cause: String,
+        total: u64,
+    },
+    #[error("{}: {size} bytes is more than Azure accepts for an uploaded VHD ({max} bytes, 32 TiB)", input.display())]
+    AzureTooLarge { input: PathBuf, size: u64, max: u64 },
+    #[error("{}: interrupted; nothing was written at that path", path.display())]
+    ConvertInterrupted { path: PathBuf },
+    #[error("{}: output size {size} is smaller than the source's {source_size}", path.display())]
+    OutputSmaller {
+        path: PathBuf,
+        size: u64,
+        source_size: u64,
+    },
+
+    // Merging.
+    #[error("{}: --into names the child itself; give one of its ancestors", into.display())]
+    MergeIntoChild { into: PathBuf },
+    /// `chain` lists the child's layers, top to base.
+    #[error("{}: not in the chain of {} (its chain, top to base: {})", into.display(), child.display(), chain.join(" -> "))]
+    MergeIntoNotInChain {
+        into: PathBuf,
+        child: PathBuf,
+        chain: Vec<String>,
+    },
+    #[error("{}: not a differencing disk: there is no parent to merge it into", child.display())]
+    MergeNoParent { child: PathBuf },
+    #[error("{}: a raw file cannot be merged into (merge into a VHDX or VHD)", ancestor.display())]
+    MergeIntoRaw { ancestor: PathBuf },
+    #[error("{}: virtual size {size} differs from the ancestor {}'s {ancestor_size}: resize first", layer.display(), ancestor.display())]
+    MergeSizeDiffers {
+        layer: PathBuf,
+        size: u64,
+        ancestor: PathBuf,
+        ancestor_size: u64,
+    },
+    #[error("{}: read-only file (mode {mode:o}); merging writes the ancestor and deletes the merged layers (chmod u+w to allow it)", path.display())]
+    MergeReadOnlyFile { path: PathBuf, mode: u32 },
+    /// `dependents` lists the disks, each as "CHILD (child of PARENT)".
+    #[error("{}: other disks depend on the layers being merged and would break: {}; refusing (--force merges anyway)", ancestor.display(), dependents.join(", "))]
+    MergeDependents {
+        ancestor: PathBuf,
+        dependents: Vec<String>,
+    },
+    #[error("{}: not enough space: merging {total} bytes may grow it by up to {need_mib} MiB, its file system has {free_mib} MiB free; nothing was changed", ancestor.display())]
+    MergeNoSpace {
+        ancestor: PathBuf,
+        total: u64,
+        need_mib: u64,
+        free_mib: u64,
+    },
+    #[error("{}: the chain changed while it was being opened; try again", child.display())]
+    ChainChanged { child: PathBuf },
+    /// The copy or the close failed (`cause`, the rendered error); the record stays.
+    #[error("{}: {cause}; the merge is not finished ({} refuses to open until it is): run `{command}` again", ancestor.display(), child.display())]
+    MergeUnfinished {
+        ancestor: PathBuf,
+        cause: String,
+        child: PathBuf,
+        command: String,
+    },
+    #[error("{}: replaced by another file while it was being merged; not deleted", path.display())]
+    MergeReplaced { path: PathBuf },
+    #[error("{}: listed in the merge record of {} but without the same record beside it (owned by its owner); not deleted", path.display(), owner.display())]
+    MergeRecordNotBeside { path: PathBuf, owner: PathBuf },
+    #[error("{}: listed in a merge record but not a VHDX or VHD; not deleted", path.display())]
+    MergeRecordNotImage { path: PathBuf },
+    /// A merge record file that does not parse; `what` says which part is missing.
+    #[error("{}: not a vdiskfs merge record ({what}); if no merge is under way, delete it", path.display())]
+    BadMergeRecord { path: PathBuf, what: &'static str },
+
+    // Test support.
+    /// A pending log asked for on a file that has one.
+    #[error("{}: already has a pending log", path.display())]
+    PendingLog { path: PathBuf },
+}
+
+/// What keeps `resize` from shrinking to the size asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShrinkBlocker {
+    /// A layer (`file`) holds data up to byte `end`.
+    #[error("{} holds data up to byte {end}", file.display())]
+    Data { file: PathBuf, end: u64 },
+    /// Guest partition `number` ends at byte `end`; `backup_len` bytes of backup GPT
+    /// follow it.
+    #[error("guest partition {number} ends at byte {end}{} (--force skips this check)", if *backup_len > 0 { format!(", and the backup GPT after it takes {backup_len} bytes") } else { String::new() })]
+    Partition {
+        number: u32,
+        end: u64,
+        backup_len: u64,
+    },
+    #[error("the partition table would not fit")]
+    PartitionTable,
+}
+
+/// A byte count for people: "512 bytes", "1.5 GiB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanSize(pub u64);
+
+impl std::fmt::Display for HumanSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+        let n = self.0;
+        if n < 1024 {
+            return write!(f, "{n} bytes");
+        }
+        let mut v = n as f64 / 1024.0;
+        let mut u = 0;
+        while v >= 1024.0 && u + 1 < UNITS.len() {
+            v /= 1024.0;
+            u += 1;
+        }
+        write!(f, "{n} bytes ({v:.1} {})", UNITS[u])
+    }
 }
 
 /// A mount vdiskfs refuses before mounting: an option, or the mount point, does not fit.
@@ -618,7 +927,7 @@ pub enum MountRefusal {
     Name { name: String, stats: &'static str },
     /// `--cache-block` is not a size (`problem` says why).
     #[error("--cache-block: {problem}")]
-    CacheBlockSize { problem: String },
+    CacheBlockSize { problem: SizeProblem },
     #[error("--cache-block {value}: must be a power of two between 4K and 64M")]
     CacheBlock { value: String },
     #[error("--cache-size {mib}: too large")]
@@ -636,4 +945,220 @@ pub enum MountRefusal {
         path.display()
     )]
     Busy { path: PathBuf },
+    #[error("-o transport={value}: must be auto, uring or classic")]
+    Transport { value: String },
+    /// A file the mount would show (`name`, as shown) is not a plain file name.
+    #[error("{name:?}: not a plain file name for the mount")]
+    NodeName { name: String },
+    #[error("{name:?}: the mount already has a file of that name")]
+    NodeTwice { name: String },
+    #[error("{name:?}: bytes {start}+{len} reach past the end of the disk ({disk_len} bytes)")]
+    NodePastEnd {
+        name: String,
+        start: u64,
+        len: u64,
+        disk_len: u64,
+    },
+    #[error("{name:?}: the mount already has {max} nodes")]
+    TooManyNodes { name: String, max: usize },
+}
+
+/// Why a size given on the command line ("64G", "+1M") is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeProblem {
+    #[error("bad size {text:?}: unknown suffix {suffix:?}")]
+    UnknownSuffix { text: String, suffix: char },
+    #[error("bad size {text:?}: not a number")]
+    NotANumber { text: String },
+    #[error("bad size {text:?}: too large")]
+    TooLarge { text: String },
+}
+
+/// Command-line options that do not fit together or a value that is not one, found
+/// before any file is looked at beyond its name. `Display` is the whole line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Usage {
+    /// A size option (`--size`, `--block-size`) that is not a size.
+    #[error("{0}")]
+    Size(SizeProblem),
+    /// The size argument of `resize IMAGE SIZE`.
+    #[error("{}: {problem}", path.display())]
+    NewSize { path: PathBuf, problem: SizeProblem },
+    #[error("block size {block_size} is too large")]
+    BlockSizeTooLarge { block_size: u64 },
+    #[error("{}: cannot tell the format from the extension (use .vhdx/.avhdx or .vhd/.avhd, or --format)", image.display())]
+    CreateFormat { image: PathBuf },
+    #[error("{}: create makes VHDX or VHD files, not raw ones", image.display())]
+    CreateRaw { image: PathBuf },
+    #[error("{}: VHD disks always have 512-byte sectors", image.display())]
+    VhdSectorSize { image: PathBuf },
+    #[error("{}: --azure makes a fixed VHD; it cannot be combined with another --format", output.display())]
+    AzureFormat { output: PathBuf },
+    #[error("{}: cannot tell the output format from the extension (use .vhdx, .vhd or .raw/.img, or --format)", output.display())]
+    OutputFormat { output: PathBuf },
+    #[error("{}: a raw source has no parents; --parent does not apply", input.display())]
+    RawSourceParent { input: PathBuf },
+    #[error("{}: --logical-sector-size {size} applies only to VHDX output (VHD and raw have 512-byte sectors)", output.display())]
+    SectorSizeNotVhdx { output: PathBuf, size: u32 },
+    /// The transport environment variable `var` holds `value`.
+    #[error("{var}={value}: must be auto, uring or classic")]
+    TransportEnv { var: &'static str, value: String },
+}
+
+/// A mount or unmount that failed in the kernel, in fusermount3 or in the FUSE session.
+/// `Display` is the whole line; the foreign messages (`msg`, `error`) are kept as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MountFailure {
+    /// The mount helper (fusermount3) failed; `msg` is what it said.
+    #[error("mount {}: {msg}", mountpoint.display())]
+    Mount { mountpoint: PathBuf, msg: String },
+    #[error("{}: a FUSE mount whose daemon is gone is still here; clear it with `fusermount3 -u {}`", path.display(), path.display())]
+    Stale { path: PathBuf },
+    #[error("/dev/fuse does not exist: FUSE is not available (load it with `modprobe fuse`; install the fuse3 package for fusermount3)")]
+    NoDevFuse,
+    /// `fusermount3 -u` (lazy: `-u -z`) failed; `msg` is what it said.
+    #[error("fusermount3 -u{}: {msg}", if *lazy { " -z" } else { "" })]
+    Unmount { lazy: bool, msg: String },
+    #[error("{} is not mounted", path.display())]
+    NotMounted { path: PathBuf },
+    #[error("{} is a {fstype} mount, not a vdiskfs mount", path.display())]
+    NotVdiskfs { path: PathBuf, fstype: String },
+    /// `--transport uring` asked for but not available (`why`).
+    #[error("mount {}: --transport uring: {why}", mountpoint.display())]
+    Uring { mountpoint: PathBuf, why: String },
+    #[error("mount {}: FUSE handshake: {error}", mountpoint.display())]
+    Handshake { mountpoint: PathBuf, error: String },
+    #[error("FUSE session on {} ended with an error: {error}", mountpoint.display())]
+    SessionEnded { mountpoint: PathBuf, error: String },
+}
+
+/// A broken internal invariant of vdiskfs (a bug, not a problem of the file or the
+/// request). `Display` is the whole line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Internal {
+    /// A layer's map described `described` bytes instead of `len`.
+    #[error("{}: internal: map of {len} bytes at {offset} described {described} bytes", path.display())]
+    MapLength {
+        path: PathBuf,
+        len: u64,
+        offset: u64,
+        described: u64,
+    },
+    #[error("{}: internal: not opened for writing", path.display())]
+    NotWritable { path: PathBuf },
+    #[error("internal: bitmap of chunk {chunk} not loaded")]
+    BitmapNotLoaded { chunk: u64 },
+    #[error("{}: internal: a structural update of {pages} pages (at most {limit} aligned 4 KiB pages)", path.display())]
+    StructuralUpdate {
+        path: PathBuf,
+        pages: usize,
+        limit: usize,
+    },
+    /// A block compaction moves changed place under it (`what`: "BAT entry", "block").
+    #[error("{}: internal: {what} {index} moved under compact", path.display())]
+    MovedUnderCompact {
+        path: PathBuf,
+        what: &'static str,
+        index: u64,
+    },
+    #[error("{}: internal: move target {to} out of range", path.display())]
+    MoveTarget { path: PathBuf, to: u64 },
+    #[error("{}: internal: set-parent needs a dynamic header and a writable file", path.display())]
+    SetParentNotDynamic { path: PathBuf },
+    #[error("{}: region table at {at} has no BAT entry", path.display())]
+    NoBatRegionEntry { path: PathBuf, at: u64 },
+    #[error("{}: no VirtualDiskSize metadata item", path.display())]
+    NoSizeItem { path: PathBuf },
+    /// A VHDX log entry asked of `LogWriter` that the log cannot take.
+    #[error("{}: {problem}", path.display())]
+    LogWrite {
+        path: PathBuf,
+        problem: LogWriteProblem,
+    },
+}
+
+/// Why `LogWriter` cannot write a log entry (all are bugs of the caller).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LogWriteProblem {
+    #[error("cannot write a log entry: log at offset {offset} length {length} is not a valid log region of this file")]
+    Region { offset: u64, length: u64 },
+    #[error("log sequence number {sequence} is unusable")]
+    Sequence { sequence: u64 },
+    #[error("FlushedFileOffset {flushed} and LastFileOffset {last} must be multiples of 1 MiB")]
+    FileOffsets { flushed: u64, last: u64 },
+    #[error("log update at file offset {offset} length {len} is not 4 KiB aligned metadata outside the header section")]
+    Update { offset: u64, len: u64 },
+    #[error("a log entry of {entry_len} bytes does not fit in the {length}-byte log beside the newest entry; write fewer updates per entry")]
+    NoRoom { entry_len: u64, length: u64 },
+}
+
+/// Why a path was not taken as a differencing disk's parent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotParent {
+    #[error("no such file")]
+    Missing,
+    /// The file could not be looked at; `error` is the system's message.
+    #[error("{error}")]
+    Stat { error: String },
+    #[error("is a directory")]
+    Directory,
+    /// `kind` is "a block device", "a character device", "a FIFO", "a socket" or "not a
+    /// regular file".
+    #[error("is {kind}, not a regular file (--allow-device-parent allows it)")]
+    NotRegular { kind: &'static str },
+    #[error("is the child itself")]
+    Child,
+}
+
+/// One place a parent was looked for in vain (`Error::ParentNotFound` lists them).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Tried {
+    /// The path given with --parent.
+    #[error("--parent {}: {why}", path.display())]
+    Override { path: PathBuf, why: NotParent },
+    /// Where a recorded parent path (`recorded`, as shown, from `locator`) leads;
+    /// `matched` is the file a case-insensitive match found instead of `path`.
+    #[error("{locator} \"{recorded}\" -> {}{}: {why}", path.display(), matched.as_ref().map(|m| format!(" (matched {})", m.display())).unwrap_or_default())]
+    Path {
+        locator: String,
+        recorded: String,
+        path: PathBuf,
+        matched: Option<PathBuf>,
+        why: NotParent,
+    },
+    #[error("nothing: the child records no parent path (use --parent)")]
+    NoPath,
+}
+
+/// Ids for a message: "A", "A or B".
+fn either(ids: &[Uuid]) -> String {
+    ids.iter()
+        .map(Uuid::to_string)
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+/// Why one copy of the VHDX region table (`copy` 1 at 192 KiB, 2 at 256 KiB) is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegionTableCopy {
+    /// The copy could not be read (`error`: the I/O error, without the path).
+    #[error("region table {copy}: {error}")]
+    Read { copy: u64, error: String },
+    #[error("region table {copy} (at {} KiB): {problem}", offset >> 10)]
+    Invalid {
+        copy: u64,
+        offset: u64,
+        problem: RegionTableProblem,
+    },
+}
+
+/// What is wrong inside a VHDX region table copy (MS-VHDX 2.2.3).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegionTableProblem {
+    #[error("bad signature (expected \"regi\")")]
+    Signature,
+    #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("{count} entries (at most {max} allowed)")]
+    Entries { count: u32, max: u32 },
 }

@@ -39,8 +39,8 @@ pub enum Error {
     },
 
     /// A differencing disk's parent could not be found.
-    #[error("{}: parent not found; tried: {}", child.display(), tried.join(", "))]
-    ParentNotFound { child: PathBuf, tried: Vec<String> },
+    #[error("{}: parent not found; tried: {}", child.display(), tried.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))]
+    ParentNotFound { child: PathBuf, tried: Vec<Tried> },
 
     /// A parent exists but is not (or cannot be shown to be) the file the child was made
     /// from; `msg` says which.
@@ -51,18 +51,27 @@ pub enum Error {
         msg: LinkageProblem,
     },
 
-    /// A request vdiskfs refuses (a chain rule broken); the message names the files.
+    /// A request vdiskfs refuses (a chain rule broken, a change the files cannot take);
+    /// the message names the files.
     #[error("{0}")]
     Request(Request),
-
-    /// A problem with what the user asked for, as free text (bad option combinations of
-    /// the commands; see `Request` for the typed ones).
-    #[error("{0}")]
-    Invalid(String),
 
     /// A mount refused before anything is mounted: an option or the mount point.
     #[error("{0}")]
     Mount(MountRefusal),
+
+    /// Options that do not fit together, or a value that is not one.
+    #[error("{0}")]
+    Usage(Usage),
+
+    /// A mount or unmount that failed after vdiskfs asked for it (kernel, fusermount3,
+    /// FUSE session).
+    #[error("{0}")]
+    MountFailed(MountFailure),
+
+    /// A broken internal invariant (a bug of vdiskfs).
+    #[error("{0}")]
+    Internal(Internal),
 }
 
 impl Error {

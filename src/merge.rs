@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::chain::FileId;
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result};
 use crate::image::durable::create_file_atomically;
 
 /// The record's file-name suffix.
@@ -59,9 +59,11 @@ pub fn record_path(layer: &Path) -> Result<PathBuf> {
                 _ => Path::new("."),
             };
             let dir = fs::canonicalize(dir).map_err(|e| Error::file(dir, "find directory", e))?;
-            let name = layer
-                .file_name()
-                .ok_or_else(|| Error::Invalid(format!("{}: not a file name", layer.display())))?;
+            let name = layer.file_name().ok_or_else(|| {
+                Error::Request(Request::NotAFileName {
+                    path: layer.to_path_buf(),
+                })
+            })?;
             dir.join(name)
         }
     };
@@ -84,11 +86,11 @@ impl MergeRecord {
     }
 
     fn from_json(path: &Path, text: &str) -> Result<MergeRecord> {
-        let bad = |what: &str| {
-            Error::Invalid(format!(
-                "{}: not a vdiskfs merge record ({what}); if no merge is under way, delete it",
-                path.display()
-            ))
+        let bad = |what: &'static str| {
+            Error::Request(Request::BadMergeRecord {
+                path: path.to_path_buf(),
+                what,
+            })
         };
         let v: Value = serde_json::from_str(text).map_err(|_| bad("not JSON"))?;
         if v["vdiskfs_merge"].as_u64() != Some(1) {
@@ -207,7 +209,10 @@ mod tests {
         fs::remove_file(&l).unwrap();
         assert_eq!(MergeRecord::beside(&l).unwrap(), Some(rec));
         fs::write(&p, "garbage").unwrap();
-        let e = MergeRecord::beside(&l).unwrap_err().to_string();
-        assert!(e.contains("not a vdiskfs merge record"), "{e}");
+        let e = MergeRecord::beside(&l).unwrap_err();
+        assert!(
+            matches!(&e, Error::Request(Request::BadMergeRecord { path, what: "not JSON" }) if *path == p),
+            "{e}"
+        );
     }
 }

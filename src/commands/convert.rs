@@ -10,7 +10,7 @@ use crate::chain::{Chain, Intent};
 use crate::cli::{parse_size, ConvertArgs, ConvertFormatArg, DiskTypeArg, SourceFormatArg};
 use crate::convert::{convert, source_data_bytes, ConvertSpec, OutFormat};
 use crate::disk::{Disk, DiskOptions};
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result, Usage};
 use crate::image::detect_format;
 use crate::image::raw::Raw;
 use crate::image::vhd::footer::{DiskType, Footer, Geometry, FOOTER_SIZE};
@@ -29,10 +29,9 @@ pub const AZURE_MAX_SIZE: u64 = 32 << 40;
 fn output_format(args: &ConvertArgs) -> Result<OutFormat> {
     if args.azure {
         if matches!(args.format, Some(f) if f != ConvertFormatArg::Vhd) {
-            return Err(Error::Invalid(format!(
-                "{}: --azure makes a fixed VHD; it cannot be combined with another --format",
-                args.output.display()
-            )));
+            return Err(Error::Usage(Usage::AzureFormat {
+                output: args.output.clone(),
+            }));
         }
         return Ok(OutFormat::Vhd);
     }
@@ -52,10 +51,9 @@ fn output_format(args: &ConvertArgs) -> Result<OutFormat> {
         "vhdx" | "avhdx" => Ok(OutFormat::Vhdx),
         "vhd" | "avhd" => Ok(OutFormat::Vhd),
         "raw" | "img" | "bin" => Ok(OutFormat::Raw),
-        _ => Err(Error::Invalid(format!(
-            "{}: cannot tell the output format from the extension (use .vhdx, .vhd or .raw/.img, or --format)",
-            args.output.display()
-        ))),
+        _ => Err(Error::Usage(Usage::OutputFormat {
+            output: args.output.clone(),
+        })),
     }
 }
 
@@ -64,19 +62,17 @@ fn open_source(args: &ConvertArgs) -> Result<Chain> {
     match args.source_format {
         SourceFormatArg::Auto => {
             if detect_format(&args.source)?.is_none() {
-                return Err(Error::Invalid(format!(
-                    "{}: not a VHDX or VHD image; if it is a raw disk image, say so with -f raw",
-                    args.source.display()
-                )));
+                return Err(Error::Request(Request::SourceNotImage {
+                    input: args.source.clone(),
+                }));
             }
             Chain::open(&args.source, &args.chain.options(Intent::Copy))
         }
         SourceFormatArg::Raw => {
             if !args.chain.parents.is_empty() {
-                return Err(Error::Invalid(format!(
-                    "{}: a raw source has no parents; --parent does not apply",
-                    args.source.display()
-                )));
+                return Err(Error::Usage(Usage::RawSourceParent {
+                    input: args.source.clone(),
+                }));
             }
             let raw = Raw::open(&args.source, Intent::Copy.open_options(0))?;
             Ok(Chain {
@@ -107,15 +103,10 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
     }
     for l in &chain.layers {
         if same_file(l.path(), &args.output) {
-            return Err(Error::Invalid(format!(
-                "{}: the output is {} of the source chain; write to a new file",
-                args.output.display(),
-                if l.path() == chain.top().path() {
-                    "the top image"
-                } else {
-                    "a layer"
-                }
-            )));
+            return Err(Error::Request(Request::OutputInChain {
+                output: args.output.clone(),
+                top: l.path() == chain.top().path(),
+            }));
         }
     }
     let source_lss = chain.top().logical_sector_size();
@@ -128,10 +119,9 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
     );
     let spec = make_spec(args, format, fixed, source_lss, disk.len())?;
     if args.output.symlink_metadata().is_ok() && !args.force {
-        return Err(Error::Invalid(format!(
-            "{}: already exists (use --force to replace it)",
-            args.output.display()
-        )));
+        return Err(Error::Request(Request::OutputExists {
+            output: args.output.clone(),
+        }));
     }
     // Ctrl-C and SIGTERM stop the copy between blocks; the temporary file is removed
     // and OUTPUT never appears. (SIGKILL leaves the temporary file; the next run
@@ -161,11 +151,11 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
                 return Ok(130);
             }
             if matches!(e.errno(), libc::ENOSPC | libc::EDQUOT) {
-                return Err(Error::Invalid(format!(
-                    "{}: the output's file system is full ({}); nothing was written at that path (the source holds {total} bytes of data to copy, plus the format's metadata)",
-                    out.display(),
-                    e.detail()
-                )));
+                return Err(Error::Request(Request::OutputFull {
+                    output: out.clone(),
+                    cause: e.detail(),
+                    total,
+                }));
             }
             return Err(e);
         }
@@ -189,20 +179,20 @@ fn make_spec(
     source_size: u64,
 ) -> Result<ConvertSpec> {
     let block_size = match &args.block_size {
-        Some(s) => parse_size(s).map_err(Error::Invalid)?,
+        Some(s) => parse_size(s).map_err(|p| Error::Usage(Usage::Size(p)))?,
         None => DEFAULT_BLOCK,
     };
     let block_size = u32::try_from(block_size)
-        .map_err(|_| Error::Invalid(format!("block size {block_size} is too large")))?;
+        .map_err(|_| Error::Usage(Usage::BlockSizeTooLarge { block_size }))?;
     let lss = match (format, args.logical_sector_size) {
         (OutFormat::Vhdx, Some(n)) => n,
         (OutFormat::Vhdx, None) => source_lss,
         (_, Some(512)) | (_, None) => 512,
         (_, Some(n)) => {
-            return Err(Error::Invalid(format!(
-                "{}: --logical-sector-size {n} applies only to VHDX output (VHD and raw have 512-byte sectors)",
-                args.output.display()
-            )))
+            return Err(Error::Usage(Usage::SectorSizeNotVhdx {
+                output: args.output.clone(),
+                size: n,
+            }))
         }
     };
     let mut size = source_size;
@@ -215,11 +205,11 @@ fn make_spec(
         let rounded = size.div_ceil(MIB) * MIB;
         let rounded = rounded.max(AZURE_MIN_SIZE);
         if rounded > AZURE_MAX_SIZE {
-            return Err(Error::Invalid(format!(
-                "{}: {} bytes is more than Azure accepts for an uploaded VHD ({AZURE_MAX_SIZE} bytes, 32 TiB)",
-                args.source.display(),
-                source_size
-            )));
+            return Err(Error::Request(Request::AzureTooLarge {
+                input: args.source.clone(),
+                size: source_size,
+                max: AZURE_MAX_SIZE,
+            }));
         }
         if rounded != source_size {
             eprintln!(

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::chain::{Chain, ChainOptions, Intent};
 use crate::cli::{parse_size, CreateArgs, FormatArg};
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result, Usage};
 use crate::image::durable::refuse_existing;
 use crate::image::vhd::Vhd;
 use crate::image::vhdx::Vhdx;
@@ -49,10 +49,9 @@ fn format_for(image: &Path, format: Option<Format>) -> Result<Format> {
     match ext.as_str() {
         "vhdx" | "avhdx" => Ok(Format::Vhdx),
         "vhd" | "avhd" => Ok(Format::Vhd),
-        _ => Err(Error::Invalid(format!(
-            "{}: cannot tell the format from the extension (use .vhdx/.avhdx or .vhd/.avhd, or --format)",
-            image.display()
-        ))),
+        _ => Err(Error::Usage(Usage::CreateFormat {
+            image: image.to_path_buf(),
+        })),
     }
 }
 
@@ -67,14 +66,15 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
         }),
     )?;
     let block_size = match &args.block_size {
-        Some(s) => parse_size(s).map_err(Error::Invalid)?,
+        Some(s) => parse_size(s).map_err(|p| Error::Usage(Usage::Size(p)))?,
         None => u64::from(DEFAULT_BLOCK),
     };
     let block_size = u32::try_from(block_size)
-        .map_err(|_| Error::Invalid(format!("block size {block_size} is too large")))?;
+        .map_err(|_| Error::Usage(Usage::BlockSizeTooLarge { block_size }))?;
     let size = match &args.parent {
         Some(_) => 0,
-        None => parse_size(args.size.as_deref().unwrap_or_default()).map_err(Error::Invalid)?,
+        None => parse_size(args.size.as_deref().unwrap_or_default())
+            .map_err(|p| Error::Usage(Usage::Size(p)))?,
     };
     let opts = CreateOptions {
         format: Some(format),
@@ -94,10 +94,9 @@ pub fn run(args: &CreateArgs) -> Result<i32> {
 pub fn create(image: &Path, opts: &CreateOptions) -> Result<()> {
     let format = format_for(image, opts.format)?;
     if format == Format::Raw {
-        return Err(Error::Invalid(format!(
-            "{}: create makes VHDX or VHD files, not raw ones",
-            image.display()
-        )));
+        return Err(Error::Usage(Usage::CreateRaw {
+            image: image.to_path_buf(),
+        }));
     }
     let block_size = opts.block_size.unwrap_or(DEFAULT_BLOCK);
     if let Some(parent) = &opts.parent {
@@ -109,10 +108,9 @@ pub fn create(image: &Path, opts: &CreateOptions) -> Result<()> {
         return Ok(());
     }
     if lss != 512 {
-        return Err(Error::Invalid(format!(
-            "{}: VHD disks always have 512-byte sectors",
-            image.display()
-        )));
+        return Err(Error::Usage(Usage::VhdSectorSize {
+            image: image.to_path_buf(),
+        }));
     }
     make_dir(image)?;
     vhd::create::create_dynamic(image, opts.size, block_size)?;
@@ -135,11 +133,10 @@ fn resolve_parent(child: &Path, parent: &Path) -> Result<PathBuf> {
         return absolute(parent);
     }
     tried.push(parent.display().to_string());
-    Err(Error::Invalid(format!(
-        "parent {} does not exist or is not a file (tried {})",
-        parent.display(),
-        tried.join(", ")
-    )))
+    Err(Error::Request(Request::CreateParentMissing {
+        parent: parent.to_path_buf(),
+        tried,
+    }))
 }
 
 /// Create the new file's directory when missing, as the Virtual PC API did (a VHD
@@ -210,11 +207,12 @@ fn create_child(image: &Path, format: Format, parent: &Path, block_size: u32) ->
                 Format::Vhd => "a VHD child needs a VHD parent",
                 _ => "a VHDX child needs a VHDX parent",
             };
-            return Err(Error::Invalid(format!(
-                "{}: {want}, but {} is {got}",
-                image.display(),
-                parent_abs.display()
-            )));
+            return Err(Error::Request(Request::CreateParentFormat {
+                image: image.to_path_buf(),
+                want,
+                parent: parent_abs.clone(),
+                got,
+            }));
         }
     }
     Ok(())

@@ -17,7 +17,7 @@ use crate::access;
 use crate::chain::{file_id, resolve_parent, Chain, ChainOptions, FileId, Intent};
 use crate::cli::MergeArgs;
 use crate::disk::{Disk, DiskOptions};
-use crate::error::{Error, Result};
+use crate::error::{Error, Internal, Request, Result};
 use crate::image::{detect_format, open_layer};
 use crate::layer::{Format, Layer, OpenOptions, Run};
 use crate::merge::{record_path, remove_durably, MergeRecord, Phase, RECORD_SUFFIX};
@@ -113,11 +113,12 @@ pub(crate) fn merge_ranges(
             pos += n;
         }
         if pos != off + len {
-            return Err(Error::Invalid(format!(
-                "{}: internal: map of {len} bytes at {off} described {} bytes",
-                layers[lv].path().display(),
-                pos - off
-            )));
+            return Err(Error::Internal(Internal::MapLength {
+                path: layers[lv].path().to_path_buf(),
+                len,
+                offset: off,
+                described: pos - off,
+            }));
         }
         Ok(())
     }
@@ -258,10 +259,9 @@ fn copy(
 ) -> Result<bool> {
     let anc = disk.layers()[k].clone();
     let w = anc.writable().ok_or_else(|| {
-        Error::Invalid(format!(
-            "{}: internal: not opened for writing",
-            anc.path().display()
-        ))
+        Error::Internal(Internal::NotWritable {
+            path: anc.path().to_path_buf(),
+        })
     })?;
     let mut pieces = Vec::new();
     for &(o, l) in ranges {
@@ -358,10 +358,9 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
             let want = file_id(into)?;
             match ids.iter().position(|&i| i == want) {
                 Some(0) => {
-                    return Err(Error::Invalid(format!(
-                        "{}: --into names the child itself; give one of its ancestors",
-                        into.display()
-                    )))
+                    return Err(Error::Request(Request::MergeIntoChild {
+                        into: into.clone(),
+                    }))
                 }
                 Some(k) => k,
                 None => {
@@ -370,20 +369,18 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
                         .iter()
                         .map(|l| l.path().display().to_string())
                         .collect();
-                    return Err(Error::Invalid(format!(
-                        "{}: not in the chain of {} (its chain, top to base: {})",
-                        into.display(),
-                        args.child.display(),
-                        names.join(" -> ")
-                    )));
+                    return Err(Error::Request(Request::MergeIntoNotInChain {
+                        into: into.clone(),
+                        child: args.child.clone(),
+                        chain: names,
+                    }));
                 }
             }
         }
         None if chain.layers.len() < 2 => {
-            return Err(Error::Invalid(format!(
-                "{}: not a differencing disk: there is no parent to merge it into",
-                args.child.display()
-            )))
+            return Err(Error::Request(Request::MergeNoParent {
+                child: args.child.clone(),
+            }))
         }
         None => 1,
     };
@@ -395,17 +392,16 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
         .collect::<Result<_>>()?;
     let child = run_paths[0].clone();
     if anc.format() == Format::Raw {
-        return Err(Error::Invalid(format!(
-            "{}: a raw file cannot be merged into (merge into a VHDX or VHD)",
-            anc.path().display()
-        )));
+        return Err(Error::Request(Request::MergeIntoRaw {
+            ancestor: anc.path().to_path_buf(),
+        }));
     }
     // Records: only this merge's own may be present, and only on the merged layers.
     for (i, l) in chain.layers.iter().enumerate() {
         if let Some(rec) = MergeRecord::beside(l.path())? {
             let ours = i < k && rec.ancestor_id == ids[k] && rec.layers == run_paths;
             if !ours {
-                return Err(Error::Request(crate::error::Request::MergeInterrupted {
+                return Err(Error::Request(Request::MergeInterrupted {
                     layer: l.path().to_path_buf(),
                     ancestor: rec.ancestor,
                     command: rec.command,
@@ -415,24 +411,22 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
     }
     for l in &chain.layers[..k] {
         if l.virtual_size() != anc.virtual_size() {
-            return Err(Error::Invalid(format!(
-                "{}: virtual size {} differs from the ancestor {}'s {}: resize first",
-                l.path().display(),
-                l.virtual_size(),
-                anc.path().display(),
-                anc.virtual_size()
-            )));
+            return Err(Error::Request(Request::MergeSizeDiffers {
+                layer: l.path().to_path_buf(),
+                size: l.virtual_size(),
+                ancestor: anc.path().to_path_buf(),
+                ancestor_size: anc.virtual_size(),
+            }));
         }
     }
     for l in &chain.layers[..=k] {
         use std::os::unix::fs::PermissionsExt;
         let md = std::fs::metadata(l.path()).map_err(|e| Error::file(l.path(), "stat", e))?;
         if md.permissions().mode() & 0o222 == 0 {
-            return Err(Error::Invalid(format!(
-                "{}: read-only file (mode {:o}); merging writes the ancestor and deletes the merged layers (chmod u+w to allow it)",
-                l.path().display(),
-                md.permissions().mode() & 0o7777
-            )));
+            return Err(Error::Request(Request::MergeReadOnlyFile {
+                path: l.path().to_path_buf(),
+                mode: md.permissions().mode() & 0o7777,
+            }));
         }
     }
     let command = finish_command(args, &child, &anc_path);
@@ -497,11 +491,10 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
             .iter()
             .map(|d| format!("{} (child of {})", d.path.display(), d.parent.display()))
             .collect();
-        return Err(Error::Invalid(format!(
-            "{}: other disks depend on the layers being merged and would break: {}; refusing (--force merges anyway)",
-            anc_path.display(),
-            list.join(", ")
-        )));
+        return Err(Error::Request(Request::MergeDependents {
+            ancestor: anc_path.clone(),
+            dependents: list,
+        }));
     }
     let phase = existing.as_ref().map_or(Phase::Copying, |r| r.phase);
     if phase == Phase::Copying && existing.is_none() {
@@ -509,12 +502,12 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
         let dir = anc_path.parent().unwrap_or(Path::new("/"));
         if let Some(free) = free_space(dir) {
             if need > free {
-                return Err(Error::Invalid(format!(
-                    "{}: not enough space: merging {total} bytes may grow it by up to {} MiB, its file system has {} MiB free; nothing was changed",
-                    anc_path.display(),
-                    need.div_ceil(MIB),
-                    free / MIB
-                )));
+                return Err(Error::Request(Request::MergeNoSpace {
+                    ancestor: anc_path.clone(),
+                    total,
+                    need_mib: need.div_ceil(MIB),
+                    free_mib: free / MIB,
+                }));
             }
         }
     }
@@ -531,10 +524,9 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
     // 2. Reopen for the merge: the run and the ancestor exclusively, the rest shared.
     let chain = Chain::open(&args.child, &chain_options(args, Intent::Rewrite(k + 1)))?;
     if chain.layers.len() <= k || file_id(chain.layers[k].path())? != ids[k] {
-        return Err(Error::Invalid(format!(
-            "{}: the chain changed while it was being opened; try again",
-            args.child.display()
-        )));
+        return Err(Error::Request(Request::ChainChanged {
+            child: args.child.clone(),
+        }));
     }
     let mut rec = existing.unwrap_or(MergeRecord {
         phase: Phase::Copying,
@@ -577,12 +569,13 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
         let copied = copy(&disk, k, &ranges, &cancel, &progress);
         let closed = anc.writable().map_or(Ok(()), |w| w.close());
         drop(progress);
-        let not_finished = |why: String| {
-            Error::Invalid(format!(
-                "{}: {why}; the merge is not finished ({} refuses to open until it is): run `{command}` again",
-                anc_path.display(),
-                child.display()
-            ))
+        let not_finished = |cause: String| {
+            Error::Request(Request::MergeUnfinished {
+                ancestor: anc_path.clone(),
+                cause,
+                child: child.clone(),
+                command: command.clone(),
+            })
         };
         match (copied, closed) {
             (Err(e), _) | (Ok(_), Err(e)) => return Err(not_finished(e.to_string())),
@@ -636,10 +629,7 @@ fn finish(
             // Still the very file that was merged (not one put at its path meanwhile).
             if let (Some(ids), Ok(id)) = (expected, file_id(p)) {
                 if ids.get(i) != Some(&id) {
-                    return Err(Error::Invalid(format!(
-                        "{}: replaced by another file while it was being merged; not deleted",
-                        p.display()
-                    )));
+                    return Err(Error::Request(Request::MergeReplaced { path: p.clone() }));
                 }
             }
             // Only a file this merge recorded: an image with the same record beside it,
@@ -651,17 +641,15 @@ fn finish(
             let same = MergeRecord::beside(p)?
                 .is_some_and(|r| r.layers == rec.layers && r.ancestor_id == rec.ancestor_id);
             if !same || !same_owner(p)? {
-                return Err(Error::Invalid(format!(
-                    "{}: listed in the merge record of {} but without the same record beside it (owned by its owner); not deleted",
-                    p.display(),
-                    rec.layers[0].display()
-                )));
+                return Err(Error::Request(Request::MergeRecordNotBeside {
+                    path: p.clone(),
+                    owner: rec.layers[0].clone(),
+                }));
             }
             if !matches!(detect_format(p)?, Some(Format::Vhdx | Format::Vhd)) {
-                return Err(Error::Invalid(format!(
-                    "{}: listed in a merge record but not a VHDX or VHD; not deleted",
-                    p.display()
-                )));
+                return Err(Error::Request(Request::MergeRecordNotImage {
+                    path: p.clone(),
+                }));
             }
             remove_durably(p)?;
         }

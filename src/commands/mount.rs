@@ -20,7 +20,7 @@ use fuser::{Config, Session, SessionACL};
 use crate::chain::{Chain, Intent};
 use crate::cli::{parse_size, MountArgs, Transport, UmountArgs};
 use crate::disk::{Disk, DiskOptions};
-use crate::error::{Error, MountRefusal, Result};
+use crate::error::{Error, MountFailure, MountRefusal, Result};
 use crate::fuse::{start_notifier, FsOptions, VdiskFs, STATS_NAME};
 use crate::sys;
 use crate::uring;
@@ -293,11 +293,10 @@ fn mount_fusermount(mountpoint: &Path, p: &ParsedOptions) -> Result<Mounted> {
                 let _ = e.read_to_string(&mut msg);
             }
             let _ = child.wait();
-            Err(Error::Invalid(format!(
-                "mount {}: {}",
-                mountpoint.display(),
-                msg.trim()
-            )))
+            Err(Error::MountFailed(MountFailure::Mount {
+                mountpoint: mountpoint.to_path_buf(),
+                msg: msg.trim().to_string(),
+            }))
         }
     }
 }
@@ -370,11 +369,9 @@ fn is_enotconn(e: &io::Error) -> bool {
 }
 
 fn stale_mount_error(path: &Path) -> Error {
-    Error::Invalid(format!(
-        "{}: a FUSE mount whose daemon is gone is still here; clear it with `fusermount3 -u {}`",
-        path.display(),
-        path.display()
-    ))
+    Error::MountFailed(MountFailure::Stale {
+        path: path.to_path_buf(),
+    })
 }
 
 /// Check that `path` can be mounted on: exists, is a directory, is not a mount point,
@@ -451,11 +448,9 @@ fn check_name(name: &str) -> Result<()> {
 fn check_dev_fuse() -> Result<()> {
     match std::fs::metadata("/dev/fuse") {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::Invalid(
-            "/dev/fuse does not exist: FUSE is not available (load it with `modprobe fuse`; \
-             install the fuse3 package for fusermount3)"
-                .into(),
-        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(Error::MountFailed(MountFailure::NoDevFuse))
+        }
         Err(e) => Err(Error::file(Path::new("/dev/fuse"), "stat", e)),
     }
 }
@@ -511,12 +506,18 @@ fn unmount_once(path: &Path, lazy: bool) -> Result<()> {
             return Ok(());
         }
         let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        return Err(Error::Invalid(format!("fusermount3 -u -z: {msg}")));
+        return Err(Error::MountFailed(MountFailure::Unmount {
+            lazy: true,
+            msg,
+        }));
     }
     if msg.contains("busy") {
         return Err(busy_error(path));
     }
-    Err(Error::Invalid(format!("fusermount3 -u: {msg}")))
+    Err(Error::MountFailed(MountFailure::Unmount {
+        lazy: false,
+        msg,
+    }))
 }
 
 fn busy_error(path: &Path) -> Error {
@@ -549,12 +550,15 @@ pub fn umount(args: &UmountArgs) -> Result<i32> {
         Err(e) => return Err(Error::file(path, "mount point", e)),
     };
     match mount_at(&canon) {
-        None => Err(Error::Invalid(format!("{} is not mounted", path.display()))),
-        Some(m) if !m.fstype.starts_with("fuse") => Err(Error::Invalid(format!(
-            "{} is a {} mount, not a vdiskfs mount",
-            path.display(),
-            m.fstype
-        ))),
+        None => Err(Error::MountFailed(MountFailure::NotMounted {
+            path: path.to_path_buf(),
+        })),
+        Some(m) if !m.fstype.starts_with("fuse") => {
+            Err(Error::MountFailed(MountFailure::NotVdiskfs {
+                path: path.to_path_buf(),
+                fstype: m.fstype.clone(),
+            }))
+        }
         Some(_) => {
             // Learn the daemon's pid from .stats before unmounting, then wait for it to
             // finish: it flushes and closes the image after the unmount, and a script
@@ -754,10 +758,10 @@ fn prepare(args: &MountArgs) -> Result<Prepared> {
         Transport::Uring | Transport::Auto => match uring::unavailable() {
             None => Some(fs.ask_for_uring()),
             Some(why) if transport == Transport::Uring => {
-                return Err(Error::Invalid(format!(
-                    "mount {}: --transport uring: {why}",
-                    args.mountpoint.display()
-                )))
+                return Err(Error::MountFailed(MountFailure::Uring {
+                    mountpoint: args.mountpoint.clone(),
+                    why,
+                }))
             }
             Some(why) => {
                 log::info!("transport: classic (/dev/fuse): {why}");
@@ -898,18 +902,18 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<File>, detached: bool) 
                 Err(e) => {
                     drop(s);
                     let _ = unmount(&mountpoint, true);
-                    Err(Error::Invalid(format!(
-                        "mount {}: --transport uring: {e}",
-                        mountpoint.display()
-                    )))
+                    Err(Error::MountFailed(MountFailure::Uring {
+                        mountpoint: mountpoint.to_path_buf(),
+                        why: e.to_string(),
+                    }))
                 }
             },
             Err(e) => {
                 let _ = unmount(&mountpoint, true);
-                Err(Error::Invalid(format!(
-                    "mount {}: FUSE handshake: {e}",
-                    mountpoint.display()
-                )))
+                Err(Error::MountFailed(MountFailure::Handshake {
+                    mountpoint: mountpoint.to_path_buf(),
+                    error: e.to_string(),
+                }))
             }
         }
     });
@@ -964,10 +968,10 @@ fn serve(p: Prepared, mut ready: Ready, log_file: Option<File>, detached: bool) 
     );
     match res {
         Ok(()) => Ok(0),
-        Err(e) => Err(Error::Invalid(format!(
-            "FUSE session on {} ended with an error: {e}",
-            mountpoint.display()
-        ))),
+        Err(e) => Err(Error::MountFailed(MountFailure::SessionEnded {
+            mountpoint: mountpoint.to_path_buf(),
+            error: e.to_string(),
+        })),
     }
 }
 

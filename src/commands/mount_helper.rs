@@ -249,9 +249,8 @@ pub fn absorb_own_options(args: &MountArgs) -> Result<MountArgs> {
             "log_file" => out.log_file = Some(PathBuf::from(need(value)?)),
             "transport" => {
                 let v = need(value)?;
-                let t = clap::ValueEnum::from_str(&v, false).map_err(|_| {
-                    Error::Invalid(format!("-o transport={v}: must be auto, uring or classic"))
-                })?;
+                let t = clap::ValueEnum::from_str(&v, false)
+                    .map_err(|_| Error::Mount(MountRefusal::Transport { value: v.clone() }))?;
                 out.transport = Some(t);
             }
             _ => rest.push(opt.to_string()),

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::chain::{Chain, Intent};
 use crate::cli::{parse_size, ResizeArgs};
 use crate::disk::{Disk, DiskOptions};
-use crate::error::{Defect, Error, Result};
+use crate::error::{Defect, Error, HumanSize, Request, Result, ShrinkBlocker, Usage};
 use crate::guest;
 use crate::image::vhd::Vhd;
 use crate::image::vhdx::Vhdx;
@@ -28,17 +28,7 @@ enum Top {
 
 /// "12345 bytes (1.5 MiB)".
 fn show(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} bytes");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{n} bytes ({v:.1} {})", UNITS[u])
+    HumanSize(n).to_string()
 }
 
 /// The end (exclusive) of the last non-zero byte `layer` itself holds in `[from, to)`,
@@ -185,10 +175,10 @@ fn write_gpt_move(
         size: old,
     };
     plan.gpt.write_into(&mut io).map_err(|e| {
-        Error::Invalid(format!(
-            "{}: rewriting the guest's GPT: {e}",
-            path.display()
-        ))
+        Error::Request(Request::GptRewrite {
+            path: path.to_path_buf(),
+            problem: e.to_string(),
+        })
     })?;
     let mut mbr = vec![0u8; ss as usize];
     let mut done = 0;
@@ -249,19 +239,26 @@ pub fn run(args: &ResizeArgs) -> Result<i32> {
     };
 
     let spec = args.size.trim();
+    let new_size = |problem| {
+        Error::Usage(Usage::NewSize {
+            path: path.to_path_buf(),
+            problem,
+        })
+    };
+    let too_large = || {
+        Error::Request(Request::SizeTooLarge {
+            path: path.to_path_buf(),
+            spec: spec.to_string(),
+        })
+    };
     let asked = match spec.strip_prefix('+') {
         Some(rest) => {
-            let add =
-                parse_size(rest).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
-            old.checked_add(add).ok_or_else(|| {
-                Error::Invalid(format!("{}: size {spec} is too large", path.display()))
-            })?
+            let add = parse_size(rest).map_err(new_size)?;
+            old.checked_add(add).ok_or_else(too_large)?
         }
-        None => parse_size(spec).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?,
+        None => parse_size(spec).map_err(new_size)?,
     };
-    let new = asked
-        .checked_next_multiple_of(gran)
-        .ok_or_else(|| Error::Invalid(format!("{}: size {spec} is too large", path.display())))?;
+    let new = asked.checked_next_multiple_of(gran).ok_or_else(too_large)?;
     let mut chs = None;
     let new = match &top {
         Top::Vhd(v) if new > old => {
@@ -272,10 +269,9 @@ pub fn run(args: &ResizeArgs) -> Result<i32> {
         _ => new,
     };
     if new == 0 {
-        return Err(Error::Invalid(format!(
-            "{}: the new size must be at least one sector",
-            path.display()
-        )));
+        return Err(Error::Request(Request::SizeZero {
+            path: path.to_path_buf(),
+        }));
     }
     let rounded = match &chs {
         _ if new == asked => String::new(),
@@ -288,10 +284,9 @@ pub fn run(args: &ResizeArgs) -> Result<i32> {
     let mut notes = Vec::new();
     if new < old {
         if let Top::Vhd(_) = top {
-            return Err(Error::Invalid(format!(
-                "{}: a VHD cannot be shrunk (only grown; Hyper-V shrinks only VHDX: convert it to VHDX first)",
-                path.display()
-            )));
+            return Err(Error::Request(Request::VhdShrink {
+                path: path.to_path_buf(),
+            }));
         }
         let layers = chain.layers.clone();
         let disk = Disk::new(
@@ -336,33 +331,30 @@ pub fn run(args: &ResizeArgs) -> Result<i32> {
             .max(if args.force { 0 } else { part_min })
             .max(gran + backup_len);
         if new < minimum {
-            let why = match (&data_end, part) {
-                (Some((e, file)), _) if e + moved_len > new => {
-                    format!("{} holds data up to byte {e}", file.display())
-                }
-                (_, Some((e, n))) if e + backup_len > new => format!(
-                    "guest partition {n} ends at byte {e}{} (--force skips this check)",
-                    if backup_len > 0 {
-                        format!(", and the backup GPT after it takes {backup_len} bytes")
-                    } else {
-                        String::new()
-                    }
-                ),
-                _ => "the partition table would not fit".into(),
+            let blocker = match (&data_end, part) {
+                (Some((e, file)), _) if e + moved_len > new => ShrinkBlocker::Data {
+                    file: file.clone(),
+                    end: *e,
+                },
+                (_, Some((e, n))) if e + backup_len > new => ShrinkBlocker::Partition {
+                    number: n,
+                    end: e,
+                    backup_len,
+                },
+                _ => ShrinkBlocker::PartitionTable,
             };
-            return Err(Error::Invalid(format!(
-                "{}: cannot shrink to {}: {why}; the smallest size allowed is {}",
-                path.display(),
-                show(new),
-                show(minimum)
-            )));
+            return Err(Error::Request(Request::ShrinkBelowMinimum {
+                path: path.to_path_buf(),
+                new,
+                blocker,
+                minimum,
+            }));
         }
         if gpt_move.as_ref().is_some_and(|m| !m.fits) {
-            return Err(Error::Invalid(format!(
-                "{}: cannot shrink to {}: a guest partition reaches past where the backup GPT would go, so the GPT cannot be kept valid (shrink the partition first)",
-                path.display(),
-                show(new)
-            )));
+            return Err(Error::Request(Request::ShrinkGpt {
+                path: path.to_path_buf(),
+                new,
+            }));
         }
         if let Some((e, n)) = part.filter(|(e, _)| *e + backup_len > new) {
             eprintln!(
@@ -383,12 +375,12 @@ pub fn run(args: &ResizeArgs) -> Result<i32> {
         // nothing there, or the new space would not read as zeros.
         for l in chain.layers.iter().skip(1) {
             if let Some(e) = last_data(l.as_ref(), old, new)? {
-                return Err(Error::Invalid(format!(
-                    "{}: cannot grow to {}: its parent {} holds data past the current end (up to byte {e}), which the new space would show instead of zeros",
-                    path.display(),
-                    show(new),
-                    l.path().display()
-                )));
+                return Err(Error::Request(Request::GrowOverParentData {
+                    path: path.to_path_buf(),
+                    new,
+                    parent: l.path().to_path_buf(),
+                    end: e,
+                }));
             }
         }
         drop(chain);

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use super::create::open_parent_chain;
 use crate::chain::{file_id, Intent};
 use crate::cli::SetParentArgs;
-use crate::error::{Defect, Error, Request, Result, VhdDefect};
+use crate::error::{Defect, Error, Request, Result, VhdDefect, Warning};
 use crate::image::vhd::create::ParentRecord;
 use crate::image::vhd::Vhd;
 use crate::image::vhdx::Vhdx;
@@ -38,11 +38,10 @@ pub fn run(args: &SetParentArgs) -> Result<i32> {
             parent: args.new_parent.clone(),
             parent_format: name(p),
         })),
-        (f, _) => Err(Error::Invalid(format!(
-            "{}: {} file, not a VHDX or VHD differencing disk",
-            child.display(),
-            name(f)
-        ))),
+        (f, _) => Err(Error::Request(Request::SetParentFormat {
+            child: child.to_path_buf(),
+            format: name(f),
+        })),
     }
 }
 
@@ -104,12 +103,7 @@ fn check_identity(
     if pref.linkage.contains(&id) {
         return Ok(true);
     }
-    let expected = pref
-        .linkage
-        .iter()
-        .map(Uuid::to_string)
-        .collect::<Vec<_>>()
-        .join(" or ");
+    let expected = pref.linkage.clone();
     let id_name = match parent.format() {
         Format::Vhdx => "DataWriteGuid",
         _ => "unique id",
@@ -126,11 +120,14 @@ fn check_identity(
     if !warn {
         return Ok(false);
     }
-    log::warn!(
-        "{}: {} is not the disk it was made from (it records parent {id_name} {expected}, the new parent's is {id}); recording it as the parent anyway (--ignore-id-mismatch): the merged view is whatever the bytes of the two files say",
-        child.path().display(),
-        args.new_parent.display()
-    );
+    let w = Warning::IdMismatchIgnored {
+        child: child.path().to_path_buf(),
+        parent: args.new_parent.clone(),
+        id_name,
+        expected,
+        id,
+    };
+    log::warn!("{w}");
     Ok(false)
 }
 

@@ -267,19 +267,130 @@ pub struct Layout {
     pub partitions: Vec<Partition>,
     /// With no partition table: the file system at sector 0, if any.
     pub whole_disk: Option<FsInfo>,
-    pub warnings: Vec<String>,
+    pub warnings: Vec<TableWarning>,
     /// Byte ranges (start, length) whose change can change this layout: where a table
     /// is or could be written (the first 34 and last 33 sectors, entry arrays, EBRs).
     pub watch: Vec<(u64, u64)>,
 }
 
+/// A finding about the guest's partition table, kept in `Layout::warnings` and logged.
+/// `Display` is the line users see (`info --partitions`, the mount's log).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableWarning {
+    /// `error` is the read's message.
+    #[error("cannot read sector 0: {error}")]
+    ReadSector0 { error: String },
+    #[error("partition {number}: starts at sector {first}, past the end of the disk ({disk_sectors} sectors); it gets no file")]
+    PastEnd {
+        number: u32,
+        first: u64,
+        disk_sectors: u64,
+    },
+    #[error("partition {number}: sectors {first}+{sectors} reach past the end of the disk ({disk_sectors} sectors); its file is cut at the disk's end")]
+    CutAtEnd {
+        number: u32,
+        first: u64,
+        sectors: u64,
+        disk_sectors: u64,
+    },
+    /// MBR entry `index` starts at sector 0.
+    #[error("partition {index}: starts at sector 0, over the partition table itself")]
+    AtSectorZero { index: usize },
+    #[error("partition {index}: a second extended partition; only the first one's logical partitions are read")]
+    SecondExtended { index: usize },
+    #[error("extended partition: more than {max} logical partitions; the rest are not read")]
+    TooManyLogical { max: usize },
+    #[error("extended partition: the chain of logical partitions loops back to sector {ebr}; stopped there")]
+    EbrLoop { ebr: u64 },
+    #[error("extended partition: an EBR at sector {ebr} is outside the extended partition or the disk; stopped there")]
+    EbrOutside { ebr: u64 },
+    #[error("cannot read the EBR at sector {ebr}: {error}")]
+    ReadEbr { ebr: u64, error: String },
+    /// `error` is the MBR parser's message.
+    #[error("the EBR at sector {ebr} is not valid ({error}); the logical partitions stop there")]
+    EbrInvalid { ebr: u64, error: String },
+    #[error("logical partition {number}: sectors {first}+{sectors} are not inside its extended partition (sectors {ext}+{len})")]
+    LogicalOutside {
+        number: u32,
+        first: u64,
+        sectors: u32,
+        ext: u64,
+        len: u64,
+    },
+    #[error("protective MBR on a disk too small for a GPT")]
+    GptDiskTooSmall,
+    #[error("the GPT header records its backup at LBA {recorded}, but the disk's last LBA is {last} (was the disk resized?)")]
+    GptBackupLba { recorded: u64, last: u64 },
+    #[error("the primary GPT and its backup at LBA {backup_lba} differ; the primary is used")]
+    GptCopiesDiffer { backup_lba: u64 },
+    /// `error` is the GPT parser's message.
+    #[error(
+        "the backup GPT header at LBA {backup_lba} is not valid ({error}); the primary is used"
+    )]
+    GptBackupInvalid { backup_lba: u64, error: GptProblem },
+    #[error("the primary GPT header at LBA 1 is not valid ({error}); the backup at LBA {backup_lba} is used")]
+    GptPrimaryInvalid { backup_lba: u64, error: GptProblem },
+    #[error("the disk has a protective MBR but no valid GPT: primary header at LBA 1: {primary}; backup header at LBA {backup_lba}: {backup}")]
+    NoValidGpt {
+        primary: GptProblem,
+        backup_lba: u64,
+        backup: GptProblem,
+    },
+    #[error(
+        "the GPT's usable sectors {first}..{last} are not inside the disk ({disk_sectors} sectors)"
+    )]
+    GptUsableOutside {
+        first: u64,
+        last: u64,
+        disk_sectors: u64,
+    },
+    #[error(
+        "partition {number}: ends (LBA {end}) before it starts (LBA {start}); it gets no file"
+    )]
+    EndsBeforeStart { number: u32, start: u64, end: u64 },
+    #[error("partition {number}: LBA {start}..{end} is outside the GPT's usable sectors {first_usable}..{last_usable}")]
+    OutsideUsable {
+        number: u32,
+        start: u64,
+        end: u64,
+        first_usable: u64,
+        last_usable: u64,
+    },
+    #[error("partitions {first} and {second} overlap; writing to one changes the other")]
+    Overlap { first: u32, second: u32 },
+    /// More than `MAX_WARNINGS` findings: the rest are dropped.
+    #[error("more warnings about the partition table not shown")]
+    MoreNotShown,
+}
+
+/// Why a GPT header (with its entry array) is not used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GptProblem {
+    /// The header does not parse (`error`: the GPT library's message: signature,
+    /// checksum...).
+    #[error("{error}")]
+    Header { error: String },
+    #[error("it records its own place as LBA {recorded} (it was read at LBA {lba})")]
+    OwnPlace { recorded: u64, lba: u64 },
+    #[error("{count} partition entries (more than {max})")]
+    TooManyEntries { count: u32, max: u32 },
+    #[error("partition entries of {size} bytes (only 128 is supported)")]
+    EntrySize { size: u32 },
+    #[error("its entry array (LBA {first}, {count} entries) is not inside the disk")]
+    ArrayOutside { first: u64, count: u32 },
+    #[error("entry array: {error}")]
+    ArrayRead { error: String },
+    /// The entries do not parse (`error`: the GPT library's message).
+    #[error("{error}")]
+    Entries { error: String },
+}
+
 impl Layout {
-    fn warn(&mut self, w: String) {
+    fn warn(&mut self, w: TableWarning) {
         if self.warnings.len() < MAX_WARNINGS {
             self.warnings.push(w);
         } else if self.warnings.len() == MAX_WARNINGS {
-            self.warnings
-                .push("more warnings about the partition table not shown".into());
+            self.warnings.push(TableWarning::MoreNotShown);
         }
     }
 
@@ -346,7 +457,7 @@ impl Layout {
             })),
             "partitions": parts,
             "file_system": fs(&self.whole_disk),
-            "warnings": self.warnings,
+            "warnings": self.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
         })
     }
 }
@@ -394,7 +505,9 @@ pub fn scan_table(src: &dyn ReadAt, sector_size: u64) -> Layout {
     let sector0 = match read_vec(src, 0, 512) {
         Ok(s) => s,
         Err(e) => {
-            l.warn(format!("cannot read sector 0: {e}"));
+            l.warn(TableWarning::ReadSector0 {
+                error: e.to_string(),
+            });
             return l;
         }
     };
@@ -436,20 +549,23 @@ fn push(
     let start = first.checked_mul(ss).filter(|&s| s < l.disk_size);
     let size = match start {
         None => {
-            l.warn(format!(
-                "partition {number}: starts at sector {first}, past the end of the disk ({} sectors); it gets no file",
-                l.disk_size / ss
-            ));
+            l.warn(TableWarning::PastEnd {
+                number,
+                first,
+                disk_sectors: l.disk_size / ss,
+            });
             0
         }
         Some(s) => {
             let want = sectors.saturating_mul(ss);
             let room = l.disk_size - s;
             if want > room {
-                l.warn(format!(
-                    "partition {number}: sectors {first}+{sectors} reach past the end of the disk ({} sectors); its file is cut at the disk's end",
-                    l.disk_size / ss
-                ));
+                l.warn(TableWarning::CutAtEnd {
+                    number,
+                    first,
+                    sectors,
+                    disk_sectors: l.disk_size / ss,
+                });
             }
             want.min(room)
         }
@@ -493,15 +609,11 @@ fn mbr_table(src: &dyn ReadAt, mbr: &MBRHeader, l: &mut Layout) {
         }
         let first = u64::from(e.starting_lba);
         if first == 0 {
-            l.warn(format!(
-                "partition {i}: starts at sector 0, over the partition table itself"
-            ));
+            l.warn(TableWarning::AtSectorZero { index: i });
         }
         if e.is_extended() {
             if extended.is_some() {
-                l.warn(format!(
-                    "partition {i}: a second extended partition; only the first one's logical partitions are read"
-                ));
+                l.warn(TableWarning::SecondExtended { index: i });
             } else {
                 extended = Some((first, u64::from(e.sectors)));
             }
@@ -525,28 +637,25 @@ fn logical(src: &dyn ReadAt, l: &mut Layout, ext: u64, len: u64) {
     let mut number = 5u32;
     loop {
         if seen.len() >= MAX_LOGICAL {
-            l.warn(format!(
-                "extended partition: more than {MAX_LOGICAL} logical partitions; the rest are not read"
-            ));
+            l.warn(TableWarning::TooManyLogical { max: MAX_LOGICAL });
             return;
         }
         if !seen.insert(ebr) {
-            l.warn(format!(
-                "extended partition: the chain of logical partitions loops back to sector {ebr}; stopped there"
-            ));
+            l.warn(TableWarning::EbrLoop { ebr });
             return;
         }
         if ebr >= ext_end || ebr >= disk_sectors {
-            l.warn(format!(
-                "extended partition: an EBR at sector {ebr} is outside the extended partition or the disk; stopped there"
-            ));
+            l.warn(TableWarning::EbrOutside { ebr });
             return;
         }
         l.watch.push((ebr * ss, ss));
         let sector = match read_vec(src, ebr * ss, 512) {
             Ok(s) => s,
             Err(e) => {
-                l.warn(format!("cannot read the EBR at sector {ebr}: {e}"));
+                l.warn(TableWarning::ReadEbr {
+                    ebr,
+                    error: e.to_string(),
+                });
                 return;
             }
         };
@@ -557,7 +666,10 @@ fn logical(src: &dyn ReadAt, l: &mut Layout, ext: u64, len: u64) {
             Err(e) => {
                 // An empty extended partition need not have an EBR at all.
                 if ebr != ext || sector.iter().any(|&b| b != 0) {
-                    l.warn(format!("the EBR at sector {ebr} is not valid ({e}); the logical partitions stop there"));
+                    l.warn(TableWarning::EbrInvalid {
+                        ebr,
+                        error: e.to_string(),
+                    });
                 }
                 return;
             }
@@ -567,10 +679,13 @@ fn logical(src: &dyn ReadAt, l: &mut Layout, ext: u64, len: u64) {
             let first = ebr + u64::from(p.starting_lba);
             let end = first + u64::from(p.sectors);
             if first <= ebr || end > ext_end {
-                l.warn(format!(
-                    "logical partition {number}: sectors {first}+{} are not inside its extended partition (sectors {ext}+{len})",
-                    p.sectors
-                ));
+                l.warn(TableWarning::LogicalOutside {
+                    number,
+                    first,
+                    sectors: p.sectors,
+                    ext,
+                    len,
+                });
             }
             mbr_entry(l, number, Kind::Logical, first, p);
             number += 1;
@@ -589,40 +704,42 @@ fn gpt_at(
     ss: u64,
     lba: u64,
     disk_sectors: u64,
-) -> Result<(GPTHeader, Vec<GPTPartitionEntry>), String> {
+) -> Result<(GPTHeader, Vec<GPTPartitionEntry>), GptProblem> {
     let mut s = Stream { src, pos: lba * ss };
-    let h = GPTHeader::read_from(&mut s).map_err(|e| e.to_string())?;
+    let h = GPTHeader::read_from(&mut s).map_err(|e| GptProblem::Header {
+        error: e.to_string(),
+    })?;
     if h.primary_lba != lba {
-        return Err(format!(
-            "it records its own place as LBA {} (it was read at LBA {lba})",
-            h.primary_lba
-        ));
+        return Err(GptProblem::OwnPlace {
+            recorded: h.primary_lba,
+            lba,
+        });
     }
     let n = h.number_of_partition_entries;
     if n > MAX_GPT_ENTRIES {
-        return Err(format!(
-            "{n} partition entries (more than {MAX_GPT_ENTRIES})"
-        ));
+        return Err(GptProblem::TooManyEntries {
+            count: n,
+            max: MAX_GPT_ENTRIES,
+        });
     }
     if h.size_of_partition_entry != 128 {
-        return Err(format!(
-            "partition entries of {} bytes (only 128 is supported)",
-            h.size_of_partition_entry
-        ));
+        return Err(GptProblem::EntrySize {
+            size: h.size_of_partition_entry,
+        });
     }
     let bytes = u64::from(n) * 128;
     let first = h.partition_entry_lba;
     let end = first.saturating_add(bytes.div_ceil(ss));
     if first < 2 || end > disk_sectors || (first <= lba && lba < end) {
-        return Err(format!(
-            "its entry array (LBA {first}, {n} entries) is not inside the disk"
-        ));
+        return Err(GptProblem::ArrayOutside { first, count: n });
     }
     // gptman reads each entry through a buffer a little larger than 128 bytes; hold
     // the array and the sector after it (if any) in memory and let it read from there.
     let base = first * ss;
     let want = (bytes + ss).min(disk_sectors * ss - base);
-    let data = read_vec(src, base, want as usize).map_err(|e| format!("entry array: {e}"))?;
+    let data = read_vec(src, base, want as usize).map_err(|e| GptProblem::ArrayRead {
+        error: e.to_string(),
+    })?;
     let slice = Slice { base, data };
     let entries = h
         .read_partitions(
@@ -632,7 +749,9 @@ fn gpt_at(
             },
             ss,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| GptProblem::Entries {
+            error: e.to_string(),
+        })?;
     Ok((h, entries))
 }
 
@@ -648,7 +767,7 @@ fn gpt(src: &dyn ReadAt, l: &mut Layout) {
     let ss = l.sector_size;
     let disk_sectors = l.disk_size / ss;
     if disk_sectors < 3 {
-        l.warn("protective MBR on a disk too small for a GPT".into());
+        l.warn(TableWarning::GptDiskTooSmall);
         return;
     }
     let last = disk_sectors - 1;
@@ -660,10 +779,10 @@ fn gpt(src: &dyn ReadAt, l: &mut Layout) {
     let backup = gpt_at(src, ss, backup_lba, disk_sectors);
     if let Ok((h, _)) = &primary {
         if h.backup_lba != last {
-            l.warn(format!(
-                "the GPT header records its backup at LBA {}, but the disk's last LBA is {last} (was the disk resized?)",
-                h.backup_lba
-            ));
+            l.warn(TableWarning::GptBackupLba {
+                recorded: h.backup_lba,
+                last,
+            });
         }
     }
     let used = match (primary, backup) {
@@ -671,28 +790,30 @@ fn gpt(src: &dyn ReadAt, l: &mut Layout) {
             if p.0.disk_guid != b.0.disk_guid
                 || p.0.partition_entry_array_crc32 != b.0.partition_entry_array_crc32
             {
-                l.warn(format!(
-                    "the primary GPT and its backup at LBA {backup_lba} differ; the primary is used"
-                ));
+                l.warn(TableWarning::GptCopiesDiffer { backup_lba });
             }
             (1, p)
         }
         (Ok(p), Err(e)) => {
-            l.warn(format!(
-                "the backup GPT header at LBA {backup_lba} is not valid ({e}); the primary is used"
-            ));
+            l.warn(TableWarning::GptBackupInvalid {
+                backup_lba,
+                error: e,
+            });
             (1, p)
         }
         (Err(e), Ok(b)) => {
-            l.warn(format!(
-                "the primary GPT header at LBA 1 is not valid ({e}); the backup at LBA {backup_lba} is used"
-            ));
+            l.warn(TableWarning::GptPrimaryInvalid {
+                backup_lba,
+                error: e,
+            });
             (backup_lba, b)
         }
         (Err(e1), Err(e2)) => {
-            l.warn(format!(
-                "the disk has a protective MBR but no valid GPT: primary header at LBA 1: {e1}; backup header at LBA {backup_lba}: {e2}"
-            ));
+            l.warn(TableWarning::NoValidGpt {
+                primary: e1,
+                backup_lba,
+                backup: e2,
+            });
             return;
         }
     };
@@ -711,10 +832,11 @@ fn gpt(src: &dyn ReadAt, l: &mut Layout) {
         l.watch.push((h.backup_lba * ss, ss));
     }
     if h.first_usable_lba > h.last_usable_lba || h.last_usable_lba >= disk_sectors {
-        l.warn(format!(
-            "the GPT's usable sectors {}..{} are not inside the disk ({disk_sectors} sectors)",
-            h.first_usable_lba, h.last_usable_lba
-        ));
+        l.warn(TableWarning::GptUsableOutside {
+            first: h.first_usable_lba,
+            last: h.last_usable_lba,
+            disk_sectors,
+        });
     }
     for (i, e) in entries.iter().enumerate() {
         if e.is_unused() {
@@ -722,17 +844,21 @@ fn gpt(src: &dyn ReadAt, l: &mut Layout) {
         }
         let number = i as u32 + 1;
         if e.ending_lba < e.starting_lba {
-            l.warn(format!(
-                "partition {number}: ends (LBA {}) before it starts (LBA {}); it gets no file",
-                e.ending_lba, e.starting_lba
-            ));
+            l.warn(TableWarning::EndsBeforeStart {
+                number,
+                start: e.starting_lba,
+                end: e.ending_lba,
+            });
             continue;
         }
         if e.starting_lba < h.first_usable_lba || e.ending_lba > h.last_usable_lba {
-            l.warn(format!(
-                "partition {number}: LBA {}..{} is outside the GPT's usable sectors {}..{}",
-                e.starting_lba, e.ending_lba, h.first_usable_lba, h.last_usable_lba
-            ));
+            l.warn(TableWarning::OutsideUsable {
+                number,
+                start: e.starting_lba,
+                end: e.ending_lba,
+                first_usable: h.first_usable_lba,
+                last_usable: h.last_usable_lba,
+            });
         }
         let name = e.partition_name.as_str().trim_end_matches('\0').to_string();
         push(
@@ -764,9 +890,10 @@ fn check_overlaps(l: &mut Layout) {
     for (s, e, n) in spans {
         if let Some((end, m)) = reach {
             if s < end {
-                found.push(format!(
-                    "partitions {m} and {n} overlap; writing to one changes the other"
-                ));
+                found.push(TableWarning::Overlap {
+                    first: m,
+                    second: n,
+                });
             }
             if e > end {
                 reach = Some((e, n));

@@ -23,7 +23,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result};
 
 /// Why a write or flush fails after an fdatasync failed.
 pub const POISONED_WRITE: &str =
@@ -86,10 +86,9 @@ pub fn refuse_existing(path: &Path) -> Result<()> {
 }
 
 fn already_exists(path: &Path) -> Error {
-    Error::Invalid(format!(
-        "{}: already exists (vdiskfs never overwrites a file)",
-        path.display()
-    ))
+    Error::Request(Request::AlreadyExists {
+        path: path.to_path_buf(),
+    })
 }
 
 /// Create `path` atomically and never over an existing file (see the top of this file).
@@ -142,9 +141,11 @@ pub fn create_file_atomically(
     }
     let dir = dir_of(path);
     std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, "create directory", e))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a file name", path.display())))?;
+    let name = path.file_name().ok_or_else(|| {
+        Error::Request(Request::NotAFileName {
+            path: path.to_path_buf(),
+        })
+    })?;
     let tmp = temp_name(&dir, name, std::process::id());
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -226,7 +227,10 @@ mod tests {
         .unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"new");
         let e = create_new_file(&p, |_| Ok(())).unwrap_err();
-        assert!(e.to_string().contains("already exists"), "{e}");
+        assert!(
+            matches!(&e, Error::Request(Request::AlreadyExists { path }) if *path == p),
+            "{e}"
+        );
         assert_eq!(std::fs::read(&p).unwrap(), b"new");
         assert_eq!(names(&d.join("sub")), ["new.img"]);
     }
@@ -235,8 +239,15 @@ mod tests {
     fn a_failed_fill_leaves_nothing() {
         let d = TempDir::new("durable-fail");
         let p = d.join("x.img");
-        let e = create_new_file(&p, |_| Err(Error::Invalid("boom".into()))).unwrap_err();
-        assert!(e.to_string().contains("boom"), "{e}");
+        let boom = || Error::Internal(crate::error::Internal::BitmapNotLoaded { chunk: 7 });
+        let e = create_new_file(&p, |_| Err(boom())).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Internal(crate::error::Internal::BitmapNotLoaded { chunk: 7 })
+            ),
+            "the fill's own error: {e}"
+        );
         assert!(names(d.path()).is_empty(), "{:?}", names(d.path()));
     }
 
@@ -249,7 +260,10 @@ mod tests {
             Ok(())
         })
         .unwrap_err();
-        assert!(e.to_string().contains("already exists"), "{e}");
+        assert!(
+            matches!(&e, Error::Request(Request::AlreadyExists { path }) if *path == p),
+            "{e}"
+        );
         assert_eq!(std::fs::read(&p).unwrap(), b"theirs");
         assert_eq!(names(d.path()), ["x.img"]);
     }

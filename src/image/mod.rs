@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::error::{Defect, Error, Result};
+use crate::error::{Defect, Error, Request, Result};
 use crate::layer::{Format, IfWritten, Layer, OpenOptions};
 pub use durable::{create_file_atomically, create_new_file, remove_stale_temps};
 
@@ -112,20 +112,19 @@ impl ImageFile {
         match crate::access::lock(&file, opts.writable, grace) {
             Ok(true) => {}
             Ok(false) if opts.writable => {
-                return Err(Error::Invalid(format!(
-                    "{}: in use by {} (it is mounted, or is the parent of a mounted disk); \
-                     refusing to open it for writing",
-                    path.display(),
-                    crate::access::describe_holders(&file, false)
-                )))
+                return Err(Error::Request(Request::InUse {
+                    path: path.to_path_buf(),
+                    holders: crate::access::describe_holders(&file, false),
+                }))
             }
             Ok(false) => {
                 let who = crate::access::describe_holders(&file, true);
                 if let IfWritten::Refuse(why) = opts.if_written {
-                    return Err(Error::Invalid(format!(
-                        "{}: open for writing by {who}; refusing {why}",
-                        path.display()
-                    )));
+                    return Err(Error::Request(Request::OpenForWriting {
+                        path: path.to_path_buf(),
+                        who,
+                        why,
+                    }));
                 }
                 writer = Some(who);
             }

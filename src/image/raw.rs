@@ -4,7 +4,7 @@ use std::path::Path;
 
 use uuid::Uuid;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result};
 use crate::image::ImageFile;
 use crate::layer::{push_run, Format, Layer, LayerInfo, OpenOptions, ParentRef, Run};
 
@@ -33,10 +33,9 @@ pub struct Raw {
 impl Raw {
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Self> {
         if opts.writable {
-            return Err(Error::Invalid(format!(
-                "{}: a raw file can only be a read-only base, not the top of a writable chain",
-                path.display()
-            )));
+            return Err(Error::Request(Request::RawWritable {
+                path: path.to_path_buf(),
+            }));
         }
         let file = ImageFile::open_with(path, opts)?;
         let size = file.len();

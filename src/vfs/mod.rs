@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard}
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::disk::Disk;
-use crate::error::Error;
+use crate::error::{Error, MountRefusal};
 use crate::guest;
 
 #[cfg(test)]
@@ -448,31 +448,31 @@ impl Vfs {
         len: u64,
         partition: bool,
     ) -> crate::Result<u64> {
-        let shown = name.to_string_lossy();
+        let shown = name.to_string_lossy().into_owned();
         if name.is_empty()
             || name == "."
             || name == ".."
             || name.as_encoded_bytes().contains(&b'/')
             || name.len() > 255
         {
-            return Err(Error::Invalid(format!(
-                "{shown:?}: not a plain file name for the mount"
-            )));
+            return Err(Error::Mount(MountRefusal::NodeName { name: shown }));
         }
         if nodes.iter().any(|n| n.name == name) {
-            return Err(Error::Invalid(format!(
-                "{shown:?}: the mount already has a file of that name"
-            )));
+            return Err(Error::Mount(MountRefusal::NodeTwice { name: shown }));
         }
         if start.checked_add(len).is_none_or(|end| end > disk_len) {
-            return Err(Error::Invalid(format!(
-                "{shown:?}: bytes {start}+{len} reach past the end of the disk ({disk_len} bytes)"
-            )));
+            return Err(Error::Mount(MountRefusal::NodePastEnd {
+                name: shown,
+                start,
+                len,
+                disk_len,
+            }));
         }
         if nodes.len() >= MAX_NODES {
-            return Err(Error::Invalid(format!(
-                "{shown:?}: the mount already has {MAX_NODES} nodes"
-            )));
+            return Err(Error::Mount(MountRefusal::TooManyNodes {
+                name: shown,
+                max: MAX_NODES,
+            }));
         }
         let ino = nodes.len() as u64 + 1;
         nodes.push(Arc::new(Node {
@@ -489,7 +489,7 @@ impl Vfs {
     /// Show the guest's partitions as files `p1`, `p2`, ... (see `guest::Layout::files`),
     /// and on a writable mount follow changes of the table. Only before serving. Returns
     /// the table's warnings (also logged).
-    pub fn enable_partitions(&mut self) -> Vec<String> {
+    pub fn enable_partitions(&mut self) -> Vec<guest::TableWarning> {
         let layout = self.scan_partitions();
         if self.writable {
             self.keep_cache = false;

@@ -483,7 +483,14 @@ fn disk_errors_become_errnos() {
         ),
         (Error::corrupt(p, "bad BAT"), libc::EIO),
         (Error::unsupported(p, "feature"), libc::EIO),
-        (Error::Invalid("no".into()), libc::EIO),
+        (
+            Error::Request(crate::error::Request::AlreadyExists { path: p.into() }),
+            libc::EIO,
+        ),
+        (
+            Error::Usage(crate::error::Usage::BlockSizeTooLarge { block_size: 1 }),
+            libc::EIO,
+        ),
     ] {
         assert_eq!(errno_of(&e), want, "{e}");
     }
@@ -800,7 +807,7 @@ fn stale(v: &Vfs) -> bool {
 fn partitions_are_files_showing_and_changing_only_their_bytes() {
     let f = partitioned("vfs-parts");
     let mut v = mount(&f, true, false);
-    assert_eq!(v.enable_partitions(), Vec::<String>::new());
+    assert_eq!(v.enable_partitions(), []);
     let rec = Recorder::default();
     assert!(v.notify_slot().set(Box::new(rec.clone())).is_ok());
     assert_eq!(

@@ -13,7 +13,7 @@ use super::dynamic::HEADER_SIZE;
 use super::footer::{DiskType, FOOTER_SIZE};
 use super::{pread, Vhd, SECTOR};
 use crate::compact::{Compact, Layout, Move, Object};
-use crate::error::{Error, Result};
+use crate::error::{Error, Internal, Request, Result};
 
 const COPY: u64 = 1 << 20;
 
@@ -40,10 +40,10 @@ impl Vhd {
 impl Compact for Vhd {
     fn compactable(&self) -> Result<()> {
         if self.bat.is_none() || self.footer.disk_type == DiskType::Fixed {
-            return Err(Error::Invalid(format!(
-                "{}: cannot compact: a fixed disk has no unused space to give back (convert it to a dynamic one)",
-                self.file.path.display()
-            )));
+            return Err(Error::Request(Request::NotCompactable {
+                path: self.file.path.clone(),
+                why: "a fixed disk has no unused space to give back (convert it to a dynamic one)",
+            }));
         }
         Ok(())
     }
@@ -147,20 +147,20 @@ impl Compact for Vhd {
             let o = &m.object;
             let b = o.id as usize;
             if bat.entry(b) as u64 * SECTOR != o.offset {
-                return Err(Error::Invalid(format!(
-                    "{}: internal: block {b} moved under compact",
-                    self.file.path.display()
-                )));
+                return Err(Error::Internal(Internal::MovedUnderCompact {
+                    path: self.file.path.clone(),
+                    what: "block",
+                    index: o.id,
+                }));
             }
             let to = u32::try_from(m.to / SECTOR)
                 .ok()
                 .filter(|&s| s != UNALLOCATED);
             let Some(to) = to else {
-                return Err(Error::Invalid(format!(
-                    "{}: internal: move target {} out of range",
-                    self.file.path.display(),
-                    m.to
-                )));
+                return Err(Error::Internal(Internal::MoveTarget {
+                    path: self.file.path.clone(),
+                    to: m.to,
+                }));
             };
             let mut p = 0;
             while p < o.len {

@@ -29,7 +29,7 @@ use super::dynamic::{DynamicHeader, HEADER_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE}
 use super::footer::{now_time_stamp, DiskType, Footer, Geometry, FOOTER_SIZE};
 use super::locator::{encode_utf16le, LocatorEntry};
 use super::Vhd;
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result};
 use crate::image::durable::create_file_atomically;
 use crate::layer::Layer;
 use crate::paths::{windows_absolute_path, windows_relative_path};
@@ -147,10 +147,11 @@ pub const MAX_FIXED_SIZE: u64 = 32 << 40;
 /// and original size equal, geometry by the specification's CHS algorithm.
 pub fn fixed_footer(path: &Path, size: u64) -> Result<[u8; FOOTER_SIZE]> {
     if size == 0 || !size.is_multiple_of(512) || size > MAX_FIXED_SIZE {
-        return Err(Error::Invalid(format!(
-            "{}: fixed VHD size {size} must be a non-zero multiple of 512 bytes, at most {MAX_FIXED_SIZE} (32 TiB)",
-            path.display()
-        )));
+        return Err(Error::Request(Request::FixedVhdSize {
+            path: path.to_path_buf(),
+            size,
+            max: MAX_FIXED_SIZE,
+        }));
     }
     let mut f = new_footer(DiskType::Fixed, size, Geometry::for_sectors(size / 512));
     f.data_offset = u64::MAX;
@@ -198,10 +199,9 @@ impl DynamicWriter {
             .map_err(|e| Error::io(path, "write", at, e))?;
         let data_at = at + self.bitmap_size;
         let sector = u32::try_from(at / 512).map_err(|_| {
-            Error::Invalid(format!(
-                "{}: the VHD grew past what a BAT entry can address",
-                path.display()
-            ))
+            Error::Request(Request::VhdBatAddress {
+                path: path.to_path_buf(),
+            })
         })?;
         let entry_at = TABLE_OFFSET + index * 4;
         file.write_all_at(&sector.to_be_bytes(), entry_at)
@@ -234,23 +234,27 @@ fn write_bat_unused(file: &File, path: &Path, entries: u32) -> Result<()> {
 
 fn check_params(path: &Path, size: u64, block_size: u32) -> Result<()> {
     if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
-        return Err(Error::Invalid(format!(
-            "{}: VHD block size {block_size} must be a power of two between {MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE}",
-            path.display()
-        )));
+        return Err(Error::Request(Request::NewVhdBlockSize {
+            path: path.to_path_buf(),
+            block_size,
+            min: MIN_BLOCK_SIZE,
+            max: MAX_BLOCK_SIZE,
+        }));
     }
     if size.div_ceil(block_size as u64) > super::bat::MAX_BAT_ENTRIES as u64 {
-        return Err(Error::Invalid(format!(
-            "{}: {size} bytes in {block_size}-byte blocks needs more than {} BAT entries; use a larger block size",
-            path.display(),
-            super::bat::MAX_BAT_ENTRIES
-        )));
+        return Err(Error::Request(Request::NewVhdBatEntries {
+            path: path.to_path_buf(),
+            size,
+            block_size,
+            max: super::bat::MAX_BAT_ENTRIES,
+        }));
     }
     if size == 0 || !size.is_multiple_of(512) || size > MAX_SIZE {
-        return Err(Error::Invalid(format!(
-            "{}: VHD size {size} must be a non-zero multiple of 512 bytes, at most {MAX_SIZE} (2040 GiB)",
-            path.display()
-        )));
+        return Err(Error::Request(Request::NewVhdSize {
+            path: path.to_path_buf(),
+            size,
+            max: MAX_SIZE,
+        }));
     }
     Ok(())
 }
@@ -340,6 +344,15 @@ mod tests {
         assert!(create_dynamic(&d.join("x.vhd"), MAX_SIZE + 512, DEFAULT_BLOCK_SIZE).is_err());
         assert!(create_dynamic(&d.join("x.vhd"), 0, DEFAULT_BLOCK_SIZE).is_err());
         let e = create_dynamic(&d.join("x.vhd"), 1 << 40, 512).unwrap_err();
-        assert!(e.to_string().contains("BAT entries"), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::Request(Request::NewVhdBatEntries {
+                    block_size: 512,
+                    ..
+                })
+            ),
+            "{e}"
+        );
     }
 }

@@ -395,11 +395,12 @@ impl Layer for Vhd {
             .checked_add(len)
             .filter(|&e| e <= self.footer.current_size)
             .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{}: map of {len} bytes at {offset} is past the virtual size {}",
-                    self.file.path.display(),
-                    self.footer.current_size
-                ))
+                Error::Request(crate::error::Request::MapPastEnd {
+                    path: self.file.path.clone(),
+                    len,
+                    offset,
+                    size: self.footer.current_size,
+                })
             })?;
         let Some(bat) = &self.bat else {
             push_run(

@@ -37,7 +37,7 @@ use super::bat::{MAX_BAT_ENTRIES, UNALLOCATED};
 use super::dynamic::HEADER_SIZE;
 use super::footer::{checksum, DiskType, Geometry, FOOTER_SIZE};
 use super::{Vhd, SECTOR};
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result};
 
 /// Largest virtual size a VHD can describe (2040 GiB, the specification's limit).
 pub const MAX_SIZE: u64 = super::create::MAX_SIZE;
@@ -85,10 +85,10 @@ impl Vhd {
         let path = &self.file.path;
         let old = self.footer.current_size;
         if !new_size.is_multiple_of(SECTOR) || new_size < old || new_size > MAX_SIZE {
-            return Err(Error::Invalid(format!(
-                "{}: a VHD grows to a multiple of 512 bytes up to 2040 GiB (asked: {new_size})",
-                path.display()
-            )));
+            return Err(Error::Request(Request::VhdResizeSize {
+                path: path.to_path_buf(),
+                asked: new_size,
+            }));
         }
         let len = self.real_len()?;
         let footer_pos = len.saturating_sub(FOOTER_SIZE as u64);
@@ -97,10 +97,9 @@ impl Vhd {
             self.file.read_exact_at(&mut end, footer_pos)?;
         }
         if &end[..8] != b"conectix" {
-            return Err(Error::Invalid(format!(
-                "{}: the footer is not in the last 512 bytes (an old 511-byte footer?); not resizing",
-                path.display()
-            )));
+            return Err(Error::Request(Request::FooterNotLast {
+                path: path.to_path_buf(),
+            }));
         }
         let mut next = self.footer.clone();
         next.current_size = new_size;
@@ -197,10 +196,12 @@ impl Vhd {
         let old_needed = bat.len() as u64;
         let needed = new_size.div_ceil(bs);
         if needed > MAX_BAT_ENTRIES as u64 {
-            return Err(Error::Invalid(format!(
-                "{}: {needed} blocks of {bs} bytes are more than vdiskfs handles ({MAX_BAT_ENTRIES})",
-                path.display()
-            )));
+            return Err(Error::Request(Request::VhdResizeBlocks {
+                path: path.to_path_buf(),
+                needed,
+                block_size: bs,
+                max: MAX_BAT_ENTRIES,
+            }));
         }
         // Step 1: the old last block's tail, and spare BAT entries in place.
         if !old.is_multiple_of(bs) {
@@ -236,10 +237,9 @@ impl Vhd {
             let bat_len = (needed * 4).div_ceil(SECTOR) * SECTOR;
             let new_footer_pos = bat_at + bat_len;
             if new_footer_pos / SECTOR >= UNALLOCATED as u64 {
-                return Err(Error::Invalid(format!(
-                    "{}: a VHD file cannot grow past 2 TiB",
-                    path.display()
-                )));
+                return Err(Error::Request(Request::VhdFileTooLarge {
+                    path: path.to_path_buf(),
+                }));
             }
             f.write_all_at(old_footer, new_footer_pos)?;
             f.sync_data()?;

@@ -27,7 +27,7 @@
 use super::create::{lay_out_locators, ParentRecord};
 use super::footer::DiskType;
 use super::Vhd;
-use crate::error::{Error, Result};
+use crate::error::{Error, Internal, Request, Result};
 
 /// The parent's identity to record with `--ignore-id-mismatch`: unique id, time stamp.
 pub type ParentIdentity = ([u8; 16], u32);
@@ -43,16 +43,12 @@ impl Vhd {
     ) -> Result<()> {
         let path = &self.file.path;
         let (Some(old), Some(_)) = (&self.header, &self.writer) else {
-            return Err(Error::Invalid(format!(
-                "{}: internal: set-parent needs a dynamic header and a writable file",
-                path.display()
-            )));
+            return Err(Error::Internal(Internal::SetParentNotDynamic {
+                path: path.clone(),
+            }));
         };
         if self.footer.disk_type != DiskType::Differencing {
-            return Err(Error::Invalid(format!(
-                "{}: not a differencing disk (it has no parent)",
-                path.display()
-            )));
+            return Err(Error::Request(Request::NoParent { path: path.clone() }));
         }
         let locators = record.locators();
         let mut header = old.clone();

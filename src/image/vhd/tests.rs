@@ -346,7 +346,9 @@ fn damaged_files_give_clear_errors() {
     let ok = open_bytes(&t, "good.vhd", &good, RO).unwrap();
     assert_eq!(merged(vec![Arc::new(ok)])[4096..8192], [0x11; 4096]);
 
-    let case = |name: &str, f: &dyn Fn(&mut Vec<u8>), fix: bool, want: &str| {
+    // Each damage gives its defect (or unsupported feature), about the file opened.
+    type Want = dyn Fn(&Error) -> bool;
+    let case = |name: &str, f: &dyn Fn(&mut Vec<u8>), fix: bool, want: &Want| {
         let mut b = good.clone();
         f(&mut b);
         if fix {
@@ -354,11 +356,23 @@ fn damaged_files_give_clear_errors() {
         }
         let e = open_bytes(&t, name, &b, RO)
             .err()
-            .unwrap_or_else(|| panic!("{name} opened"))
-            .to_string();
-        assert!(e.contains(name), "{name}: {e}");
-        assert!(e.contains(want), "{name}: {e}");
+            .unwrap_or_else(|| panic!("{name} opened"));
+        let path = match &e {
+            Error::Corrupt { path, .. } | Error::Unsupported { path, .. } => path,
+            e => panic!("{name}: {e}"),
+        };
+        assert!(path.ends_with(name), "{name}: {e}");
+        assert!(want(&e), "{name}: {e}");
     };
+    fn defect(e: &Error) -> Option<VhdDefect> {
+        match e {
+            Error::Corrupt {
+                defect: Defect::Vhd(d),
+                ..
+            } => Some(d.clone()),
+            _ => None,
+        }
+    }
     let n = good.len();
     case(
         "cookie.vhd",
@@ -367,50 +381,65 @@ fn damaged_files_give_clear_errors() {
             b[0] = b'x';
         },
         false,
-        "conectix",
+        &|e| matches!(defect(e), Some(VhdDefect::NoFooter { .. })),
     );
-    case("hdrcookie.vhd", &|b| b[HDR] = b'x', false, "cxsparse");
+    case("hdrcookie.vhd", &|b| b[HDR] = b'x', false, &|e| {
+        matches!(defect(e), Some(VhdDefect::HeaderCookie { .. }))
+    });
     case(
         "bs0.vhd",
         &|b| b[HDR + 32..HDR + 36].copy_from_slice(&0u32.to_be_bytes()),
         true,
-        "block size 0",
+        &|e| matches!(defect(e), Some(VhdDefect::BlockSize { block_size: 0, .. })),
     );
     case(
         "bs3k.vhd",
         &|b| b[HDR + 32..HDR + 36].copy_from_slice(&3072u32.to_be_bytes()),
         true,
-        "block size 3072",
+        &|e| {
+            matches!(
+                defect(e),
+                Some(VhdDefect::BlockSize {
+                    block_size: 3072,
+                    ..
+                })
+            )
+        },
     );
     case(
         "bshuge.vhd",
         &|b| b[HDR + 32..HDR + 36].copy_from_slice(&(1u32 << 31).to_be_bytes()),
         true,
-        "block size",
+        &|e| matches!(defect(e), Some(VhdDefect::BlockSize { .. })),
     );
     case(
         "maxent.vhd",
         &|b| b[HDR + 28..HDR + 32].copy_from_slice(&2u32.to_be_bytes()),
         true,
-        "BAT entries",
+        &|e| matches!(defect(e), Some(VhdDefect::BatTooSmall { entries: 2, .. })),
     );
     case(
         "batpast.vhd",
         &|b| b[HDR + 16..HDR + 24].copy_from_slice(&(n as u64 - 8).to_be_bytes()),
         true,
-        "past the end",
+        &|e| matches!(defect(e), Some(VhdDefect::BatPastEnd { .. })),
     );
     case(
         "entrypast.vhd",
         &|b| b[BAT + 8..BAT + 12].copy_from_slice(&0x00FF_0000u32.to_be_bytes()),
         false,
-        "BAT entry 2",
+        &|e| matches!(defect(e), Some(VhdDefect::BlockOutside { entry: 2, .. })),
     );
     case(
         "entrybat.vhd",
         &|b| b[BAT + 8..BAT + 12].copy_from_slice(&3u32.to_be_bytes()),
         false,
-        "overlaps the BAT",
+        &|e| {
+            matches!(
+                defect(e),
+                Some(VhdDefect::BlockOverlapsBat { entry: 2, .. })
+            )
+        },
     );
     case(
         "dup.vhd",
@@ -419,7 +448,7 @@ fn damaged_files_give_clear_errors() {
             b[BAT + 8..BAT + 12].copy_from_slice(&e);
         },
         false,
-        "overlapping",
+        &|e| matches!(defect(e), Some(VhdDefect::BlocksOverlap { .. })),
     );
     case(
         "hdrpast.vhd",
@@ -428,10 +457,20 @@ fn damaged_files_give_clear_errors() {
             b[n - 512 + 16..n - 512 + 24].copy_from_slice(&l.to_be_bytes());
         },
         true,
-        "past the end",
+        &|e| matches!(defect(e), Some(VhdDefect::HeaderPastEnd { .. })),
     );
-    case("type.vhd", &|b| b[n - 512 + 63] = 5, true, "disk type 5");
-    case("short.vhd", &|b| b.truncate(100), false, "no VHD footer");
+    case("type.vhd", &|b| b[n - 512 + 63] = 5, true, &|e| {
+        matches!(
+            e,
+            Error::Unsupported {
+                feature: crate::error::Feature::VhdDiskType { disk_type: 5, .. },
+                ..
+            }
+        )
+    });
+    case("short.vhd", &|b| b.truncate(100), false, &|e| {
+        matches!(defect(e), Some(VhdDefect::NoFooter { .. }))
+    });
 
     // Locators: make it differencing with a W2ru entry, then break the entry.
     let mut diff = good.clone();
@@ -456,7 +495,7 @@ fn damaged_files_give_clear_errors() {
             put(b, n as u64 - 4, 8)
         },
         true,
-        "past the end of the file",
+        &|e| matches!(defect(e), Some(VhdDefect::LocatorPastEnd { .. })),
     );
     case(
         "locwrap.vhd",
@@ -465,7 +504,7 @@ fn damaged_files_give_clear_errors() {
             put(b, u64::MAX - 2, 8)
         },
         true,
-        "past the end of the file",
+        &|e| matches!(defect(e), Some(VhdDefect::LocatorPastEnd { .. })),
     );
     case(
         "lochuge.vhd",
@@ -474,7 +513,7 @@ fn damaged_files_give_clear_errors() {
             put(b, 0, 1 << 30)
         },
         true,
-        "exceeds",
+        &|e| matches!(defect(e), Some(VhdDefect::LocatorTooLong { .. })),
     );
     case(
         "locodd.vhd",
@@ -483,7 +522,7 @@ fn damaged_files_give_clear_errors() {
             put(b, 0, 7)
         },
         true,
-        "odd length",
+        &|e| matches!(defect(e), Some(VhdDefect::LocatorOddLength { .. })),
     );
 }
 
@@ -594,10 +633,11 @@ fn created_dynamic_base_passes_qemu_check() {
     let size = Geometry::for_sectors((20 << 20) / 512).bytes();
     let p = t.join("base.vhd");
     create_dynamic(&p, size, DEFAULT_BLOCK_SIZE).unwrap();
-    let e = create_dynamic(&p, size, DEFAULT_BLOCK_SIZE)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("already exists"), "{e}");
+    let e = create_dynamic(&p, size, DEFAULT_BLOCK_SIZE).unwrap_err();
+    assert!(
+        matches!(&e, Error::Request(crate::error::Request::AlreadyExists { path }) if *path == p),
+        "{e}"
+    );
     let v = Vhd::open(&p, RO).unwrap();
     let i = v.info().unwrap();
     assert_eq!((i.disk_type.as_str(), i.virtual_size), ("dynamic", size));

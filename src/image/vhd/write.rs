@@ -47,7 +47,7 @@ use std::sync::{Mutex, MutexGuard};
 use super::bat::{Bitmap, UNALLOCATED};
 use super::footer::{DiskType, FOOTER_SIZE};
 use super::{Vhd, SECTOR};
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result};
 use crate::image::durable::POISONED_WRITE;
 use crate::layer::{Layer, WritableLayer};
 
@@ -446,10 +446,13 @@ impl WritableLayer for Vhd {
             || !len.is_multiple_of(SECTOR)
             || !matches!(offset.checked_add(len), Some(e) if e <= size)
         {
-            return Err(Error::Invalid(format!(
-                "{}: write of {len} bytes at {offset} is not sector-aligned or lies past the virtual size {size}",
-                self.path().display()
-            )));
+            return Err(Error::Request(Request::OutOfRange {
+                path: self.path().to_path_buf(),
+                op: "write",
+                len,
+                offset,
+                size,
+            }));
         }
         if self.writer.is_some() {
             self.file.check_poison(POISONED_WRITE)?;
@@ -482,10 +485,13 @@ impl WritableLayer for Vhd {
             || !len.is_multiple_of(SECTOR)
             || !matches!(offset.checked_add(len), Some(e) if e <= size)
         {
-            return Err(Error::Invalid(format!(
-                "{}: discard of {len} bytes at {offset} is not sector-aligned or lies past the virtual size {size}",
-                self.path().display()
-            )));
+            return Err(Error::Request(Request::OutOfRange {
+                path: self.path().to_path_buf(),
+                op: "discard",
+                len,
+                offset,
+                size,
+            }));
         }
         if self.writer.is_some() {
             self.file.check_poison(POISONED_WRITE)?;

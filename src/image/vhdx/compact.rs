@@ -12,7 +12,7 @@ use super::bitmap::{self, BITMAP_BLOCK_SIZE};
 use super::header::HEADER_SECTION_SIZE;
 use super::Vhdx;
 use crate::compact::{Compact, Layout, Move, Object};
-use crate::error::{Error, Result};
+use crate::error::{Error, Internal, Request, Result};
 
 const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
@@ -54,10 +54,10 @@ impl Compact for Vhdx {
         } else {
             return Ok(());
         };
-        Err(Error::Invalid(format!(
-            "{}: cannot compact: {why}",
-            self.file.path.display()
-        )))
+        Err(Error::Request(Request::NotCompactable {
+            path: self.file.path.clone(),
+            why,
+        }))
     }
 
     fn file_len(&self) -> Result<u64> {
@@ -222,11 +222,11 @@ impl Compact for Vhdx {
             let o = &m.object;
             let e = self.bat.get(&self.file, o.id)?;
             if file_offset(e) != o.offset {
-                return Err(Error::Invalid(format!(
-                    "{}: internal: BAT entry {} moved under compact",
-                    self.file.path.display(),
-                    o.id
-                )));
+                return Err(Error::Internal(Internal::MovedUnderCompact {
+                    path: self.file.path.clone(),
+                    what: "BAT entry",
+                    index: o.id,
+                }));
             }
             // The last block of a disk may end before its full size in the file.
             let len = o.len.min(file_len.saturating_sub(o.offset));

@@ -25,7 +25,7 @@ use super::metadata::{
 };
 use super::region::{BAT_GUID, METADATA_GUID, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE};
 use super::Vhdx;
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result};
 use crate::image::create_new_file;
 use crate::layer::Layer;
 use crate::paths::{absolute_dir, absolute_win32_path, windows_relative_path};
@@ -58,16 +58,16 @@ pub struct NewVhdx {
 
 impl NewVhdx {
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |m: String| Err(Error::Invalid(format!("{}: {m}", path.display())));
+        let path = path.to_path_buf();
         if !self.block_size.is_power_of_two() || !(1 << 20..=256 << 20).contains(&self.block_size) {
-            return bad(format!(
-                "block size {} is invalid for VHDX (a power of two from 1 MiB to 256 MiB)",
-                self.block_size
-            ));
+            return Err(Error::Request(Request::NewVhdxBlockSize {
+                path,
+                block_size: self.block_size,
+            }));
         }
-        for v in [self.logical_sector_size, self.physical_sector_size] {
-            if v != 512 && v != 4096 {
-                return bad(format!("sector size {v} is invalid (512 or 4096)"));
+        for size in [self.logical_sector_size, self.physical_sector_size] {
+            if size != 512 && size != 4096 {
+                return Err(Error::Request(Request::NewVhdxSectorSize { path, size }));
             }
         }
         let lss = self.logical_sector_size as u64;
@@ -75,10 +75,11 @@ impl NewVhdx {
             || self.virtual_size > MAX_VIRTUAL_SIZE
             || !self.virtual_size.is_multiple_of(lss)
         {
-            return bad(format!(
-                "size {} is invalid for VHDX (a non-zero multiple of the {lss}-byte sector size, at most 64 TiB)",
-                self.virtual_size
-            ));
+            return Err(Error::Request(Request::NewVhdxSize {
+                path,
+                size: self.virtual_size,
+                sector_size: lss,
+            }));
         }
         Ok(())
     }
@@ -214,7 +215,7 @@ fn metadata_region(n: &NewVhdx, disk_id: Uuid) -> Result<Vec<u8>> {
     for (i, (g, flags, data)) in items.iter().enumerate() {
         let e = 32 + i * 32;
         if off + data.len() > region.len() {
-            return Err(Error::Invalid("parent locator too large".into()));
+            return Err(Error::Request(Request::LocatorTooLarge));
         }
         put_guid(&mut region, e, *g);
         region[e + 16..e + 20].copy_from_slice(&(off as u32).to_le_bytes());

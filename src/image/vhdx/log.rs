@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use uuid::Uuid;
 
-use crate::error::{Error, Feature, Result, VhdxDefect};
+use crate::error::{Error, Feature, Internal, LogWriteProblem, Result, VhdxDefect};
 use crate::image::{ImageFile, OverlayPiece};
 
 /// Log sectors (and the granularity of every log write) are 4 KiB.
@@ -1005,7 +1005,12 @@ impl LogWriter {
         flushed_file_offset: u64,
         last_file_offset: u64,
     ) -> Result<()> {
-        let invalid = |msg: String| Err(Error::Invalid(format!("{}: {msg}", file.path.display())));
+        let invalid = |problem| {
+            Err(Error::Internal(Internal::LogWrite {
+                path: file.path.clone(),
+                problem,
+            }))
+        };
         let (offset, length) = (self.log_offset, self.log_length);
         if length == 0
             || length % MIB != 0
@@ -1014,22 +1019,18 @@ impl LogWriter {
             || offset < MIB
             || !matches!(offset.checked_add(length), Some(e) if e <= file.len())
         {
-            return invalid(format!(
-                "cannot write a log entry: log at offset {offset} length {length} is not a \
-                 valid log region of this file"
-            ));
+            return invalid(LogWriteProblem::Region { offset, length });
         }
         if self.next_sequence == 0 || self.next_sequence == u64::MAX {
-            return invalid(format!(
-                "log sequence number {} is unusable",
-                self.next_sequence
-            ));
+            return invalid(LogWriteProblem::Sequence {
+                sequence: self.next_sequence,
+            });
         }
         if !flushed_file_offset.is_multiple_of(MIB) || !last_file_offset.is_multiple_of(MIB) {
-            return invalid(format!(
-                "FlushedFileOffset {flushed_file_offset} and LastFileOffset {last_file_offset} \
-                 must be multiples of 1 MiB"
-            ));
+            return invalid(LogWriteProblem::FileOffsets {
+                flushed: flushed_file_offset,
+                last: last_file_offset,
+            });
         }
         for u in updates {
             let (off, len, ok) = match *u {
@@ -1045,10 +1046,7 @@ impl LogWriter {
                 || off < HEADER_AREA_END
                 || off.checked_add(len).is_none()
             {
-                return invalid(format!(
-                    "log update at file offset {off} length {len} is not 4 KiB aligned \
-                     metadata outside the header section"
-                ));
+                return invalid(LogWriteProblem::Update { offset: off, len });
             }
         }
         let data_count = updates
@@ -1065,10 +1063,7 @@ impl LogWriter {
             .newest
             .is_some_and(|(p, l)| start < p + l && p < start + entry_len);
         if start + entry_len > length || overlaps_newest {
-            return invalid(format!(
-                "a log entry of {entry_len} bytes does not fit in the {length}-byte log \
-                 beside the newest entry; write fewer updates per entry"
-            ));
+            return invalid(LogWriteProblem::NoRoom { entry_len, length });
         }
 
         let buf = build_entry(
@@ -1098,7 +1093,7 @@ pub mod testutil {
     use uuid::Uuid;
 
     use super::{LogWriter, MIB};
-    use crate::error::{Error, Result};
+    use crate::error::{Error, Request, Result};
     use crate::image::vhdx::header::{read_current_header, HEADER_OFFSETS};
     use crate::image::vhdx::region::read_regions;
     use crate::image::ImageFile;
@@ -1111,10 +1106,9 @@ pub mod testutil {
         let file = ImageFile::open(path, true)?;
         let (hdr, _, _) = read_current_header(&file)?;
         if !hdr.log_guid.is_nil() {
-            return Err(Error::Invalid(format!(
-                "{}: already has a pending log",
-                path.display()
-            )));
+            return Err(Error::Request(Request::PendingLog {
+                path: path.to_path_buf(),
+            }));
         }
         let guid = Uuid::new_v4();
         let mut writer = LogWriter::new(hdr.log_offset, u64::from(hdr.log_length), guid, 1);
@@ -1273,9 +1267,12 @@ mod tests {
         }
     }
 
-    fn corrupt_msg(r: Result<Option<Replay>>) -> String {
+    fn corrupt_defect(r: Result<Option<Replay>>) -> VhdxDefect {
         match r {
-            Err(e @ Error::Corrupt { .. }) => e.to_string(),
+            Err(Error::Corrupt {
+                defect: crate::error::Defect::Vhdx(d),
+                ..
+            }) => d,
             Err(e) => panic!("expected a corrupt-file error, got {e}"),
             Ok(r) => panic!("expected a corrupt-file error, got {r:?}"),
         }
@@ -1369,7 +1366,16 @@ mod tests {
         let big = vec![0u8; SECTOR];
         let refs: Vec<(u64, &[u8])> = (0..200).map(|p| (2 * MIB + p * 4096, &big[..])).collect();
         let err = w.write_entry(&file, &refs, FLUSHED, FILE_LEN).unwrap_err();
-        assert!(err.to_string().contains("does not fit"), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::Internal(Internal::LogWrite {
+                    problem: LogWriteProblem::NoRoom { .. },
+                    ..
+                })
+            ),
+            "{err}"
+        );
         // ... and the log is unchanged by the refusal.
         assert_eq!(replay(&path, guid).unwrap().unwrap().head_sequence, 112);
     }
@@ -1529,8 +1535,8 @@ mod tests {
         assert_eq!((r.entries, r.head_sequence), (1, 5));
         assert_eq!(sector(&r.writes[0]).1, &a[..]);
         // With a LogGuid no entry carries, there is no valid sequence: corrupt (2.3.3).
-        let msg = corrupt_msg(replay(&path, Uuid::new_v4()));
-        assert!(msg.contains("no valid entry sequence"), "{msg}");
+        let d = corrupt_defect(replay(&path, Uuid::new_v4()));
+        assert!(matches!(d, VhdxDefect::LogNoSequence { .. }), "{d}");
     }
 
     #[test]
@@ -1586,7 +1592,7 @@ mod tests {
         // Entry 6 continues entry 5 but names a tail that is not in the sequence: the
         // maximal sequence [5, 6] is invalid, and so is [6] alone.
         put(&path, l, &entry(&g, 6, 512 << 10, &[data(2 * MIB, &a)]));
-        corrupt_msg(replay(&path, g));
+        corrupt_defect(replay(&path, g));
         put(&path, l, &entry(&g, 6, 0, &[data(2 * MIB, &a)]));
         assert_eq!(replay(&path, g).unwrap().unwrap().entries, 2);
     }
@@ -1668,8 +1674,8 @@ mod tests {
                 &[data(2 * MIB, &a)],
             ),
         );
-        let msg = corrupt_msg(replay(&path, g));
-        assert!(msg.contains("truncated"), "{msg}");
+        let d = corrupt_defect(replay(&path, g));
+        assert!(matches!(d, VhdxDefect::LogTruncated { .. }), "{d}");
     }
 
     #[test]
@@ -2160,9 +2166,10 @@ mod tests {
         find_replay_within(&f, LOG_OFF, LOG_LEN, g, &budget).unwrap();
         // A third replay goes past the limit: refused, and its partial charge given back.
         match find_replay_within(&f, LOG_OFF, LOG_LEN, g, &budget) {
-            Err(e @ Error::Unsupported { .. }) => {
-                assert!(e.to_string().contains("log replays of all layers"), "{e}")
-            }
+            Err(Error::Unsupported {
+                feature: Feature::VhdxReplayBudget { .. },
+                ..
+            }) => {}
             r => panic!("expected the budget to refuse: {r:?}"),
         }
         assert_eq!(budget.used(), 2 * cost);
@@ -2194,13 +2201,13 @@ mod tests {
         let f = open(&path, false);
         let ring = Ring::new(&f, LOG_OFF, LOG_LEN).unwrap();
         let mut s = Scanner::new(&f, ring, g);
-        let msg = corrupt_msg(s.find(&ReplayBudget::new(0)));
-        assert!(msg.contains("no valid entry sequence"), "{msg}");
+        let d = corrupt_defect(s.find(&ReplayBudget::new(0)));
+        assert!(matches!(d, VhdxDefect::LogNoSequence { .. }), "{d}");
         assert!(s.work > 2 * LOG_LEN && s.work < SCAN_WORK_FACTOR * LOG_LEN);
         let mut s = Scanner::new(&f, ring, g);
         s.limit = LOG_LEN;
-        let msg = corrupt_msg(s.find(&ReplayBudget::new(0)));
-        assert!(msg.contains("damaged or crafted"), "{msg}");
+        let d = corrupt_defect(s.find(&ReplayBudget::new(0)));
+        assert!(matches!(d, VhdxDefect::LogScanBudget { .. }), "{d}");
         assert!(s.work <= LOG_LEN + 4096, "{}", s.work);
     }
 }

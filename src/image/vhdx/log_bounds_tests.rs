@@ -175,6 +175,7 @@ fn in_memory_log_replays_of_a_chain_share_one_memory_budget() {
             matches!(&e, Error::Unsupported { path, feature: Feature::VhdxReplayBudget { .. } } if path == &layers[0]),
             "names the base: {e}"
         );
+        // Rendered-message check, kept on purpose: the user reads one line.
         assert!(!e.to_string().contains('\n'), "one line: {e}");
         // Three layers fit, and each file alone always does.
         Chain::open(&layers[2], &opts).unwrap();
@@ -257,6 +258,7 @@ fn a_replay_never_grows_the_file_beyond_what_its_structures_address() {
                     ..
                 },
             ) if b == bound => {
+                // Rendered-message check, kept on purpose: one line, naming the file.
                 let e = e.to_string();
                 assert!(
                     e.starts_with(&p.display().to_string()) && !e.contains('\n'),

@@ -3,7 +3,7 @@
 use uuid::{uuid, Uuid};
 
 use super::header::{crc_with_zeroed_field, guid, le32, le64, HEADER_SECTION_SIZE};
-use crate::error::{Error, Feature, Result, VhdxDefect};
+use crate::error::{Error, Feature, RegionTableCopy, RegionTableProblem, Result, VhdxDefect};
 use crate::image::ImageFile;
 
 pub const REGION_TABLE_OFFSETS: [u64; 2] = [192 << 10, 256 << 10];
@@ -36,20 +36,21 @@ pub struct Regions {
     pub others: u64,
 }
 
-fn parse(buf: &[u8]) -> std::result::Result<Vec<(Uuid, Region, bool)>, String> {
+fn parse(buf: &[u8]) -> std::result::Result<Vec<(Uuid, Region, bool)>, RegionTableProblem> {
     if &buf[0..4] != b"regi" {
-        return Err("bad signature (expected \"regi\")".into());
+        return Err(RegionTableProblem::Signature);
     }
     let stored = le32(buf, 4);
     let computed = crc_with_zeroed_field(buf, 4);
     if stored != computed {
-        return Err(format!(
-            "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
-        ));
+        return Err(RegionTableProblem::Checksum { stored, computed });
     }
     let count = le32(buf, 8);
     if count > MAX_ENTRIES {
-        return Err(format!("{count} entries (at most {MAX_ENTRIES} allowed)"));
+        return Err(RegionTableProblem::Entries {
+            count,
+            max: MAX_ENTRIES,
+        });
     }
     let mut out = Vec::with_capacity(count as usize);
     for i in 0..count as usize {
@@ -78,22 +79,26 @@ pub fn read_regions(file: &ImageFile) -> Result<Regions> {
             Ok(()) => match parse(&buf) {
                 Ok(e) => {
                     if i == 1 {
+                        let first: Vec<String> = errors.iter().map(ToString::to_string).collect();
                         log::warn!(
                             "{}: region table 1 is invalid ({}); using region table 2",
                             file.path.display(),
-                            errors.join("")
+                            first.join("")
                         );
                     }
                     entries = Some(e);
                     break;
                 }
-                Err(e) => errors.push(format!(
-                    "region table {} (at {} KiB): {e}",
-                    i + 1,
-                    off >> 10
-                )),
+                Err(problem) => errors.push(RegionTableCopy::Invalid {
+                    copy: i as u64 + 1,
+                    offset: *off,
+                    problem,
+                }),
             },
-            Err(e) => errors.push(format!("region table {}: {e}", i + 1)),
+            Err(error) => errors.push(RegionTableCopy::Read {
+                copy: i as u64 + 1,
+                error,
+            }),
         }
     }
     let Some(entries) = entries else {

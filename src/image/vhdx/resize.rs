@@ -22,7 +22,7 @@ use super::header::{crc_with_zeroed_field, guid, le32};
 use super::metadata::{MAX_VIRTUAL_SIZE, TABLE_SIZE, VIRTUAL_DISK_SIZE};
 use super::region::{BAT_GUID, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE};
 use super::Vhdx;
-use crate::error::{Error, Result};
+use crate::error::{Error, Internal, Request, Result};
 
 const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
@@ -60,10 +60,11 @@ impl Vhdx {
         let path = &self.file.path;
         let ss = self.meta.logical_sector_size as u64;
         if new_size == 0 || !new_size.is_multiple_of(ss) || new_size > MAX_VIRTUAL_SIZE {
-            return Err(Error::Invalid(format!(
-                "{}: a VHDX's size must be a multiple of its {ss}-byte sectors, from {ss} bytes to 64 TiB (asked: {new_size})",
-                path.display()
-            )));
+            return Err(Error::Request(Request::VhdxResizeSize {
+                path: path.to_path_buf(),
+                sector_size: ss,
+                asked: new_size,
+            }));
         }
         let old_size = self.meta.virtual_size;
         let bs = self.meta.block_size as u64;
@@ -78,10 +79,10 @@ impl Vhdx {
         // Where the size is, checked before anything is written.
         let size_at = self.size_item_offset()?;
         if size_at % PAGE > PAGE - 8 {
-            return Err(Error::Invalid(format!(
-                "{}: the VirtualDiskSize item crosses a 4 KiB page (at {size_at}); not resizing",
-                path.display()
-            )));
+            return Err(Error::Request(Request::SizeItemCrossesPage {
+                path: path.to_path_buf(),
+                at: size_at,
+            }));
         }
         // New FileWriteGuid and DataWriteGuid before anything is written (the content
         // changes: new space, or space cut off).
@@ -181,10 +182,10 @@ impl Vhdx {
             // A new BAT region at the end of the file, then both region tables point at it.
             let len = (bytes.len() as u64).div_ceil(MIB).max(1) * MIB;
             let len32 = u32::try_from(len).map_err(|_| {
-                Error::Invalid(format!(
-                    "{}: a BAT of {len} bytes does not fit a region table entry",
-                    path.display()
-                ))
+                Error::Request(Request::BatTooLarge {
+                    path: path.to_path_buf(),
+                    len,
+                })
             })?;
             let at = self.allocate_space(len)?;
             self.file.write_all_at(&bytes, at)?;
@@ -194,10 +195,10 @@ impl Vhdx {
                 let count = le32(&t, 8) as usize;
                 let Some(i) = (0..count.min(2047)).find(|&i| guid(&t, 16 + i * 32) == BAT_GUID)
                 else {
-                    return Err(Error::Invalid(format!(
-                        "{}: region table at {table_at} has no BAT entry",
-                        path.display()
-                    )));
+                    return Err(Error::Internal(Internal::NoBatRegionEntry {
+                        path: path.to_path_buf(),
+                        at: table_at,
+                    }));
                 };
                 let old = t.clone();
                 let e = 16 + i * 32;
@@ -235,10 +236,9 @@ impl Vhdx {
                 return Ok(region.file_offset + le32(&t, e + 16) as u64);
             }
         }
-        Err(Error::Invalid(format!(
-            "{}: no VirtualDiskSize metadata item",
-            self.file.path.display()
-        )))
+        Err(Error::Internal(Internal::NoSizeItem {
+            path: self.file.path.clone(),
+        }))
     }
 }
 

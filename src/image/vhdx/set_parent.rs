@@ -19,7 +19,7 @@ use super::create::locator_item;
 use super::header::{guid, le16, le32};
 use super::metadata::{PARENT_LOCATOR, TABLE_SIZE};
 use super::Vhdx;
-use crate::error::{Error, Result};
+use crate::error::{Error, Request, Result};
 
 const PAGE: u64 = 4096;
 
@@ -67,19 +67,18 @@ impl Vhdx {
             }
         }
         let Some((entry_at, old_off, old_len)) = target else {
-            return Err(Error::Invalid(format!(
-                "{}: not a differencing disk (its metadata has no parent locator)",
-                path.display()
-            )));
+            return Err(Error::Request(Request::NoParentLocator {
+                path: path.to_path_buf(),
+            }));
         };
         let item = locator_item(entries);
         let new_len = item.len() as u64;
         let Some(new_off) = place(new_len, old_off, &taken, region.length) else {
-            return Err(Error::Invalid(format!(
-                "{}: the new parent locator ({new_len} bytes) does not fit into the free space of the {}-byte metadata region; vdiskfs does not grow the region (use shorter paths)",
-                path.display(),
-                region.length
-            )));
+            return Err(Error::Request(Request::LocatorNoRoom {
+                path: path.to_path_buf(),
+                len: new_len,
+                region_len: region.length,
+            }));
         };
         // The bytes to write, by file offset: the item (plus zeros over what is left of
         // the old one when it shrinks in place), and the table entry's offset and length.
@@ -115,10 +114,10 @@ impl Vhdx {
             }
         }
         if pages.len() > self.max_commit_pages() {
-            return Err(Error::Invalid(format!(
-                "{}: the new parent locator ({new_len} bytes) is too large for one log entry",
-                path.display()
-            )));
+            return Err(Error::Request(Request::LocatorTooLargeForLog {
+                path: path.to_path_buf(),
+                len: new_len,
+            }));
         }
         Ok(pages.into_iter().collect())
     }

@@ -25,7 +25,7 @@ use super::bat::{
 use super::bitmap::{self, BITMAP_BLOCK_SIZE};
 use super::log::LogWriter;
 use super::{write_header_both, Vhdx};
-use crate::error::{Error, Result};
+use crate::error::{Error, Internal, Request, Result};
 use crate::image::durable::{POISONED_CLOSE, POISONED_WRITE};
 use crate::image::ImageFile;
 use crate::layer::WritableLayer;
@@ -101,10 +101,9 @@ impl Vhdx {
                 self.file.check_poison(POISONED_WRITE)?;
                 Ok(st)
             }
-            None => Err(Error::Invalid(format!(
-                "{}: opened read-only",
-                self.file.path.display()
-            ))),
+            None => Err(Error::Request(Request::ReadOnlyOpen {
+                path: self.file.path.clone(),
+            })),
         }
     }
 
@@ -370,9 +369,10 @@ impl Vhdx {
                 Ok(buf)
             }
             Dirty::Bitmap { chunk, byte } => {
-                let bits = self.bitmaps.loaded(chunk).ok_or_else(|| {
-                    Error::Invalid(format!("internal: bitmap of chunk {chunk} not loaded"))
-                })?;
+                let bits = self
+                    .bitmaps
+                    .loaded(chunk)
+                    .ok_or(Error::Internal(Internal::BitmapNotLoaded { chunk }))?;
                 Ok(bitmap::to_bytes(
                     bits,
                     (byte / 8) as usize,
@@ -494,11 +494,11 @@ impl Vhdx {
                 .iter()
                 .any(|(o, d)| o % PAGE != 0 || d.len() != PAGE as usize)
         {
-            return Err(Error::Invalid(format!(
-                "{}: internal: a structural update of {} pages (at most {limit} aligned 4 KiB pages)",
-                self.file.path.display(),
-                pages.len()
-            )));
+            return Err(Error::Internal(Internal::StructuralUpdate {
+                path: self.file.path.clone(),
+                pages: pages.len(),
+                limit,
+            }));
         }
         self.start_session_with(&mut st, data_changes)?;
         self.commit(&mut st)?;
