@@ -120,12 +120,7 @@ impl Vhd {
     }
 
     fn real_len(&self) -> Result<u64> {
-        Ok(self
-            .file
-            .file
-            .metadata()
-            .map_err(|e| Error::file(&self.file.path, "stat", e))?
-            .len())
+        self.file.stat_len()
     }
 
     fn grow_fixed(

@@ -28,7 +28,7 @@ use super::{write_header_both, Vhdx};
 use crate::error::{Error, Result};
 use crate::image::durable::{POISONED_CLOSE, POISONED_WRITE};
 use crate::image::ImageFile;
-use crate::layer::WritableLayer;
+use crate::layer::{block_pieces, WritableLayer};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -400,12 +400,7 @@ impl Vhdx {
     fn commit_metadata(&self, st: &mut WriteState, synced_now: bool) -> Result<bool> {
         if synced_now {
             st.unsynced = false;
-            st.flushed_len = self
-                .file
-                .file
-                .metadata()
-                .map_err(|e| Error::file(&self.file.path, "stat", e))?
-                .len();
+            st.flushed_len = self.file.stat_len()?;
         }
         if st.dirty.is_empty() {
             return Ok(false);
@@ -505,12 +500,7 @@ impl Vhdx {
         st.unsynced = true;
         self.file.flush_ordered(true, || {
             st.unsynced = false;
-            st.flushed_len = self
-                .file
-                .file
-                .metadata()
-                .map_err(|e| Error::file(&self.file.path, "stat", e))?
-                .len();
+            st.flushed_len = self.file.stat_len()?;
             self.log_and_apply(&mut st, pages)?;
             Ok(true)
         })
@@ -557,14 +547,9 @@ impl WritableLayer for Vhdx {
         let mut st = self.state_lock()?;
         self.start_session(&mut st)?;
         let bs = self.meta.block_size as u64;
-        let mut done = 0usize;
-        while done < data.len() {
-            let pos = offset + done as u64;
-            let block = pos / bs;
-            let in_block = pos % bs;
-            let n = ((bs - in_block) as usize).min(data.len() - done);
-            self.write_block(&mut st, block, in_block, &data[done..done + n])?;
-            done += n;
+        for (block, in_block, n) in block_pieces(offset, data.len() as u64, bs) {
+            let done = (block * bs + in_block - offset) as usize;
+            self.write_block(&mut st, block, in_block, &data[done..done + n as usize])?;
             // Between blocks, so one block's BAT and bitmap pages share a commit.
             if st.dirty.len() >= AUTO_COMMIT_PAGES {
                 self.commit(&mut st)?;
@@ -577,14 +562,8 @@ impl WritableLayer for Vhdx {
         let mut st = self.state_lock()?;
         self.start_session(&mut st)?;
         let bs = self.meta.block_size as u64;
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let block = pos / bs;
-            let in_block = pos % bs;
-            let n = (bs - in_block).min(end - pos);
+        for (block, in_block, n) in block_pieces(offset, len, bs) {
             self.discard_block(&mut st, block, in_block, n)?;
-            pos += n;
             if st.dirty.len() >= AUTO_COMMIT_PAGES {
                 self.commit(&mut st)?;
             }
