@@ -98,11 +98,10 @@ pub(super) fn base(d: &TempDir, name: &str, size: u64, block: u32) -> std::path:
     p
 }
 
-#[test]
-fn virtual_size_beyond_64_tib_is_refused() {
-    let d = TempDir::new("bounds-vsize");
-    let p = base(&d, "b.vhdx", 4 * MIB, MIB as u32);
-    for size in [MAX_VIRTUAL_SIZE + 512, u64::MAX - 511, 1 << 63] {
+/// A 512-byte-sector base in `d` refused for each of `sizes` as its virtual size.
+fn assert_virtual_sizes_refused(d: &TempDir, sizes: &[u64]) {
+    let p = base(d, "b.vhdx", 4 * MIB, MIB as u32);
+    for &size in sizes {
         set_virtual_size(&p, size);
         assert_eq!(
             open_defect(&p),
@@ -115,19 +114,15 @@ fn virtual_size_beyond_64_tib_is_refused() {
 }
 
 #[test]
+fn virtual_size_beyond_64_tib_is_refused() {
+    let d = TempDir::new("bounds-vsize");
+    assert_virtual_sizes_refused(&d, &[MAX_VIRTUAL_SIZE + 512, u64::MAX - 511, 1 << 63]);
+}
+
+#[test]
 fn virtual_size_not_a_sector_multiple_is_refused() {
     let d = TempDir::new("bounds-vsize-odd");
-    let p = base(&d, "b.vhdx", 4 * MIB, MIB as u32);
-    for size in [4 * MIB + 1, 4 * MIB - 100, 511] {
-        set_virtual_size(&p, size);
-        assert_eq!(
-            open_defect(&p),
-            VhdxDefect::VirtualSize {
-                size,
-                sector_size: 512
-            }
-        );
-    }
+    assert_virtual_sizes_refused(&d, &[4 * MIB + 1, 4 * MIB - 100, 511]);
     let p4 = d.join("b4.vhdx");
     new_base(&p4, 4 * MIB, MIB as u32, 4096);
     set_virtual_size(&p4, 4 * MIB + 512);
