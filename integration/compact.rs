@@ -39,27 +39,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fmt {
-    Vhdx,
-    Vhd,
-}
-
-impl Fmt {
-    fn ext(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vhd",
-        }
-    }
-    fn qemu(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vpc",
-        }
-    }
-}
-
 fn is_root() -> bool {
     // The effective uid, from /proc (no library internals in integration tests).
     fs::read_to_string("/proc/self/status")
@@ -718,13 +697,7 @@ fn crash_loop(fmt: Fmt) {
         return;
     }
     let cycles = env_u64("VDISKFS_COMPACT_CRASH_CYCLES", 4);
-    let seed = env_u64(
-        "VDISKFS_CRASH_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    );
+    let seed = env_seed("VDISKFS_CRASH_SEED");
     eprintln!(
         "compact crash loop {}: seed {seed}, {cycles} cycles",
         fmt.ext()

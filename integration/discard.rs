@@ -22,34 +22,13 @@ mod common;
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 
 const MIB: u64 = 1 << 20;
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fmt {
-    Vhdx,
-    Vhd,
-}
-
-impl Fmt {
-    fn ext(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vhd",
-        }
-    }
-    fn qemu(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vpc",
-        }
-    }
-}
 
 /// FUSE, root, loop devices and `tools`; skip with a message or, under
 /// VDISKFS_REQUIRE_FUSE=1, fail.
@@ -145,90 +124,6 @@ fn umount(m: FuseMount) {
 
 fn allocated(path: &Path) -> u64 {
     fs::metadata(path).unwrap().blocks() * 512
-}
-
-/// A loop device on a file, optionally with the guest file system mounted; detached on
-/// drop.
-struct Loop {
-    dev: String,
-    guest: Option<PathBuf>,
-}
-
-impl Loop {
-    fn attach(file: &Path, ro: bool) -> Loop {
-        let mut c = Command::new("losetup");
-        c.args(["-f", "--show"]);
-        if ro {
-            c.arg("-r");
-        }
-        let o = run_ok(c.arg(file));
-        let dev = o.stdout_str().trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
-        Loop { dev, guest: None }
-    }
-
-    /// The kernel passes discards on: the loop device advertises them (it does when
-    /// the backing file has fallocate, which a FUSE file has).
-    fn assert_discards(&self) {
-        let name = self.dev.trim_start_matches("/dev/");
-        let q = format!("/sys/block/{name}/queue/discard_max_bytes");
-        let v: u64 = fs::read_to_string(&q)
-            .unwrap_or_else(|e| panic!("{q}: {e}"))
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(v > 0, "{q} is 0: the loop device does not pass discards on");
-    }
-
-    fn mount(&mut self, guest: &Path, ro: bool) {
-        fs::create_dir_all(guest).unwrap();
-        let mut c = Command::new("mount");
-        if ro {
-            c.args(["-o", "ro"]);
-        }
-        run_ok(c.arg(&self.dev).arg(guest));
-        self.guest = Some(guest.to_path_buf());
-    }
-
-    /// Unmount the guest and detach, asserting both work.
-    fn finish(mut self) {
-        if let Some(g) = self.guest.take() {
-            run_ok(Command::new("umount").arg(&g));
-        }
-        let mut ok = false;
-        for _ in 0..50 {
-            if Command::new("losetup")
-                .arg("-d")
-                .arg(&self.dev)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-            {
-                ok = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(ok, "losetup -d {} failed", self.dev);
-        self.dev.clear();
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        if let Some(g) = self.guest.take() {
-            if is_mounted(&g) {
-                let _ = Command::new("umount").arg("-l").arg(&g).status();
-            }
-        }
-        if !self.dev.is_empty() {
-            let _ = Command::new("losetup")
-                .arg("-d")
-                .arg(&self.dev)
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
 }
 
 // ---------------------------------------------------------------- judges

@@ -81,21 +81,6 @@ fn apply(model: &mut [u8], writes: &[(u64, Vec<u8>)]) {
     }
 }
 
-/// `7zz x -tvhdx|-tvhd -so IMG` (7-Zip finds parents only in IMG's folder) must equal
-/// `want`.
-fn seven_zip_reads(img: &Path, ext: &str, want: &Path) {
-    let mut c = Command::new("7zz");
-    c.args(["x", &format!("-t{ext}"), "-so"]).arg(img);
-    let o = stdout_vs_file(&mut c, want);
-    assert!(
-        o.success(),
-        "`{}` failed ({}): {}",
-        o.cmd,
-        o.status,
-        o.stderr
-    );
-}
-
 /// The merged view of `img` (no options) equals `want`.
 fn cat_equals(d: &TempDir, img: &Path, want: &Path, what: &str) {
     let got = d.join("cat.raw");
@@ -242,7 +227,7 @@ fn a_moved_chain_opens_again_and_reads_the_same_everywhere() {
         let flat_child = flat.join(child.file_name().unwrap());
         let flat_base = flat.join(base.file_name().unwrap());
         vdiskfs(["set-parent", &s(&flat_child), &s(&flat_base)]).assert_success();
-        seven_zip_reads(&flat_gc, ext, &pre_gc);
+        judge_7zz_as(&flat_gc, ext, &pre_gc); // 7-Zip finds parents only in the folder
         let m = FuseMount::vhdimount(&flat_gc, &d.join("vhdi"));
         assert_eq!(
             first_difference(&m.merged(), &pre_gc),
@@ -393,13 +378,7 @@ fn sigkill_leaves_the_old_or_the_new_parent_path() {
         return;
     }
     let cycles = env_u64("VDISKFS_SET_PARENT_KILLS", 12);
-    let seed = env_u64(
-        "VDISKFS_SET_PARENT_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    );
+    let seed = env_seed("VDISKFS_SET_PARENT_SEED");
     eprintln!("VDISKFS_SET_PARENT_SEED={seed}");
     let mut rng = Rng::new(seed);
     for ext in EXTS {

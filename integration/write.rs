@@ -14,7 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -57,28 +57,6 @@ fn can_run(tools: &[&str]) -> bool {
     }
     eprintln!("SKIPPED: missing {}", missing.join(", "));
     false
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fmt {
-    Vhdx,
-    Vhd,
-}
-
-impl Fmt {
-    fn ext(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vhd",
-        }
-    }
-    /// qemu-img driver name.
-    fn qemu(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vpc",
-        }
-    }
 }
 
 /// `qemu-img convert -O vhdx|vpc(dynamic) raw img`.
@@ -125,134 +103,6 @@ fn mtime_ns(p: &Path) -> i128 {
 }
 
 // ---------------------------------------------------------------- daemons and guards
-
-/// `vdiskfs mount -f` as a child process of the test: we know its pid, can wait for a
-/// clean exit or kill it. Unmounted (and reaped) on drop.
-struct Daemon {
-    child: Option<Child>,
-    mnt: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(img: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
-        fs::create_dir_all(mnt).unwrap();
-        let log = mnt.with_extension("log");
-        let err = File::create(&log).unwrap();
-        let child = Command::new(bin())
-            .args(["mount", "-f"])
-            .args(extra)
-            .arg(img)
-            .arg(mnt)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("spawn vdiskfs mount -f");
-        let mut d = Daemon {
-            child: Some(child),
-            mnt: mnt.to_path_buf(),
-            log,
-        };
-        let t0 = Instant::now();
-        while !is_mounted(mnt) {
-            if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                d.child = None;
-                panic!(
-                    "vdiskfs mount -f {} exited ({st}) before the mount was live:\n{}",
-                    img.display(),
-                    fs::read_to_string(&d.log).unwrap_or_default()
-                );
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "mount of {} not live after 20 s",
-                img.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
-    }
-
-    fn disk(&self) -> PathBuf {
-        self.mnt.join("disk.raw")
-    }
-
-    /// `vdiskfs umount`, then the daemon must exit 0 (it closes the image on the way out).
-    fn stop(mut self) {
-        let mut child = self.child.take().unwrap();
-        let mut ok = false;
-        for _ in 0..50 {
-            let o = vdiskfs([OsStr::new("umount"), self.mnt.as_os_str()]);
-            if o.success() {
-                ok = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !ok {
-            fuse_unmount(&self.mnt);
-        }
-        let st = wait_timeout(&mut child, Duration::from_secs(30));
-        assert!(ok, "vdiskfs umount {} kept failing", self.mnt.display());
-        assert!(
-            st.is_some_and(|s| s.success()),
-            "daemon for {} ended with {st:?}:\n{}",
-            self.mnt.display(),
-            fs::read_to_string(&self.log).unwrap_or_default()
-        );
-    }
-
-    /// SIGKILL the daemon (no flush, no close), then drop the dead mount lazily.
-    fn kill9(mut self) {
-        let mut child = self.child.take().unwrap();
-        let _ = child.kill();
-        let _ = child.wait();
-        lazy_unmount_fuse(&self.mnt);
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            fuse_unmount(&self.mnt);
-            if wait_timeout(&mut c, Duration::from_secs(10)).is_none() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-        if is_mounted(&self.mnt) {
-            lazy_unmount_fuse(&self.mnt);
-        }
-    }
-}
-
-fn lazy_unmount_fuse(mnt: &Path) {
-    let _ = Command::new("fusermount3")
-        .arg("-u")
-        .arg("-z")
-        .arg(mnt)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if is_mounted(mnt) {
-        let _ = Command::new("umount").arg("-l").arg(mnt).status();
-    }
-}
-
-fn wait_timeout(c: &mut Child, t: Duration) -> Option<std::process::ExitStatus> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = c.try_wait().ok().flatten() {
-            return Some(s);
-        }
-        if t0.elapsed() > t {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Pids of live processes running the vdiskfs binary with `mnt` among their arguments.
 fn daemon_pids(mnt: &Path) -> Vec<u32> {
@@ -343,77 +193,6 @@ impl Drop for Detached {
             while !daemon_pids(&self.mnt).is_empty() && t0.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(50));
             }
-        }
-    }
-}
-
-/// A loop device on a file, optionally with the guest file system mounted; detached on
-/// drop.
-struct Loop {
-    dev: String,
-    guest: Option<PathBuf>,
-}
-
-impl Loop {
-    fn attach(file: &Path, ro: bool) -> Loop {
-        let mut c = Command::new("losetup");
-        c.args(["-f", "--show"]);
-        if ro {
-            c.arg("-r");
-        }
-        let o = run_ok(c.arg(file));
-        let dev = o.stdout_str().trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
-        Loop { dev, guest: None }
-    }
-
-    fn mount(&mut self, guest: &Path, ro: bool) {
-        fs::create_dir_all(guest).unwrap();
-        let mut c = Command::new("mount");
-        if ro {
-            c.args(["-o", "ro"]);
-        }
-        run_ok(c.arg(&self.dev).arg(guest));
-        self.guest = Some(guest.to_path_buf());
-    }
-
-    /// Unmount the guest and detach, asserting both work.
-    fn finish(mut self) {
-        if let Some(g) = self.guest.take() {
-            run_ok(Command::new("umount").arg(&g));
-        }
-        let mut ok = false;
-        for _ in 0..50 {
-            if Command::new("losetup")
-                .arg("-d")
-                .arg(&self.dev)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-            {
-                ok = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(ok, "losetup -d {} failed", self.dev);
-        self.dev.clear();
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        if let Some(g) = self.guest.take() {
-            if is_mounted(&g) {
-                let _ = Command::new("umount").arg("-l").arg(&g).status();
-            }
-        }
-        if !self.dev.is_empty() {
-            let _ = Command::new("losetup")
-                .arg("-d")
-                .arg(&self.dev)
-                .stderr(Stdio::null())
-                .status();
         }
     }
 }
@@ -1064,7 +843,7 @@ fn read_only_mount_changes_nothing(fmt: Fmt) {
     // leaves a pending log (LogGuid set; cleared only at a clean close).
     let mut rng = Rng::new(12);
     {
-        let d = Daemon::start(&child, &t.join("mw"), &[]);
+        let mut d = Daemon::start(&child, &t.join("mw"), &[]);
         let f = OpenOptions::new().write(true).open(d.disk()).unwrap();
         for (off, len) in [
             (4096u64, 8192usize),

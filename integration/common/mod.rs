@@ -11,7 +11,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 // Temporary directories, fixtures, `required()`, mount points: shared with the unit
 // tests.
@@ -873,8 +874,13 @@ pub fn vdiskfs_mount(image: &Path, dir: &Path, ro: bool) -> FuseMount {
 /// `7zz x -tvhdx -so IMG` (7-Zip's merged raw view of a VHDX chain; it finds parents
 /// only in IMG's folder) must equal `want`.
 pub fn judge_7zz(img: &Path, want: &Path) {
+    judge_7zz_as(img, "vhdx", want);
+}
+
+/// `7zz x -tKIND -so IMG` (KIND: vhdx or vhd) must equal `want`.
+pub fn judge_7zz_as(img: &Path, kind: &str, want: &Path) {
     let mut c = Command::new("7zz");
-    c.args(["x", "-tvhdx", "-so"]).arg(img);
+    c.args(["x", &format!("-t{kind}"), "-so"]).arg(img);
     let o = stdout_vs_file(&mut c, want);
     assert!(
         o.success(),
@@ -971,5 +977,279 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
             .parse()
             .unwrap_or_else(|_| panic!("{name}={v:?}: not a number")),
         Err(_) => default,
+    }
+}
+
+/// A seed for a randomized test: `name` from the environment (to replay a failure), else
+/// the clock.
+pub fn env_seed(name: &str) -> u64 {
+    env_u64(
+        name,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    )
+}
+
+/// The two image formats a test runs over.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fmt {
+    Vhdx,
+    Vhd,
+}
+
+impl Fmt {
+    /// File name extension.
+    pub fn ext(self) -> &'static str {
+        match self {
+            Fmt::Vhdx => "vhdx",
+            Fmt::Vhd => "vhd",
+        }
+    }
+
+    /// qemu-img driver name.
+    pub fn qemu(self) -> &'static str {
+        match self {
+            Fmt::Vhdx => "vhdx",
+            Fmt::Vhd => "vpc",
+        }
+    }
+}
+
+/// A lazy unmount of a (dead) FUSE mount: `fusermount3 -u -z`, then `umount -l`.
+pub fn lazy_unmount(mnt: &Path) {
+    if !is_mounted(mnt) {
+        return;
+    }
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(mnt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if is_mounted(mnt) {
+        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+    }
+}
+
+/// The exit status of `c` once it exits, None when it has not within `t`.
+pub fn wait_timeout(c: &mut Child, t: Duration) -> Option<ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = c.try_wait().ok().flatten() {
+            return Some(s);
+        }
+        if t0.elapsed() > t {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `vdiskfs mount -f [EXTRA] IMG MNT` as a child process of the test: we know its pid,
+/// can wait for a clean exit or kill it. Unmounted (and reaped) on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    img: PathBuf,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Spawned, not waited for (`wait_live`); its standard error goes to MNT.log.
+    pub fn spawn(img: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
+        fs::create_dir_all(mnt).unwrap();
+        let log = mnt.with_extension("log");
+        let err = File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .args(["mount", "-f"])
+            .args(extra)
+            .arg(img)
+            .arg(mnt)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn vdiskfs mount -f");
+        Daemon {
+            child: Some(child),
+            img: img.to_path_buf(),
+            mnt: mnt.to_path_buf(),
+            log,
+        }
+    }
+
+    /// Spawned, and the mount live.
+    pub fn start(img: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
+        let mut d = Daemon::spawn(img, mnt, extra);
+        d.wait_live();
+        d
+    }
+
+    /// What the daemon wrote to standard error.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The mounted disk.
+    pub fn disk(&self) -> PathBuf {
+        self.mnt.join("disk.raw")
+    }
+
+    /// Until the mount is live; fails when the daemon exits first.
+    pub fn wait_live(&mut self) {
+        let t0 = Instant::now();
+        while !is_mounted(&self.mnt) {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!(
+                    "vdiskfs mount -f {} exited ({st}) before the mount was live:\n{}",
+                    self.img.display(),
+                    self.log_text()
+                );
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "mount of {} not live after 30 s",
+                self.img.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `vdiskfs umount`, then the daemon must exit 0 (it closes the image on the way out).
+    pub fn stop(mut self) {
+        let mut child = self.child.take().unwrap();
+        let mut ok = false;
+        for _ in 0..50 {
+            if vdiskfs([OsStr::new("umount"), self.mnt.as_os_str()]).success() {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !ok {
+            fuse_unmount(&self.mnt);
+        }
+        let st = wait_timeout(&mut child, Duration::from_secs(30));
+        if st.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(ok, "vdiskfs umount {} kept failing", self.mnt.display());
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "daemon for {} ended with {st:?}:\n{}",
+            self.mnt.display(),
+            self.log_text()
+        );
+    }
+
+    /// SIGKILL the daemon (no flush, no close), reap it, then drop the dead mount lazily.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        lazy_unmount(&self.mnt);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            fuse_unmount(&self.mnt);
+            if wait_timeout(&mut c, Duration::from_secs(10)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        lazy_unmount(&self.mnt);
+    }
+}
+
+/// A loop device on a file, optionally with the guest file system mounted; detached on
+/// drop.
+pub struct Loop {
+    pub dev: String,
+    pub guest: Option<PathBuf>,
+}
+
+impl Loop {
+    pub fn attach(file: &Path, ro: bool) -> Loop {
+        let mut c = Command::new("losetup");
+        c.args(["-f", "--show"]);
+        if ro {
+            c.arg("-r");
+        }
+        let o = run_ok(c.arg(file));
+        let dev = o.stdout_str().trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
+        Loop { dev, guest: None }
+    }
+
+    /// The kernel passes discards on: the loop device advertises them (it does when
+    /// the backing file has fallocate, which a FUSE file has).
+    pub fn assert_discards(&self) {
+        let name = self.dev.trim_start_matches("/dev/");
+        let q = format!("/sys/block/{name}/queue/discard_max_bytes");
+        let v: u64 = fs::read_to_string(&q)
+            .unwrap_or_else(|e| panic!("{q}: {e}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(v > 0, "{q} is 0: the loop device does not pass discards on");
+    }
+
+    pub fn mount(&mut self, guest: &Path, ro: bool) {
+        fs::create_dir_all(guest).unwrap();
+        let mut c = Command::new("mount");
+        if ro {
+            c.args(["-o", "ro"]);
+        }
+        run_ok(c.arg(&self.dev).arg(guest));
+        self.guest = Some(guest.to_path_buf());
+    }
+
+    /// Unmount the guest and detach, asserting both work.
+    pub fn finish(mut self) {
+        if let Some(g) = self.guest.take() {
+            run_ok(Command::new("umount").arg(&g));
+        }
+        let mut ok = false;
+        for _ in 0..50 {
+            if Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(ok, "losetup -d {} failed", self.dev);
+        self.dev.clear();
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        if let Some(g) = self.guest.take() {
+            if is_mounted(&g) {
+                let _ = Command::new("umount").arg("-l").arg(&g).status();
+            }
+        }
+        if !self.dev.is_empty() {
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
