@@ -39,18 +39,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn is_root() -> bool {
-    // The effective uid, from /proc (no library internals in integration tests).
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
 fn can_run(tools: &[&str], root: bool) -> bool {
     if !require_fuse() {
         return false;
@@ -77,18 +65,6 @@ fn create(img: &Path, size: &str, parent: Option<&Path>) {
     }
     args.push(img.as_os_str());
     vdiskfs(args).assert_success();
-}
-
-fn check_ok(img: &Path) {
-    let o = vdiskfs([OsStr::new("check"), img.as_os_str()]);
-    assert!(
-        o.success(),
-        "`{}` must report no damage ({}):\n{}{}",
-        o.cmd,
-        o.status,
-        o.stdout_str(),
-        o.stderr
-    );
 }
 
 fn compact(img: &Path, extra: &[&str]) -> Out {

@@ -207,18 +207,6 @@ fn writer(
 
 // ---------------------------------------------------------------- checks
 
-fn check_ok(img: &Path, ctx: &str) {
-    let o = vdiskfs([OsStr::new("check"), img.as_os_str()]);
-    assert!(
-        o.success(),
-        "{ctx}: `{}` reports damage ({}):\n{}{}",
-        o.cmd,
-        o.status,
-        o.stdout_str(),
-        o.stderr
-    );
-}
-
 fn cat(img: &Path, ctx: &str) -> Vec<u8> {
     let o = vdiskfs([OsStr::new("cat"), img.as_os_str()]);
     assert!(
@@ -547,7 +535,7 @@ fn crash_cycles(fmt: Fmt) {
         } else {
             "(VHD: no log)".into()
         };
-        check_ok(&child, &ctx);
+        check_ok_ctx(&child, &ctx);
         let got = cat(&child, &ctx);
         if went_live {
             // The daemon replayed any pending log before mounting: the file in place
@@ -613,7 +601,7 @@ fn crash_cycles(fmt: Fmt) {
     let mut d = Daemon::spawn(&child, &mnt, &[]);
     d.wait_live();
     d.stop();
-    check_ok(&child, "after the final clean close");
+    check_ok_ctx(&child, "after the final clean close");
     let got = cat(&child, "after the final clean close");
     assert!(
         got == model,

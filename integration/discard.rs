@@ -24,49 +24,14 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// FUSE, root, loop devices and `tools`; skip with a message or, under
-/// VDISKFS_REQUIRE_FUSE=1, fail.
+/// FUSE, root, loop devices, fallocate and the judges (`can_run_loops`), and `tools`.
 fn can_run(tools: &[&str]) -> bool {
-    if !require_fuse() {
-        return false;
-    }
-    let mut missing: Vec<String> = Vec::new();
-    if nix::unistd::geteuid().as_raw() != 0 {
-        missing.push("root (for loop devices)".into());
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        missing.push("/dev/loop-control (modprobe loop)".into());
-    }
-    for t in [
-        "qemu-img",
-        "losetup",
-        "mount",
-        "umount",
-        "fallocate",
-        "vhdimount",
-        "7zz",
-    ]
-    .iter()
-    .chain(tools)
-    {
-        if find_tool(t).is_none() {
-            missing.push(t.to_string());
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if required() {
-        panic!("missing {} and {REQUIRE_ENV} is set", missing.join(", "));
-    }
-    eprintln!("SKIPPED: missing {}", missing.join(", "));
-    false
+    can_run_loops(&[&["fallocate", "vhdimount", "7zz"], tools].concat())
 }
 
 fn create_base(img: &Path, size: &str) {
@@ -93,32 +58,10 @@ fn create_child(parent: &Path, child: &Path) {
     .assert_success();
 }
 
-fn check_ok(img: &Path) {
-    let o = vdiskfs([OsStr::new("check"), img.as_os_str()]);
-    assert!(
-        o.success(),
-        "`{}` reports damage ({}):\n{}{}",
-        o.cmd,
-        o.status,
-        o.stdout_str(),
-        o.stderr
-    );
-}
-
 /// `vdiskfs umount DIR`: returns once the daemon has flushed and closed the image.
 /// Retried while busy: a detached loop device lets go of `disk.raw` asynchronously.
 fn umount(m: FuseMount) {
-    let mut last = None;
-    for _ in 0..50 {
-        let o = vdiskfs([OsStr::new("umount"), m.dir().as_os_str()]);
-        if o.success() {
-            last = None;
-            break;
-        }
-        last = Some(o.stderr);
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(last.is_none(), "vdiskfs umount failed: {last:?}");
+    vdiskfs_umount(m.dir());
     assert!(!is_mounted(m.dir()), "{} still mounted", m.dir().display());
 }
 

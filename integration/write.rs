@@ -24,41 +24,6 @@ const BLOCK: u64 = 2 * MIB;
 
 // ---------------------------------------------------------------- environment
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().as_raw() == 0
-}
-
-/// FUSE, root and loop devices, qemu-img and `tools`; skip with a message or, under
-/// VDISKFS_REQUIRE_FUSE=1, fail (for every tool, not only those setup.sh lists).
-fn can_run(tools: &[&str]) -> bool {
-    if !require_fuse() {
-        return false;
-    }
-    let mut missing: Vec<String> = Vec::new();
-    if !is_root() {
-        missing.push("root (for loop devices)".into());
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        missing.push("/dev/loop-control (modprobe loop)".into());
-    }
-    for t in ["qemu-img", "losetup", "mount", "umount"]
-        .iter()
-        .chain(tools)
-    {
-        if find_tool(t).is_none() {
-            missing.push(t.to_string());
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if required() {
-        panic!("missing {} and {REQUIRE_ENV} is set", missing.join(", "));
-    }
-    eprintln!("SKIPPED: missing {}", missing.join(", "));
-    false
-}
-
 /// `qemu-img convert -O vhdx|vpc(dynamic) raw img`.
 fn qemu_from_raw(fmt: Fmt, raw: &Path, img: &Path) {
     let mut c = Command::new("qemu-img");
@@ -69,6 +34,21 @@ fn qemu_from_raw(fmt: Fmt, raw: &Path, img: &Path) {
     run_ok(c.arg(raw).arg(img));
 }
 
+/// base.EXT of `size` (`vdiskfs create`) in `dir` and an empty child.EXT on it.
+fn new_chain(dir: &Path, fmt: Fmt, size: &str) -> (PathBuf, PathBuf) {
+    let base = dir.join(format!("base.{}", fmt.ext()));
+    vdiskfs([
+        OsStr::new("create"),
+        OsStr::new("--size"),
+        OsStr::new(size),
+        base.as_os_str(),
+    ])
+    .assert_success();
+    let child = dir.join(format!("child.{}", fmt.ext()));
+    create_child(&base, &child);
+    (base, child)
+}
+
 fn create_child(parent: &Path, child: &Path) {
     vdiskfs([
         OsStr::new("create"),
@@ -77,18 +57,6 @@ fn create_child(parent: &Path, child: &Path) {
         child.as_os_str(),
     ])
     .assert_success();
-}
-
-fn check_ok(img: &Path) {
-    let o = vdiskfs([OsStr::new("check"), img.as_os_str()]);
-    assert!(
-        o.success(),
-        "`{}` must report no damage ({}):\n{}{}",
-        o.cmd,
-        o.status,
-        o.stdout_str(),
-        o.stderr
-    );
 }
 
 /// The virtual size vdiskfs sees (`info --json`).
@@ -157,17 +125,7 @@ impl Detached {
     /// `vdiskfs umount`, then wait until the mount is gone from /proc/mounts and the
     /// daemon process has exited (it finishes closing the image after the unmount).
     fn umount(mut self) {
-        let mut last = None;
-        for _ in 0..50 {
-            let o = vdiskfs([OsStr::new("umount"), self.mnt.as_os_str()]);
-            if o.success() {
-                last = None;
-                break;
-            }
-            last = Some(o.stderr);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(last.is_none(), "vdiskfs umount failed: {last:?}");
+        vdiskfs_umount(&self.mnt);
         wait_gone(&self.mnt);
         self.live = false;
     }
@@ -228,7 +186,7 @@ fn judge(fmt: Fmt, img: &Path, vm: &Path, want: &Path) {
 // ---------------------------------------------------------------- ext4 in a child
 
 fn ext4_round_trip(fmt: Fmt) {
-    if !can_run(&["mkfs.ext4", "e2fsck", "losetup", "vhdimount", "7zz"]) {
+    if !can_run_loops(&["mkfs.ext4", "e2fsck", "losetup", "vhdimount", "7zz"]) {
         return;
     }
     let t = TempDir::new(&format!("w-ext4-{}", fmt.ext()));
@@ -427,7 +385,7 @@ fn middle_writes(disk: &File, model: &mut [u8], rng: &mut Rng) {
 /// written through a mount) <- mid (partly written) <- top (the write set), all compared
 /// with a model.
 fn sector_writes_chain(fmt: Fmt, sector4k: bool) {
-    if !can_run(&["vhdimount", "7zz"]) {
+    if !can_run_loops(&["vhdimount", "7zz"]) {
         return;
     }
     let t = TempDir::new(&format!("w-sect-{}", fmt.ext()));
@@ -531,7 +489,7 @@ fn sector_writes_vhdx_4k_sectors() {
 /// with a model in a window around the boundary.
 #[test]
 fn vhdx_writes_across_chunk_boundary() {
-    if !can_run(&["vhdimount"]) {
+    if !can_run_loops(&["vhdimount"]) {
         return;
     }
     let t = TempDir::new("w-chunk");
@@ -630,7 +588,7 @@ fn vhdx_writes_across_chunk_boundary() {
 /// (VHDX; qemu-img cannot check VHD files) and qemu-img's raw view, libvhdi's, and
 /// vdiskfs's must all equal the model.
 fn written_dynamic_top(fmt: Fmt, qemu_made: bool) {
-    if !can_run(&["vhdimount", "7zz"]) {
+    if !can_run_loops(&["vhdimount", "7zz"]) {
         return;
     }
     let t = TempDir::new(&format!("w-dyn-{}", fmt.ext()));
@@ -729,20 +687,11 @@ fn qemu_check_written_vdiskfs_made_vhd() {
 // ---------------------------------------------------------------- past the end
 
 fn past_end(fmt: Fmt) {
-    if !can_run(&[]) {
+    if !can_run_loops(&[]) {
         return;
     }
     let t = TempDir::new(&format!("w-end-{}", fmt.ext()));
-    let base = t.join(format!("base.{}", fmt.ext()));
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--size"),
-        OsStr::new("8M"),
-        base.as_os_str(),
-    ])
-    .assert_success();
-    let child = t.join(format!("child.{}", fmt.ext()));
-    create_child(&base, &child);
+    let (_, child) = new_chain(t.path(), fmt, "8M");
     let size = 8 * MIB;
     let child_len0 = file_len(&child);
     {
@@ -823,7 +772,7 @@ fn fingerprints(files: &[&Path]) -> Vec<(PathBuf, String, i128)> {
 }
 
 fn read_only_mount_changes_nothing(fmt: Fmt) {
-    if !can_run(&[]) {
+    if !can_run_loops(&[]) {
         return;
     }
     let t = TempDir::new(&format!("w-ro-{}", fmt.ext()));
@@ -945,7 +894,7 @@ fn read_only_mount_of_vhd_changes_nothing() {
 /// (replayed in memory) and leaves the file byte-identical.
 #[test]
 fn read_only_mount_of_crafted_pending_log() {
-    if !can_run(&[]) {
+    if !can_run_loops(&[]) {
         return;
     }
     use vdiskfs::testing::testutil;
@@ -978,20 +927,11 @@ fn read_only_mount_of_crafted_pending_log() {
 /// exclusive on the child, shared on parents). A read-only mount of the parent stays
 /// possible.
 fn second_writer_refused(fmt: Fmt) {
-    if !can_run(&[]) {
+    if !can_run_loops(&[]) {
         return;
     }
     let t = TempDir::new(&format!("w-lock-{}", fmt.ext()));
-    let base = t.join(format!("base.{}", fmt.ext()));
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--size"),
-        OsStr::new("8M"),
-        base.as_os_str(),
-    ])
-    .assert_success();
-    let child = t.join(format!("child.{}", fmt.ext()));
-    create_child(&base, &child);
+    let (base, child) = new_chain(t.path(), fmt, "8M");
     let d = Daemon::start(&child, &t.join("m1"), &[]);
     let mut problems = Vec::new();
     for (img, what) in [
@@ -1065,22 +1005,13 @@ fn assert_refused_naming(o: &Out, file: &Path, mount: &Path, what: &str) {
 /// creates nothing. The errors name the parent and its mount (mounted detached, so the
 /// daemon holding the lock is not the process that took it).
 fn chain_under_a_writer(fmt: Fmt) {
-    if !can_run(&[]) {
+    if !can_run_loops(&[]) {
         return;
     }
     let t = TempDir::new(&format!("w-under-{}", fmt.ext()));
     let dir = t.join("images");
     fs::create_dir_all(&dir).unwrap();
-    let base = dir.join(format!("base.{}", fmt.ext()));
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--size"),
-        OsStr::new("64M"),
-        base.as_os_str(),
-    ])
-    .assert_success();
-    let child = dir.join(format!("child.{}", fmt.ext()));
-    create_child(&base, &child);
+    let (base, child) = new_chain(&dir, fmt, "64M");
     let listing = || {
         let mut v: Vec<_> = fs::read_dir(&dir)
             .unwrap()
@@ -1237,7 +1168,7 @@ fn set_old_atime(p: &Path) {
 /// ctime of every file of a depth-2 chain alone, and of their directory too (the parent is
 /// found case-insensitively, which lists the directory).
 fn read_only_use_keeps_times(fmt: Fmt) {
-    if !can_run(&[]) {
+    if !can_run_loops(&[]) {
         return;
     }
     let t = TempDir::new(&format!("w-atime-{}", fmt.ext()));

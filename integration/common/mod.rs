@@ -1253,3 +1253,78 @@ impl Drop for Loop {
         }
     }
 }
+
+/// The effective user is root.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().as_raw() == 0
+}
+
+/// FUSE, root and loop devices, qemu-img and `tools`; skip with a message or, under
+/// VDISKFS_REQUIRE_FUSE=1, fail (for every tool, not only those setup.sh lists).
+pub fn can_run_loops(tools: &[&str]) -> bool {
+    if !require_fuse() {
+        return false;
+    }
+    let mut missing: Vec<String> = Vec::new();
+    if !is_root() {
+        missing.push("root (for loop devices)".into());
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        missing.push("/dev/loop-control (modprobe loop)".into());
+    }
+    for t in ["qemu-img", "losetup", "mount", "umount"]
+        .iter()
+        .chain(tools)
+    {
+        if find_tool(t).is_none() {
+            missing.push(t.to_string());
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    if required() {
+        panic!("missing {} and {REQUIRE_ENV} is set", missing.join(", "));
+    }
+    eprintln!("SKIPPED: missing {}", missing.join(", "));
+    false
+}
+
+/// `vdiskfs check IMG` reports no damage.
+pub fn check_ok(img: &Path) {
+    check_ok_ctx(img, "")
+}
+
+/// `check_ok`, with `ctx` (what the test was doing) leading the failure message.
+pub fn check_ok_ctx(img: &Path, ctx: &str) {
+    let o = vdiskfs([OsStr::new("check"), img.as_os_str()]);
+    let ctx = if ctx.is_empty() {
+        String::new()
+    } else {
+        format!("{ctx}: ")
+    };
+    assert!(
+        o.success(),
+        "{ctx}`{}` reports damage ({}):\n{}{}",
+        o.cmd,
+        o.status,
+        o.stdout_str(),
+        o.stderr
+    );
+}
+
+/// `vdiskfs umount MNT`, retried while busy (a detached loop device lets go of
+/// `disk.raw` asynchronously); fails the test when it keeps failing.
+pub fn vdiskfs_umount(mnt: &Path) {
+    let mut last = None;
+    for _ in 0..50 {
+        let o = vdiskfs([OsStr::new("umount"), mnt.as_os_str()]);
+        if o.success() {
+            last = None;
+            break;
+        }
+        last = Some(o.stderr);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(last.is_none(), "vdiskfs umount failed: {last:?}");
+}
