@@ -545,8 +545,7 @@ fn wsl_with(fmt: Fmt, child: bool, trim: bool) {
     {
         let _m = vdiskfs_mount(&top, &mnt, true);
         let disk = mnt.join("disk.raw");
-        let e = run(Command::new("e2fsck").arg("-fn").arg(&disk));
-        assert!(e.success(), "e2fsck -fn: {}{}", e.stdout_str(), e.stderr);
+        assert_e2fsck_clean(&disk);
         let g = Ext4::mount(&disk, &guest, true);
         assert!(
             fs::read(guest.join("keep.bin")).unwrap() == keep,

@@ -243,14 +243,7 @@ fn fstrim_case(fmt: Fmt, child: bool) {
             "the child reads zeros where the deleted files were ({zb} zero blocks in the base, {zc} in the child)"
         );
     }
-    let o = run(Command::new("e2fsck").arg("-fn").arg(&merged));
-    assert!(
-        o.success(),
-        "e2fsck -fn on the merged view failed ({}):\n{}{}",
-        o.status,
-        o.stdout_str(),
-        o.stderr
-    );
+    assert_e2fsck_clean(&merged);
     // Remount read-only: the remaining files are unchanged, the deleted ones gone.
     {
         let m = vdiskfs_mount(&top, &mnt, true);

@@ -267,14 +267,7 @@ fn ext4_round_trip(fmt: Fmt) {
     check_ok(&child);
     let merged = t.join("merged.raw");
     cat_to_file(&child, &[], &merged);
-    let o = run(Command::new("e2fsck").arg("-fn").arg(&merged));
-    assert!(
-        o.success(),
-        "e2fsck -fn on the merged view failed ({}):\n{}{}",
-        o.status,
-        o.stdout_str(),
-        o.stderr
-    );
+    assert_e2fsck_clean(&merged);
     judge(fmt, &child, &t.join("vm"), &merged);
     assert_eq!(sha256_file(&base), base_sha, "the base changed");
 }

@@ -1328,3 +1328,17 @@ pub fn vdiskfs_umount(mnt: &Path) {
     }
     assert!(last.is_none(), "vdiskfs umount failed: {last:?}");
 }
+
+/// `e2fsck -fn` (a forced read-only check) finds the ext4 file system on `dev` (a device
+/// or a raw image) clean.
+pub fn assert_e2fsck_clean(dev: &Path) {
+    let o = run(Command::new("e2fsck").arg("-fn").arg(dev));
+    assert!(
+        o.success(),
+        "e2fsck -fn {} failed ({}):\n{}{}",
+        dev.display(),
+        o.status,
+        o.stdout_str(),
+        o.stderr
+    );
+}
