@@ -113,17 +113,7 @@ fn check_image(dir: &TempDir, img: &Path, oracle: &Path, disk_type: &str) {
 
 /// `qemu-img convert -f raw -O vpc -o OPTS RAW OUT`.
 fn raw_to_vhd(raw: &Path, opts: &str, out: &Path) {
-    qemu_img_os([
-        "convert".as_ref(),
-        "-f".as_ref(),
-        "raw".as_ref(),
-        "-O".as_ref(),
-        "vpc".as_ref(),
-        "-o".as_ref(),
-        opts.as_ref(),
-        raw.as_os_str(),
-        out.as_os_str(),
-    ]);
+    qemu_convert_raw("vpc", opts, raw, out);
 }
 
 /// Convert a raw file to VHD with `opts`, then check vdiskfs against qemu's raw view

@@ -198,17 +198,7 @@ fn metadata_virtual_disk_id(img: &Path) -> String {
 
 /// `qemu-img convert -f raw -O vhdx -o OPTS RAW OUT`.
 fn raw_to_vhdx(raw: &Path, opts: &str, out: &Path) {
-    qemu_img_os([
-        "convert".as_ref(),
-        "-f".as_ref(),
-        "raw".as_ref(),
-        "-O".as_ref(),
-        "vhdx".as_ref(),
-        "-o".as_ref(),
-        opts.as_ref(),
-        raw.as_os_str(),
-        out.as_os_str(),
-    ]);
+    qemu_convert_raw("vhdx", opts, raw, out);
 }
 
 /// `qemu-img create -f vhdx -o OPTS OUT SIZE`.

@@ -261,17 +261,7 @@ fn make_source(
             assert!(scratch == model);
         }
         (SrcFmt::Vhdx, Base::Fixed) if lss == 512 => {
-            qemu_img_os([
-                OsStr::new("convert"),
-                OsStr::new("-f"),
-                OsStr::new("raw"),
-                OsStr::new("-O"),
-                OsStr::new("vhdx"),
-                OsStr::new("-o"),
-                OsStr::new("subformat=fixed"),
-                base_raw.as_os_str(),
-                base_path.as_os_str(),
-            ]);
+            qemu_convert_raw("vhdx", "subformat=fixed", &base_raw, &base_path);
         }
         (SrcFmt::Vhdx, Base::Fixed) => {
             // qemu cannot make 4096-byte-sector VHDX: vdiskfs's own fixed output (judged
@@ -294,17 +284,7 @@ fn make_source(
                 Base::Dynamic => "subformat=dynamic,force_size=on",
                 Base::Fixed => "subformat=fixed,force_size=on",
             };
-            qemu_img_os([
-                OsStr::new("convert"),
-                OsStr::new("-f"),
-                OsStr::new("raw"),
-                OsStr::new("-O"),
-                OsStr::new("vpc"),
-                OsStr::new("-o"),
-                OsStr::new(sub),
-                base_raw.as_os_str(),
-                base_path.as_os_str(),
-            ]);
+            qemu_convert_raw("vpc", sub, &base_raw, &base_path);
         }
     }
     let _ = fs::remove_file(&base_raw);
@@ -1380,17 +1360,7 @@ fn check_azure_names_each_problem() {
     patch_file(&bad_sum, len - 512, &f);
     // qemu's own fixed VHD without force_size: sized by CHS, so not a whole MiB here.
     let qemu_fixed = t.join("qemu-fixed.vhd");
-    qemu_img_os([
-        OsStr::new("convert"),
-        OsStr::new("-f"),
-        OsStr::new("raw"),
-        OsStr::new("-O"),
-        OsStr::new("vpc"),
-        OsStr::new("-o"),
-        OsStr::new("subformat=fixed"),
-        raw.as_os_str(),
-        qemu_fixed.as_os_str(),
-    ]);
+    qemu_convert_raw("vpc", "subformat=fixed", &raw, &qemu_fixed);
     for (img, reason) in [
         (&dynamic, "dynamic VHD"),
         (&vhdx, "is a VHDX"),
@@ -1669,15 +1639,7 @@ fn big_source(d: &ShmDir) -> (PathBuf, Vec<PathBuf>, String) {
     let raw = d.join("random.raw");
     make_random(&raw, 256 * MIB, 99);
     let base = d.join("base.vhdx");
-    qemu_img_os([
-        OsStr::new("convert"),
-        OsStr::new("-f"),
-        OsStr::new("raw"),
-        OsStr::new("-O"),
-        OsStr::new("vhdx"),
-        raw.as_os_str(),
-        base.as_os_str(),
-    ]);
+    qemu_convert_raw("vhdx", "", &raw, &base);
     fs::remove_file(&raw).unwrap();
     let child = d.join("child.vhdx");
     vdiskfs([

@@ -26,12 +26,12 @@ const BLOCK: u64 = 2 * MIB;
 
 /// `qemu-img convert -O vhdx|vpc(dynamic) raw img`.
 fn qemu_from_raw(fmt: Fmt, raw: &Path, img: &Path) {
-    let mut c = Command::new("qemu-img");
-    c.args(["convert", "-f", "raw", "-O", fmt.qemu()]);
-    if fmt == Fmt::Vhd {
-        c.args(["-o", "subformat=dynamic"]);
-    }
-    run_ok(c.arg(raw).arg(img));
+    let opts = if fmt == Fmt::Vhd {
+        "subformat=dynamic"
+    } else {
+        ""
+    };
+    qemu_convert_raw(fmt.qemu(), opts, raw, img);
 }
 
 /// base.EXT of `size` (`vdiskfs create`) in `dir` and an empty child.EXT on it.

@@ -494,6 +494,17 @@ where
     run_ok(Command::new("qemu-img").args(args))
 }
 
+/// `qemu-img convert -f raw -O DRIVER [-o OPTS] RAW OUT` (no `-o` when `opts` is
+/// empty): qemu-img as an independent maker of images.
+pub fn qemu_convert_raw(driver: &str, opts: &str, raw: &Path, out: &Path) {
+    let mut c = Command::new("qemu-img");
+    c.args(["convert", "-f", "raw", "-O", driver]);
+    if !opts.is_empty() {
+        c.args(["-o", opts]);
+    }
+    run_ok(c.arg(raw).arg(out));
+}
+
 /// `qemu-img convert -f FMT -O raw IMG OUT`: qemu's merged raw view, the oracle.
 pub fn qemu_to_raw(fmt: &str, img: &Path, out: &Path) {
     qemu_img_os([
@@ -619,6 +630,26 @@ pub fn cat_sha256(img: &Path, extra: &[&str]) -> String {
 /// A failure as the CLI must report it: non-zero exit (not a crash or a signal), no
 /// panic, and exactly one line on stderr, starting with "vdiskfs: " and naming `file`.
 pub fn assert_clean_failure(o: &Out, file: &Path) {
+    let lines = failed_cleanly(o);
+    assert_eq!(
+        lines.len(),
+        1,
+        "`{}` must print exactly one line on stderr, got:\n{}",
+        o.cmd,
+        o.stderr
+    );
+    assert!(
+        lines[0].starts_with("vdiskfs: "),
+        "`{}`: error line must start with \"vdiskfs: \": {}",
+        o.cmd,
+        lines[0]
+    );
+    assert_names_file(o, lines[0], file);
+}
+
+/// What every failure must be: not a success, no panic, an exit code (not a signal)
+/// other than a panic's 101. Returns the non-empty lines of stderr.
+fn failed_cleanly(o: &Out) -> Vec<&str> {
     assert!(
         !o.status.success(),
         "`{}` succeeded but must fail; stderr:\n{}",
@@ -639,29 +670,19 @@ pub fn assert_clean_failure(o: &Out, file: &Path) {
         o.status,
         o.stderr
     );
-    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "`{}` must print exactly one line on stderr, got:\n{}",
-        o.cmd,
-        o.stderr
-    );
-    assert!(
-        lines[0].starts_with("vdiskfs: "),
-        "`{}`: error line must start with \"vdiskfs: \": {}",
-        o.cmd,
-        lines[0]
-    );
+    o.stderr.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+/// The error line names `file` (its file name).
+fn assert_names_file(o: &Out, line: &str, file: &Path) {
     let name = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     assert!(
-        lines[0].contains(&name),
-        "`{}`: error line must name the file {name}: {}",
-        o.cmd,
-        lines[0]
+        line.contains(&name),
+        "`{}`: error line must name the file {name}: {line}",
+        o.cmd
     );
 }
 
@@ -670,27 +691,7 @@ pub fn assert_clean_failure(o: &Out, file: &Path) {
 /// one error line, starting with "vdiskfs: " and naming `file`, and it is the only
 /// line starting with "vdiskfs: ".
 pub fn assert_failure_after_warnings(o: &Out, file: &Path) {
-    assert!(
-        !o.status.success(),
-        "`{}` succeeded but must fail; stderr:\n{}",
-        o.cmd,
-        o.stderr
-    );
-    assert!(
-        !o.stderr.contains("panicked"),
-        "`{}` panicked:\n{}",
-        o.cmd,
-        o.stderr
-    );
-    let code = o.status.code();
-    assert!(
-        code.is_some() && code != Some(101),
-        "`{}` ended with {} (a signal or a panic); stderr:\n{}",
-        o.cmd,
-        o.status,
-        o.stderr
-    );
-    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines = failed_cleanly(o);
     let errors = lines.iter().filter(|l| l.starts_with("vdiskfs: ")).count();
     assert_eq!(
         errors, 1,
@@ -704,15 +705,7 @@ pub fn assert_failure_after_warnings(o: &Out, file: &Path) {
         o.cmd,
         o.stderr
     );
-    let name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    assert!(
-        last.contains(&name),
-        "`{}`: error line must name the file {name}: {last}",
-        o.cmd
-    );
+    assert_names_file(o, last, file);
 }
 
 // ---------------------------------------------------------------------------
