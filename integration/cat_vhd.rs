@@ -287,12 +287,7 @@ fn footer_missing_at_end_uses_copy_at_start() {
     let cut = dir.join("no-end-footer.vhd");
     std::fs::copy(&img, &cut).unwrap();
     let len = file_len(&cut);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&cut)
-        .unwrap()
-        .set_len(len - 512)
-        .unwrap();
+    set_file_len(&cut, len - 512);
     let out = dir.join("out.raw");
     let o = vdiskfs([
         "cat".as_ref(),

@@ -638,12 +638,7 @@ fn truncated_in_headers_is_rejected() {
     let (img, _) = small_image(&dir, 13);
     let bad = dir.join("truncated-100k.vhdx");
     std::fs::copy(&img, &bad).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&bad)
-        .unwrap()
-        .set_len(100 * KIB)
-        .unwrap();
+    set_file_len(&bad, 100 * KIB);
     assert_rejected(&bad);
 }
 
@@ -659,12 +654,7 @@ fn truncated_payload_is_rejected_by_cat() {
     let bad = dir.join("truncated-payload.vhdx");
     std::fs::copy(&img, &bad).unwrap();
     let len = file_len(&bad);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&bad)
-        .unwrap()
-        .set_len(len - 512 * KIB)
-        .unwrap();
+    set_file_len(&bad, len - 512 * KIB);
     let out = dir.join("out.raw");
     let o = vdiskfs([
         "cat".as_ref(),
@@ -749,12 +739,7 @@ fn unknown_required_region_is_rejected() {
     let Some((dir, optional)) = patched_copy("region", "optional-region.vhdx", |p| {
         let end = file_len(p);
         add_region(p, guid, end, MIB as u32, false);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(p)
-            .unwrap()
-            .set_len(end + MIB)
-            .unwrap();
+        set_file_len(p, end + MIB);
     }) else {
         return;
     };

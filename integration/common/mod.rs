@@ -168,17 +168,31 @@ where
     }
 }
 
-/// Run `cmd` with its stdout piped into `sha256sum` (nothing is stored, so this works
-/// for outputs of many GiB). Returns the digest of stdout and the command's result
-/// (with empty `stdout`).
-pub fn sha256_of_stdout(cmd: &mut Command) -> (String, Out) {
-    let desc = format!("{} | sha256sum", cmd_string(cmd));
+/// `cmd` (described as `desc`) started with no stdin and stdout and stderr piped; its
+/// stderr is drained on a thread (returned) so a chatty child cannot block on a full
+/// pipe.
+fn spawn_piped(cmd: &mut Command, desc: &str) -> (Child, std::thread::JoinHandle<Vec<u8>>) {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run `{desc}`: {e}"));
+    let mut err_pipe = child.stderr.take().expect("stderr piped");
+    let err_thread = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err_pipe.read_to_end(&mut s);
+        s
+    });
+    (child, err_thread)
+}
+
+/// Run `cmd` with its stdout piped into `sha256sum` (nothing is stored, so this works
+/// for outputs of many GiB). Returns the digest of stdout and the command's result
+/// (with empty `stdout`).
+pub fn sha256_of_stdout(cmd: &mut Command) -> (String, Out) {
+    let desc = format!("{} | sha256sum", cmd_string(cmd));
+    let (mut child, err_thread) = spawn_piped(cmd, &desc);
     let pipe = child.stdout.take().expect("stdout piped");
     let hasher = Command::new("sha256sum")
         .stdin(Stdio::from(pipe))
@@ -186,13 +200,6 @@ pub fn sha256_of_stdout(cmd: &mut Command) -> (String, Out) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run sha256sum: {e}"));
-    // Drain stderr on a thread so a chatty child cannot block on a full pipe.
-    let mut err_pipe = child.stderr.take().expect("stderr piped");
-    let err_thread = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err_pipe.read_to_end(&mut s);
-        s
-    });
     let h = hasher.wait_with_output().expect("wait for sha256sum");
     let status = child.wait().expect("wait for command");
     let stderr = err_thread.join().expect("stderr reader");
@@ -219,18 +226,7 @@ pub fn sha256_of_stdout(cmd: &mut Command) -> (String, Out) {
 /// `stdout`) for the caller to check.
 pub fn stdout_vs_file(cmd: &mut Command, want: &Path) -> Out {
     let desc = cmd_string(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run `{desc}`: {e}"));
-    let mut err_pipe = child.stderr.take().expect("stderr piped");
-    let err_thread = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err_pipe.read_to_end(&mut s);
-        s
-    });
+    let (mut child, err_thread) = spawn_piped(cmd, &desc);
     let mut pipe = child.stdout.take().expect("stdout piped");
     let mut f = File::open(want).unwrap_or_else(|e| panic!("open {}: {e}", want.display()));
     let mut got_buf = vec![0u8; 1 << 20];
@@ -449,6 +445,16 @@ pub fn patch_file(path: &Path, offset: u64, data: &[u8]) {
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     f.write_all_at(data, offset)
         .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Truncate or extend `path` to `len` bytes.
+pub fn set_file_len(path: &Path, len: u64) {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+        .set_len(len)
+        .unwrap_or_else(|e| panic!("set the length of {}: {e}", path.display()));
 }
 
 /// Read `len` bytes at `offset` of a file.
