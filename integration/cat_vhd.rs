@@ -169,16 +169,7 @@ fn fixed_empty() {
     }
     let dir = TempDir::new("vhd-fixed-empty");
     let img = dir.join("empty.vhd");
-    qemu_img_os([
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "vpc".as_ref(),
-        "-o".as_ref(),
-        "subformat=fixed".as_ref(),
-        img.as_os_str(),
-        "6M".as_ref(),
-    ]);
+    qemu_create("vpc", "subformat=fixed", &img, "6M");
     let oracle = dir.join("qemu.raw");
     qemu_to_raw("vpc", &img, &oracle);
     check_image(&dir, &img, &oracle, "fixed");
@@ -233,16 +224,7 @@ fn dynamic_empty_and_written_by_qemu_io() {
     }
     let dir = TempDir::new("vhd-dyn-qemu-io");
     let img = dir.join("dyn.vhd");
-    qemu_img_os([
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "vpc".as_ref(),
-        "-o".as_ref(),
-        "subformat=dynamic".as_ref(),
-        img.as_os_str(),
-        "40M".as_ref(),
-    ]);
+    qemu_create("vpc", "subformat=dynamic", &img, "40M");
     let oracle = dir.join("qemu-empty.raw");
     qemu_to_raw("vpc", &img, &oracle);
     check_image(&dir, &img, &oracle, "dynamic");

@@ -203,16 +203,7 @@ fn raw_to_vhdx(raw: &Path, opts: &str, out: &Path) {
 
 /// `qemu-img create -f vhdx -o OPTS OUT SIZE`.
 fn create_vhdx(opts: &str, out: &Path, size: u64) {
-    qemu_img_os([
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "vhdx".as_ref(),
-        "-o".as_ref(),
-        opts.as_ref(),
-        out.as_os_str(),
-        size.to_string().as_ref(),
-    ]);
+    qemu_create("vhdx", opts, out, &size.to_string());
 }
 
 /// Convert `raw` with `opts`, check that qemu reads back what it was given (so the

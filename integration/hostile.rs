@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{set_file_len, TempDir};
+use common::{have, set_file_len, TempDir};
 use vdiskfs::Run;
 use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions, Intent, OpenOptions};
 
@@ -373,15 +373,6 @@ fn fifo_and_device_parents_are_refused_without_blocking() {
 }
 
 // ------------------------------------------------------------------ the daemon
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 fn can_mount(test: &str) -> bool {
     let mut missing = Vec::new();

@@ -511,6 +511,16 @@ pub fn qemu_convert_raw(driver: &str, opts: &str, raw: &Path, out: &Path) {
     run_ok(c.arg(raw).arg(out));
 }
 
+/// `qemu-img create -q -f DRIVER -o OPTS IMG SIZE`: an empty image made by qemu-img.
+pub fn qemu_create(driver: &str, opts: &str, img: &Path, size: &str) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", driver, "-o", opts])
+            .arg(img)
+            .arg(size),
+    );
+}
+
 /// `qemu-img convert -f FMT -O raw IMG OUT`: qemu's merged raw view, the oracle.
 pub fn qemu_to_raw(fmt: &str, img: &Path, out: &Path) {
     qemu_img_os([
@@ -717,6 +727,16 @@ pub fn assert_failure_after_warnings(o: &Out, file: &Path) {
 // ---------------------------------------------------------------------------
 // Tools, FUSE, mounts
 // ---------------------------------------------------------------------------
+
+/// `command -v CMD` succeeds: the shell finds `cmd` on PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
 
 /// Where `name` is on PATH (or in the sbin directories a non-root PATH may lack).
 pub fn find_tool(name: &str) -> Option<PathBuf> {
