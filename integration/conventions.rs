@@ -100,13 +100,7 @@ fn chain(t: &TempDir) -> Chain {
     let base = t.join("store/Base.vhdx");
     qemu_convert_raw("vhdx", "subformat=dynamic", &raw, &base);
     let child = t.join("child/web.avhdx");
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--parent"),
-        base.as_os_str(),
-        child.as_os_str(),
-    ])
-    .assert_success();
+    create_child(&base, &child);
     // Move the base away: now only `search_dir=` finds it.
     fs::rename(t.join("store"), t.join("store2")).unwrap();
     let store = t.join("store2");

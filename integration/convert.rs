@@ -292,13 +292,7 @@ fn make_source(
     let mut top = base_path;
     for level in 1..depth {
         let child = dir.join(format!("child{level}.{ext}"));
-        vdiskfs([
-            OsStr::new("create"),
-            OsStr::new("--parent"),
-            top.as_os_str(),
-            child.as_os_str(),
-        ])
-        .assert_success();
+        create_child(&top, &child);
         let w = child_writes(&mut rng, size, lss);
         write_into(&child, &mut model, &w);
         files.push(child.clone());
@@ -898,13 +892,7 @@ fn output_sizes_follow_the_data() {
         .collect();
     write_into(&base, &mut model, &w);
     let child = t.join("child.vhdx");
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--parent"),
-        base.as_os_str(),
-        child.as_os_str(),
-    ])
-    .assert_success();
+    create_child(&base, &child);
     let w: Vec<(u64, Vec<u8>)> = blocks[7..]
         .iter()
         .map(|b| (b * BLOCK, random_vec(&mut rng, BLOCK)))
@@ -1032,13 +1020,7 @@ fn two_tib_chain_with_little_data() {
     for level in 0..3 {
         if level > 0 {
             let child = t.join(format!("c{level}.vhdx"));
-            vdiskfs([
-                OsStr::new("create"),
-                OsStr::new("--parent"),
-                top.as_os_str(),
-                child.as_os_str(),
-            ])
-            .assert_success();
+            create_child(&top, &child);
             files.push(child.clone());
             top = child;
         }
@@ -1642,13 +1624,7 @@ fn big_source(d: &ShmDir) -> (PathBuf, Vec<PathBuf>, String) {
     qemu_convert_raw("vhdx", "", &raw, &base);
     fs::remove_file(&raw).unwrap();
     let child = d.join("child.vhdx");
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--parent"),
-        base.as_os_str(),
-        child.as_os_str(),
-    ])
-    .assert_success();
+    create_child(&base, &child);
     let mut scratch = vec![0u8; (256 * MIB) as usize];
     let mut rng = Rng::new(5);
     let w = child_writes(&mut rng, 256 * MIB, 512);

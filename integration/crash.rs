@@ -466,13 +466,7 @@ fn crash_cycles(fmt: Fmt) {
             }
             layers += 1;
             let next = t.join(format!("c{layers}.{}", fmt.ext()));
-            vdiskfs([
-                OsStr::new("create"),
-                OsStr::new("--parent"),
-                child.as_os_str(),
-                next.as_os_str(),
-            ])
-            .assert_success();
+            create_child(&child, &next);
             frozen.push((child.clone(), sha256_file(&child)));
             child = next;
             in_place = None;

@@ -41,10 +41,6 @@ fn make_base(d: &TempDir, path: &Path, seed: u64) -> Vec<u8> {
     model
 }
 
-fn create_child(parent: &Path, child: &Path) {
-    vdiskfs(["create", "--parent", &s(parent), &s(child)]).assert_success();
-}
-
 /// Known writes (offset, bytes) through a writable `vdiskfs mount` of `img`. Whole 4 KiB
 /// pieces: a child holds whole sectors (VHD children of vdiskfs: 4 KiB), and the test
 /// later puts it over another disk, where a partly written sector would show the old

@@ -49,16 +49,6 @@ fn new_chain(dir: &Path, fmt: Fmt, size: &str) -> (PathBuf, PathBuf) {
     (base, child)
 }
 
-fn create_child(parent: &Path, child: &Path) {
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--parent"),
-        parent.as_os_str(),
-        child.as_os_str(),
-    ])
-    .assert_success();
-}
-
 /// The virtual size vdiskfs sees (`info --json`).
 fn virtual_size(img: &Path) -> u64 {
     let v = info_json(img, &[]);

@@ -511,6 +511,17 @@ pub fn qemu_convert_raw(driver: &str, opts: &str, raw: &Path, out: &Path) {
     run_ok(c.arg(raw).arg(out));
 }
 
+/// `vdiskfs create --parent PARENT CHILD`: an empty child with the defaults.
+pub fn create_child(parent: &Path, child: &Path) {
+    vdiskfs([
+        OsStr::new("create"),
+        OsStr::new("--parent"),
+        parent.as_os_str(),
+        child.as_os_str(),
+    ])
+    .assert_success();
+}
+
 /// `qemu-img create -q -f DRIVER -o OPTS IMG SIZE`: an empty image made by qemu-img.
 pub fn qemu_create(driver: &str, opts: &str, img: &Path, size: &str) {
     run_ok(
