@@ -218,6 +218,31 @@ impl Vhdx {
         Ok(())
     }
 
+    /// Point `block` (not present, in a differencing file) at the new slot `off` as
+    /// PARTIALLY_PRESENT with exactly the sectors of `[in_block, in_block + len)` marked
+    /// present. Bits of a block that was not present are meaningless (a file from
+    /// elsewhere may have left some set): the block's range is cleared first, or sectors
+    /// never written here would hide the parent's data.
+    fn set_partially_present(
+        &self,
+        st: &mut WriteState,
+        block: u64,
+        off: u64,
+        in_block: u64,
+        len: u64,
+    ) -> Result<()> {
+        self.mark_absent(st, block)?;
+        self.mark_present(st, block, in_block, len)?;
+        let idx = self.bat.payload_index(block);
+        self.bat.set(
+            &self.file,
+            idx,
+            make_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, off),
+        )?;
+        self.mark_bat_dirty(st, idx);
+        Ok(())
+    }
+
     /// Write within one block.
     fn write_block(
         &self,
@@ -247,24 +272,16 @@ impl Vhdx {
                 let off = self.allocate_block(st)?;
                 self.file.write_all_at(data, off + in_block)?;
                 if partial {
-                    // Bits of a block that was not present are meaningless (a file from
-                    // elsewhere may have left some set): clear the block's range first, or
-                    // sectors never written here would hide the parent's data.
-                    self.mark_absent(st, block)?;
-                    self.mark_present(st, block, in_block, data.len() as u64)?;
-                    self.bat.set(
-                        &self.file,
-                        idx,
-                        make_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, off),
-                    )?;
+                    let len = data.len() as u64;
+                    self.set_partially_present(st, block, off, in_block, len)?;
                 } else {
                     self.bat.set(
                         &self.file,
                         idx,
                         make_entry(PAYLOAD_BLOCK_FULLY_PRESENT, off),
                     )?;
+                    self.mark_bat_dirty(st, idx);
                 }
-                self.mark_bat_dirty(st, idx);
             }
         }
         st.unsynced = true;
@@ -338,14 +355,7 @@ impl Vhdx {
                 // zeros (fresh file extension or a punched slot), nothing written but
                 // the range marked present, as a write into it would leave it.
                 let off = self.allocate_block(st)?;
-                self.mark_absent(st, block)?;
-                self.mark_present(st, block, in_block, len)?;
-                self.bat.set(
-                    &self.file,
-                    idx,
-                    make_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, off),
-                )?;
-                self.mark_bat_dirty(st, idx);
+                self.set_partially_present(st, block, off, in_block, len)?;
             }
         }
         st.unsynced = true;
