@@ -113,17 +113,7 @@ fn check_image(dir: &TempDir, img: &Path, oracle: &Path, disk_type: &str) {
 
 /// `qemu-img convert -f raw -O vpc -o OPTS RAW OUT`.
 fn raw_to_vhd(raw: &Path, opts: &str, out: &Path) {
-    qemu_img_os([
-        "convert".as_ref(),
-        "-f".as_ref(),
-        "raw".as_ref(),
-        "-O".as_ref(),
-        "vpc".as_ref(),
-        "-o".as_ref(),
-        opts.as_ref(),
-        raw.as_os_str(),
-        out.as_os_str(),
-    ]);
+    qemu_convert_raw("vpc", opts, raw, out);
 }
 
 /// Convert a raw file to VHD with `opts`, then check vdiskfs against qemu's raw view
@@ -179,16 +169,7 @@ fn fixed_empty() {
     }
     let dir = TempDir::new("vhd-fixed-empty");
     let img = dir.join("empty.vhd");
-    qemu_img_os([
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "vpc".as_ref(),
-        "-o".as_ref(),
-        "subformat=fixed".as_ref(),
-        img.as_os_str(),
-        "6M".as_ref(),
-    ]);
+    qemu_create("vpc", "subformat=fixed", &img, "6M");
     let oracle = dir.join("qemu.raw");
     qemu_to_raw("vpc", &img, &oracle);
     check_image(&dir, &img, &oracle, "fixed");
@@ -243,16 +224,7 @@ fn dynamic_empty_and_written_by_qemu_io() {
     }
     let dir = TempDir::new("vhd-dyn-qemu-io");
     let img = dir.join("dyn.vhd");
-    qemu_img_os([
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "vpc".as_ref(),
-        "-o".as_ref(),
-        "subformat=dynamic".as_ref(),
-        img.as_os_str(),
-        "40M".as_ref(),
-    ]);
+    qemu_create("vpc", "subformat=dynamic", &img, "40M");
     let oracle = dir.join("qemu-empty.raw");
     qemu_to_raw("vpc", &img, &oracle);
     check_image(&dir, &img, &oracle, "dynamic");
@@ -297,12 +269,7 @@ fn footer_missing_at_end_uses_copy_at_start() {
     let cut = dir.join("no-end-footer.vhd");
     std::fs::copy(&img, &cut).unwrap();
     let len = file_len(&cut);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&cut)
-        .unwrap()
-        .set_len(len - 512)
-        .unwrap();
+    set_file_len(&cut, len - 512);
     let out = dir.join("out.raw");
     let o = vdiskfs([
         "cat".as_ref(),

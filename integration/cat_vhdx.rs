@@ -198,31 +198,12 @@ fn metadata_virtual_disk_id(img: &Path) -> String {
 
 /// `qemu-img convert -f raw -O vhdx -o OPTS RAW OUT`.
 fn raw_to_vhdx(raw: &Path, opts: &str, out: &Path) {
-    qemu_img_os([
-        "convert".as_ref(),
-        "-f".as_ref(),
-        "raw".as_ref(),
-        "-O".as_ref(),
-        "vhdx".as_ref(),
-        "-o".as_ref(),
-        opts.as_ref(),
-        raw.as_os_str(),
-        out.as_os_str(),
-    ]);
+    qemu_convert_raw("vhdx", opts, raw, out);
 }
 
 /// `qemu-img create -f vhdx -o OPTS OUT SIZE`.
 fn create_vhdx(opts: &str, out: &Path, size: u64) {
-    qemu_img_os([
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "vhdx".as_ref(),
-        "-o".as_ref(),
-        opts.as_ref(),
-        out.as_os_str(),
-        size.to_string().as_ref(),
-    ]);
+    qemu_create("vhdx", opts, out, &size.to_string());
 }
 
 /// Convert `raw` with `opts`, check that qemu reads back what it was given (so the
@@ -648,12 +629,7 @@ fn truncated_in_headers_is_rejected() {
     let (img, _) = small_image(&dir, 13);
     let bad = dir.join("truncated-100k.vhdx");
     std::fs::copy(&img, &bad).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&bad)
-        .unwrap()
-        .set_len(100 * KIB)
-        .unwrap();
+    set_file_len(&bad, 100 * KIB);
     assert_rejected(&bad);
 }
 
@@ -669,12 +645,7 @@ fn truncated_payload_is_rejected_by_cat() {
     let bad = dir.join("truncated-payload.vhdx");
     std::fs::copy(&img, &bad).unwrap();
     let len = file_len(&bad);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&bad)
-        .unwrap()
-        .set_len(len - 512 * KIB)
-        .unwrap();
+    set_file_len(&bad, len - 512 * KIB);
     let out = dir.join("out.raw");
     let o = vdiskfs([
         "cat".as_ref(),
@@ -759,12 +730,7 @@ fn unknown_required_region_is_rejected() {
     let Some((dir, optional)) = patched_copy("region", "optional-region.vhdx", |p| {
         let end = file_len(p);
         add_region(p, guid, end, MIB as u32, false);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(p)
-            .unwrap()
-            .set_len(end + MIB)
-            .unwrap();
+        set_file_len(p, end + MIB);
     }) else {
         return;
     };

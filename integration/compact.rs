@@ -39,39 +39,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fmt {
-    Vhdx,
-    Vhd,
-}
-
-impl Fmt {
-    fn ext(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vhd",
-        }
-    }
-    fn qemu(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vpc",
-        }
-    }
-}
-
-fn is_root() -> bool {
-    // The effective uid, from /proc (no library internals in integration tests).
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
 fn can_run(tools: &[&str], root: bool) -> bool {
     if !require_fuse() {
         return false;
@@ -98,18 +65,6 @@ fn create(img: &Path, size: &str, parent: Option<&Path>) {
     }
     args.push(img.as_os_str());
     vdiskfs(args).assert_success();
-}
-
-fn check_ok(img: &Path) {
-    let o = vdiskfs([OsStr::new("check"), img.as_os_str()]);
-    assert!(
-        o.success(),
-        "`{}` must report no damage ({}):\n{}{}",
-        o.cmd,
-        o.status,
-        o.stdout_str(),
-        o.stderr
-    );
 }
 
 fn compact(img: &Path, extra: &[&str]) -> Out {
@@ -590,8 +545,7 @@ fn wsl_with(fmt: Fmt, child: bool, trim: bool) {
     {
         let _m = vdiskfs_mount(&top, &mnt, true);
         let disk = mnt.join("disk.raw");
-        let e = run(Command::new("e2fsck").arg("-fn").arg(&disk));
-        assert!(e.success(), "e2fsck -fn: {}{}", e.stdout_str(), e.stderr);
+        assert_e2fsck_clean(&disk);
         let g = Ext4::mount(&disk, &guest, true);
         assert!(
             fs::read(guest.join("keep.bin")).unwrap() == keep,
@@ -718,13 +672,7 @@ fn crash_loop(fmt: Fmt) {
         return;
     }
     let cycles = env_u64("VDISKFS_COMPACT_CRASH_CYCLES", 4);
-    let seed = env_u64(
-        "VDISKFS_CRASH_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    );
+    let seed = env_seed("VDISKFS_CRASH_SEED");
     eprintln!(
         "compact crash loop {}: seed {seed}, {cycles} cycles",
         fmt.ext()

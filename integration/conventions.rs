@@ -98,25 +98,9 @@ fn chain(t: &TempDir) -> Chain {
     fs::create_dir_all(t.join("store")).unwrap();
     fs::create_dir_all(t.join("child")).unwrap();
     let base = t.join("store/Base.vhdx");
-    qemu_img_os([
-        OsStr::new("convert"),
-        OsStr::new("-f"),
-        OsStr::new("raw"),
-        OsStr::new("-O"),
-        OsStr::new("vhdx"),
-        OsStr::new("-o"),
-        OsStr::new("subformat=dynamic"),
-        raw.as_os_str(),
-        base.as_os_str(),
-    ]);
+    qemu_convert_raw("vhdx", "subformat=dynamic", &raw, &base);
     let child = t.join("child/web.avhdx");
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--parent"),
-        base.as_os_str(),
-        child.as_os_str(),
-    ])
-    .assert_success();
+    create_child(&base, &child);
     // Move the base away: now only `search_dir=` finds it.
     fs::rename(t.join("store"), t.join("store2")).unwrap();
     let store = t.join("store2");
@@ -666,15 +650,7 @@ fn debian_package() {
     let raw = t.join("disk.raw");
     filled_raw(&raw, 4 << 20, 3, &[(1 << 20, 1 << 20)]);
     let img = t.join("disk.vhdx");
-    qemu_img_os([
-        OsStr::new("convert"),
-        OsStr::new("-f"),
-        OsStr::new("raw"),
-        OsStr::new("-O"),
-        OsStr::new("vhdx"),
-        raw.as_os_str(),
-        img.as_os_str(),
-    ]);
+    qemu_convert_raw("vhdx", "", &raw, &img);
     let img = fs::canonicalize(&img).unwrap();
     let mnt = t.join("mnt");
     fs::create_dir_all(&mnt).unwrap();
@@ -708,15 +684,7 @@ fn progress_image(t: &TempDir) -> (PathBuf, PathBuf) {
     let raw = t.join("src.raw");
     filled_raw(&raw, 24 << 20, 11, &[(4 << 20, 8 << 20)]);
     let img = t.join("p.vhdx");
-    qemu_img_os([
-        OsStr::new("convert"),
-        OsStr::new("-f"),
-        OsStr::new("raw"),
-        OsStr::new("-O"),
-        OsStr::new("vhdx"),
-        raw.as_os_str(),
-        img.as_os_str(),
-    ]);
+    qemu_convert_raw("vhdx", "", &raw, &img);
     (img, raw)
 }
 

@@ -261,17 +261,7 @@ fn make_source(
             assert!(scratch == model);
         }
         (SrcFmt::Vhdx, Base::Fixed) if lss == 512 => {
-            qemu_img_os([
-                OsStr::new("convert"),
-                OsStr::new("-f"),
-                OsStr::new("raw"),
-                OsStr::new("-O"),
-                OsStr::new("vhdx"),
-                OsStr::new("-o"),
-                OsStr::new("subformat=fixed"),
-                base_raw.as_os_str(),
-                base_path.as_os_str(),
-            ]);
+            qemu_convert_raw("vhdx", "subformat=fixed", &base_raw, &base_path);
         }
         (SrcFmt::Vhdx, Base::Fixed) => {
             // qemu cannot make 4096-byte-sector VHDX: vdiskfs's own fixed output (judged
@@ -294,17 +284,7 @@ fn make_source(
                 Base::Dynamic => "subformat=dynamic,force_size=on",
                 Base::Fixed => "subformat=fixed,force_size=on",
             };
-            qemu_img_os([
-                OsStr::new("convert"),
-                OsStr::new("-f"),
-                OsStr::new("raw"),
-                OsStr::new("-O"),
-                OsStr::new("vpc"),
-                OsStr::new("-o"),
-                OsStr::new(sub),
-                base_raw.as_os_str(),
-                base_path.as_os_str(),
-            ]);
+            qemu_convert_raw("vpc", sub, &base_raw, &base_path);
         }
     }
     let _ = fs::remove_file(&base_raw);
@@ -312,13 +292,7 @@ fn make_source(
     let mut top = base_path;
     for level in 1..depth {
         let child = dir.join(format!("child{level}.{ext}"));
-        vdiskfs([
-            OsStr::new("create"),
-            OsStr::new("--parent"),
-            top.as_os_str(),
-            child.as_os_str(),
-        ])
-        .assert_success();
+        create_child(&top, &child);
         let w = child_writes(&mut rng, size, lss);
         write_into(&child, &mut model, &w);
         files.push(child.clone());
@@ -918,13 +892,7 @@ fn output_sizes_follow_the_data() {
         .collect();
     write_into(&base, &mut model, &w);
     let child = t.join("child.vhdx");
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--parent"),
-        base.as_os_str(),
-        child.as_os_str(),
-    ])
-    .assert_success();
+    create_child(&base, &child);
     let w: Vec<(u64, Vec<u8>)> = blocks[7..]
         .iter()
         .map(|b| (b * BLOCK, random_vec(&mut rng, BLOCK)))
@@ -1052,13 +1020,7 @@ fn two_tib_chain_with_little_data() {
     for level in 0..3 {
         if level > 0 {
             let child = t.join(format!("c{level}.vhdx"));
-            vdiskfs([
-                OsStr::new("create"),
-                OsStr::new("--parent"),
-                top.as_os_str(),
-                child.as_os_str(),
-            ])
-            .assert_success();
+            create_child(&top, &child);
             files.push(child.clone());
             top = child;
         }
@@ -1380,17 +1342,7 @@ fn check_azure_names_each_problem() {
     patch_file(&bad_sum, len - 512, &f);
     // qemu's own fixed VHD without force_size: sized by CHS, so not a whole MiB here.
     let qemu_fixed = t.join("qemu-fixed.vhd");
-    qemu_img_os([
-        OsStr::new("convert"),
-        OsStr::new("-f"),
-        OsStr::new("raw"),
-        OsStr::new("-O"),
-        OsStr::new("vpc"),
-        OsStr::new("-o"),
-        OsStr::new("subformat=fixed"),
-        raw.as_os_str(),
-        qemu_fixed.as_os_str(),
-    ]);
+    qemu_convert_raw("vpc", "subformat=fixed", &raw, &qemu_fixed);
     for (img, reason) in [
         (&dynamic, "dynamic VHD"),
         (&vhdx, "is a VHDX"),
@@ -1669,24 +1621,10 @@ fn big_source(d: &ShmDir) -> (PathBuf, Vec<PathBuf>, String) {
     let raw = d.join("random.raw");
     make_random(&raw, 256 * MIB, 99);
     let base = d.join("base.vhdx");
-    qemu_img_os([
-        OsStr::new("convert"),
-        OsStr::new("-f"),
-        OsStr::new("raw"),
-        OsStr::new("-O"),
-        OsStr::new("vhdx"),
-        raw.as_os_str(),
-        base.as_os_str(),
-    ]);
+    qemu_convert_raw("vhdx", "", &raw, &base);
     fs::remove_file(&raw).unwrap();
     let child = d.join("child.vhdx");
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--parent"),
-        base.as_os_str(),
-        child.as_os_str(),
-    ])
-    .assert_success();
+    create_child(&base, &child);
     let mut scratch = vec![0u8; (256 * MIB) as usize];
     let mut rng = Rng::new(5);
     let w = child_writes(&mut rng, 256 * MIB, 512);

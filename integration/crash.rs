@@ -27,10 +27,10 @@ mod common;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,139 +39,6 @@ use common::*;
 use nix::fcntl::{fallocate, FallocateFlags};
 
 const MIB: u64 = 1 << 20;
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fmt {
-    Vhdx,
-    Vhd,
-}
-
-impl Fmt {
-    fn ext(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vhd",
-        }
-    }
-}
-
-// ---------------------------------------------------------------- the daemon
-
-/// `vdiskfs mount -f IMG MNT` as our child process; on drop, killed and unmounted.
-struct Daemon {
-    child: Option<Child>,
-    mnt: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(img: &Path, mnt: &Path) -> Daemon {
-        fs::create_dir_all(mnt).unwrap();
-        let log = mnt.with_extension("log");
-        let err = File::create(&log).unwrap();
-        let child = Command::new(bin())
-            .args(["mount", "-f"])
-            .arg(img)
-            .arg(mnt)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("spawn vdiskfs mount -f");
-        Daemon {
-            child: Some(child),
-            mnt: mnt.to_path_buf(),
-            log,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_live(&mut self) {
-        let t0 = Instant::now();
-        while !is_mounted(&self.mnt) {
-            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                panic!(
-                    "vdiskfs mount -f exited ({st}) before the mount was live:\n{}",
-                    self.log_text()
-                );
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "mount not live after 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// SIGKILL, reap, and drop the dead mount (`fusermount3 -u -z`).
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        lazy_unmount(&self.mnt);
-    }
-
-    /// Clean unmount: `vdiskfs umount`, and the daemon exits 0.
-    fn stop(mut self) {
-        let mut c = self.child.take().unwrap();
-        let mut ok = false;
-        for _ in 0..50 {
-            if vdiskfs([OsStr::new("umount"), self.mnt.as_os_str()]).success() {
-                ok = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !ok {
-            fuse_unmount(&self.mnt);
-        }
-        let t0 = Instant::now();
-        let st = loop {
-            if let Some(s) = c.try_wait().unwrap() {
-                break Some(s);
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                let _ = c.kill();
-                let _ = c.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert!(ok, "vdiskfs umount {} kept failing", self.mnt.display());
-        assert!(
-            st.is_some_and(|s| s.success()),
-            "daemon ended with {st:?}:\n{}",
-            self.log_text()
-        );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn lazy_unmount(mnt: &Path) {
-    if !is_mounted(mnt) {
-        return;
-    }
-    let _ = Command::new("fusermount3")
-        .args(["-u", "-z"])
-        .arg(mnt)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if is_mounted(mnt) {
-        let _ = Command::new("umount").arg("-l").arg(mnt).status();
-    }
-}
 
 // ---------------------------------------------------------------- the workload
 
@@ -339,18 +206,6 @@ fn writer(
 }
 
 // ---------------------------------------------------------------- checks
-
-fn check_ok(img: &Path, ctx: &str) {
-    let o = vdiskfs([OsStr::new("check"), img.as_os_str()]);
-    assert!(
-        o.success(),
-        "{ctx}: `{}` reports damage ({}):\n{}{}",
-        o.cmd,
-        o.status,
-        o.stdout_str(),
-        o.stderr
-    );
-}
 
 fn cat(img: &Path, ctx: &str) -> Vec<u8> {
     let o = vdiskfs([OsStr::new("cat"), img.as_os_str()]);
@@ -543,13 +398,7 @@ fn crash_cycles(fmt: Fmt) {
     }
     let cycles = env_u64("VDISKFS_CRASH_CYCLES", 100);
     let every = env_u64("VDISKFS_CRASH_NEW_CHILD_EVERY", 25).max(1);
-    let seed = env_u64(
-        "VDISKFS_CRASH_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    );
+    let seed = env_seed("VDISKFS_CRASH_SEED");
     eprintln!(
         "crash test {}: {cycles} cycles, new child every {every}, VDISKFS_CRASH_SEED={seed}",
         fmt.ext()
@@ -611,19 +460,13 @@ fn crash_cycles(fmt: Fmt) {
                 // Close the current top cleanly before it becomes a parent: parents are
                 // opened read-only and never replayed on disk, and 7-Zip refuses a
                 // chain holding a file with a pending log.
-                let mut d = Daemon::spawn(&child, &mnt);
+                let mut d = Daemon::spawn(&child, &mnt, &[]);
                 d.wait_live();
                 d.stop();
             }
             layers += 1;
             let next = t.join(format!("c{layers}.{}", fmt.ext()));
-            vdiskfs([
-                OsStr::new("create"),
-                OsStr::new("--parent"),
-                child.as_os_str(),
-                next.as_os_str(),
-            ])
-            .assert_success();
+            create_child(&child, &next);
             frozen.push((child.clone(), sha256_file(&child)));
             child = next;
             in_place = None;
@@ -634,7 +477,7 @@ fn crash_cycles(fmt: Fmt) {
             child.display()
         );
         let journal = Arc::new(Mutex::new(Journal::default()));
-        let mut d = Daemon::spawn(&child, &mnt);
+        let mut d = Daemon::spawn(&child, &mnt, &[]);
         let (kill, went_live) = if rng.below(10) == 0 {
             // Kill while the daemon opens the chain (replaying a pending log) or mounts.
             let ms = rng.below(40);
@@ -686,7 +529,7 @@ fn crash_cycles(fmt: Fmt) {
         } else {
             "(VHD: no log)".into()
         };
-        check_ok(&child, &ctx);
+        check_ok_ctx(&child, &ctx);
         let got = cat(&child, &ctx);
         if went_live {
             // The daemon replayed any pending log before mounting: the file in place
@@ -749,10 +592,10 @@ fn crash_cycles(fmt: Fmt) {
 
     // A clean open and close (replays any pending log, leaves the files clean), then the
     // independent readers.
-    let mut d = Daemon::spawn(&child, &mnt);
+    let mut d = Daemon::spawn(&child, &mnt, &[]);
     d.wait_live();
     d.stop();
-    check_ok(&child, "after the final clean close");
+    check_ok_ctx(&child, "after the final clean close");
     let got = cat(&child, "after the final clean close");
     assert!(
         got == model,
@@ -772,16 +615,7 @@ fn crash_cycles(fmt: Fmt) {
     let model_file = t.join("model.raw");
     write_file(&model_file, &model);
     if fmt == Fmt::Vhdx {
-        let mut c = Command::new("7zz");
-        c.args(["x", "-tvhdx", "-so"]).arg(&child);
-        let o = stdout_vs_file(&mut c, &model_file);
-        assert!(
-            o.success(),
-            "`{}` failed ({}): {}",
-            o.cmd,
-            o.status,
-            o.stderr
-        );
+        judge_7zz(&child, &model_file);
     }
     let m = FuseMount::vhdimount(&child, &t.join("vm"));
     let top = m.merged();

@@ -394,16 +394,6 @@ fn unsafe_is_not_root() -> bool {
 // ------------------------------------------------------------------ issue 10: judges
 
 /// `vdiskfs create --parent PARENT CHILD`.
-fn create_child(parent: &Path, child: &Path) {
-    vdiskfs([
-        "create".to_string(),
-        "--parent".into(),
-        parent.display().to_string(),
-        child.display().to_string(),
-    ])
-    .assert_success();
-}
-
 /// `vdiskfs cat`, vhdimount's merged view (compared in 1 MiB reads) and 7-Zip must all
 /// read `img` as `model`; `vdiskfs check` must find nothing wrong.
 fn judges_agree(d: &TempDir, img: &Path, model: &[u8], what: &str) {

@@ -22,72 +22,16 @@ mod common;
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::path::Path;
+use std::process::Command;
 
 use common::*;
 
 const MIB: u64 = 1 << 20;
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fmt {
-    Vhdx,
-    Vhd,
-}
-
-impl Fmt {
-    fn ext(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vhd",
-        }
-    }
-    fn qemu(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vpc",
-        }
-    }
-}
-
-/// FUSE, root, loop devices and `tools`; skip with a message or, under
-/// VDISKFS_REQUIRE_FUSE=1, fail.
+/// FUSE, root, loop devices, fallocate and the judges (`can_run_loops`), and `tools`.
 fn can_run(tools: &[&str]) -> bool {
-    if !require_fuse() {
-        return false;
-    }
-    let mut missing: Vec<String> = Vec::new();
-    if nix::unistd::geteuid().as_raw() != 0 {
-        missing.push("root (for loop devices)".into());
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        missing.push("/dev/loop-control (modprobe loop)".into());
-    }
-    for t in [
-        "qemu-img",
-        "losetup",
-        "mount",
-        "umount",
-        "fallocate",
-        "vhdimount",
-        "7zz",
-    ]
-    .iter()
-    .chain(tools)
-    {
-        if find_tool(t).is_none() {
-            missing.push(t.to_string());
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if required() {
-        panic!("missing {} and {REQUIRE_ENV} is set", missing.join(", "));
-    }
-    eprintln!("SKIPPED: missing {}", missing.join(", "));
-    false
+    can_run_loops(&[&["fallocate", "vhdimount", "7zz"], tools].concat())
 }
 
 fn create_base(img: &Path, size: &str) {
@@ -114,121 +58,15 @@ fn create_child(parent: &Path, child: &Path) {
     .assert_success();
 }
 
-fn check_ok(img: &Path) {
-    let o = vdiskfs([OsStr::new("check"), img.as_os_str()]);
-    assert!(
-        o.success(),
-        "`{}` reports damage ({}):\n{}{}",
-        o.cmd,
-        o.status,
-        o.stdout_str(),
-        o.stderr
-    );
-}
-
 /// `vdiskfs umount DIR`: returns once the daemon has flushed and closed the image.
 /// Retried while busy: a detached loop device lets go of `disk.raw` asynchronously.
 fn umount(m: FuseMount) {
-    let mut last = None;
-    for _ in 0..50 {
-        let o = vdiskfs([OsStr::new("umount"), m.dir().as_os_str()]);
-        if o.success() {
-            last = None;
-            break;
-        }
-        last = Some(o.stderr);
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(last.is_none(), "vdiskfs umount failed: {last:?}");
+    vdiskfs_umount(m.dir());
     assert!(!is_mounted(m.dir()), "{} still mounted", m.dir().display());
 }
 
 fn allocated(path: &Path) -> u64 {
     fs::metadata(path).unwrap().blocks() * 512
-}
-
-/// A loop device on a file, optionally with the guest file system mounted; detached on
-/// drop.
-struct Loop {
-    dev: String,
-    guest: Option<PathBuf>,
-}
-
-impl Loop {
-    fn attach(file: &Path, ro: bool) -> Loop {
-        let mut c = Command::new("losetup");
-        c.args(["-f", "--show"]);
-        if ro {
-            c.arg("-r");
-        }
-        let o = run_ok(c.arg(file));
-        let dev = o.stdout_str().trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
-        Loop { dev, guest: None }
-    }
-
-    /// The kernel passes discards on: the loop device advertises them (it does when
-    /// the backing file has fallocate, which a FUSE file has).
-    fn assert_discards(&self) {
-        let name = self.dev.trim_start_matches("/dev/");
-        let q = format!("/sys/block/{name}/queue/discard_max_bytes");
-        let v: u64 = fs::read_to_string(&q)
-            .unwrap_or_else(|e| panic!("{q}: {e}"))
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(v > 0, "{q} is 0: the loop device does not pass discards on");
-    }
-
-    fn mount(&mut self, guest: &Path, ro: bool) {
-        fs::create_dir_all(guest).unwrap();
-        let mut c = Command::new("mount");
-        if ro {
-            c.args(["-o", "ro"]);
-        }
-        run_ok(c.arg(&self.dev).arg(guest));
-        self.guest = Some(guest.to_path_buf());
-    }
-
-    /// Unmount the guest and detach, asserting both work.
-    fn finish(mut self) {
-        if let Some(g) = self.guest.take() {
-            run_ok(Command::new("umount").arg(&g));
-        }
-        let mut ok = false;
-        for _ in 0..50 {
-            if Command::new("losetup")
-                .arg("-d")
-                .arg(&self.dev)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-            {
-                ok = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(ok, "losetup -d {} failed", self.dev);
-        self.dev.clear();
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        if let Some(g) = self.guest.take() {
-            if is_mounted(&g) {
-                let _ = Command::new("umount").arg("-l").arg(&g).status();
-            }
-        }
-        if !self.dev.is_empty() {
-            let _ = Command::new("losetup")
-                .arg("-d")
-                .arg(&self.dev)
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
 }
 
 // ---------------------------------------------------------------- judges
@@ -405,14 +243,7 @@ fn fstrim_case(fmt: Fmt, child: bool) {
             "the child reads zeros where the deleted files were ({zb} zero blocks in the base, {zc} in the child)"
         );
     }
-    let o = run(Command::new("e2fsck").arg("-fn").arg(&merged));
-    assert!(
-        o.success(),
-        "e2fsck -fn on the merged view failed ({}):\n{}{}",
-        o.status,
-        o.stdout_str(),
-        o.stderr
-    );
+    assert_e2fsck_clean(&merged);
     // Remount read-only: the remaining files are unchanged, the deleted ones gone.
     {
         let m = vdiskfs_mount(&top, &mnt, true);

@@ -224,16 +224,7 @@ fn fat_differential_wrong_vhd_parent_fails_linkage() {
     let dir = fixture_copy("fx-fat-linkage-vhd");
     let img = dir.join("fat-differential.vhd");
     let wrong = dir.join("fat-parent.vhd");
-    qemu_img_os([
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "vpc".as_ref(),
-        "-o".as_ref(),
-        "subformat=dynamic,force_size=on".as_ref(),
-        wrong.as_os_str(),
-        "4M".as_ref(),
-    ]);
+    qemu_create("vpc", "subformat=dynamic,force_size=on", &wrong, "4M");
     assert_linkage_refused(&img, &wrong);
     // Found by name beside the child, it is just as wrong.
     let o = vdiskfs(["cat".as_ref(), img.as_os_str()]);

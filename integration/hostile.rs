@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TempDir;
+use common::{have, set_file_len, TempDir};
 use vdiskfs::Run;
 use vdiskfs::{Chain, ChainOptions, Disk, DiskOptions, Intent, OpenOptions};
 
@@ -70,15 +70,6 @@ fn read(path: &Path, off: u64, len: usize) -> Vec<u8> {
         .read_exact_at(&mut b, off)
         .unwrap();
     b
-}
-
-fn set_len(path: &Path, len: u64) {
-    fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .set_len(len)
-        .unwrap();
 }
 
 /// Peak RSS in MiB of `sh -c script` (GNU time's %M of the last command run under it).
@@ -138,7 +129,7 @@ fn huge_vhdx(dir: &Path, name: &str, block: &str, bat_region: u64) -> PathBuf {
         &(64u64 << 40).to_le_bytes(),
     );
     set_bat_region_length(&p, bat_region as u32);
-    set_len(&p, 3 * MIB + bat_region);
+    set_file_len(&p, 3 * MIB + bat_region);
     p
 }
 
@@ -383,15 +374,6 @@ fn fifo_and_device_parents_are_refused_without_blocking() {
 
 // ------------------------------------------------------------------ the daemon
 
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn can_mount(test: &str) -> bool {
     let mut missing = Vec::new();
     if !Path::new("/dev/fuse").exists() {
@@ -604,7 +586,7 @@ fn a_parent_truncated_under_a_mount_gives_eio_never_wrong_bytes() {
     assert_eq!(direct_read(&disk, 2 * MIB, 4096).unwrap(), vec![0x5a; 4096]);
     // Cut the parent in the middle of that block (a parent is only read, never locked
     // against this: truncation by another process is the hostile case).
-    set_len(&base, 4 * MIB + 512 * 1024);
+    set_file_len(&base, 4 * MIB + 512 * 1024);
     // Below the cut: still right (or EIO if the cache block straddles the cut).
     match direct_read(&disk, 2 * MIB + 4096, 4096) {
         Ok(b) => assert_eq!(b, vec![0x5a; 4096]),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 mod common;
 
-use common::TempDir;
+use common::{have, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vdiskfs");
 
@@ -23,15 +23,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_vdiskfs");
 
 fn require() -> bool {
     std::env::var("VDISKFS_REQUIRE_FUSE").is_ok_and(|v| v == "1")
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// True if the test can run; otherwise prints why (and fails under VDISKFS_REQUIRE_FUSE=1).

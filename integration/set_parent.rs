@@ -41,10 +41,6 @@ fn make_base(d: &TempDir, path: &Path, seed: u64) -> Vec<u8> {
     model
 }
 
-fn create_child(parent: &Path, child: &Path) {
-    vdiskfs(["create", "--parent", &s(parent), &s(child)]).assert_success();
-}
-
 /// Known writes (offset, bytes) through a writable `vdiskfs mount` of `img`. Whole 4 KiB
 /// pieces: a child holds whole sectors (VHD children of vdiskfs: 4 KiB), and the test
 /// later puts it over another disk, where a partly written sector would show the old
@@ -79,21 +75,6 @@ fn apply(model: &mut [u8], writes: &[(u64, Vec<u8>)]) {
     for (off, data) in writes {
         model[*off as usize..*off as usize + data.len()].copy_from_slice(data);
     }
-}
-
-/// `7zz x -tvhdx|-tvhd -so IMG` (7-Zip finds parents only in IMG's folder) must equal
-/// `want`.
-fn seven_zip_reads(img: &Path, ext: &str, want: &Path) {
-    let mut c = Command::new("7zz");
-    c.args(["x", &format!("-t{ext}"), "-so"]).arg(img);
-    let o = stdout_vs_file(&mut c, want);
-    assert!(
-        o.success(),
-        "`{}` failed ({}): {}",
-        o.cmd,
-        o.status,
-        o.stderr
-    );
 }
 
 /// The merged view of `img` (no options) equals `want`.
@@ -242,7 +223,7 @@ fn a_moved_chain_opens_again_and_reads_the_same_everywhere() {
         let flat_child = flat.join(child.file_name().unwrap());
         let flat_base = flat.join(base.file_name().unwrap());
         vdiskfs(["set-parent", &s(&flat_child), &s(&flat_base)]).assert_success();
-        seven_zip_reads(&flat_gc, ext, &pre_gc);
+        judge_7zz_as(&flat_gc, ext, &pre_gc); // 7-Zip finds parents only in the folder
         let m = FuseMount::vhdimount(&flat_gc, &d.join("vhdi"));
         assert_eq!(
             first_difference(&m.merged(), &pre_gc),
@@ -393,13 +374,7 @@ fn sigkill_leaves_the_old_or_the_new_parent_path() {
         return;
     }
     let cycles = env_u64("VDISKFS_SET_PARENT_KILLS", 12);
-    let seed = env_u64(
-        "VDISKFS_SET_PARENT_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64,
-    );
+    let seed = env_seed("VDISKFS_SET_PARENT_SEED");
     eprintln!("VDISKFS_SET_PARENT_SEED={seed}");
     let mut rng = Rng::new(seed);
     for ext in EXTS {

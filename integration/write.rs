@@ -14,7 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -24,93 +24,29 @@ const BLOCK: u64 = 2 * MIB;
 
 // ---------------------------------------------------------------- environment
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().as_raw() == 0
-}
-
-/// FUSE, root and loop devices, qemu-img and `tools`; skip with a message or, under
-/// VDISKFS_REQUIRE_FUSE=1, fail (for every tool, not only those setup.sh lists).
-fn can_run(tools: &[&str]) -> bool {
-    if !require_fuse() {
-        return false;
-    }
-    let mut missing: Vec<String> = Vec::new();
-    if !is_root() {
-        missing.push("root (for loop devices)".into());
-    }
-    if !Path::new("/dev/loop-control").exists() {
-        missing.push("/dev/loop-control (modprobe loop)".into());
-    }
-    for t in ["qemu-img", "losetup", "mount", "umount"]
-        .iter()
-        .chain(tools)
-    {
-        if find_tool(t).is_none() {
-            missing.push(t.to_string());
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if required() {
-        panic!("missing {} and {REQUIRE_ENV} is set", missing.join(", "));
-    }
-    eprintln!("SKIPPED: missing {}", missing.join(", "));
-    false
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fmt {
-    Vhdx,
-    Vhd,
-}
-
-impl Fmt {
-    fn ext(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vhd",
-        }
-    }
-    /// qemu-img driver name.
-    fn qemu(self) -> &'static str {
-        match self {
-            Fmt::Vhdx => "vhdx",
-            Fmt::Vhd => "vpc",
-        }
-    }
-}
-
 /// `qemu-img convert -O vhdx|vpc(dynamic) raw img`.
 fn qemu_from_raw(fmt: Fmt, raw: &Path, img: &Path) {
-    let mut c = Command::new("qemu-img");
-    c.args(["convert", "-f", "raw", "-O", fmt.qemu()]);
-    if fmt == Fmt::Vhd {
-        c.args(["-o", "subformat=dynamic"]);
-    }
-    run_ok(c.arg(raw).arg(img));
+    let opts = if fmt == Fmt::Vhd {
+        "subformat=dynamic"
+    } else {
+        ""
+    };
+    qemu_convert_raw(fmt.qemu(), opts, raw, img);
 }
 
-fn create_child(parent: &Path, child: &Path) {
+/// base.EXT of `size` (`vdiskfs create`) in `dir` and an empty child.EXT on it.
+fn new_chain(dir: &Path, fmt: Fmt, size: &str) -> (PathBuf, PathBuf) {
+    let base = dir.join(format!("base.{}", fmt.ext()));
     vdiskfs([
         OsStr::new("create"),
-        OsStr::new("--parent"),
-        parent.as_os_str(),
-        child.as_os_str(),
+        OsStr::new("--size"),
+        OsStr::new(size),
+        base.as_os_str(),
     ])
     .assert_success();
-}
-
-fn check_ok(img: &Path) {
-    let o = vdiskfs([OsStr::new("check"), img.as_os_str()]);
-    assert!(
-        o.success(),
-        "`{}` must report no damage ({}):\n{}{}",
-        o.cmd,
-        o.status,
-        o.stdout_str(),
-        o.stderr
-    );
+    let child = dir.join(format!("child.{}", fmt.ext()));
+    create_child(&base, &child);
+    (base, child)
 }
 
 /// The virtual size vdiskfs sees (`info --json`).
@@ -125,134 +61,6 @@ fn mtime_ns(p: &Path) -> i128 {
 }
 
 // ---------------------------------------------------------------- daemons and guards
-
-/// `vdiskfs mount -f` as a child process of the test: we know its pid, can wait for a
-/// clean exit or kill it. Unmounted (and reaped) on drop.
-struct Daemon {
-    child: Option<Child>,
-    mnt: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(img: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
-        fs::create_dir_all(mnt).unwrap();
-        let log = mnt.with_extension("log");
-        let err = File::create(&log).unwrap();
-        let child = Command::new(bin())
-            .args(["mount", "-f"])
-            .args(extra)
-            .arg(img)
-            .arg(mnt)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("spawn vdiskfs mount -f");
-        let mut d = Daemon {
-            child: Some(child),
-            mnt: mnt.to_path_buf(),
-            log,
-        };
-        let t0 = Instant::now();
-        while !is_mounted(mnt) {
-            if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                d.child = None;
-                panic!(
-                    "vdiskfs mount -f {} exited ({st}) before the mount was live:\n{}",
-                    img.display(),
-                    fs::read_to_string(&d.log).unwrap_or_default()
-                );
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "mount of {} not live after 20 s",
-                img.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
-    }
-
-    fn disk(&self) -> PathBuf {
-        self.mnt.join("disk.raw")
-    }
-
-    /// `vdiskfs umount`, then the daemon must exit 0 (it closes the image on the way out).
-    fn stop(mut self) {
-        let mut child = self.child.take().unwrap();
-        let mut ok = false;
-        for _ in 0..50 {
-            let o = vdiskfs([OsStr::new("umount"), self.mnt.as_os_str()]);
-            if o.success() {
-                ok = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !ok {
-            fuse_unmount(&self.mnt);
-        }
-        let st = wait_timeout(&mut child, Duration::from_secs(30));
-        assert!(ok, "vdiskfs umount {} kept failing", self.mnt.display());
-        assert!(
-            st.is_some_and(|s| s.success()),
-            "daemon for {} ended with {st:?}:\n{}",
-            self.mnt.display(),
-            fs::read_to_string(&self.log).unwrap_or_default()
-        );
-    }
-
-    /// SIGKILL the daemon (no flush, no close), then drop the dead mount lazily.
-    fn kill9(mut self) {
-        let mut child = self.child.take().unwrap();
-        let _ = child.kill();
-        let _ = child.wait();
-        lazy_unmount_fuse(&self.mnt);
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            fuse_unmount(&self.mnt);
-            if wait_timeout(&mut c, Duration::from_secs(10)).is_none() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-        if is_mounted(&self.mnt) {
-            lazy_unmount_fuse(&self.mnt);
-        }
-    }
-}
-
-fn lazy_unmount_fuse(mnt: &Path) {
-    let _ = Command::new("fusermount3")
-        .arg("-u")
-        .arg("-z")
-        .arg(mnt)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if is_mounted(mnt) {
-        let _ = Command::new("umount").arg("-l").arg(mnt).status();
-    }
-}
-
-fn wait_timeout(c: &mut Child, t: Duration) -> Option<std::process::ExitStatus> {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = c.try_wait().ok().flatten() {
-            return Some(s);
-        }
-        if t0.elapsed() > t {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Pids of live processes running the vdiskfs binary with `mnt` among their arguments.
 fn daemon_pids(mnt: &Path) -> Vec<u32> {
@@ -307,17 +115,7 @@ impl Detached {
     /// `vdiskfs umount`, then wait until the mount is gone from /proc/mounts and the
     /// daemon process has exited (it finishes closing the image after the unmount).
     fn umount(mut self) {
-        let mut last = None;
-        for _ in 0..50 {
-            let o = vdiskfs([OsStr::new("umount"), self.mnt.as_os_str()]);
-            if o.success() {
-                last = None;
-                break;
-            }
-            last = Some(o.stderr);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(last.is_none(), "vdiskfs umount failed: {last:?}");
+        vdiskfs_umount(&self.mnt);
         wait_gone(&self.mnt);
         self.live = false;
     }
@@ -343,77 +141,6 @@ impl Drop for Detached {
             while !daemon_pids(&self.mnt).is_empty() && t0.elapsed() < Duration::from_secs(10) {
                 std::thread::sleep(Duration::from_millis(50));
             }
-        }
-    }
-}
-
-/// A loop device on a file, optionally with the guest file system mounted; detached on
-/// drop.
-struct Loop {
-    dev: String,
-    guest: Option<PathBuf>,
-}
-
-impl Loop {
-    fn attach(file: &Path, ro: bool) -> Loop {
-        let mut c = Command::new("losetup");
-        c.args(["-f", "--show"]);
-        if ro {
-            c.arg("-r");
-        }
-        let o = run_ok(c.arg(file));
-        let dev = o.stdout_str().trim().to_string();
-        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
-        Loop { dev, guest: None }
-    }
-
-    fn mount(&mut self, guest: &Path, ro: bool) {
-        fs::create_dir_all(guest).unwrap();
-        let mut c = Command::new("mount");
-        if ro {
-            c.args(["-o", "ro"]);
-        }
-        run_ok(c.arg(&self.dev).arg(guest));
-        self.guest = Some(guest.to_path_buf());
-    }
-
-    /// Unmount the guest and detach, asserting both work.
-    fn finish(mut self) {
-        if let Some(g) = self.guest.take() {
-            run_ok(Command::new("umount").arg(&g));
-        }
-        let mut ok = false;
-        for _ in 0..50 {
-            if Command::new("losetup")
-                .arg("-d")
-                .arg(&self.dev)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-            {
-                ok = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(ok, "losetup -d {} failed", self.dev);
-        self.dev.clear();
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        if let Some(g) = self.guest.take() {
-            if is_mounted(&g) {
-                let _ = Command::new("umount").arg("-l").arg(&g).status();
-            }
-        }
-        if !self.dev.is_empty() {
-            let _ = Command::new("losetup")
-                .arg("-d")
-                .arg(&self.dev)
-                .stderr(Stdio::null())
-                .status();
         }
     }
 }
@@ -449,7 +176,7 @@ fn judge(fmt: Fmt, img: &Path, vm: &Path, want: &Path) {
 // ---------------------------------------------------------------- ext4 in a child
 
 fn ext4_round_trip(fmt: Fmt) {
-    if !can_run(&["mkfs.ext4", "e2fsck", "losetup", "vhdimount", "7zz"]) {
+    if !can_run_loops(&["mkfs.ext4", "e2fsck", "losetup", "vhdimount", "7zz"]) {
         return;
     }
     let t = TempDir::new(&format!("w-ext4-{}", fmt.ext()));
@@ -530,14 +257,7 @@ fn ext4_round_trip(fmt: Fmt) {
     check_ok(&child);
     let merged = t.join("merged.raw");
     cat_to_file(&child, &[], &merged);
-    let o = run(Command::new("e2fsck").arg("-fn").arg(&merged));
-    assert!(
-        o.success(),
-        "e2fsck -fn on the merged view failed ({}):\n{}{}",
-        o.status,
-        o.stdout_str(),
-        o.stderr
-    );
+    assert_e2fsck_clean(&merged);
     judge(fmt, &child, &t.join("vm"), &merged);
     assert_eq!(sha256_file(&base), base_sha, "the base changed");
 }
@@ -648,7 +368,7 @@ fn middle_writes(disk: &File, model: &mut [u8], rng: &mut Rng) {
 /// written through a mount) <- mid (partly written) <- top (the write set), all compared
 /// with a model.
 fn sector_writes_chain(fmt: Fmt, sector4k: bool) {
-    if !can_run(&["vhdimount", "7zz"]) {
+    if !can_run_loops(&["vhdimount", "7zz"]) {
         return;
     }
     let t = TempDir::new(&format!("w-sect-{}", fmt.ext()));
@@ -752,7 +472,7 @@ fn sector_writes_vhdx_4k_sectors() {
 /// with a model in a window around the boundary.
 #[test]
 fn vhdx_writes_across_chunk_boundary() {
-    if !can_run(&["vhdimount"]) {
+    if !can_run_loops(&["vhdimount"]) {
         return;
     }
     let t = TempDir::new("w-chunk");
@@ -851,7 +571,7 @@ fn vhdx_writes_across_chunk_boundary() {
 /// (VHDX; qemu-img cannot check VHD files) and qemu-img's raw view, libvhdi's, and
 /// vdiskfs's must all equal the model.
 fn written_dynamic_top(fmt: Fmt, qemu_made: bool) {
-    if !can_run(&["vhdimount", "7zz"]) {
+    if !can_run_loops(&["vhdimount", "7zz"]) {
         return;
     }
     let t = TempDir::new(&format!("w-dyn-{}", fmt.ext()));
@@ -950,20 +670,11 @@ fn qemu_check_written_vdiskfs_made_vhd() {
 // ---------------------------------------------------------------- past the end
 
 fn past_end(fmt: Fmt) {
-    if !can_run(&[]) {
+    if !can_run_loops(&[]) {
         return;
     }
     let t = TempDir::new(&format!("w-end-{}", fmt.ext()));
-    let base = t.join(format!("base.{}", fmt.ext()));
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--size"),
-        OsStr::new("8M"),
-        base.as_os_str(),
-    ])
-    .assert_success();
-    let child = t.join(format!("child.{}", fmt.ext()));
-    create_child(&base, &child);
+    let (_, child) = new_chain(t.path(), fmt, "8M");
     let size = 8 * MIB;
     let child_len0 = file_len(&child);
     {
@@ -1044,7 +755,7 @@ fn fingerprints(files: &[&Path]) -> Vec<(PathBuf, String, i128)> {
 }
 
 fn read_only_mount_changes_nothing(fmt: Fmt) {
-    if !can_run(&[]) {
+    if !can_run_loops(&[]) {
         return;
     }
     let t = TempDir::new(&format!("w-ro-{}", fmt.ext()));
@@ -1064,7 +775,7 @@ fn read_only_mount_changes_nothing(fmt: Fmt) {
     // leaves a pending log (LogGuid set; cleared only at a clean close).
     let mut rng = Rng::new(12);
     {
-        let d = Daemon::start(&child, &t.join("mw"), &[]);
+        let mut d = Daemon::start(&child, &t.join("mw"), &[]);
         let f = OpenOptions::new().write(true).open(d.disk()).unwrap();
         for (off, len) in [
             (4096u64, 8192usize),
@@ -1166,7 +877,7 @@ fn read_only_mount_of_vhd_changes_nothing() {
 /// (replayed in memory) and leaves the file byte-identical.
 #[test]
 fn read_only_mount_of_crafted_pending_log() {
-    if !can_run(&[]) {
+    if !can_run_loops(&[]) {
         return;
     }
     use vdiskfs::testing::testutil;
@@ -1199,20 +910,11 @@ fn read_only_mount_of_crafted_pending_log() {
 /// exclusive on the child, shared on parents). A read-only mount of the parent stays
 /// possible.
 fn second_writer_refused(fmt: Fmt) {
-    if !can_run(&[]) {
+    if !can_run_loops(&[]) {
         return;
     }
     let t = TempDir::new(&format!("w-lock-{}", fmt.ext()));
-    let base = t.join(format!("base.{}", fmt.ext()));
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--size"),
-        OsStr::new("8M"),
-        base.as_os_str(),
-    ])
-    .assert_success();
-    let child = t.join(format!("child.{}", fmt.ext()));
-    create_child(&base, &child);
+    let (base, child) = new_chain(t.path(), fmt, "8M");
     let d = Daemon::start(&child, &t.join("m1"), &[]);
     let mut problems = Vec::new();
     for (img, what) in [
@@ -1286,22 +988,13 @@ fn assert_refused_naming(o: &Out, file: &Path, mount: &Path, what: &str) {
 /// creates nothing. The errors name the parent and its mount (mounted detached, so the
 /// daemon holding the lock is not the process that took it).
 fn chain_under_a_writer(fmt: Fmt) {
-    if !can_run(&[]) {
+    if !can_run_loops(&[]) {
         return;
     }
     let t = TempDir::new(&format!("w-under-{}", fmt.ext()));
     let dir = t.join("images");
     fs::create_dir_all(&dir).unwrap();
-    let base = dir.join(format!("base.{}", fmt.ext()));
-    vdiskfs([
-        OsStr::new("create"),
-        OsStr::new("--size"),
-        OsStr::new("64M"),
-        base.as_os_str(),
-    ])
-    .assert_success();
-    let child = dir.join(format!("child.{}", fmt.ext()));
-    create_child(&base, &child);
+    let (base, child) = new_chain(&dir, fmt, "64M");
     let listing = || {
         let mut v: Vec<_> = fs::read_dir(&dir)
             .unwrap()
@@ -1458,7 +1151,7 @@ fn set_old_atime(p: &Path) {
 /// ctime of every file of a depth-2 chain alone, and of their directory too (the parent is
 /// found case-insensitively, which lists the directory).
 fn read_only_use_keeps_times(fmt: Fmt) {
-    if !can_run(&[]) {
+    if !can_run_loops(&[]) {
         return;
     }
     let t = TempDir::new(&format!("w-atime-{}", fmt.ext()));

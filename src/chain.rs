@@ -492,55 +492,46 @@ pub(crate) fn check_link(
     }
     if !pref.linkage.is_empty() {
         let expected = pref.linkage.clone();
-        match parent.linkage_id() {
-            None => {
-                // A raw file (given with --parent) has no id: the link cannot be verified,
-                // and a wrong base gives a garbage view, so it takes --ignore-linkage.
-                let msg = LinkageProblem::NoId {
-                    format: pf.name(),
-                    expected,
-                };
-                if opts.ignore_linkage {
-                    warn(
-                        warnings,
-                        Warning::LinkageUnchecked {
-                            child: child.path().to_path_buf(),
-                            parent: parent.path().to_path_buf(),
-                            problem: msg,
-                        },
-                    );
-                } else {
-                    return Err(Error::Linkage {
-                        child: child.path().to_path_buf(),
-                        parent: parent.path().to_path_buf(),
-                        msg,
-                    });
-                }
+        let problem = match parent.linkage_id() {
+            // A raw file (given with --parent) has no id: the link cannot be verified,
+            // and a wrong base gives a garbage view, so it takes --ignore-linkage.
+            None => Some(LinkageProblem::NoId {
+                format: pf.name(),
+                expected,
+            }),
+            Some(id) if pref.linkage.contains(&id) => None,
+            Some(id) => Some(LinkageProblem::Changed {
+                expected,
+                id_name: id_name(pf),
+                id,
+            }),
+        };
+        if let Some(problem) = problem {
+            let (child, parent) = (child.path().to_path_buf(), parent.path().to_path_buf());
+            if !opts.ignore_linkage {
+                return Err(Error::Linkage {
+                    child,
+                    parent,
+                    msg: problem,
+                });
             }
-            Some(id) if pref.linkage.contains(&id) => {}
-            Some(id) => {
-                let msg = LinkageProblem::Changed {
-                    expected,
-                    id_name: id_name(pf),
-                    id,
-                };
-                if opts.ignore_linkage {
-                    warn(
-                        warnings,
-                        Warning::LinkageMismatch {
-                            child: child.path().to_path_buf(),
-                            parent: parent.path().to_path_buf(),
-                            problem: msg,
-                        },
-                    );
+            let unchecked = matches!(problem, LinkageProblem::NoId { .. });
+            warn(
+                warnings,
+                if unchecked {
+                    Warning::LinkageUnchecked {
+                        child,
+                        parent,
+                        problem,
+                    }
                 } else {
-                    return Err(Error::Linkage {
-                        child: child.path().to_path_buf(),
-                        parent: parent.path().to_path_buf(),
-                        msg,
-                    });
-                }
-            }
+                    Warning::LinkageMismatch {
+                        child,
+                        parent,
+                        problem,
+                    }
+                },
+            );
         }
     }
     // A recorded time stamp of 0 means "not recorded" (qemu-img writes 0).

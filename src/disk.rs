@@ -431,24 +431,11 @@ impl Disk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::ChainOptions;
-    use crate::image::vhdx::tests::{new_base, new_child, random_writes, Rng, TempDir};
+    use crate::image::vhdx::tests::{new_base, new_child, open_chain, random_writes, Rng, TempDir};
 
     fn disk(path: &std::path::Path, writable: bool, cache_bytes: u64) -> Disk {
-        let chain = Chain::open(
-            path,
-            &ChainOptions {
-                intent: if writable {
-                    crate::chain::Intent::WriteTop
-                } else {
-                    crate::chain::Intent::Inspect
-                },
-                ..Default::default()
-            },
-        )
-        .unwrap();
         Disk::new(
-            chain,
+            open_chain(path, writable),
             DiskOptions {
                 cache_bytes,
                 cache_block: 64 << 10,

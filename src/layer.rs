@@ -33,6 +33,27 @@ impl Run {
     }
 }
 
+/// `[offset, offset + len)` cut where blocks of `block_size` bytes meet: for each piece in
+/// order, (block number, offset in the block, length). The one walk of a range over a
+/// format's blocks (map, write and discard in VHD and VHDX).
+pub(crate) fn block_pieces(
+    offset: u64,
+    len: u64,
+    block_size: u64,
+) -> impl Iterator<Item = (u64, u64, u64)> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        (pos < end).then(|| {
+            let in_block = pos % block_size;
+            let n = (block_size - in_block).min(end - pos);
+            let piece = (pos / block_size, in_block, n);
+            pos += n;
+            piece
+        })
+    })
+}
+
 /// Push a run, merging it with the previous one when they are contiguous.
 pub fn push_run(runs: &mut Vec<Run>, run: Run) {
     if run.is_empty() {
@@ -231,5 +252,19 @@ impl OpenOptions {
             writable: true,
             if_written: IfWritten::Warn,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_pieces;
+
+    #[test]
+    fn block_pieces_cut_at_block_boundaries() {
+        let v: Vec<_> = block_pieces(1000, 5000, 2048).collect();
+        assert_eq!(v, [(0, 1000, 1048), (1, 0, 2048), (2, 0, 1904)]);
+        assert_eq!(block_pieces(4096, 0, 2048).count(), 0);
+        let v: Vec<_> = block_pieces(4096, 2048, 2048).collect();
+        assert_eq!(v, [(2, 0, 2048)]);
     }
 }

@@ -11,7 +11,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 // Temporary directories, fixtures, `required()`, mount points: shared with the unit
 // tests.
@@ -167,17 +168,31 @@ where
     }
 }
 
-/// Run `cmd` with its stdout piped into `sha256sum` (nothing is stored, so this works
-/// for outputs of many GiB). Returns the digest of stdout and the command's result
-/// (with empty `stdout`).
-pub fn sha256_of_stdout(cmd: &mut Command) -> (String, Out) {
-    let desc = format!("{} | sha256sum", cmd_string(cmd));
+/// `cmd` (described as `desc`) started with no stdin and stdout and stderr piped; its
+/// stderr is drained on a thread (returned) so a chatty child cannot block on a full
+/// pipe.
+fn spawn_piped(cmd: &mut Command, desc: &str) -> (Child, std::thread::JoinHandle<Vec<u8>>) {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run `{desc}`: {e}"));
+    let mut err_pipe = child.stderr.take().expect("stderr piped");
+    let err_thread = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err_pipe.read_to_end(&mut s);
+        s
+    });
+    (child, err_thread)
+}
+
+/// Run `cmd` with its stdout piped into `sha256sum` (nothing is stored, so this works
+/// for outputs of many GiB). Returns the digest of stdout and the command's result
+/// (with empty `stdout`).
+pub fn sha256_of_stdout(cmd: &mut Command) -> (String, Out) {
+    let desc = format!("{} | sha256sum", cmd_string(cmd));
+    let (mut child, err_thread) = spawn_piped(cmd, &desc);
     let pipe = child.stdout.take().expect("stdout piped");
     let hasher = Command::new("sha256sum")
         .stdin(Stdio::from(pipe))
@@ -185,13 +200,6 @@ pub fn sha256_of_stdout(cmd: &mut Command) -> (String, Out) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run sha256sum: {e}"));
-    // Drain stderr on a thread so a chatty child cannot block on a full pipe.
-    let mut err_pipe = child.stderr.take().expect("stderr piped");
-    let err_thread = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err_pipe.read_to_end(&mut s);
-        s
-    });
     let h = hasher.wait_with_output().expect("wait for sha256sum");
     let status = child.wait().expect("wait for command");
     let stderr = err_thread.join().expect("stderr reader");
@@ -218,18 +226,7 @@ pub fn sha256_of_stdout(cmd: &mut Command) -> (String, Out) {
 /// `stdout`) for the caller to check.
 pub fn stdout_vs_file(cmd: &mut Command, want: &Path) -> Out {
     let desc = cmd_string(cmd);
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run `{desc}`: {e}"));
-    let mut err_pipe = child.stderr.take().expect("stderr piped");
-    let err_thread = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err_pipe.read_to_end(&mut s);
-        s
-    });
+    let (mut child, err_thread) = spawn_piped(cmd, &desc);
     let mut pipe = child.stdout.take().expect("stdout piped");
     let mut f = File::open(want).unwrap_or_else(|e| panic!("open {}: {e}", want.display()));
     let mut got_buf = vec![0u8; 1 << 20];
@@ -450,6 +447,16 @@ pub fn patch_file(path: &Path, offset: u64, data: &[u8]) {
         .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
 }
 
+/// Truncate or extend `path` to `len` bytes.
+pub fn set_file_len(path: &Path, len: u64) {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+        .set_len(len)
+        .unwrap_or_else(|e| panic!("set the length of {}: {e}", path.display()));
+}
+
 /// Read `len` bytes at `offset` of a file.
 pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
@@ -491,6 +498,38 @@ where
     S: AsRef<OsStr>,
 {
     run_ok(Command::new("qemu-img").args(args))
+}
+
+/// `qemu-img convert -f raw -O DRIVER [-o OPTS] RAW OUT` (no `-o` when `opts` is
+/// empty): qemu-img as an independent maker of images.
+pub fn qemu_convert_raw(driver: &str, opts: &str, raw: &Path, out: &Path) {
+    let mut c = Command::new("qemu-img");
+    c.args(["convert", "-f", "raw", "-O", driver]);
+    if !opts.is_empty() {
+        c.args(["-o", opts]);
+    }
+    run_ok(c.arg(raw).arg(out));
+}
+
+/// `vdiskfs create --parent PARENT CHILD`: an empty child with the defaults.
+pub fn create_child(parent: &Path, child: &Path) {
+    vdiskfs([
+        OsStr::new("create"),
+        OsStr::new("--parent"),
+        parent.as_os_str(),
+        child.as_os_str(),
+    ])
+    .assert_success();
+}
+
+/// `qemu-img create -q -f DRIVER -o OPTS IMG SIZE`: an empty image made by qemu-img.
+pub fn qemu_create(driver: &str, opts: &str, img: &Path, size: &str) {
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", driver, "-o", opts])
+            .arg(img)
+            .arg(size),
+    );
 }
 
 /// `qemu-img convert -f FMT -O raw IMG OUT`: qemu's merged raw view, the oracle.
@@ -618,6 +657,26 @@ pub fn cat_sha256(img: &Path, extra: &[&str]) -> String {
 /// A failure as the CLI must report it: non-zero exit (not a crash or a signal), no
 /// panic, and exactly one line on stderr, starting with "vdiskfs: " and naming `file`.
 pub fn assert_clean_failure(o: &Out, file: &Path) {
+    let lines = failed_cleanly(o);
+    assert_eq!(
+        lines.len(),
+        1,
+        "`{}` must print exactly one line on stderr, got:\n{}",
+        o.cmd,
+        o.stderr
+    );
+    assert!(
+        lines[0].starts_with("vdiskfs: "),
+        "`{}`: error line must start with \"vdiskfs: \": {}",
+        o.cmd,
+        lines[0]
+    );
+    assert_names_file(o, lines[0], file);
+}
+
+/// What every failure must be: not a success, no panic, an exit code (not a signal)
+/// other than a panic's 101. Returns the non-empty lines of stderr.
+fn failed_cleanly(o: &Out) -> Vec<&str> {
     assert!(
         !o.status.success(),
         "`{}` succeeded but must fail; stderr:\n{}",
@@ -638,29 +697,19 @@ pub fn assert_clean_failure(o: &Out, file: &Path) {
         o.status,
         o.stderr
     );
-    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "`{}` must print exactly one line on stderr, got:\n{}",
-        o.cmd,
-        o.stderr
-    );
-    assert!(
-        lines[0].starts_with("vdiskfs: "),
-        "`{}`: error line must start with \"vdiskfs: \": {}",
-        o.cmd,
-        lines[0]
-    );
+    o.stderr.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+/// The error line names `file` (its file name).
+fn assert_names_file(o: &Out, line: &str, file: &Path) {
     let name = file
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     assert!(
-        lines[0].contains(&name),
-        "`{}`: error line must name the file {name}: {}",
-        o.cmd,
-        lines[0]
+        line.contains(&name),
+        "`{}`: error line must name the file {name}: {line}",
+        o.cmd
     );
 }
 
@@ -669,27 +718,7 @@ pub fn assert_clean_failure(o: &Out, file: &Path) {
 /// one error line, starting with "vdiskfs: " and naming `file`, and it is the only
 /// line starting with "vdiskfs: ".
 pub fn assert_failure_after_warnings(o: &Out, file: &Path) {
-    assert!(
-        !o.status.success(),
-        "`{}` succeeded but must fail; stderr:\n{}",
-        o.cmd,
-        o.stderr
-    );
-    assert!(
-        !o.stderr.contains("panicked"),
-        "`{}` panicked:\n{}",
-        o.cmd,
-        o.stderr
-    );
-    let code = o.status.code();
-    assert!(
-        code.is_some() && code != Some(101),
-        "`{}` ended with {} (a signal or a panic); stderr:\n{}",
-        o.cmd,
-        o.status,
-        o.stderr
-    );
-    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines = failed_cleanly(o);
     let errors = lines.iter().filter(|l| l.starts_with("vdiskfs: ")).count();
     assert_eq!(
         errors, 1,
@@ -703,20 +732,22 @@ pub fn assert_failure_after_warnings(o: &Out, file: &Path) {
         o.cmd,
         o.stderr
     );
-    let name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    assert!(
-        last.contains(&name),
-        "`{}`: error line must name the file {name}: {last}",
-        o.cmd
-    );
+    assert_names_file(o, last, file);
 }
 
 // ---------------------------------------------------------------------------
 // Tools, FUSE, mounts
 // ---------------------------------------------------------------------------
+
+/// `command -v CMD` succeeds: the shell finds `cmd` on PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
 
 /// Where `name` is on PATH (or in the sbin directories a non-root PATH may lack).
 pub fn find_tool(name: &str) -> Option<PathBuf> {
@@ -872,8 +903,13 @@ pub fn vdiskfs_mount(image: &Path, dir: &Path, ro: bool) -> FuseMount {
 /// `7zz x -tvhdx -so IMG` (7-Zip's merged raw view of a VHDX chain; it finds parents
 /// only in IMG's folder) must equal `want`.
 pub fn judge_7zz(img: &Path, want: &Path) {
+    judge_7zz_as(img, "vhdx", want);
+}
+
+/// `7zz x -tKIND -so IMG` (KIND: vhdx or vhd) must equal `want`.
+pub fn judge_7zz_as(img: &Path, kind: &str, want: &Path) {
     let mut c = Command::new("7zz");
-    c.args(["x", "-tvhdx", "-so"]).arg(img);
+    c.args(["x", &format!("-t{kind}"), "-so"]).arg(img);
     let o = stdout_vs_file(&mut c, want);
     assert!(
         o.success(),
@@ -1002,4 +1038,366 @@ pub fn umount_guest(dir: &Path) -> bool {
     );
     let _ = Command::new("umount").arg("-l").arg(dir).status();
     false
+}
+/// A seed for a randomized test: `name` from the environment (to replay a failure), else
+/// the clock.
+pub fn env_seed(name: &str) -> u64 {
+    env_u64(
+        name,
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    )
+}
+
+/// The two image formats a test runs over.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fmt {
+    Vhdx,
+    Vhd,
+}
+
+impl Fmt {
+    /// File name extension.
+    pub fn ext(self) -> &'static str {
+        match self {
+            Fmt::Vhdx => "vhdx",
+            Fmt::Vhd => "vhd",
+        }
+    }
+
+    /// qemu-img driver name.
+    pub fn qemu(self) -> &'static str {
+        match self {
+            Fmt::Vhdx => "vhdx",
+            Fmt::Vhd => "vpc",
+        }
+    }
+}
+
+/// A lazy unmount of a (dead) FUSE mount: `fusermount3 -u -z`, then `umount -l`.
+pub fn lazy_unmount(mnt: &Path) {
+    if !is_mounted(mnt) {
+        return;
+    }
+    let _ = Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(mnt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if is_mounted(mnt) {
+        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+    }
+}
+
+/// The exit status of `c` once it exits, None when it has not within `t`.
+pub fn wait_timeout(c: &mut Child, t: Duration) -> Option<ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = c.try_wait().ok().flatten() {
+            return Some(s);
+        }
+        if t0.elapsed() > t {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `vdiskfs mount -f [EXTRA] IMG MNT` as a child process of the test: we know its pid,
+/// can wait for a clean exit or kill it. Unmounted (and reaped) on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    img: PathBuf,
+    mnt: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Spawned, not waited for (`wait_live`); its standard error goes to MNT.log.
+    pub fn spawn(img: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
+        fs::create_dir_all(mnt).unwrap();
+        let log = mnt.with_extension("log");
+        let err = File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .args(["mount", "-f"])
+            .args(extra)
+            .arg(img)
+            .arg(mnt)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn vdiskfs mount -f");
+        Daemon {
+            child: Some(child),
+            img: img.to_path_buf(),
+            mnt: mnt.to_path_buf(),
+            log,
+        }
+    }
+
+    /// Spawned, and the mount live.
+    pub fn start(img: &Path, mnt: &Path, extra: &[&str]) -> Daemon {
+        let mut d = Daemon::spawn(img, mnt, extra);
+        d.wait_live();
+        d
+    }
+
+    /// What the daemon wrote to standard error.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The mounted disk.
+    pub fn disk(&self) -> PathBuf {
+        self.mnt.join("disk.raw")
+    }
+
+    /// Until the mount is live; fails when the daemon exits first.
+    pub fn wait_live(&mut self) {
+        let t0 = Instant::now();
+        while !is_mounted(&self.mnt) {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!(
+                    "vdiskfs mount -f {} exited ({st}) before the mount was live:\n{}",
+                    self.img.display(),
+                    self.log_text()
+                );
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "mount of {} not live after 30 s",
+                self.img.display()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// `vdiskfs umount`, then the daemon must exit 0 (it closes the image on the way out).
+    pub fn stop(mut self) {
+        let mut child = self.child.take().unwrap();
+        let mut ok = false;
+        for _ in 0..50 {
+            if vdiskfs([OsStr::new("umount"), self.mnt.as_os_str()]).success() {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !ok {
+            fuse_unmount(&self.mnt);
+        }
+        let st = wait_timeout(&mut child, Duration::from_secs(30));
+        if st.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(ok, "vdiskfs umount {} kept failing", self.mnt.display());
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "daemon for {} ended with {st:?}:\n{}",
+            self.mnt.display(),
+            self.log_text()
+        );
+    }
+
+    /// SIGKILL the daemon (no flush, no close), reap it, then drop the dead mount lazily.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        lazy_unmount(&self.mnt);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            fuse_unmount(&self.mnt);
+            if wait_timeout(&mut c, Duration::from_secs(10)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        lazy_unmount(&self.mnt);
+    }
+}
+
+/// A loop device on a file, optionally with the guest file system mounted; detached on
+/// drop.
+pub struct Loop {
+    pub dev: String,
+    pub guest: Option<PathBuf>,
+}
+
+impl Loop {
+    pub fn attach(file: &Path, ro: bool) -> Loop {
+        let mut c = Command::new("losetup");
+        c.args(["-f", "--show"]);
+        if ro {
+            c.arg("-r");
+        }
+        let o = run_ok(c.arg(file));
+        let dev = o.stdout_str().trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
+        Loop { dev, guest: None }
+    }
+
+    /// The kernel passes discards on: the loop device advertises them (it does when
+    /// the backing file has fallocate, which a FUSE file has).
+    pub fn assert_discards(&self) {
+        let name = self.dev.trim_start_matches("/dev/");
+        let q = format!("/sys/block/{name}/queue/discard_max_bytes");
+        let v: u64 = fs::read_to_string(&q)
+            .unwrap_or_else(|e| panic!("{q}: {e}"))
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(v > 0, "{q} is 0: the loop device does not pass discards on");
+    }
+
+    pub fn mount(&mut self, guest: &Path, ro: bool) {
+        fs::create_dir_all(guest).unwrap();
+        let mut c = Command::new("mount");
+        if ro {
+            c.args(["-o", "ro"]);
+        }
+        run_ok(c.arg(&self.dev).arg(guest));
+        self.guest = Some(guest.to_path_buf());
+    }
+
+    /// Unmount the guest and detach, asserting both work.
+    pub fn finish(mut self) {
+        if let Some(g) = self.guest.take() {
+            run_ok(Command::new("umount").arg(&g));
+        }
+        let mut ok = false;
+        for _ in 0..50 {
+            if Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(ok, "losetup -d {} failed", self.dev);
+        self.dev.clear();
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        if let Some(g) = self.guest.take() {
+            if is_mounted(&g) {
+                let _ = Command::new("umount").arg("-l").arg(&g).status();
+            }
+        }
+        if !self.dev.is_empty() {
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The effective user is root.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().as_raw() == 0
+}
+
+/// FUSE, root and loop devices, qemu-img and `tools`; skip with a message or, under
+/// VDISKFS_REQUIRE_FUSE=1, fail (for every tool, not only those setup.sh lists).
+pub fn can_run_loops(tools: &[&str]) -> bool {
+    if !require_fuse() {
+        return false;
+    }
+    let mut missing: Vec<String> = Vec::new();
+    if !is_root() {
+        missing.push("root (for loop devices)".into());
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        missing.push("/dev/loop-control (modprobe loop)".into());
+    }
+    for t in ["qemu-img", "losetup", "mount", "umount"]
+        .iter()
+        .chain(tools)
+    {
+        if find_tool(t).is_none() {
+            missing.push(t.to_string());
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    if required() {
+        panic!("missing {} and {REQUIRE_ENV} is set", missing.join(", "));
+    }
+    eprintln!("SKIPPED: missing {}", missing.join(", "));
+    false
+}
+
+/// `vdiskfs check IMG` reports no damage.
+pub fn check_ok(img: &Path) {
+    check_ok_ctx(img, "")
+}
+
+/// `check_ok`, with `ctx` (what the test was doing) leading the failure message.
+pub fn check_ok_ctx(img: &Path, ctx: &str) {
+    let o = vdiskfs([OsStr::new("check"), img.as_os_str()]);
+    let ctx = if ctx.is_empty() {
+        String::new()
+    } else {
+        format!("{ctx}: ")
+    };
+    assert!(
+        o.success(),
+        "{ctx}`{}` reports damage ({}):\n{}{}",
+        o.cmd,
+        o.status,
+        o.stdout_str(),
+        o.stderr
+    );
+}
+
+/// `vdiskfs umount MNT`, retried while busy (a detached loop device lets go of
+/// `disk.raw` asynchronously); fails the test when it keeps failing.
+pub fn vdiskfs_umount(mnt: &Path) {
+    let mut last = None;
+    for _ in 0..50 {
+        let o = vdiskfs([OsStr::new("umount"), mnt.as_os_str()]);
+        if o.success() {
+            last = None;
+            break;
+        }
+        last = Some(o.stderr);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(last.is_none(), "vdiskfs umount failed: {last:?}");
+}
+
+/// `e2fsck -fn` (a forced read-only check) finds the ext4 file system on `dev` (a device
+/// or a raw image) clean.
+pub fn assert_e2fsck_clean(dev: &Path) {
+    let o = run(Command::new("e2fsck").arg("-fn").arg(dev));
+    assert!(
+        o.success(),
+        "e2fsck -fn {} failed ({}):\n{}{}",
+        dev.display(),
+        o.status,
+        o.stdout_str(),
+        o.stderr
+    );
 }

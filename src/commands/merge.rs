@@ -676,18 +676,10 @@ fn same_owner(layer: &Path) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::vhdx::tests::{new_base, new_child, TempDir};
+    use crate::image::vhdx::tests::{new_base, new_child, open_disk, TempDir};
 
     fn write(path: &Path, writes: &[(u64, usize)]) {
-        let chain = Chain::open(
-            path,
-            &ChainOptions {
-                intent: Intent::WriteTop,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let d = Disk::new(chain, DiskOptions::default());
+        let d = open_disk(path, true);
         for &(o, n) in writes {
             d.write_at(o, &vec![7u8; n]).unwrap();
         }

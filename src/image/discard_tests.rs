@@ -5,37 +5,16 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crate::chain::{Chain, ChainOptions, Intent};
-use crate::disk::{Disk, DiskOptions};
+use crate::disk::Disk;
 use crate::image::crash_sim;
 use crate::image::vhdx::bat::{state, PAYLOAD_BLOCK_ZERO};
-use crate::image::vhdx::tests::{new_base, new_child, Rng, TempDir};
+use crate::image::vhdx::tests::{
+    assert_every_cut_leaves_old_or_new, new_base, new_child, open_disk, read_all, Rng, TempDir,
+};
 use crate::image::vhdx::Vhdx;
 use crate::layer::OpenOptions;
 
 const MIB: u64 = 1 << 20;
-
-fn open_disk(path: &Path, writable: bool) -> Disk {
-    let chain = Chain::open(
-        path,
-        &ChainOptions {
-            intent: if writable {
-                Intent::WriteTop
-            } else {
-                Intent::Inspect
-            },
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    Disk::new(chain, DiskOptions::default())
-}
-
-fn read_all(disk: &Disk) -> Vec<u8> {
-    let mut out = vec![0u8; disk.len() as usize];
-    assert_eq!(disk.read_at(0, &mut out).unwrap(), out.len());
-    out
-}
 
 /// A dynamic base of `size` bytes with 1 MiB blocks (VHDX with `lss`, or VHD).
 fn base(path: &Path, size: u64, lss: u32) {
@@ -272,29 +251,12 @@ fn a_crash_after_any_write_of_discards_leaves_old_or_new() {
             total >= 8,
             "{ext}: the sequence has several writes ({total})"
         );
-        for cut in 0..=total {
-            attempt(Some(cut));
-            for writable in [false, true] {
-                let disk = open_disk(&work, writable);
-                let got = read_all(&disk);
-                for s in (0..size as usize).step_by(512) {
-                    let g = &got[s..s + 512];
-                    // Discarded and written again: zeros in between.
-                    let discarded = (MIB as usize..3 * MIB as usize).contains(&s)
-                        || (4 * MIB as usize + 4096..4 * MIB as usize + 69632).contains(&s);
-                    assert!(
-                        g == &old[s..s + 512]
-                            || g == &new[s..s + 512]
-                            || (discarded && g.iter().all(|&x| x == 0)),
-                        "{ext}: cut after {cut} of {total} writes (writable reopen {writable}): sector {} is neither old nor new",
-                        s / 512
-                    );
-                }
-                let problems = disk.layers()[0].check().unwrap();
-                assert!(problems.is_empty(), "{ext}: cut {cut}: {problems:?}");
-                disk.close().unwrap();
-            }
-        }
+        // Discarded and written again: zeros in between.
+        let discarded = |s: usize| {
+            (MIB as usize..3 * MIB as usize).contains(&s)
+                || (4 * MIB as usize + 4096..4 * MIB as usize + 69632).contains(&s)
+        };
+        assert_every_cut_leaves_old_or_new(ext, &work, total, attempt, &old, &new, discarded);
         attempt(None);
         assert!(
             read_all(&open_disk(&work, false)) == new,

@@ -183,13 +183,18 @@ impl ImageFile {
         self.logical_len.fetch_max(len, Ordering::AcqRel);
     }
 
-    /// After a replay written to the file itself, re-read the real length.
-    pub fn refresh_len(&mut self) -> Result<()> {
-        let len = self
+    /// The file's length as the file system has it now (fstat), not as the image sees it.
+    pub fn stat_len(&self) -> Result<u64> {
+        Ok(self
             .file
             .metadata()
             .map_err(|e| Error::file(&self.path, "stat", e))?
-            .len();
+            .len())
+    }
+
+    /// After a replay written to the file itself, re-read the real length.
+    pub fn refresh_len(&mut self) -> Result<()> {
+        let len = self.stat_len()?;
         self.real_len.store(len, Ordering::Release);
         self.logical_len.fetch_max(len, Ordering::AcqRel);
         Ok(())

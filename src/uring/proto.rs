@@ -515,7 +515,18 @@ pub(crate) fn test_header(
     op_in: &[u8],
     payload_sz: u32,
 ) -> Vec<u8> {
-    tests::header(opcode, unique, nodeid, op_in, payload_sz)
+    let mut h = vec![0u8; RING_HEADER_LEN];
+    put_u32(&mut h, 0, (IN_HEADER_LEN + op_in.len()) as u32);
+    put_u32(&mut h, 4, opcode);
+    put_u64(&mut h, 8, unique);
+    put_u64(&mut h, 16, nodeid);
+    put_u32(&mut h, 24, 1000);
+    put_u32(&mut h, 28, 100);
+    put_u32(&mut h, 32, 4242);
+    h[OP_IN..OP_IN + op_in.len()].copy_from_slice(op_in);
+    put_u64(&mut h, ENT_IN_OUT + 8, unique);
+    put_u32(&mut h, ENT_IN_OUT + 16, payload_sz);
+    h
 }
 
 /// Read a little-endian field (for tests).
@@ -526,30 +537,9 @@ pub(crate) fn test_u64(b: &[u8], at: usize) -> u64 {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::test_header as header;
     use super::*;
     use std::time::Duration;
-
-    /// A ring header holding a request as the kernel lays it out.
-    pub(crate) fn header(
-        opcode: u32,
-        unique: u64,
-        nodeid: u64,
-        op_in: &[u8],
-        payload_sz: u32,
-    ) -> Vec<u8> {
-        let mut h = vec![0u8; RING_HEADER_LEN];
-        put_u32(&mut h, 0, (IN_HEADER_LEN + op_in.len()) as u32);
-        put_u32(&mut h, 4, opcode);
-        put_u64(&mut h, 8, unique);
-        put_u64(&mut h, 16, nodeid);
-        put_u32(&mut h, 24, 1000);
-        put_u32(&mut h, 28, 100);
-        put_u32(&mut h, 32, 4242);
-        h[OP_IN..OP_IN + op_in.len()].copy_from_slice(op_in);
-        put_u64(&mut h, ENT_IN_OUT + 8, unique);
-        put_u32(&mut h, ENT_IN_OUT + 16, payload_sz);
-        h
-    }
 
     pub(crate) fn read_in(fh: u64, offset: u64, size: u32) -> Vec<u8> {
         let mut a = vec![0u8; 40];

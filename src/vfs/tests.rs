@@ -3,10 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::chain::{Chain, ChainOptions, Intent};
 use crate::disk::DiskOptions;
 use crate::image::crash_sim;
-use crate::image::vhdx::tests::{new_base, new_child, Rng, TempDir};
+use crate::image::vhdx::tests::{new_base, new_child, open_chain, Rng, TempDir};
 
 const MIB: u64 = 1 << 20;
 /// Not a multiple of 4 KiB: statfs rounds up, reads and writes stop at the last sector.
@@ -22,14 +21,18 @@ struct Fixture {
 }
 
 fn fixture(tag: &str) -> Fixture {
-    let dir = TempDir::new(tag);
-    let base = dir.join("base.vhdx");
-    new_base(&base, SIZE, MIB as u32, 512);
     let mut model = vec![0u8; SIZE as usize];
     Rng(12).fill(&mut model[MIB as usize..(MIB + (192 << 10)) as usize]);
+    base_and_child(tag, model, MIB as usize..(MIB + (192 << 10)) as usize)
+}
+
+/// A base holding `model[written]` (the rest zeros) with an empty child on top.
+fn base_and_child(tag: &str, model: Vec<u8>, written: std::ops::Range<usize>) -> Fixture {
+    let dir = TempDir::new(tag);
+    let base = dir.join("base.vhdx");
+    new_base(&base, model.len() as u64, MIB as u32, 512);
     let d = open_disk(&base, true);
-    d.write_at(MIB, &model[MIB as usize..(MIB + (192 << 10)) as usize])
-        .unwrap();
+    d.write_at(written.start as u64, &model[written]).unwrap();
     d.close().unwrap();
     drop(d);
     let top = dir.join("child.vhdx");
@@ -42,20 +45,8 @@ fn fixture(tag: &str) -> Fixture {
 }
 
 fn open_disk(path: &Path, writable: bool) -> Arc<Disk> {
-    let chain = Chain::open(
-        path,
-        &ChainOptions {
-            intent: if writable {
-                Intent::WriteTop
-            } else {
-                Intent::Inspect
-            },
-            ..Default::default()
-        },
-    )
-    .unwrap();
     Arc::new(Disk::new(
-        chain,
+        open_chain(path, writable),
         DiskOptions {
             cache_bytes: MIB,
             cache_block: 64 << 10,
@@ -752,22 +743,10 @@ const PSIZE: u64 = 16 * MIB;
 /// A base holding a Windows GPT layout (p1..p4 at 1, 3, 4 and 12 MiB) with random bytes
 /// in [1 MiB, 13 MiB), and an empty child on top.
 fn partitioned(tag: &str) -> Fixture {
-    let dir = TempDir::new(tag);
-    let base = dir.join("base.vhdx");
-    new_base(&base, PSIZE, MIB as u32, 512);
     let (mut model, _, _) = gpt_disk(PSIZE, 512, &windows_gpt_parts(), 128);
     Rng(17).fill(&mut model[MIB as usize..13 * MIB as usize]);
-    let d = open_disk(&base, true);
-    d.write_at(0, &model).unwrap();
-    d.close().unwrap();
-    drop(d);
-    let top = dir.join("child.vhdx");
-    new_child(&top, &base, None);
-    Fixture {
-        _dir: dir,
-        top,
-        model,
-    }
+    let all = 0..model.len();
+    base_and_child(tag, model, all)
 }
 
 /// Records what the file system asks the kernel to invalidate.

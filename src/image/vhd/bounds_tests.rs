@@ -7,27 +7,14 @@ use std::path::Path;
 
 use super::bat::MAX_BAT_ENTRIES;
 use super::create::create_dynamic;
-use super::footer::checksum;
+use super::tests::{fix_checksums as fix, BAT, HDR};
 use super::Vhd;
 use crate::error::{Defect, Error, Feature, VhdDefect};
 use crate::layer::{Layer, OpenOptions, Run};
 
 const RO: OpenOptions = OpenOptions::read_only();
-/// Where our `create` puts the dynamic header and the BAT.
-const HDR: usize = 512;
-const BAT: usize = 1536;
 
 use crate::test_support::TempDir as Tmp;
-
-/// Footer (end and copy) and dynamic header checksums after an edit.
-fn fix(b: &mut [u8]) {
-    let n = b.len();
-    let c = checksum(&b[n - 512..], 64);
-    b[n - 512 + 64..n - 512 + 68].copy_from_slice(&c.to_be_bytes());
-    b.copy_within(n - 512.., 0);
-    let c = checksum(&b[HDR..HDR + 1024], 36);
-    b[HDR + 36..HDR + 40].copy_from_slice(&c.to_be_bytes());
-}
 
 /// An empty dynamic VHD of `size` bytes in `block`-byte blocks, with `extra` zero bytes
 /// in front of the footer (room for blocks).

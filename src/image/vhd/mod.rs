@@ -32,7 +32,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result, VhdDefect, Warning};
 use crate::image::ImageFile;
 use crate::layer::{
-    push_run, Format, Layer, LayerInfo, OpenOptions, ParentRef, Run, WritableLayer,
+    block_pieces, push_run, Format, Layer, LayerInfo, OpenOptions, ParentRef, Run, WritableLayer,
 };
 
 use bat::{Bat, Bitmap, UNALLOCATED};
@@ -391,7 +391,7 @@ impl Layer for Vhd {
     }
 
     fn map(&self, offset: u64, len: u64, runs: &mut Vec<Run>) -> Result<()> {
-        let end = offset
+        offset
             .checked_add(len)
             .filter(|&e| e <= self.footer.current_size)
             .ok_or_else(|| {
@@ -420,12 +420,8 @@ impl Layer for Vhd {
                 Run::Zero { len }
             }
         };
-        let bs = bat.block_size as u64;
-        let mut pos = offset;
-        while pos < end {
-            let b = (pos / bs) as usize;
-            let boff = pos % bs;
-            let n = (bs - boff).min(end - pos);
+        for (b, boff, n) in block_pieces(offset, len, bat.block_size as u64) {
+            let b = b as usize;
             let e = bat.entry(b);
             if e == UNALLOCATED {
                 push_run(runs, miss(n));
@@ -464,7 +460,6 @@ impl Layer for Vhd {
                     }
                 }
             }
-            pos += n;
         }
         Ok(())
     }

@@ -119,12 +119,7 @@ impl Vhd {
     }
 
     fn real_len(&self) -> Result<u64> {
-        Ok(self
-            .file
-            .file
-            .metadata()
-            .map_err(|e| Error::file(&self.file.path, "stat", e))?
-            .len())
+        self.file.stat_len()
     }
 
     fn grow_fixed(
@@ -330,10 +325,7 @@ mod tests {
 
     use super::super::create::{create_dynamic, fixed_footer};
     use super::super::Vhd;
-    use crate::chain::{Chain, ChainOptions, Intent};
-    use crate::disk::{Disk, DiskOptions};
-    use crate::image::vhdx::resize::tests::cut_everywhere;
-    use crate::image::vhdx::tests::Rng;
+    use crate::image::vhdx::resize::tests::{cut_everywhere, write_with_hole};
     use crate::layer::{OpenOptions, WritableLayer};
     use crate::test_support::TempDir;
 
@@ -362,26 +354,9 @@ mod tests {
     fn a_cut_vhd_grow_leaves_old_or_new_size() {
         let d = TempDir::new("vhd-resize-cut");
         let size: u64 = (8 << 20) + 1536;
-        let mut data = vec![0u8; size as usize];
-        Rng(4).fill(&mut data);
-        data[(2 << 20)..(4 << 20)].fill(0);
-
         let dynamic = d.join("t.vhd");
         create_dynamic(&dynamic, size, 1 << 20).unwrap();
-        {
-            let chain = Chain::open(
-                &dynamic,
-                &ChainOptions {
-                    intent: Intent::WriteTop,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-            let disk = Disk::new(chain, DiskOptions::default());
-            disk.write_at(0, &data[..2 << 20]).unwrap();
-            disk.write_at(4 << 20, &data[4 << 20..]).unwrap();
-            disk.close().unwrap();
-        }
+        let data = write_with_hole(&dynamic, size, 4);
         // In the BAT's sectors (odd growth), then past them (the BAT moves).
         for new in [size + (3 << 20) + 512, 140 << 20] {
             cut_everywhere(

@@ -296,11 +296,12 @@ fn qemu_dynamic_vhd_matches_qemu() {
 
 // ---------------------------------------------------------------- damaged files
 
-/// Byte offsets in a file made by `create_dynamic`.
-const HDR: usize = 512;
-const BAT: usize = 1536;
+/// Byte offsets in a file made by `create_dynamic`: the dynamic header and the BAT.
+pub(super) const HDR: usize = 512;
+pub(super) const BAT: usize = 1536;
 
-fn fix_checksums(b: &mut [u8]) {
+/// Footer (end and copy) and dynamic header checksums after an edit.
+pub(super) fn fix_checksums(b: &mut [u8]) {
     let n = b.len();
     let c = checksum(&b[n - 512..], 64);
     b[n - 512 + 64..n - 512 + 68].copy_from_slice(&c.to_be_bytes());

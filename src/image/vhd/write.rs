@@ -49,7 +49,7 @@ use super::footer::{DiskType, FOOTER_SIZE};
 use super::{Vhd, SECTOR};
 use crate::error::{Error, Request, Result};
 use crate::image::durable::POISONED_WRITE;
-use crate::layer::{Layer, WritableLayer};
+use crate::layer::{block_pieces, Layer, WritableLayer};
 
 /// Flush on our own when this many metadata sectors are dirty.
 const MAX_DIRTY: usize = 256;
@@ -199,12 +199,7 @@ impl Vhd {
                 io::Error::from_raw_os_error(libc::EFBIG),
             ));
         }
-        let old_len = self
-            .file
-            .file
-            .metadata()
-            .map_err(|e| Error::file(path, "stat", e))?
-            .len();
+        let old_len = self.file.stat_len()?;
         let new_footer_pos = st.next_block + k * block_len;
         let footer = self.footer.to_bytes();
         let r = self
@@ -235,13 +230,7 @@ impl Vhd {
         let start = st.next_block;
         let end = start + len.div_ceil(SECTOR) * SECTOR;
         if end > st.footer_pos {
-            let path = &self.file.path;
-            let old_len = self
-                .file
-                .file
-                .metadata()
-                .map_err(|e| Error::file(path, "stat", e))?
-                .len();
+            let old_len = self.file.stat_len()?;
             let r = self
                 .file
                 .write_all_at(&self.footer.to_bytes(), end)
@@ -438,9 +427,10 @@ impl Vhd {
     }
 }
 
-impl WritableLayer for Vhd {
-    fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let len = data.len() as u64;
+impl Vhd {
+    /// What `write` and `discard` (`what`) check first: whole sectors inside the virtual
+    /// size, and a writer not poisoned by a failed flush.
+    fn check_change(&self, what: &'static str, offset: u64, len: u64) -> Result<()> {
         let size = self.footer.current_size;
         if !offset.is_multiple_of(SECTOR)
             || !len.is_multiple_of(SECTOR)
@@ -448,7 +438,7 @@ impl WritableLayer for Vhd {
         {
             return Err(Error::Request(Request::OutOfRange {
                 path: self.path().to_path_buf(),
-                op: "write",
+                op: what,
                 len,
                 offset,
                 size,
@@ -457,18 +447,20 @@ impl WritableLayer for Vhd {
         if self.writer.is_some() {
             self.file.check_poison(POISONED_WRITE)?;
         }
-        let Some(bat) = &self.bat else {
-            return self.file.write_all_at(data, offset);
-        };
-        let bs = bat.block_size as u64;
-        let mut done = 0u64;
-        while done < len {
-            let pos = offset + done;
-            let b = (pos / bs) as usize;
-            let boff = pos % bs;
-            let n = (bs - boff).min(len - done);
-            self.write_block(b, boff, &data[done as usize..(done + n) as usize])?;
-            done += n;
+        Ok(())
+    }
+
+    /// `change(block, offset in the block, length)` for each block piece of a dynamic or
+    /// differencing file's range, then a commit when enough metadata is dirty.
+    fn change_blocks(
+        &self,
+        block_size: u32,
+        offset: u64,
+        len: u64,
+        mut change: impl FnMut(usize, u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        for (b, boff, n) in block_pieces(offset, len, block_size as u64) {
+            change(b as usize, boff, n)?;
         }
         if self.writer().dirty_len.load(Ordering::Relaxed) >= MAX_DIRTY {
             let mut st = self.state();
@@ -478,45 +470,31 @@ impl WritableLayer for Vhd {
         }
         Ok(())
     }
+}
+
+impl WritableLayer for Vhd {
+    fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        self.check_change("write", offset, len)?;
+        let Some(bat) = &self.bat else {
+            return self.file.write_all_at(data, offset);
+        };
+        let bs = bat.block_size as u64;
+        self.change_blocks(bat.block_size, offset, len, |b, boff, n| {
+            let done = (b as u64 * bs + boff - offset) as usize;
+            self.write_block(b, boff, &data[done..done + n as usize])
+        })
+    }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        let size = self.footer.current_size;
-        if !offset.is_multiple_of(SECTOR)
-            || !len.is_multiple_of(SECTOR)
-            || !matches!(offset.checked_add(len), Some(e) if e <= size)
-        {
-            return Err(Error::Request(Request::OutOfRange {
-                path: self.path().to_path_buf(),
-                op: "discard",
-                len,
-                offset,
-                size,
-            }));
-        }
-        if self.writer.is_some() {
-            self.file.check_poison(POISONED_WRITE)?;
-        }
+        self.check_change("discard", offset, len)?;
         let Some(bat) = &self.bat else {
             // Fixed: zeros in place, the space stays allocated.
             return self.file.zero_range(offset, len, true);
         };
-        let bs = bat.block_size as u64;
-        let mut done = 0u64;
-        while done < len {
-            let pos = offset + done;
-            let b = (pos / bs) as usize;
-            let boff = pos % bs;
-            let n = (bs - boff).min(len - done);
-            self.discard_block(b, boff, n)?;
-            done += n;
-        }
-        if self.writer().dirty_len.load(Ordering::Relaxed) >= MAX_DIRTY {
-            let mut st = self.state();
-            if st.dirty.len() >= MAX_DIRTY {
-                self.commit(&mut st)?;
-            }
-        }
-        Ok(())
+        self.change_blocks(bat.block_size, offset, len, |b, boff, n| {
+            self.discard_block(b, boff, n)
+        })
     }
 
     fn flush(&self) -> Result<()> {

@@ -2,7 +2,6 @@
 //! or a read is bounded, and overlapping structures are refused or reported (never read
 //! as disk data). One crafted image per bound; see docs/security.md.
 
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use uuid::Uuid;
@@ -12,7 +11,7 @@ use super::header::{Header, HEADER_OFFSETS};
 use super::log::MAX_REPLAY_LOG_LENGTH;
 use super::metadata::{MAX_VIRTUAL_SIZE, VIRTUAL_DISK_SIZE};
 use super::region::REGION_TABLE_OFFSETS;
-use super::tests::{new_base, open_defect, open_feature, TempDir};
+use super::tests::{new_base, open_defect, open_feature, patch, read, TempDir};
 use super::Vhdx;
 use crate::error::{Error, Feature, VhdxDefect};
 use crate::image::vhdx::metadata::FILE_PARAMETERS;
@@ -22,18 +21,6 @@ const MIB: u64 = 1 << 20;
 /// Where our `create` puts things.
 const META: u64 = 2 * MIB;
 const BAT: u64 = 3 * MIB;
-
-fn patch(path: &Path, off: u64, bytes: &[u8]) {
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(bytes, off).unwrap();
-}
-
-fn read(path: &Path, off: u64, len: usize) -> Vec<u8> {
-    let f = std::fs::File::open(path).unwrap();
-    let mut b = vec![0u8; len];
-    f.read_exact_at(&mut b, off).unwrap();
-    b
-}
 
 fn set_len(path: &Path, len: u64) {
     std::fs::OpenOptions::new()
@@ -111,11 +98,10 @@ pub(super) fn base(d: &TempDir, name: &str, size: u64, block: u32) -> std::path:
     p
 }
 
-#[test]
-fn virtual_size_beyond_64_tib_is_refused() {
-    let d = TempDir::new("bounds-vsize");
-    let p = base(&d, "b.vhdx", 4 * MIB, MIB as u32);
-    for size in [MAX_VIRTUAL_SIZE + 512, u64::MAX - 511, 1 << 63] {
+/// A 512-byte-sector base in `d` refused for each of `sizes` as its virtual size.
+fn assert_virtual_sizes_refused(d: &TempDir, sizes: &[u64]) {
+    let p = base(d, "b.vhdx", 4 * MIB, MIB as u32);
+    for &size in sizes {
         set_virtual_size(&p, size);
         assert_eq!(
             open_defect(&p),
@@ -128,19 +114,15 @@ fn virtual_size_beyond_64_tib_is_refused() {
 }
 
 #[test]
+fn virtual_size_beyond_64_tib_is_refused() {
+    let d = TempDir::new("bounds-vsize");
+    assert_virtual_sizes_refused(&d, &[MAX_VIRTUAL_SIZE + 512, u64::MAX - 511, 1 << 63]);
+}
+
+#[test]
 fn virtual_size_not_a_sector_multiple_is_refused() {
     let d = TempDir::new("bounds-vsize-odd");
-    let p = base(&d, "b.vhdx", 4 * MIB, MIB as u32);
-    for size in [4 * MIB + 1, 4 * MIB - 100, 511] {
-        set_virtual_size(&p, size);
-        assert_eq!(
-            open_defect(&p),
-            VhdxDefect::VirtualSize {
-                size,
-                sector_size: 512
-            }
-        );
-    }
+    assert_virtual_sizes_refused(&d, &[4 * MIB + 1, 4 * MIB - 100, 511]);
     let p4 = d.join("b4.vhdx");
     new_base(&p4, 4 * MIB, MIB as u32, 4096);
     set_virtual_size(&p4, 4 * MIB + 512);

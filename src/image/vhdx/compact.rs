@@ -61,12 +61,7 @@ impl Compact for Vhdx {
     }
 
     fn file_len(&self) -> Result<u64> {
-        Ok(self
-            .file
-            .file
-            .metadata()
-            .map_err(|e| Error::file(&self.file.path, "stat", e))?
-            .len())
+        self.file.stat_len()
     }
 
     fn held_blocks(&self) -> Result<Vec<(u64, u64, u64)>> {

@@ -825,11 +825,7 @@ pub fn apply_in_memory(file: &mut ImageFile, replay: Replay) {
 /// file to LastFileOffset when it is shorter, then fdatasync. The caller then records an
 /// empty log in the header (LogGuid zero) and calls `ImageFile::refresh_len`.
 pub fn apply_to_file(file: &ImageFile, replay: &Replay) -> Result<()> {
-    let mut size = file
-        .file
-        .metadata()
-        .map_err(|e| Error::file(&file.path, "stat", e))?
-        .len();
+    let mut size = file.stat_len()?;
     let set_len = |len: u64| {
         file.file
             .set_len(len)

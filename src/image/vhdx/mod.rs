@@ -32,7 +32,7 @@ use self::metadata::{parse_guid_string, Metadata};
 use self::region::Regions;
 use crate::error::{Error, Feature, LogGrowth, Result, VhdxDefect, Warning};
 use crate::image::ImageFile;
-use crate::layer::{push_run, Format, Layer, LayerInfo, OpenOptions, ParentRef, Run};
+use crate::layer::{block_pieces, push_run, Format, Layer, LayerInfo, OpenOptions, ParentRef, Run};
 
 pub struct Vhdx {
     pub(crate) file: ImageFile,
@@ -473,14 +473,8 @@ impl Layer for Vhdx {
     }
 
     fn map(&self, offset: u64, len: u64, runs: &mut Vec<Run>) -> Result<()> {
-        let bs = self.block_size();
         let ss = self.meta.logical_sector_size as u64;
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let block = pos / bs;
-            let in_block = pos % bs;
-            let n = (bs - in_block).min(end - pos);
+        for (block, in_block, n) in block_pieces(offset, len, self.block_size()) {
             let e = self.bat.get(&self.file, self.bat.payload_index(block))?;
             match self.check_payload(block, e)? {
                 PAYLOAD_BLOCK_NOT_PRESENT if self.meta.has_parent => {
@@ -533,7 +527,6 @@ impl Layer for Vhdx {
                 // the spec allows for each and MUST do for ZERO.
                 _ => push_run(runs, Run::Zero { len: n }),
             }
-            pos += n;
         }
         Ok(())
     }

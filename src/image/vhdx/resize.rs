@@ -261,26 +261,17 @@ fn write_zeros(v: &Vhdx, mut at: u64, mut len: u64) -> Result<()> {
 pub(crate) mod tests {
     use std::path::Path;
 
-    use crate::chain::{Chain, ChainOptions, Intent};
-    use crate::disk::{Disk, DiskOptions};
+    use crate::disk::Disk;
     use crate::image::crash_sim;
     use crate::image::durable::create_new_file;
     use crate::image::vhdx::create::{write_new, NewVhdx};
-    use crate::image::vhdx::tests::Rng;
+    use crate::image::vhdx::tests::{open_disk, Rng};
     use crate::image::vhdx::Vhdx;
     use crate::layer::OpenOptions;
     use crate::test_support::TempDir;
 
     fn open(path: &Path) -> Disk {
-        let chain = Chain::open(
-            path,
-            &ChainOptions {
-                intent: Intent::Inspect,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        Disk::new(chain, DiskOptions::default())
+        open_disk(path, false)
     }
 
     fn read(disk: &Disk, off: u64, len: u64) -> Vec<u8> {
@@ -360,19 +351,17 @@ pub(crate) mod tests {
             fixed,
         };
         create_new_file(path, |f| write_new(f, path, &n, "test")).unwrap();
+        write_with_hole(path, size, seed)
+    }
+
+    /// Random bytes from `seed` written over the disk of `path` (`size` bytes, more than
+    /// 4 MiB) but for a hole of zeros at [2 MiB, 4 MiB), never written (unallocated in a
+    /// dynamic disk). Returns the content.
+    pub(crate) fn write_with_hole(path: &Path, size: u64, seed: u64) -> Vec<u8> {
         let mut data = vec![0u8; size as usize];
         Rng(seed).fill(&mut data);
-        // A hole of zeros (unallocated in a dynamic disk).
         data[(2 << 20)..(4 << 20)].fill(0);
-        let chain = Chain::open(
-            path,
-            &ChainOptions {
-                intent: Intent::WriteTop,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let disk = Disk::new(chain, DiskOptions::default());
+        let disk = open_disk(path, true);
         disk.write_at(0, &data[..2 << 20]).unwrap();
         disk.write_at(4 << 20, &data[4 << 20..]).unwrap();
         disk.close().unwrap();

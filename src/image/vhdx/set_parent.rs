@@ -161,6 +161,7 @@ mod crash_tests {
     use super::super::create::{create_base, create_child, parent_locator};
     use super::*;
     use crate::image::crash_sim;
+    use crate::image::vhdx::tests::open_vhdx;
     use crate::layer::{Layer, OpenOptions};
     use crate::test_support::TempDir;
 
@@ -214,14 +215,7 @@ mod crash_tests {
         for cut in 0..=total {
             attempt(Some(cut));
             for writable in [false, true] {
-                let v = Vhdx::open(
-                    &work,
-                    OpenOptions {
-                        writable,
-                        ..OpenOptions::read_only()
-                    },
-                )
-                .unwrap();
+                let v = open_vhdx(&work, writable);
                 let got = &v.metadata().parent_locator;
                 assert!(*got == old || *got == new, "cut {cut} of {total}: {got:?}");
                 saw[usize::from(*got == new)] = true;

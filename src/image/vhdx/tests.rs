@@ -44,12 +44,12 @@ pub(crate) fn new_child(child: &Path, parent: &Path, block_size: Option<&str>) {
     crate::image::vhdx::create::create_child(child, &p, block_size).unwrap();
 }
 
-fn patch(path: &Path, off: u64, bytes: &[u8]) {
+pub(super) fn patch(path: &Path, off: u64, bytes: &[u8]) {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.write_all_at(bytes, off).unwrap();
 }
 
-fn read(path: &Path, off: u64, len: usize) -> Vec<u8> {
+pub(super) fn read(path: &Path, off: u64, len: usize) -> Vec<u8> {
     let f = std::fs::File::open(path).unwrap();
     let mut b = vec![0u8; len];
     f.read_exact_at(&mut b, off).unwrap();
@@ -62,6 +62,15 @@ fn fix_region_crc(path: &Path, off: u64) {
     t[4..8].fill(0);
     let c = crc32c::crc32c(&t);
     patch(path, off + 4, &c.to_le_bytes());
+}
+
+/// `path` opened read-only, or writable (which replays a pending log into the file).
+pub(crate) fn open_vhdx(path: &Path, writable: bool) -> Vhdx {
+    let opts = OpenOptions {
+        writable,
+        ..OpenOptions::read_only()
+    };
+    Vhdx::open(path, opts).unwrap()
 }
 
 /// The error an open fails with, checked to be one line naming the file.
@@ -304,8 +313,10 @@ impl Rng {
     }
 }
 
-fn open_disk(path: &Path, writable: bool) -> crate::disk::Disk {
-    let chain = crate::chain::Chain::open(
+/// The chain of `path`, its top opened for writing (`Intent::WriteTop`) or for reading
+/// (`Intent::Inspect`).
+pub(crate) fn open_chain(path: &Path, writable: bool) -> crate::chain::Chain {
+    crate::chain::Chain::open(
         path,
         &crate::chain::ChainOptions {
             intent: if writable {
@@ -316,14 +327,57 @@ fn open_disk(path: &Path, writable: bool) -> crate::disk::Disk {
             ..Default::default()
         },
     )
-    .unwrap();
-    crate::disk::Disk::new(chain, crate::disk::DiskOptions::default())
+    .unwrap()
 }
 
-fn read_all(disk: &crate::disk::Disk) -> Vec<u8> {
+/// `open_chain` as a `Disk` with the default cache.
+pub(crate) fn open_disk(path: &Path, writable: bool) -> crate::disk::Disk {
+    crate::disk::Disk::new(
+        open_chain(path, writable),
+        crate::disk::DiskOptions::default(),
+    )
+}
+
+pub(crate) fn read_all(disk: &crate::disk::Disk) -> Vec<u8> {
     let mut out = vec![0u8; disk.len() as usize];
     assert_eq!(disk.read_at(0, &mut out).unwrap(), out.len());
     out
+}
+
+/// A torn sequence checked at every cut: `attempt(Some(cut))` redoes the sequence on
+/// `work` with every write after the first `cut` failing, for each `cut` up to `total`;
+/// then `work`, reopened read-only and writable, holds in every sector what `old` or
+/// `new` hold there (or zeros, where `may_be_zeros(byte offset)`), and its top checks
+/// clean.
+pub(crate) fn assert_every_cut_leaves_old_or_new(
+    ext: &str,
+    work: &Path,
+    total: usize,
+    attempt: impl Fn(Option<usize>) -> usize,
+    old: &[u8],
+    new: &[u8],
+    may_be_zeros: impl Fn(usize) -> bool,
+) {
+    for cut in 0..=total {
+        attempt(Some(cut));
+        for writable in [false, true] {
+            let disk = open_disk(work, writable);
+            let got = read_all(&disk);
+            for s in (0..old.len()).step_by(512) {
+                let g = &got[s..s + 512];
+                assert!(
+                    g == &old[s..s + 512]
+                        || g == &new[s..s + 512]
+                        || (may_be_zeros(s) && g.iter().all(|&x| x == 0)),
+                    "{ext}: cut after {cut} of {total} writes (writable reopen {writable}): sector {} is neither old nor new",
+                    s / 512
+                );
+            }
+            let problems = disk.layers()[0].check().unwrap();
+            assert!(problems.is_empty(), "{ext}: cut {cut}: {problems:?}");
+            disk.close().unwrap();
+        }
+    }
 }
 
 /// Apply random writes (sector-aligned and not, straddling blocks) to `disk` and `model`.
@@ -748,24 +802,7 @@ fn a_crash_after_any_write_of_an_allocation_leaves_old_or_new() {
             total >= 10,
             "{ext}: the sequence has several writes ({total})"
         );
-        for cut in 0..=total {
-            attempt(Some(cut));
-            for writable in [false, true] {
-                let disk = open_disk(&work, writable);
-                let got = read_all(&disk);
-                for s in (0..size as usize).step_by(512) {
-                    let g = &got[s..s + 512];
-                    assert!(
-                        g == &old[s..s + 512] || g == &new[s..s + 512],
-                        "{ext}: cut after {cut} of {total} writes (writable reopen {writable}): sector {} is neither old nor new",
-                        s / 512
-                    );
-                }
-                let problems = disk.layers()[0].check().unwrap();
-                assert!(problems.is_empty(), "{ext}: cut {cut}: {problems:?}");
-                disk.close().unwrap();
-            }
-        }
+        assert_every_cut_leaves_old_or_new(ext, &work, total, attempt, &old, &new, |_| false);
         // With no cut, everything is new.
         attempt(None);
         assert!(
@@ -1113,14 +1150,7 @@ fn commit_pages_is_all_or_nothing_and_keeps_data_write_guid() {
     for cut in 0..=total {
         attempt(Some(cut), false);
         for writable in [false, true] {
-            let v = Vhdx::open(
-                &work,
-                OpenOptions {
-                    writable,
-                    ..OpenOptions::read_only()
-                },
-            )
-            .unwrap();
+            let v = open_vhdx(&work, writable);
             let mut got = vec![0u8; 8192];
             let _ = v.file().read_exact_at(&mut got, off);
             let old = got.iter().all(|&b| b == 0);

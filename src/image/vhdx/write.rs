@@ -28,7 +28,7 @@ use super::{write_header_both, Vhdx};
 use crate::error::{Error, Internal, Request, Result};
 use crate::image::durable::{POISONED_CLOSE, POISONED_WRITE};
 use crate::image::ImageFile;
-use crate::layer::WritableLayer;
+use crate::layer::{block_pieces, WritableLayer};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
@@ -217,6 +217,31 @@ impl Vhdx {
         Ok(())
     }
 
+    /// Point `block` (not present, in a differencing file) at the new slot `off` as
+    /// PARTIALLY_PRESENT with exactly the sectors of `[in_block, in_block + len)` marked
+    /// present. Bits of a block that was not present are meaningless (a file from
+    /// elsewhere may have left some set): the block's range is cleared first, or sectors
+    /// never written here would hide the parent's data.
+    fn set_partially_present(
+        &self,
+        st: &mut WriteState,
+        block: u64,
+        off: u64,
+        in_block: u64,
+        len: u64,
+    ) -> Result<()> {
+        self.mark_absent(st, block)?;
+        self.mark_present(st, block, in_block, len)?;
+        let idx = self.bat.payload_index(block);
+        self.bat.set(
+            &self.file,
+            idx,
+            make_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, off),
+        )?;
+        self.mark_bat_dirty(st, idx);
+        Ok(())
+    }
+
     /// Write within one block.
     fn write_block(
         &self,
@@ -246,24 +271,16 @@ impl Vhdx {
                 let off = self.allocate_block(st)?;
                 self.file.write_all_at(data, off + in_block)?;
                 if partial {
-                    // Bits of a block that was not present are meaningless (a file from
-                    // elsewhere may have left some set): clear the block's range first, or
-                    // sectors never written here would hide the parent's data.
-                    self.mark_absent(st, block)?;
-                    self.mark_present(st, block, in_block, data.len() as u64)?;
-                    self.bat.set(
-                        &self.file,
-                        idx,
-                        make_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, off),
-                    )?;
+                    let len = data.len() as u64;
+                    self.set_partially_present(st, block, off, in_block, len)?;
                 } else {
                     self.bat.set(
                         &self.file,
                         idx,
                         make_entry(PAYLOAD_BLOCK_FULLY_PRESENT, off),
                     )?;
+                    self.mark_bat_dirty(st, idx);
                 }
-                self.mark_bat_dirty(st, idx);
             }
         }
         st.unsynced = true;
@@ -337,14 +354,7 @@ impl Vhdx {
                 // zeros (fresh file extension or a punched slot), nothing written but
                 // the range marked present, as a write into it would leave it.
                 let off = self.allocate_block(st)?;
-                self.mark_absent(st, block)?;
-                self.mark_present(st, block, in_block, len)?;
-                self.bat.set(
-                    &self.file,
-                    idx,
-                    make_entry(PAYLOAD_BLOCK_PARTIALLY_PRESENT, off),
-                )?;
-                self.mark_bat_dirty(st, idx);
+                self.set_partially_present(st, block, off, in_block, len)?;
             }
         }
         st.unsynced = true;
@@ -400,12 +410,7 @@ impl Vhdx {
     fn commit_metadata(&self, st: &mut WriteState, synced_now: bool) -> Result<bool> {
         if synced_now {
             st.unsynced = false;
-            st.flushed_len = self
-                .file
-                .file
-                .metadata()
-                .map_err(|e| Error::file(&self.file.path, "stat", e))?
-                .len();
+            st.flushed_len = self.file.stat_len()?;
         }
         if st.dirty.is_empty() {
             return Ok(false);
@@ -505,12 +510,7 @@ impl Vhdx {
         st.unsynced = true;
         self.file.flush_ordered(true, || {
             st.unsynced = false;
-            st.flushed_len = self
-                .file
-                .file
-                .metadata()
-                .map_err(|e| Error::file(&self.file.path, "stat", e))?
-                .len();
+            st.flushed_len = self.file.stat_len()?;
             self.log_and_apply(&mut st, pages)?;
             Ok(true)
         })
@@ -557,14 +557,9 @@ impl WritableLayer for Vhdx {
         let mut st = self.state_lock()?;
         self.start_session(&mut st)?;
         let bs = self.meta.block_size as u64;
-        let mut done = 0usize;
-        while done < data.len() {
-            let pos = offset + done as u64;
-            let block = pos / bs;
-            let in_block = pos % bs;
-            let n = ((bs - in_block) as usize).min(data.len() - done);
-            self.write_block(&mut st, block, in_block, &data[done..done + n])?;
-            done += n;
+        for (block, in_block, n) in block_pieces(offset, data.len() as u64, bs) {
+            let done = (block * bs + in_block - offset) as usize;
+            self.write_block(&mut st, block, in_block, &data[done..done + n as usize])?;
             // Between blocks, so one block's BAT and bitmap pages share a commit.
             if st.dirty.len() >= AUTO_COMMIT_PAGES {
                 self.commit(&mut st)?;
@@ -577,14 +572,8 @@ impl WritableLayer for Vhdx {
         let mut st = self.state_lock()?;
         self.start_session(&mut st)?;
         let bs = self.meta.block_size as u64;
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let block = pos / bs;
-            let in_block = pos % bs;
-            let n = (bs - in_block).min(end - pos);
+        for (block, in_block, n) in block_pieces(offset, len, bs) {
             self.discard_block(&mut st, block, in_block, n)?;
-            pos += n;
             if st.dirty.len() >= AUTO_COMMIT_PAGES {
                 self.commit(&mut st)?;
             }
