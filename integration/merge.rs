@@ -458,18 +458,7 @@ fn full_file_system() {
     }
     let t = TempDir::new("merge-full");
     let small = t.dir("small");
-    run_ok(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=100M", "tmpfs"])
-            .arg(&small),
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Unmount(small.clone());
+    let _u = Tmpfs::mount(&small, "100M");
     let base = small.join("base.vhdx");
     let child = small.join("child.avhdx");
     ok(&[s("create"), s("--size"), s("256M"), p(&base)]);
@@ -498,6 +487,243 @@ fn full_file_system() {
     cat_to_file(&base, &[], &got);
     assert_same_file(&got, &pre, "merged after freeing space");
     assert!(records_in(&small).is_empty());
+}
+
+/// A tmpfs of `size` mounted on `dir`, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir),
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Bytes free for files on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    let o = run_ok(Command::new("stat").args(["-f", "-c", "%a %S"]).arg(dir));
+    let v: Vec<u64> = o
+        .stdout_str()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    v[0] * v[1]
+}
+
+/// Bytes `path` occupies on its file system (a sparse file's allocated blocks).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Write `len` random bytes at `off` of `img`'s disk through a writable mount.
+fn write_random_through_mount(dir: &Path, img: &Path, off: u64, len: u64, seed: u64) {
+    let mnt = dir.join("mnt");
+    let g = vdiskfs_mount(img, &mnt, false);
+    write_random_at(&mnt.join("disk.raw"), off, len, seed);
+    umount(&mnt);
+    drop(g);
+}
+
+/// On a terminal `vdiskfs merge` draws its bar (label, bar characters, bytes); in a pipe
+/// it prints nothing on stderr, and `--quiet` draws nothing on a terminal. Every run
+/// merges right.
+#[test]
+fn progress_bar_on_a_terminal_and_none_in_a_pipe() {
+    if !require_fuse() {
+        return;
+    }
+    for fmt in [Fmt::Vhdx(512), Fmt::Vhd] {
+        let t = TempDir::new("merge-progress");
+        let pristine = t.dir("pristine");
+        let base = pristine.join(fmt.base_name());
+        let child = pristine.join(format!("child.{}", fmt.child_ext()));
+        ok(&[s("create"), s("--size"), s("64M"), p(&base)]);
+        write_random_through_mount(t.path(), &base, 0, 4 * MIB, 21);
+        ok(&[s("create"), s("--parent"), p(&base), p(&child)]);
+        write_random_through_mount(t.path(), &child, 2 * MIB + 512, 8 * MIB, 22);
+        let pre = t.join("pre.raw");
+        cat_to_file(&child, &[], &pre);
+        let got = t.join("got.raw");
+        for (i, case) in ["terminal", "pipe", "quiet terminal"].iter().enumerate() {
+            let work = t.dir(&format!("work{i}"));
+            copy_sparse(&pristine, &work);
+            let (b, c) = (
+                work.join(base.file_name().unwrap()),
+                work.join(child.file_name().unwrap()),
+            );
+            match *case {
+                "terminal" => {
+                    let shown = on_terminal(&[s("merge"), p(&c)]);
+                    assert!(
+                        shown.contains("merge: ["),
+                        "{fmt:?}: no bar on a terminal: {shown:?}"
+                    );
+                    assert!(
+                        shown.contains("==="),
+                        "{fmt:?}: no bar characters: {shown:?}"
+                    );
+                    assert!(
+                        shown.contains("8.00 MiB/8.00 MiB"),
+                        "{fmt:?}: the bar does not end full: {shown:?}"
+                    );
+                }
+                "pipe" => {
+                    let o = ok(&[s("merge"), p(&c)]);
+                    assert!(
+                        o.stderr.is_empty(),
+                        "{fmt:?}: stderr in a pipe: {:?}",
+                        o.stderr
+                    );
+                    assert!(
+                        o.stdout.is_empty(),
+                        "{fmt:?}: stdout in a pipe: {:?}",
+                        o.stdout_str()
+                    );
+                }
+                _ => {
+                    let shown = on_terminal(&[s("merge"), s("--quiet"), p(&c)]);
+                    assert!(shown.trim().is_empty(), "{fmt:?}: --quiet drew: {shown:?}");
+                }
+            }
+            assert!(!c.exists(), "{fmt:?} {case}: the child must be gone");
+            assert!(
+                records_in(&work).is_empty(),
+                "{fmt:?} {case}: {:?}",
+                records_in(&work)
+            );
+            cat_to_file(&b, &[], &got);
+            assert_same_file(&got, &pre, &format!("{fmt:?} {case}: merged base"));
+        }
+    }
+}
+
+/// The free-space pre-check passes (the ancestor is a fixed disk, as qemu-img makes it:
+/// a sparse file, so the check counts nothing to allocate), then the file system fills
+/// during the copy: one error line naming the ancestor and ENOSPC, the record stays, the
+/// chain refuses to open with the merge-interrupted message, `check` finds no damage;
+/// after freeing space the same command finishes and the ancestor reads the pre-merge
+/// view.
+fn no_space_in_the_middle_of_the_copy(fmt: Fmt) {
+    let t = TempDir::new("merge-enospc");
+    let small = t.dir("small");
+    let _u = Tmpfs::mount(&small, "64M");
+    let base = small.join(fmt.base_name());
+    let child = small.join(format!("child.{}", fmt.child_ext()));
+    let opts = match fmt {
+        Fmt::Vhdx(_) => "subformat=fixed",
+        Fmt::Vhd => "subformat=fixed,force_size=on",
+    };
+    qemu_create(fmt.qemu(), opts, &base, "64M");
+    write_random_through_mount(t.path(), &base, 0, 8 * MIB, 31);
+    ok(&[s("create"), s("--parent"), p(&base), p(&child)]);
+    write_random_through_mount(t.path(), &child, 4 * MIB + 512, 24 * MIB, 32);
+    let pre = t.join("pre.raw");
+    cat_to_file(&child, &[], &pre);
+    // Leave about half of what the copy allocates in the ancestor.
+    let filler = small.join("filler");
+    let free = free_bytes(&small);
+    assert!(free > 12 * MIB + MIB, "{fmt:?}: {free} bytes free");
+    make_random(&filler, free - 12 * MIB, 33);
+    let before = allocated(&base);
+    let child_sum = sha256_file(&child);
+
+    let merge = [s("merge"), s("--quiet"), p(&child)];
+    let o = vdiskfs(merge);
+    assert_clean_failure(&o, &base);
+    let line = o.stderr.trim();
+    assert!(
+        line.to_lowercase().contains("no space left on device"),
+        "{fmt:?}: not ENOSPC: {line}"
+    );
+    assert!(
+        !line.contains("not enough space"),
+        "{fmt:?}: refused up front: {line}"
+    );
+    assert!(line.contains("run `vdiskfs merge"), "{fmt:?}: {line}");
+    let grown = allocated(&base) - before;
+    assert!(
+        grown > 4 * MIB && grown < 24 * MIB,
+        "{fmt:?}: the copy must have stopped mid-way: the ancestor grew {grown} bytes"
+    );
+    eprintln!("{fmt:?}: the copy stopped after the ancestor grew {grown} bytes: {line}");
+    assert_eq!(sha256_file(&child), child_sum, "{fmt:?}: the child changed");
+    assert!(
+        !records_in(&small).is_empty(),
+        "{fmt:?}: the merge record must stay"
+    );
+
+    // Every open of the half-merged chain refuses, naming the command that finishes it.
+    for cmd in ["info", "cat"] {
+        let o = vdiskfs_to_file([s(cmd), p(&child)], &t.join("out"));
+        assert_clean_failure(&o, &child);
+        assert!(
+            o.stderr.contains("was interrupted; run `vdiskfs merge"),
+            "{fmt:?} {cmd}: {}",
+            o.stderr
+        );
+    }
+    for f in [&child, &base] {
+        let o = vdiskfs([s("check"), p(f)]);
+        assert!(
+            o.success() && !o.stdout_str().contains("DAMAGE"),
+            "{fmt:?}: check {}: {}{}",
+            f.display(),
+            o.stdout_str(),
+            o.stderr
+        );
+    }
+
+    fs::remove_file(&filler).unwrap();
+    ok(&merge);
+    assert!(!child.exists(), "{fmt:?}: the child must be gone");
+    assert!(
+        records_in(&small).is_empty(),
+        "{fmt:?}: {:?}",
+        records_in(&small)
+    );
+    let got = t.join("got.raw");
+    cat_to_file(&base, &[], &got);
+    assert_same_file(&got, &pre, &format!("{fmt:?}: merged after freeing space"));
+    fs::remove_file(&got).unwrap();
+    qemu_to_raw(fmt.qemu(), &base, &got);
+    assert_same_file(
+        &got,
+        &pre,
+        &format!("{fmt:?}: qemu-img reads the merged base"),
+    );
+    let o = ok(&[s("check"), p(&base)]);
+    assert!(
+        !o.stdout_str().contains("DAMAGE"),
+        "{fmt:?}: {}",
+        o.stdout_str()
+    );
+}
+
+#[test]
+fn no_space_in_the_middle_of_the_copy_vhdx() {
+    if !require_fuse() || !require_tools(&["mount", "umount", "qemu-img"]) {
+        return;
+    }
+    no_space_in_the_middle_of_the_copy(Fmt::Vhdx(512));
+}
+
+#[test]
+fn no_space_in_the_middle_of_the_copy_vhd() {
+    if !require_fuse() || !require_tools(&["mount", "umount", "qemu-img"]) {
+        return;
+    }
+    no_space_in_the_middle_of_the_copy(Fmt::Vhd);
 }
 
 // ---------------------------------------------------------------- crash loop
