@@ -651,6 +651,10 @@ fn no_space_in_the_middle_of_the_copy(fmt: Fmt) {
         "{fmt:?}: refused up front: {line}"
     );
     assert!(line.contains("run `vdiskfs merge"), "{fmt:?}: {line}");
+    // The ancestor is named once at the start (and once in the command), not repeated
+    // by the nested cause.
+    let named = format!("{}: ", base.display());
+    assert_eq!(line.matches(&named).count(), 1, "{fmt:?}: {line}");
     let grown = allocated(&base) - before;
     assert!(
         grown > 4 * MIB && grown < 24 * MIB,

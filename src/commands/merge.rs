@@ -569,7 +569,15 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
         let copied = copy(&disk, k, &ranges, &cancel, &progress);
         let closed = anc.writable().map_or(Ok(()), |w| w.close());
         drop(progress);
-        let not_finished = |cause: String| {
+        let anc_shown = anc.path().to_path_buf();
+        let not_finished = |e: Error| {
+            // An error about the ancestor itself without its leading "path: ": the
+            // message names the ancestor first already.
+            let cause = e.to_string();
+            let cause = [&anc_path, &anc_shown]
+                .iter()
+                .find_map(|p| cause.strip_prefix(&format!("{}: ", p.display())))
+                .map_or_else(|| cause.clone(), str::to_string);
             Error::Request(Request::MergeUnfinished {
                 ancestor: anc_path.clone(),
                 cause,
@@ -578,7 +586,7 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
             })
         };
         match (copied, closed) {
-            (Err(e), _) | (Ok(_), Err(e)) => return Err(not_finished(e.to_string())),
+            (Err(e), _) | (Ok(_), Err(e)) => return Err(not_finished(e)),
             (Ok(false), Ok(())) => {
                 eprintln!(
                     "vdiskfs: {}: merge interrupted; {} refuses to open until it is finished: run `{command}`",
