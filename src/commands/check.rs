@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::chain::Chain;
 use crate::cli::CheckArgs;
-use crate::error::{warning_lines, Error, Result};
+use crate::error::{Error, Finding, Result};
 
 pub fn run(args: &CheckArgs) -> Result<i32> {
     if args.azure {
@@ -24,25 +24,29 @@ pub fn run(args: &CheckArgs) -> Result<i32> {
             for l in &chain.layers {
                 // A structure that fails while being checked is damage to report, not a
                 // reason to stop: the user asked what is wrong.
-                let problems = l.check().unwrap_or_else(|e| vec![e.detail()]);
-                let mut problems = problems;
+                let mut problems: Vec<Finding> = l.check().unwrap_or_else(|e| vec![e.into()]);
                 let info = match l.info() {
                     Ok(i) => Some(i),
                     Err(e) => {
-                        if !problems.contains(&e.detail()) {
-                            problems.push(e.detail());
+                        // `info` walks the BAT too: the same damage, listed once.
+                        let f = Finding::from(e);
+                        if !problems.contains(&f) {
+                            problems.push(f);
                         }
                         None
                     }
                 };
                 damaged |= !problems.is_empty();
+                // A warning the check counts as damage is listed once, as damage.
                 let warnings: Vec<String> = info
                     .as_ref()
-                    .map(|i| warning_lines(&i.warnings))
+                    .map(|i| i.warnings.as_slice())
                     .unwrap_or_default()
-                    .into_iter()
-                    .filter(|w| !problems.contains(w))
+                    .iter()
+                    .filter(|w| !problems.contains(&Finding::Warning((*w).clone())))
+                    .map(ToString::to_string)
                     .collect();
+                let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
                 layers.push(json!({
                     "path": l.path().display().to_string(),
                     "format": l.format().name(),
