@@ -268,6 +268,51 @@ pub enum VhdxDefect {
         "the sector bitmap block of chunk {chunk} at file offset {offset} is also another chunk's"
     )]
     BitmapShared { chunk: u64, offset: u64 },
+
+    // Found by `check` only (an open tolerates them).
+    /// Region table copy `copy` (1 at 192 KiB, 2 at 256 KiB) has a bad signature or
+    /// checksum.
+    #[error("region table {copy} is invalid")]
+    RegionTableInvalid { copy: u64 },
+    #[error("the two region table copies differ")]
+    RegionTablesDiffer,
+    /// `BitmapOutside` as `check` words it (it walks every chunk, not only those a read
+    /// needs).
+    #[error("sector bitmap block of chunk {chunk} at {offset} is outside the file")]
+    BitmapBlockOutside { chunk: u64, offset: u64 },
+    /// A sector bitmap BAT entry in a state its file cannot have (any but NOT_PRESENT in
+    /// a file without a parent; a reserved one in a child).
+    #[error("sector bitmap entry of chunk {chunk} has state {state}, invalid in a {} file", if *differencing { "differencing" } else { "non-differencing" })]
+    BitmapState {
+        chunk: u64,
+        state: u64,
+        differencing: bool,
+    },
+    /// Two structures of the file share bytes: `area` starts at `offset`, inside `other`
+    /// (the one before it that reaches furthest).
+    #[error("{area} (at {offset}) overlaps {other}")]
+    Overlap {
+        area: VhdxArea,
+        offset: u64,
+        other: VhdxArea,
+    },
+}
+
+/// A part of a VHDX file, as `VhdxDefect::Overlap` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum VhdxArea {
+    #[error("header section")]
+    HeaderSection,
+    #[error("BAT region")]
+    BatRegion,
+    #[error("metadata region")]
+    MetadataRegion,
+    #[error("log")]
+    Log,
+    #[error("payload block {block}")]
+    PayloadBlock { block: u64 },
+    #[error("sector bitmap block {chunk}")]
+    BitmapBlock { chunk: u64 },
 }
 
 /// A defect in a VHD file, by structure: footer, dynamic disk header, BAT, parent locators.
@@ -371,6 +416,13 @@ pub enum VhdDefect {
     LocatorUtf16 { index: usize, code: String },
     #[error("parent locator {index} ({code}): invalid UTF-8")]
     LocatorUtf8 { index: usize, code: String },
+
+    // Found by `check` only (an open tolerates them).
+    #[error("the footer copy at offset 0 differs from the footer at the end")]
+    FooterCopyDiffers,
+    /// The data of parent locator `index` (at `offset`) lies inside a data block.
+    #[error("parent locator {index} data at offset {offset} overlaps a data block")]
+    LocatorOverlapsBlock { index: usize, offset: u64 },
 }
 
 /// A valid feature vdiskfs does not implement. `Display` follows "path: unsupported: ".
@@ -1161,4 +1213,48 @@ pub enum RegionTableProblem {
     Checksum { stored: u32, computed: u32 },
     #[error("{count} entries (at most {max} allowed)")]
     Entries { count: u32, max: u32 },
+}
+
+/// One thing `vdiskfs check` reports about a layer (`Layer::check`). `Display` is the
+/// text after "PATH: DAMAGE: " (and a string of the JSON's `problems`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Finding {
+    /// A damaged structure.
+    #[error(transparent)]
+    Defect(Defect),
+    /// What a read-only open tolerated but is damage nonetheless: an invalid header
+    /// copy, a checksum mismatch, a missing end footer, a log that would grow the file
+    /// too far. `check` does not list it again among the warnings.
+    #[error(transparent)]
+    Warning(Warning),
+    /// A structure using a feature vdiskfs does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(Feature),
+    /// The check could not go on: an error that is not a finding about the file (an I/O
+    /// error, say); `detail` is its message without the path, as given.
+    #[error("{detail}")]
+    Failed { detail: String },
+}
+
+impl From<crate::error::Error> for Finding {
+    fn from(e: crate::error::Error) -> Self {
+        use crate::error::Error;
+        match e {
+            Error::Corrupt { defect, .. } => Finding::Defect(defect),
+            Error::Unsupported { feature, .. } => Finding::Unsupported(feature),
+            e => Finding::Failed { detail: e.detail() },
+        }
+    }
+}
+
+impl From<VhdxDefect> for Finding {
+    fn from(d: VhdxDefect) -> Self {
+        Finding::Defect(d.into())
+    }
+}
+
+impl From<VhdDefect> for Finding {
+    fn from(d: VhdDefect) -> Self {
+        Finding::Defect(d.into())
+    }
 }

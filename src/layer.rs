@@ -8,7 +8,7 @@ use std::path::Path;
 
 use uuid::Uuid;
 
-use crate::error::{Result, Warning};
+use crate::error::{Finding, Result, Warning};
 
 /// One stretch of a layer's view of the virtual disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +172,7 @@ pub trait Layer: Send + Sync {
     /// Everything `info` shows; may walk the BAT.
     fn info(&self) -> Result<LayerInfo>;
     /// Structural problems found by a full check (`vdiskfs check`); empty when sound.
-    fn check(&self) -> Result<Vec<String>> {
+    fn check(&self) -> Result<Vec<Finding>> {
         Ok(Vec::new())
     }
     /// Opened read-only while another process had the file open for writing (held its

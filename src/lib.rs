@@ -56,9 +56,10 @@ pub use chain::{Chain, ChainOptions, Intent, ParentFound, MAX_CHAIN_DEPTH};
 pub use commands::create::{create, CreateOptions};
 pub use convert::{convert, ConvertReport, ConvertSpec, OutFormat};
 pub use defect::{
-    Defect, Feature, HeaderProblem, HumanSize, Internal, LinkageProblem, LocatorProblem, LogGrowth,
-    LogWriteProblem, MountFailure, MountRefusal, NotParent, RegionTableCopy, RegionTableProblem,
-    Request, ShrinkBlocker, SizeProblem, Tried, Usage, VhdDefect, VhdxDefect, Warning,
+    Defect, Feature, Finding, HeaderProblem, HumanSize, Internal, LinkageProblem, LocatorProblem,
+    LogGrowth, LogWriteProblem, MountFailure, MountRefusal, NotParent, RegionTableCopy,
+    RegionTableProblem, Request, ShrinkBlocker, SizeProblem, Tried, Usage, VhdDefect, VhdxArea,
+    VhdxDefect, Warning,
 };
 pub use disk::{Disk, DiskOptions};
 pub use error::{Error, Result};

@@ -6,6 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::disk::Disk;
+use crate::error::Finding;
 use crate::image::crash_sim;
 use crate::image::vhdx::bat::{state, PAYLOAD_BLOCK_ZERO};
 use crate::image::vhdx::tests::{
@@ -77,7 +78,7 @@ fn discards_read_zeros_in_bases_and_children_of_both_formats() {
         }
         let disk = open_disk(&b, false);
         assert!(read_all(&disk) == model, "{ext}/{lss}: base after reopen");
-        assert_eq!(disk.layers()[0].check().unwrap(), Vec::<String>::new());
+        assert_eq!(disk.layers()[0].check().unwrap(), Vec::<Finding>::new());
         drop(disk);
         let base_bytes = std::fs::read(&b).unwrap();
 
@@ -91,7 +92,7 @@ fn discards_read_zeros_in_bases_and_children_of_both_formats() {
         }
         let disk = open_disk(&c, false);
         assert!(read_all(&disk) == model, "{ext}/{lss}: child after reopen");
-        assert_eq!(disk.layers()[0].check().unwrap(), Vec::<String>::new());
+        assert_eq!(disk.layers()[0].check().unwrap(), Vec::<Finding>::new());
         assert!(
             std::fs::read(&b).unwrap() == base_bytes,
             "{ext}: the parent never changes"
@@ -160,7 +161,7 @@ fn discarded_blocks_are_given_back_and_reused_only_after_a_flush() {
         drop(disk);
         let disk = open_disk(&b, false);
         assert!(read_all(&disk) == model, "{ext}: after reopen");
-        assert_eq!(disk.layers()[0].check().unwrap(), Vec::<String>::new());
+        assert_eq!(disk.layers()[0].check().unwrap(), Vec::<Finding>::new());
         drop(disk);
 
         // A child: whole blocks read zeros (not the parent); VHDX records the zero state.
@@ -298,6 +299,6 @@ fn discarding_zeros_in_a_child_allocates_nothing() {
             len1 <= len0 + 5 * (MIB + 4096),
             "{ext}: the child grew from {len0} to {len1} bytes"
         );
-        assert_eq!(disk.layers()[0].check().unwrap(), Vec::<String>::new());
+        assert_eq!(disk.layers()[0].check().unwrap(), Vec::<Finding>::new());
     }
 }

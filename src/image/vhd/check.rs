@@ -3,16 +3,17 @@
 
 use super::footer::{DiskType, FOOTER_SIZE};
 use super::Vhd;
-use crate::error::{Result, Warning};
+use crate::error::{Finding, Result, VhdDefect, Warning};
 
 impl Vhd {
-    pub(crate) fn check_structure(&self) -> Result<Vec<String>> {
+    pub(crate) fn check_structure(&self) -> Result<Vec<Finding>> {
         // Checksum mismatches and a missing end footer are tolerated read-only: report them.
-        let mut problems: Vec<String> = self
+        let mut problems: Vec<Finding> = self
             .warnings
             .iter()
             .filter(|w| matches!(w, Warning::VhdChecksum { .. } | Warning::VhdFooterMissing))
-            .map(ToString::to_string)
+            .cloned()
+            .map(Finding::Warning)
             .collect();
         if self.footer.disk_type == DiskType::Fixed {
             return Ok(problems);
@@ -26,8 +27,7 @@ impl Vhd {
             self.file
                 .read_exact_at(&mut tail, len - FOOTER_SIZE as u64)?;
             if &tail[..8] == b"conectix" && head != tail {
-                problems
-                    .push("the footer copy at offset 0 differs from the footer at the end".into());
+                problems.push(VhdDefect::FooterCopyDiffers.into());
             }
         }
         // Parent locator data must not lie inside a data block.
@@ -51,9 +51,13 @@ impl Vhd {
                 );
                 let hit = blocks.partition_point(|&b| b + block_len <= s);
                 if blocks.get(hit).is_some_and(|&b| b < end) {
-                    problems.push(format!(
-                        "parent locator {i} data at offset {s} overlaps a data block"
-                    ));
+                    problems.push(
+                        VhdDefect::LocatorOverlapsBlock {
+                            index: i,
+                            offset: s,
+                        }
+                        .into(),
+                    );
                 }
             }
         }

@@ -29,7 +29,7 @@ use std::path::Path;
 
 use uuid::Uuid;
 
-use crate::error::{Error, Result, VhdDefect, Warning};
+use crate::error::{Error, Finding, Result, VhdDefect, Warning};
 use crate::image::ImageFile;
 use crate::layer::{
     block_pieces, push_run, Format, Layer, LayerInfo, OpenOptions, ParentRef, Run, WritableLayer,
@@ -480,7 +480,7 @@ impl Layer for Vhd {
         Some(self.footer.time_stamp)
     }
 
-    fn check(&self) -> Result<Vec<String>> {
+    fn check(&self) -> Result<Vec<Finding>> {
         self.check_structure()
     }
 

@@ -325,6 +325,7 @@ mod tests {
 
     use super::super::create::{create_dynamic, fixed_footer};
     use super::super::Vhd;
+    use crate::error::{Finding, VhdDefect};
     use crate::image::vhdx::resize::tests::{cut_everywhere, write_with_hole};
     use crate::layer::{OpenOptions, WritableLayer};
     use crate::test_support::TempDir;
@@ -344,9 +345,9 @@ mod tests {
 
     /// Between the end footer and its copy at offset 0 `check` names the copy, and the
     /// size is the new one (the end footer rules).
-    fn copy_behind(new: u64) -> impl Fn(&[String], u64) -> bool {
-        move |p: &[String], size: u64| {
-            size == new && p.len() == 1 && p[0].contains("footer copy at offset 0 differs")
+    fn copy_behind(new: u64) -> impl Fn(&[Finding], u64) -> bool {
+        move |p: &[Finding], size: u64| {
+            size == new && p == [Finding::from(VhdDefect::FooterCopyDiffers)]
         }
     }
 
@@ -373,7 +374,7 @@ mod tests {
         let mut bytes = data.clone();
         bytes.extend_from_slice(&fixed_footer(&fixed, size).unwrap());
         std::fs::write(&fixed, &bytes).unwrap();
-        let none = |_: &[String], _: u64| false;
+        let none = |_: &[Finding], _: u64| false;
         for new in [size + 512, size + (3 << 20) + 512] {
             cut_everywhere(&d, &fixed, &data, new, &vhd_resize(new), &none);
         }

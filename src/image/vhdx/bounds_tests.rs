@@ -13,7 +13,7 @@ use super::metadata::{MAX_VIRTUAL_SIZE, VIRTUAL_DISK_SIZE};
 use super::region::REGION_TABLE_OFFSETS;
 use super::tests::{new_base, open_defect, open_feature, patch, read, TempDir};
 use super::Vhdx;
-use crate::error::{Error, Feature, VhdxDefect};
+use crate::error::{Error, Feature, Finding, VhdxArea, VhdxDefect};
 use crate::image::vhdx::metadata::FILE_PARAMETERS;
 use crate::layer::{Layer, OpenOptions, Run};
 
@@ -311,9 +311,11 @@ fn payload_blocks_overlapping_each_other_are_reported_by_check() {
     let v = open(&p).unwrap();
     let problems = v.check().unwrap();
     assert!(
-        problems
-            .iter()
-            .any(|s| s.contains("payload block 2") && s.contains("overlaps payload block 0")),
+        problems.contains(&Finding::from(VhdxDefect::Overlap {
+            area: VhdxArea::PayloadBlock { block: 2 },
+            offset: 5 * MIB,
+            other: VhdxArea::PayloadBlock { block: 0 },
+        })),
         "{problems:?}"
     );
 }
@@ -355,10 +357,13 @@ fn sector_bitmap_block_pointing_at_a_payload_block_is_reported_by_check() {
     );
     let v = open(&c).unwrap();
     let problems = v.check().unwrap();
+    let bitmap = VhdxArea::BitmapBlock { chunk: 0 };
     assert!(
-        problems
-            .iter()
-            .any(|s| s.contains("sector bitmap block 0") || s.contains("overlaps sector bitmap")),
+        problems.iter().any(|f| matches!(
+            f,
+            Finding::Defect(crate::error::Defect::Vhdx(VhdxDefect::Overlap { area, other, .. }))
+                if *area == bitmap || *other == bitmap
+        )),
         "{problems:?}"
     );
 }

@@ -30,7 +30,7 @@ use self::bitmap::SectorBitmaps;
 use self::header::{Header, HEADER_OFFSETS, HEADER_SECTION_SIZE};
 use self::metadata::{parse_guid_string, Metadata};
 use self::region::Regions;
-use crate::error::{Error, Feature, LogGrowth, Result, VhdxDefect, Warning};
+use crate::error::{Error, Feature, Finding, LogGrowth, Result, VhdxArea, VhdxDefect, Warning};
 use crate::image::ImageFile;
 use crate::layer::{block_pieces, push_run, Format, Layer, LayerInfo, OpenOptions, ParentRef, Run};
 
@@ -47,8 +47,8 @@ pub struct Vhdx {
     parent: Option<ParentRef>,
     creator: String,
     log_state: String,
-    /// Problems of the pending log that did not stop a read-only open (`check` lists them).
-    log_problems: Vec<String>,
+    /// What the open tolerated; `check` lists the invalid header copies and a pending log
+    /// growing the file too far (`Warning::VhdxLogGrowth`) as damage.
     warnings: Vec<Warning>,
     pub(crate) write_state: Option<Mutex<write::WriteState>>,
 }
@@ -66,7 +66,6 @@ impl Vhdx {
         let (mut hdr, mut slot, mut warnings) = header::read_current_header(&file)?;
 
         let mut log_state = "clean (no pending log)".to_string();
-        let mut log_problems = Vec::new();
         // A read-only replay's (file length before, after).
         let mut growth = None;
         if !hdr.log_guid.is_nil() {
@@ -172,9 +171,9 @@ impl Vhdx {
         if let Some((real_len, grown)) = growth {
             let bound = addressable(&regions, &meta, hdr.log_length as u64);
             if grown > real_len.max(bound) {
-                let w = Warning::VhdxLogGrowth(growth_problem(real_len, grown, bound));
-                log_problems.push(w.to_string());
-                warnings.push(w);
+                warnings.push(Warning::VhdxLogGrowth(growth_problem(
+                    real_len, grown, bound,
+                )));
             }
         }
         let bat = Bat::new(&file, regions.bat, &meta)?;
@@ -200,7 +199,6 @@ impl Vhdx {
             parent,
             creator,
             log_state,
-            log_problems,
             warnings,
             write_state: None,
         };
@@ -549,7 +547,7 @@ impl Layer for Vhdx {
             .map(|_| self as &dyn crate::layer::WritableLayer)
     }
 
-    fn check(&self) -> Result<Vec<String>> {
+    fn check(&self) -> Result<Vec<Finding>> {
         self.check_structure()
     }
 
@@ -623,18 +621,20 @@ impl Vhdx {
     /// region table copies, BAT entries out of bounds or in wrong states, blocks that
     /// overlap each other or the header section, log, BAT or metadata, and
     /// PARTIALLY_PRESENT blocks without a sector bitmap.
-    pub fn check_structure(&self) -> Result<Vec<String>> {
-        let mut problems: Vec<String> = self
+    pub fn check_structure(&self) -> Result<Vec<Finding>> {
+        // The open puts the header copies' warnings first, a log's growth last.
+        let mut problems: Vec<Finding> = self
             .warnings
             .iter()
-            .filter(|w| matches!(w, Warning::VhdxHeaderInvalid { .. }))
-            .map(ToString::to_string)
+            .filter(|w| {
+                matches!(
+                    w,
+                    Warning::VhdxHeaderInvalid { .. } | Warning::VhdxLogGrowth(_)
+                )
+            })
+            .cloned()
+            .map(Finding::Warning)
             .collect();
-        for p in &self.log_problems {
-            if !problems.contains(p) {
-                problems.push(p.clone());
-            }
-        }
         // Both region table copies must be valid and equal.
         let mut copies = Vec::new();
         for off in region::REGION_TABLE_OFFSETS {
@@ -645,48 +645,48 @@ impl Vhdx {
         for (i, c) in copies.iter().enumerate() {
             let stored = header::le32(c, 4);
             if &c[0..4] != b"regi" || header::crc_with_zeroed_field(c, 4) != stored {
-                problems.push(format!("region table {} is invalid", i + 1));
+                problems.push(VhdxDefect::RegionTableInvalid { copy: i as u64 + 1 }.into());
             }
         }
         if copies[0] != copies[1] {
-            problems.push("the two region table copies differ".into());
+            problems.push(VhdxDefect::RegionTablesDiffer.into());
         }
         let h = self.header();
         let bs = self.block_size();
-        let mut ranges: Vec<(u64, u64, String)> = vec![
-            (0, HEADER_SECTION_SIZE, "header section".into()),
+        let mut ranges: Vec<(u64, u64, VhdxArea)> = vec![
+            (0, HEADER_SECTION_SIZE, VhdxArea::HeaderSection),
             (
                 self.regions.bat.file_offset,
                 self.regions.bat.end(),
-                "BAT region".into(),
+                VhdxArea::BatRegion,
             ),
             (
                 self.regions.metadata.file_offset,
                 self.regions.metadata.end(),
-                "metadata region".into(),
+                VhdxArea::MetadataRegion,
             ),
         ];
         if h.log_length != 0 {
             ranges.push((
                 h.log_offset,
                 h.log_offset.saturating_add(h.log_length as u64),
-                "log".into(),
+                VhdxArea::Log,
             ));
         }
         for block in 0..self.bat.data_blocks {
             let e = self.bat.get(&self.file, self.bat.payload_index(block))?;
             match self.check_payload(block, e) {
-                Err(err) => problems.push(err.detail()),
+                Err(err) => problems.push(err.into()),
                 Ok(PAYLOAD_BLOCK_FULLY_PRESENT) | Ok(PAYLOAD_BLOCK_PARTIALLY_PRESENT) => {
                     let off = file_offset(e);
                     ranges.push((
                         off,
                         off.saturating_add(bs),
-                        format!("payload block {block}"),
+                        VhdxArea::PayloadBlock { block },
                     ));
                     if state(e) == PAYLOAD_BLOCK_PARTIALLY_PRESENT {
                         if let Err(err) = self.bitmap_offset(block / self.bat.chunk_ratio) {
-                            problems.push(err.detail());
+                            problems.push(err.into());
                         }
                     }
                 }
@@ -705,29 +705,35 @@ impl Vhdx {
                     let off = file_offset(e);
                     let end = off.saturating_add(bitmap::BITMAP_BLOCK_SIZE as u64);
                     if off < HEADER_SECTION_SIZE || end > self.file.len() {
-                        problems.push(format!(
-                            "sector bitmap block of chunk {chunk} at {off} is outside the file"
-                        ));
+                        problems.push(VhdxDefect::BitmapBlockOutside { chunk, offset: off }.into());
                     } else {
-                        ranges.push((off, end, format!("sector bitmap block {chunk}")));
+                        ranges.push((off, end, VhdxArea::BitmapBlock { chunk }));
                     }
                 }
-                s => problems.push(format!(
-                    "sector bitmap entry of chunk {chunk} has state {s}, invalid in a {} file",
-                    if self.meta.has_parent {
-                        "differencing"
-                    } else {
-                        "non-differencing"
+                s => problems.push(
+                    VhdxDefect::BitmapState {
+                        chunk,
+                        state: s,
+                        differencing: self.meta.has_parent,
                     }
-                )),
+                    .into(),
+                ),
             }
         }
-        ranges.sort();
-        let mut furthest: Option<(u64, String)> = None;
+        // Ties broken by the areas' names, as `check` has always listed them.
+        ranges.sort_by_cached_key(|(start, end, area)| (*start, *end, area.to_string()));
+        let mut furthest: Option<(u64, VhdxArea)> = None;
         for (start, end, name) in ranges {
             if let Some((fend, fname)) = &furthest {
                 if start < *fend {
-                    problems.push(format!("{name} (at {start}) overlaps {fname}"));
+                    problems.push(
+                        VhdxDefect::Overlap {
+                            area: name,
+                            offset: start,
+                            other: *fname,
+                        }
+                        .into(),
+                    );
                 }
             }
             if furthest.as_ref().is_none_or(|(fend, _)| end > *fend) {

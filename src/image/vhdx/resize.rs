@@ -262,6 +262,7 @@ pub(crate) mod tests {
     use std::path::Path;
 
     use crate::disk::Disk;
+    use crate::error::Finding;
     use crate::image::crash_sim;
     use crate::image::durable::create_new_file;
     use crate::image::vhdx::create::{write_new, NewVhdx};
@@ -293,7 +294,7 @@ pub(crate) mod tests {
         data: &[u8],
         new: u64,
         resize: &dyn Fn(&Path) -> bool,
-        tolerated: &dyn Fn(&[String], u64) -> bool,
+        tolerated: &dyn Fn(&[Finding], u64) -> bool,
     ) {
         let old = data.len() as u64;
         let work = d.join(format!(
@@ -385,7 +386,7 @@ pub(crate) mod tests {
         for fixed in [false, true] {
             let t = d.join(format!("t-{fixed}.vhdx"));
             let data = vhdx_with_data(&t, size, fixed, 3);
-            let none = |_: &[String], _: u64| false;
+            let none = |_: &[Finding], _: u64| false;
             // Odd growth in place; past the BAT region (moved), not for fixed disks
             // (300 GiB of payload); and a shrink.
             let mut cases = vec![size + (3 << 20) + 512];
