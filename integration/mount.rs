@@ -1135,18 +1135,7 @@ fn transports_uring_and_classic() {
         assert_eq!(fs::read(&disk).unwrap(), data, "read back after writes");
         let served: u64 = stats_value(&m, "ring_requests").parse().unwrap();
         assert!(served > 0, "no request came through the rings");
-        let out = Command::new(BIN).arg("umount").arg(&mnt).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        drop(m);
-        assert_eq!(
-            qemu_raw(&image, &t.join("after.raw")),
-            data,
-            "qemu-img's view"
-        );
+        umount_then_judge(m, &mnt, &image, &t, &data);
         let check = Command::new(BIN).arg("check").arg(&image).output().unwrap();
         assert!(
             check.status.success(),
@@ -1180,6 +1169,22 @@ fn transports_uring_and_classic() {
         assert_eq!(stats_value(&m, "transport"), "classic");
         assert_eq!(fs::read(m.file("disk.raw")).unwrap(), data);
     }
+}
+
+/// `vdiskfs umount MNT` (it must succeed), then qemu-img's view of `image` must be `data`.
+fn umount_then_judge(m: FuseMount, mnt: &Path, image: &Path, t: &TempDir, data: &[u8]) {
+    let out = Command::new(BIN).arg("umount").arg(mnt).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(m);
+    assert_eq!(
+        qemu_raw(image, &t.join("after.raw")),
+        data,
+        "qemu-img's view"
+    );
 }
 
 /// `--direct-io` (and `-o direct_io`): the data files bypass the kernel's page cache, so
@@ -1229,17 +1234,6 @@ fn direct_io_reads_and_writes_bypass_the_page_cache() {
         f.sync_all().unwrap();
         drop(f);
         assert_eq!(fs::read(&disk).unwrap(), data, "{flag:?}: read back");
-        let out = Command::new(BIN).arg("umount").arg(&mnt).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        drop(m);
-        assert_eq!(
-            qemu_raw(&image, &t.join("after.raw")),
-            data,
-            "qemu-img's view"
-        );
+        umount_then_judge(m, &mnt, &image, &t, &data);
     }
 }

@@ -810,12 +810,27 @@ pub fn require_fuse() -> bool {
 /// Unmount a FUSE mount point: `fusermount3 -u`, retried while the mount is busy,
 /// then a lazy `fusermount3 -uz` as the last resort. Returns true when unmounted.
 pub fn fuse_unmount(dir: &Path) -> bool {
+    if unmount_retrying(dir, "fusermount3", &["-u"]) {
+        return true;
+    }
+    let _ = Command::new("fusermount3")
+        .arg("-uz")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .status();
+    !is_mounted(dir)
+}
+
+/// `PROGRAM ARGS DIR` until `dir` is no longer a mount point, for up to 5 s (a mount is
+/// busy while another test thread's fork holds a descriptor into it, until that child
+/// execs). True when it was unmounted.
+fn unmount_retrying(dir: &Path, program: &str, args: &[&str]) -> bool {
     for _ in 0..50 {
         if !is_mounted(dir) {
             return true;
         }
-        let _ = Command::new("fusermount3")
-            .arg("-u")
+        let _ = Command::new(program)
+            .args(args)
             .arg(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -826,12 +841,7 @@ pub fn fuse_unmount(dir: &Path) -> bool {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let _ = Command::new("fusermount3")
-        .arg("-uz")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .status();
-    !is_mounted(dir)
+    false
 }
 
 /// A FUSE mount made by some tool, unmounted when dropped (even when the test fails).
@@ -1014,20 +1024,8 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
 /// execs), then, naming the holders (`fuser -vm`) on stderr, a lazy `umount -l` as the
 /// last resort. Returns true when it was unmounted without the lazy fallback.
 pub fn umount_guest(dir: &Path) -> bool {
-    for _ in 0..50 {
-        if !is_mounted(dir) {
-            return true;
-        }
-        let _ = Command::new("umount")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        if !is_mounted(dir) {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+    if unmount_retrying(dir, "umount", &[]) {
+        return true;
     }
     let holders = run(Command::new("fuser").arg("-vm").arg(dir));
     eprintln!(
@@ -1039,6 +1037,7 @@ pub fn umount_guest(dir: &Path) -> bool {
     let _ = Command::new("umount").arg("-l").arg(dir).status();
     false
 }
+
 /// A seed for a randomized test: `name` from the environment (to replay a failure), else
 /// the clock.
 pub fn env_seed(name: &str) -> u64 {
