@@ -893,6 +893,20 @@ mod tests {
         }
     }
 
+    /// A linkage refusal because a VHD parent's unique id is not the one recorded.
+    fn is_unique_id_change(e: &Error) -> bool {
+        matches!(
+            e,
+            Error::Linkage {
+                msg: LinkageProblem::Changed {
+                    id_name: "unique id",
+                    ..
+                },
+                ..
+            }
+        )
+    }
+
     fn fake(format: Format, sector: u32, id: Option<u128>) -> Fake {
         Fake {
             path: PathBuf::from(format!("/x/{}-{sector}", format.name())),
@@ -1029,19 +1043,7 @@ mod tests {
         assert!(w0.is_empty(), "{w0:?}");
         let wrong = fake(Format::Vhd, 512, Some(3));
         let e = check_link(&child, &wrong, &r, &ChainOptions::default(), &mut w).unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::Linkage {
-                    msg: LinkageProblem::Changed {
-                        id_name: "unique id",
-                        ..
-                    },
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert!(is_unique_id_change(&e), "{e}");
     }
 
     #[test]
@@ -1384,19 +1386,7 @@ mod tests {
             ..Default::default()
         };
         let e = Chain::open(&top, &opts).err().unwrap();
-        assert!(
-            matches!(
-                e,
-                Error::Linkage {
-                    msg: LinkageProblem::Changed {
-                        id_name: "unique id",
-                        ..
-                    },
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        assert!(is_unique_id_change(&e), "{e}");
 
         let opts = ChainOptions {
             ignore_linkage: true,
