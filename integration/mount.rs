@@ -1001,12 +1001,24 @@ fn cache_size_costs_memory_only_as_it_fills() {
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .unwrap()
         / 1024;
+    // Both mounts use one transport: io_uring serves from more threads (a stack each,
+    // counted in VmData), and transports_uring_and_classic may turn enable_uring on
+    // while this test runs, so an auto mount could pick either (a CI run failed so).
+    let transport = std::env::var("VDISKFS_TRANSPORT").unwrap_or_else(|_| "classic".to_string());
     let mut data_kib = Vec::new();
     for size in ["1".to_string(), (total_mib / 10 * 9).to_string()] {
         let m = mount(
             &child,
             &mnt,
-            &["-r", "--cache-block", "4K", "--cache-size", &size],
+            &[
+                "-r",
+                "--transport",
+                &transport,
+                "--cache-block",
+                "4K",
+                "--cache-size",
+                &size,
+            ],
         );
         let pid = daemon_pid(&mnt);
         data_kib.push((size, status_kib(pid, "VmData"), status_kib(pid, "VmRSS")));
