@@ -608,9 +608,10 @@ fn progress_bar_on_a_terminal_and_none_in_a_pipe() {
     }
 }
 
-/// The free-space pre-check passes (the ancestor is a fixed disk, as qemu-img makes it:
-/// a sparse file, so the check counts nothing to allocate), then the file system fills
-/// during the copy: one error line naming the ancestor and ENOSPC, the record stays, the
+/// The ancestor is a fixed disk as qemu-img makes it, a sparse file: the free-space
+/// pre-check counts the holes the copy fills and refuses up front, changing nothing.
+/// With `--no-space-check` the file system fills during the copy: one error line naming
+/// the ancestor and ENOSPC, the record stays, the
 /// chain refuses to open with the merge-interrupted message, `check` finds no damage;
 /// after freeing space the same command finishes and the ancestor reads the pre-merge
 /// view.
@@ -638,7 +639,26 @@ fn no_space_in_the_middle_of_the_copy(fmt: Fmt) {
     let before = allocated(&base);
     let child_sum = sha256_file(&child);
 
-    let merge = [s("merge"), s("--quiet"), p(&child)];
+    let base_sum = sha256_file(&base);
+    let o = vdiskfs([s("merge"), s("--quiet"), p(&child)]);
+    assert_clean_failure(&o, &base);
+    assert!(
+        o.stderr.contains("not enough space") && o.stderr.contains("--no-space-check"),
+        "{fmt:?}: the holes under the fixed ancestor must count: {}",
+        o.stderr
+    );
+    assert_eq!(
+        sha256_file(&base),
+        base_sum,
+        "{fmt:?}: refused, yet changed"
+    );
+    assert_eq!(allocated(&base), before, "{fmt:?}: refused, yet allocated");
+    assert!(
+        records_in(&small).is_empty(),
+        "{fmt:?}: refused, yet recorded"
+    );
+
+    let merge = [s("merge"), s("--quiet"), s("--no-space-check"), p(&child)];
     let o = vdiskfs(merge);
     assert_clean_failure(&o, &base);
     let line = o.stderr.trim();

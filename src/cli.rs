@@ -323,6 +323,11 @@ pub struct MergeArgs {
     /// would break.
     #[arg(long)]
     pub dry_run: bool,
+    /// Skip the free-space check (for file systems whose free space does not say what
+    /// can be written: thin-provisioned, compressing, deduplicating). A merge that runs
+    /// out of space stops, and the same command finishes it after space is freed.
+    #[arg(long)]
+    pub no_space_check: bool,
     #[command(flatten)]
     pub progress: ProgressArgs,
     #[command(flatten)]

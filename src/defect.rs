@@ -856,7 +856,7 @@ pub enum Request {
         ancestor: PathBuf,
         dependents: Vec<String>,
     },
-    #[error("{}: not enough space: merging {total} bytes may grow it by up to {need_mib} MiB, its file system has {free_mib} MiB free; nothing was changed", ancestor.display())]
+    #[error("{}: not enough space: merging {total} bytes may grow it by up to {need_mib} MiB, its file system has {free_mib} MiB free; nothing was changed (--no-space-check merges anyway)", ancestor.display())]
     MergeNoSpace {
         ancestor: PathBuf,
         total: u64,

@@ -215,31 +215,48 @@ fn find_dependents(
 }
 
 /// Bytes the ancestor's file may grow by: a new block for every block the ranges touch
-/// that it has not allocated, plus room for bitmaps and metadata.
+/// that holds nothing (of any disk type), plus room for bitmaps and metadata, plus the holes under
+/// what it holds (qemu-img makes fixed disks as sparse files, and a block written in
+/// part may be sparse: writing there allocates too). 0 when nothing is allocated.
 fn space_needed(anc: &dyn Layer, ranges: &[(u64, u64)]) -> Result<u64> {
     let info = anc.info()?;
-    if info.disk_type == "fixed" || info.block_size == 0 {
-        return Ok(0);
-    }
-    let bs = info.block_size;
-    let size = anc.virtual_size();
-    let mut blocks = HashSet::new();
+    let file = std::fs::File::open(anc.path()).map_err(|e| Error::file(anc.path(), "open", e))?;
+    let mut runs = Vec::new();
+    let mut holes = 0u64;
     for &(o, l) in ranges {
-        for b in o / bs..(o + l).div_ceil(bs) {
-            blocks.insert(b);
+        runs.clear();
+        anc.map(o, l, &mut runs)?;
+        for r in &runs {
+            if let Run::Held { len, file_offset } = *r {
+                holes += crate::image::raw::hole_bytes(&file, file_offset, len);
+            }
         }
     }
     let mut new = 0u64;
-    let mut runs = Vec::new();
-    for b in blocks {
-        runs.clear();
-        let start = b * bs;
-        anc.map(start, bs.min(size - start), &mut runs)?;
-        if !runs.iter().any(|r| matches!(r, Run::Held { .. })) {
-            new += 1;
+    // A fixed disk counts too: qemu-img's fixed VHDX marks its blocks ZERO, and writing
+    // one allocates a new block.
+    if info.block_size != 0 {
+        let bs = info.block_size;
+        let size = anc.virtual_size();
+        let mut blocks = HashSet::new();
+        for &(o, l) in ranges {
+            for b in o / bs..(o + l).div_ceil(bs) {
+                blocks.insert(b);
+            }
+        }
+        for b in blocks {
+            runs.clear();
+            let start = b * bs;
+            anc.map(start, bs.min(size - start), &mut runs)?;
+            if !runs.iter().any(|r| matches!(r, Run::Held { .. })) {
+                new += bs + 4096;
+            }
         }
     }
-    Ok(new * (bs + 4096) + 16 * MIB)
+    if holes == 0 && new == 0 {
+        return Ok(0);
+    }
+    Ok(holes + new + 16 * MIB)
 }
 
 fn free_space(dir: &Path) -> Option<u64> {
@@ -497,7 +514,7 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
         }));
     }
     let phase = existing.as_ref().map_or(Phase::Copying, |r| r.phase);
-    if phase == Phase::Copying && existing.is_none() {
+    if phase == Phase::Copying && existing.is_none() && !args.no_space_check {
         let need = space_needed(anc.as_ref(), &ranges)?;
         let dir = anc_path.parent().unwrap_or(Path::new("/"));
         if let Some(free) = free_space(dir) {

@@ -25,6 +25,30 @@ pub(crate) fn seek(
     }
 }
 
+/// Bytes of `file` in `start..start + len` that are holes (not allocated): writing
+/// them makes the file system allocate. 0 when the file system cannot tell.
+pub(crate) fn hole_bytes(file: &std::fs::File, start: u64, len: u64) -> u64 {
+    use nix::unistd::Whence;
+    let end = start + len;
+    let (mut pos, mut holes) = (start, 0);
+    while pos < end {
+        let data = match seek(file, pos, Whence::SeekData) {
+            None => return holes,
+            Some(None) => end,
+            Some(Some(d)) => d.min(end),
+        };
+        holes += data - pos;
+        if data >= end {
+            break;
+        }
+        pos = match seek(file, data, Whence::SeekHole) {
+            Some(Some(h)) if h > data => h,
+            _ => return holes,
+        };
+    }
+    holes
+}
+
 pub struct Raw {
     file: ImageFile,
     size: u64,
@@ -147,6 +171,14 @@ mod tests {
         let raw = Raw::open(&p, OpenOptions::read_only()).unwrap();
         let mut runs = Vec::new();
         raw.data_map(mib, 60 * mib, &mut runs).unwrap();
+        // hole_bytes (merge's space check) agrees: only the written pieces are data.
+        let holes = hole_bytes(&f, mib, 60 * mib);
+        assert!(
+            holes >= 56 * mib && holes <= 60 * mib - 8192,
+            "hole_bytes {holes}"
+        );
+        assert_eq!(hole_bytes(&f, 8 * mib, 4096), 0);
+        assert_eq!(hole_bytes(&f, 16 * mib, mib), mib);
         std::fs::remove_file(&p).unwrap();
         assert_eq!(
             runs.iter().map(|r| r.len()).sum::<u64>(),
