@@ -16,11 +16,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 
+use crate::defect::AzureProblem;
 use crate::disk::Disk;
 use crate::error::{Error, Request, Result};
+use crate::image::detect_format;
 use crate::image::vhd::create::{fixed_footer, DynamicWriter};
+use crate::image::vhd::footer::{DiskType, Footer, Geometry, FOOTER_SIZE};
 use crate::image::vhdx::bat::{make_entry, PAYLOAD_BLOCK_FULLY_PRESENT};
 use crate::image::vhdx::create::{write_new, NewVhdx};
+use crate::layer::Format;
 
 /// Granularity at which raw and fixed outputs skip zeros (holes in the file).
 const HOLE_UNIT: usize = 64 << 10;
@@ -541,9 +545,151 @@ pub fn is_zero(buf: &[u8]) -> bool {
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
+const MIB: u64 = 1 << 20;
+
+/// Azure's limits for an uploaded VHD's virtual size (the upload size minus the 512-byte
+/// footer): from 20 MiB to 32 TiB (Azure REST API / SDK, DiskCreationData.UploadSizeBytes:
+/// "between 20972032 (20 MiB + 512 bytes for the VHD footer) and 35183298347520 bytes
+/// (32 TiB + 512 bytes for the VHD footer)").
+pub const AZURE_MIN_SIZE: u64 = 20 * MIB;
+pub const AZURE_MAX_SIZE: u64 = 32 << 40;
+
+/// Everything that keeps Azure from taking `path` as an uploaded VHD (empty: it meets
+/// the rules), as `check --azure` reports it. Read-only: the file is opened without
+/// changing its access time where the kernel allows.
+pub fn azure_problems(path: &Path) -> Result<Vec<AzureProblem>> {
+    let mut problems = Vec::new();
+    match detect_format(path)? {
+        Some(Format::Vhd) => {}
+        Some(Format::Vhdx) => return Ok(vec![AzureProblem::IsVhdx]),
+        _ => return Ok(vec![AzureProblem::NotVhd]),
+    }
+    let file = crate::access::open_file(path, false).map_err(|e| Error::file(path, "open", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::file(path, "stat", e))?
+        .len();
+    if len < FOOTER_SIZE as u64 {
+        return Ok(vec![AzureProblem::TooShort { len }]);
+    }
+    let mut buf = [0u8; FOOTER_SIZE];
+    file.read_exact_at(&mut buf, len - FOOTER_SIZE as u64)
+        .map_err(|e| Error::io(path, "read", len - FOOTER_SIZE as u64, e))?;
+    let (footer, checksum_ok) = match Footer::parse(path, &buf, len - FOOTER_SIZE as u64) {
+        Ok(x) => x,
+        Err(e) => return Ok(vec![AzureProblem::BadFooter { detail: e.detail() }]),
+    };
+    if footer.disk_type != DiskType::Fixed {
+        problems.push(AzureProblem::NotFixed {
+            disk_type: footer.disk_type.name(),
+        });
+    }
+    if !checksum_ok {
+        problems.push(AzureProblem::FooterChecksum);
+    }
+    let size = footer.current_size;
+    if !size.is_multiple_of(MIB) {
+        problems.push(AzureProblem::NotWholeMib {
+            size,
+            next: size.div_ceil(MIB) * MIB,
+        });
+    }
+    if !(AZURE_MIN_SIZE..=AZURE_MAX_SIZE).contains(&size) {
+        problems.push(AzureProblem::SizeOutOfRange { size });
+    }
+    if footer.original_size != size {
+        problems.push(AzureProblem::OriginalSize {
+            original: footer.original_size,
+            size,
+        });
+    }
+    if footer.disk_type == DiskType::Fixed && len != size + FOOTER_SIZE as u64 {
+        problems.push(AzureProblem::FileLength {
+            len,
+            size,
+            want: size + FOOTER_SIZE as u64,
+        });
+    }
+    let geometry = Geometry::for_sectors(size / 512);
+    if footer.disk_geometry != geometry {
+        let (g, w) = (footer.disk_geometry, geometry);
+        problems.push(AzureProblem::Geometry {
+            have: (g.cylinders, g.heads, g.sectors_per_track),
+            want: (w.cylinders, w.heads, w.sectors_per_track),
+        });
+    }
+    if footer.disk_type == DiskType::Fixed && footer.data_offset != u64::MAX {
+        problems.push(AzureProblem::DataOffset {
+            offset: footer.data_offset,
+        });
+    }
+    Ok(problems)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `azure_problems` names each broken rule as its variant: a fixed VHD of a whole
+    /// number of MiB passes; the same file one sector longer breaks the size and length
+    /// rules; a corrupted footer checksum, a dynamic VHD, a VHDX and a file that is no
+    /// VHD at all each get their own variant.
+    #[test]
+    fn azure_problems_are_typed() {
+        let t = crate::test_support::TempDir::new("azure");
+        let fixed = |name: &str, size: u64| {
+            let p = t.join(name);
+            let f = File::create(&p).unwrap();
+            f.set_len(size).unwrap();
+            let footer = fixed_footer(&p, size).unwrap();
+            f.write_all_at(&footer, size).unwrap();
+            p
+        };
+        let good = fixed("good.vhd", 32 * MIB);
+        assert_eq!(azure_problems(&good).unwrap(), vec![]);
+        let odd = fixed("odd.vhd", 32 * MIB + 512);
+        let got = azure_problems(&odd).unwrap();
+        assert!(
+            got.contains(&AzureProblem::NotWholeMib {
+                size: 32 * MIB + 512,
+                next: 33 * MIB
+            }),
+            "{got:?}"
+        );
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&good)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 32 * MIB + 67).unwrap(); // the checksum's last byte
+        f.write_all_at(&[b[0] ^ 1], 32 * MIB + 67).unwrap();
+        assert_eq!(
+            azure_problems(&good).unwrap(),
+            vec![AzureProblem::FooterChecksum]
+        );
+        let mut opts = crate::CreateOptions {
+            format: None,
+            parent: None,
+            size: 32 * MIB,
+            block_size: None,
+            logical_sector_size: None,
+        };
+        let dynamic = t.join("dyn.vhd");
+        crate::create(&dynamic, &opts).unwrap();
+        assert_eq!(
+            azure_problems(&dynamic).unwrap(),
+            vec![AzureProblem::NotFixed {
+                disk_type: "dynamic"
+            }]
+        );
+        opts.format = Some(Format::Vhdx);
+        let vhdx = t.join("d.vhdx");
+        crate::create(&vhdx, &opts).unwrap();
+        assert_eq!(azure_problems(&vhdx).unwrap(), vec![AzureProblem::IsVhdx]);
+        let junk = t.file("junk.img", "not a disk");
+        assert_eq!(azure_problems(&junk).unwrap(), vec![AzureProblem::NotVhd]);
+    }
 
     /// The cursor hands out each touched unit once, in order, with exactly the parts
     /// of the ranges inside it (a range may span units, a unit may hold several).

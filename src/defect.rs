@@ -1026,6 +1026,45 @@ pub enum SizeProblem {
     TooLarge { text: String },
 }
 
+/// One reason Azure would not take a file as an uploaded VHD (`check --azure`,
+/// `vdiskfs::azure_problems`). `Display` is the text after "not Azure-ready: ".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AzureProblem {
+    #[error("is not a VHD (no \"conectix\" footer)")]
+    NotVhd,
+    #[error("is a VHDX; Azure takes only fixed VHD files (convert it: vdiskfs convert --azure)")]
+    IsVhdx,
+    #[error("is {len} bytes, too short for a VHD")]
+    TooShort { len: u64 },
+    #[error("the last 512 bytes are not a valid VHD footer ({detail}); a fixed VHD ends with one")]
+    BadFooter { detail: String },
+    #[error(
+        "is a {disk_type} VHD; Azure takes only fixed VHDs (vdiskfs convert --azure makes one)"
+    )]
+    NotFixed { disk_type: &'static str },
+    #[error("the footer checksum is wrong")]
+    FooterChecksum,
+    #[error("the virtual size {size} is not a whole number of MiB (the next is {next})")]
+    NotWholeMib { size: u64, next: u64 },
+    #[error(
+        "the virtual size {size} is outside Azure's limits ({} to {} bytes: 20 MiB to 32 TiB)",
+        crate::convert::AZURE_MIN_SIZE,
+        crate::convert::AZURE_MAX_SIZE
+    )]
+    SizeOutOfRange { size: u64 },
+    #[error("the original size {original} differs from the current size {size}")]
+    OriginalSize { original: u64, size: u64 },
+    #[error("the file is {len} bytes; a fixed VHD of virtual size {size} must be {want} (data + 512-byte footer)")]
+    FileLength { len: u64, size: u64, want: u64 },
+    #[error("the disk geometry C/H/S {}/{}/{} is not the VHD specification's for this size ({}/{}/{})", have.0, have.1, have.2, want.0, want.1, want.2)]
+    Geometry {
+        have: (u16, u8, u8),
+        want: (u16, u8, u8),
+    },
+    #[error("the footer's data offset is {offset:#x}; a fixed disk has 0xFFFFFFFFFFFFFFFF")]
+    DataOffset { offset: u64 },
+}
+
 /// Command-line options that do not fit together or a value that is not one, found
 /// before any file is looked at beyond its name. `Display` is the whole line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

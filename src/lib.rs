@@ -16,7 +16,8 @@
 //!   [`CreateOptions`] (the parent's chain is locked as [`Intent::CreateChild`]).
 //! - **Check**: [`Layer::check`] lists a layer's damage; [`Layer::info`] its warnings.
 //! - **Convert** the merged view into a new VHDX, VHD or raw file: [`convert`] with a
-//!   [`ConvertSpec`] (the file appears atomically, or not at all).
+//!   [`ConvertSpec`] (the file appears atomically, or not at all). [`azure_problems`]
+//!   lists what keeps Azure from taking a file ([`AzureProblem`]).
 //! - **Inside the guest**: [`guest::scan`] reads the partition table and probes file
 //!   systems through anything that implements [`guest::ReadAt`] (a [`Disk`] does).
 //! - **Errors**: [`Error`] and [`Result`]; damage and refusals are typed ([`Defect`],
@@ -54,12 +55,14 @@ pub(crate) mod vfs;
 
 pub use chain::{Chain, ChainOptions, Intent, ParentFound, MAX_CHAIN_DEPTH};
 pub use commands::create::{create, CreateOptions};
-pub use convert::{convert, ConvertReport, ConvertSpec, OutFormat};
+pub use convert::{
+    azure_problems, convert, ConvertReport, ConvertSpec, OutFormat, AZURE_MAX_SIZE, AZURE_MIN_SIZE,
+};
 pub use defect::{
-    Defect, Feature, Finding, HeaderProblem, HumanSize, Internal, LinkageProblem, LocatorProblem,
-    LogGrowth, LogWriteProblem, MountFailure, MountRefusal, NotParent, RegionTableCopy,
-    RegionTableProblem, Request, ShrinkBlocker, SizeProblem, Tried, Usage, VhdDefect, VhdxArea,
-    VhdxDefect, Warning,
+    AzureProblem, Defect, Feature, Finding, HeaderProblem, HumanSize, Internal, LinkageProblem,
+    LocatorProblem, LogGrowth, LogWriteProblem, MountFailure, MountRefusal, NotParent,
+    RegionTableCopy, RegionTableProblem, Request, ShrinkBlocker, SizeProblem, Tried, Usage,
+    VhdDefect, VhdxArea, VhdxDefect, Warning,
 };
 pub use disk::{Disk, DiskOptions};
 pub use error::{Error, Result};

@@ -119,7 +119,10 @@ fn findings(l: &dyn Layer) -> (Vec<Finding>, Vec<Warning>, Option<LayerInfo>) {
 
 /// `check --azure`: whether IMAGE is a VHD Azure accepts for upload.
 fn run_azure(args: &CheckArgs) -> Result<i32> {
-    let problems = crate::commands::convert::azure_problems(&args.image)?;
+    let problems: Vec<String> = crate::convert::azure_problems(&args.image)?
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let path = args.image.display().to_string();
     let text = if args.json {
         let doc = json!({"path": path, "azure_ready": problems.is_empty(), "problems": problems});

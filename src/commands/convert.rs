@@ -1,30 +1,22 @@
 //! `vdiskfs convert`: the merged view of a chain (or a raw image) as a new independent
-//! disk, and `check --azure`'s rules for Azure-ready VHDs.
+//! disk.
 
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::chain::{Chain, Intent};
 use crate::cli::{parse_size, ConvertArgs, ConvertFormatArg, DiskTypeArg, SourceFormatArg};
-use crate::convert::{convert, source_data_bytes, ConvertSpec, OutFormat};
+use crate::convert::{
+    convert, source_data_bytes, ConvertSpec, OutFormat, AZURE_MAX_SIZE, AZURE_MIN_SIZE,
+};
 use crate::disk::{Disk, DiskOptions};
 use crate::error::{Error, Request, Result, Usage};
 use crate::image::detect_format;
 use crate::image::raw::Raw;
-use crate::image::vhd::footer::{DiskType, Footer, Geometry, FOOTER_SIZE};
-use crate::layer::Format;
 
 const DEFAULT_BLOCK: u64 = 2 << 20;
 const MIB: u64 = 1 << 20;
-
-/// Azure's limits for an uploaded VHD's virtual size (the upload size minus the 512-byte
-/// footer): from 20 MiB to 32 TiB (Azure REST API / SDK, DiskCreationData.UploadSizeBytes:
-/// "between 20972032 (20 MiB + 512 bytes for the VHD footer) and 35183298347520 bytes
-/// (32 TiB + 512 bytes for the VHD footer)").
-pub const AZURE_MIN_SIZE: u64 = 20 * MIB;
-pub const AZURE_MAX_SIZE: u64 = 32 << 40;
 
 fn output_format(args: &ConvertArgs) -> Result<OutFormat> {
     if args.azure {
@@ -235,100 +227,4 @@ fn make_spec(
         virtual_size: size,
         creator: crate::image::vhdx::create::CREATOR.to_string(),
     })
-}
-
-/// Everything that keeps Azure from taking `path` as an uploaded VHD (empty: it meets
-/// the rules). Read-only: the file is opened without changing its access time where
-/// the kernel allows.
-pub fn azure_problems(path: &Path) -> Result<Vec<String>> {
-    let mut problems = Vec::new();
-    match detect_format(path)? {
-        Some(Format::Vhd) => {}
-        Some(Format::Vhdx) => {
-            problems.push(
-                "is a VHDX; Azure takes only fixed VHD files (convert it: vdiskfs convert --azure)"
-                    .into(),
-            );
-            return Ok(problems);
-        }
-        _ => {
-            problems.push("is not a VHD (no \"conectix\" footer)".into());
-            return Ok(problems);
-        }
-    }
-    let file = crate::access::open_file(path, false).map_err(|e| Error::file(path, "open", e))?;
-    let len = file
-        .metadata()
-        .map_err(|e| Error::file(path, "stat", e))?
-        .len();
-    if len < FOOTER_SIZE as u64 {
-        problems.push(format!("is {len} bytes, too short for a VHD"));
-        return Ok(problems);
-    }
-    let mut buf = [0u8; FOOTER_SIZE];
-    file.read_exact_at(&mut buf, len - FOOTER_SIZE as u64)
-        .map_err(|e| Error::io(path, "read", len - FOOTER_SIZE as u64, e))?;
-    let (footer, checksum_ok) = match Footer::parse(path, &buf, len - FOOTER_SIZE as u64) {
-        Ok(x) => x,
-        Err(e) => {
-            problems.push(format!(
-                "the last 512 bytes are not a valid VHD footer ({}); a fixed VHD ends with one",
-                e.detail()
-            ));
-            return Ok(problems);
-        }
-    };
-    if footer.disk_type != DiskType::Fixed {
-        problems.push(format!(
-            "is a {} VHD; Azure takes only fixed VHDs (vdiskfs convert --azure makes one)",
-            footer.disk_type.name()
-        ));
-    }
-    if !checksum_ok {
-        problems.push("the footer checksum is wrong".into());
-    }
-    let size = footer.current_size;
-    if !size.is_multiple_of(MIB) {
-        problems.push(format!(
-            "the virtual size {size} is not a whole number of MiB (the next is {})",
-            size.div_ceil(MIB) * MIB
-        ));
-    }
-    if !(AZURE_MIN_SIZE..=AZURE_MAX_SIZE).contains(&size) {
-        problems.push(format!(
-            "the virtual size {size} is outside Azure's limits ({AZURE_MIN_SIZE} to {AZURE_MAX_SIZE} bytes: 20 MiB to 32 TiB)"
-        ));
-    }
-    if footer.original_size != size {
-        problems.push(format!(
-            "the original size {} differs from the current size {size}",
-            footer.original_size
-        ));
-    }
-    if footer.disk_type == DiskType::Fixed && len != size + FOOTER_SIZE as u64 {
-        problems.push(format!(
-            "the file is {len} bytes; a fixed VHD of virtual size {size} must be {} (data + 512-byte footer)",
-            size + FOOTER_SIZE as u64
-        ));
-    }
-    let geometry = Geometry::for_sectors(size / 512);
-    if footer.disk_geometry != geometry {
-        let g = footer.disk_geometry;
-        problems.push(format!(
-            "the disk geometry C/H/S {}/{}/{} is not the VHD specification's for this size ({}/{}/{})",
-            g.cylinders,
-            g.heads,
-            g.sectors_per_track,
-            geometry.cylinders,
-            geometry.heads,
-            geometry.sectors_per_track
-        ));
-    }
-    if footer.disk_type == DiskType::Fixed && footer.data_offset != u64::MAX {
-        problems.push(format!(
-            "the footer's data offset is {:#x}; a fixed disk has 0xFFFFFFFFFFFFFFFF",
-            footer.data_offset
-        ));
-    }
-    Ok(problems)
 }
