@@ -46,6 +46,8 @@ pub(crate) mod layer;
 pub(crate) mod merge;
 pub(crate) mod paths;
 pub(crate) mod progress;
+pub(crate) mod resize;
+pub(crate) mod set_parent;
 pub(crate) mod sys;
 #[cfg(test)]
 pub(crate) mod test_support;
