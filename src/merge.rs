@@ -314,7 +314,7 @@ pub(crate) fn merge_ranges(
 
 /// Another disk whose parent is ANCESTOR or a merged layer (it breaks with the merge).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Dependent {
+pub struct MergeDependent {
     /// The other disk.
     pub path: PathBuf,
     /// Its parent: ANCESTOR or a merged layer.
@@ -328,7 +328,7 @@ fn find_dependents(
     targets: &[(FileId, Option<uuid::Uuid>, PathBuf)],
     skip: &HashSet<FileId>,
     search_dirs: &[PathBuf],
-) -> Vec<Dependent> {
+) -> Vec<MergeDependent> {
     let mut seen_dirs = HashSet::new();
     let mut seen = HashSet::new();
     let mut out = Vec::new();
@@ -377,7 +377,7 @@ fn find_dependents(
                 let linked =
                     pref.linkage.is_empty() || linkage.is_some_and(|l| pref.linkage.contains(&l));
                 if *tid == pid && linked {
-                    out.push(Dependent {
+                    out.push(MergeDependent {
                         path: path.clone(),
                         parent: tpath.clone(),
                     });
@@ -513,7 +513,6 @@ fn copy(
     })
 }
 
-
 /// What [`merge`] is asked to do (`vdiskfs merge`'s arguments).
 #[derive(Debug, Clone, Default)]
 pub struct MergeOptions {
@@ -570,7 +569,7 @@ pub struct MergeReport {
     pub bytes: u64,
     pub ranges: usize,
     /// Other disks that depend on the ancestor or a merged layer (with `force`, broken).
-    pub dependents: Vec<Dependent>,
+    pub dependents: Vec<MergeDependent>,
     /// A record of an earlier, interrupted merge of these layers was found (this run
     /// finishes it).
     pub resumed: bool,
@@ -963,7 +962,6 @@ mod tests {
             "{e}"
         );
     }
-
 
     fn write(path: &Path, writes: &[(u64, usize)]) {
         let d = open_disk(path, true);
