@@ -560,9 +560,9 @@ pub struct MergeReport {
     pub layers: Vec<PathBuf>,
     /// The ancestor (canonical path).
     pub ancestor: PathBuf,
-    /// The ancestor's format and disk type (`LayerInfo::disk_type`; empty when unknown,
-    /// and for `FinishedInterrupted`).
-    pub ancestor_format: Format,
+    /// The ancestor's format and disk type (`LayerInfo::disk_type`; empty when unknown).
+    /// None, and empty, for `FinishedInterrupted` (the chain is not opened).
+    pub ancestor_format: Option<Format>,
     pub ancestor_type: String,
     /// Bytes the merged layers hold (data or zeros), widened to the ancestor's write
     /// unit: what is copied into the ancestor, and in how many ranges.
@@ -604,7 +604,7 @@ pub fn merge(
                     outcome: MergeOutcome::FinishedInterrupted,
                     layers: rec.layers,
                     ancestor: rec.ancestor,
-                    ancestor_format: Format::Vhdx,
+                    ancestor_format: None,
                     ancestor_type: String::new(),
                     bytes: 0,
                     ranges: 0,
@@ -735,7 +735,7 @@ pub fn merge(
         outcome: MergeOutcome::DryRun,
         layers: run_paths.clone(),
         ancestor: anc_path.clone(),
-        ancestor_format: anc.format(),
+        ancestor_format: Some(anc.format()),
         ancestor_type: anc_type,
         bytes: total,
         ranges: ranges.len(),

@@ -90,7 +90,7 @@ fn dry_run_text(args: &MergeArgs, r: &MergeReport) -> String {
         "would merge {} layer(s) into {} ({} {}):\n",
         r.layers.len(),
         r.ancestor.display(),
-        r.ancestor_format.name(),
+        r.ancestor_format.map_or("", |f| f.name()),
         r.ancestor_type
     );
     for p in &r.layers {
