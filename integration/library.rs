@@ -600,3 +600,98 @@ fn set_parent_points_the_child_at_the_moved_parent() {
         assert_eq!(canonical(chain.layers[1].path()), canonical(&stranger));
     }
 }
+
+#[test]
+fn merge_into_an_ancestor_two_layers_down() {
+    if !require_tool("qemu-img") {
+        return;
+    }
+    for fmt in FORMATS {
+        let t = TempDir::new(&format!("lib-merge-into-{}", fmt.ext()));
+        let (base, mid) = base_and_child(&t, fmt, 13);
+        let top = t.join(format!("top.{}", fmt.ext()));
+        new_child(&top, &mid);
+        let mut rng = Rng::new(14);
+        write(
+            &top,
+            &[
+                (MIB + 512, random(&mut rng, 4096)),
+                (30 * MIB, random(&mut rng, 3 * MIB)),
+            ],
+        );
+        let want = read_all(&top);
+        let layers = vec![canonical(&top), canonical(&mid)];
+        let r = merge(
+            &MergeOptions {
+                child: top.clone(),
+                into: Some(base.clone()),
+                ..Default::default()
+            },
+            &(),
+            &not_cancelled(),
+        )
+        .unwrap();
+        assert_eq!(r.outcome, MergeOutcome::Merged);
+        assert_eq!(r.layers, layers, "{fmt:?}");
+        assert_eq!(r.ancestor, canonical(&base));
+        assert!(
+            !top.exists() && !mid.exists(),
+            "{fmt:?}: both merged layers deleted"
+        );
+        same(
+            &qemu_read(&t, fmt, &base),
+            &want,
+            &format!("{fmt:?}: qemu-img reads the base"),
+        );
+    }
+}
+
+/// A cancel flag already set: merge stops before its first change, compact before its
+/// first block; both leave the content as it was.
+#[test]
+fn a_cancel_before_the_start_changes_no_content() {
+    for fmt in FORMATS {
+        let t = TempDir::new(&format!("lib-cancel-{}", fmt.ext()));
+        let (base, child) = base_and_child(&t, fmt, 51);
+        let want = read_all(&child);
+        let (base_sha, child_sha) = (sha256_file(&base), sha256_file(&child));
+        let cancelled = AtomicBool::new(true);
+        let r = merge(
+            &MergeOptions {
+                child: child.clone(),
+                ..Default::default()
+            },
+            &(),
+            &cancelled,
+        )
+        .unwrap();
+        assert_eq!(r.outcome, MergeOutcome::Cancelled, "{fmt:?}");
+        assert_eq!(sha256_file(&base), base_sha, "{fmt:?}");
+        assert_eq!(sha256_file(&child), child_sha, "{fmt:?}");
+        // No merge record was left: the chain opens as before.
+        same(
+            &read_all(&child),
+            &want,
+            &format!("{fmt:?}: after the cancelled merge"),
+        );
+
+        let obs = Recorder::default();
+        let r = compact(
+            &CompactOptions {
+                image: child.clone(),
+                ..Default::default()
+            },
+            &obs,
+            &cancelled,
+        )
+        .unwrap();
+        assert!(r.interrupted, "{fmt:?}: {r:?}");
+        assert_eq!((r.zero_blocks, r.released, r.moved), (0, 0, 0), "{fmt:?}");
+        assert_eq!(obs.phases()[0].2, 0, "{fmt:?}: nothing scanned");
+        same(
+            &read_all(&child),
+            &want,
+            &format!("{fmt:?}: after the cancelled compact"),
+        );
+    }
+}
