@@ -1,4 +1,5 @@
-//! `compact`: give a dynamic or differencing file's unused space back, in place.
+//! `compact`: give a dynamic or differencing file's unused space back, in place
+//! ([`compact`], the library's verb; `commands/compact.rs` is the command line's adapter).
 //!
 //! Three phases, each crash-safe on its own (the formats' `Compact` implementations do
 //! the writing; this module decides what to do):
@@ -18,16 +19,17 @@
 //! Killed at any moment, the file is valid with unchanged content, and a rerun simply
 //! starts over: released blocks are not seen again, moved blocks are where they went.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::chain::{Chain, ChainOptions};
+use crate::chain::{Chain, ChainOptions, Intent};
 use crate::disk::{Disk, DiskOptions};
 use crate::error::{Error, Request, Result};
 use crate::image::vhdx::log::ReplayBudget;
 use crate::image::{detect_format, open_layer_within, vhd::Vhd, vhdx::Vhdx};
 use crate::layer::{Format, Layer};
+use crate::progress::Observer;
 
 /// The top file of a chain opened for `compact`, as its format (the chain holds it as a
 /// `Layer`).
@@ -83,7 +85,7 @@ pub fn open_top(image: &Path, opts: &ChainOptions) -> Result<(Chain, Top)> {
 
 /// `compact` of `chain`'s top file (`top`, from `open_top`): the merged views it needs
 /// are made here.
-pub fn compact_chain(chain: Chain, top: &Top, ctl: &Control) -> Result<Report> {
+pub fn compact_chain(chain: Chain, top: &Top, ctl: &Control) -> Result<CompactReport> {
     let no_cache = DiskOptions {
         cache_bytes: 0,
         ..Default::default()
@@ -99,7 +101,70 @@ pub fn compact_chain(chain: Chain, top: &Top, ctl: &Control) -> Result<Report> {
         )
     });
     let disk = Disk::new(chain, no_cache);
-    compact(top.compact(), &disk, parents.as_ref(), ctl)
+    compact_file(top.compact(), &disk, parents.as_ref(), ctl)
+}
+
+/// What [`compact`] is asked to do (`vdiskfs compact`'s arguments).
+#[derive(Debug, Clone, Default)]
+pub struct CompactOptions {
+    /// The image whose top file is compacted (a base or a child; parents are only read).
+    pub image: PathBuf,
+    /// How its chain is found; `intent` is compact's own (the top locked like a writable
+    /// mount; a dry run opens the chain as for a copy) and ignored.
+    pub chain: ChainOptions,
+    /// Only find out what would be freed; change nothing.
+    pub dry_run: bool,
+}
+
+/// Compact `opts.image`'s top file in place (`vdiskfs compact`): release its blocks that
+/// read as zeros, move blocks from the end into the holes, cut the file (each phase
+/// crash-safe, see the module). `progress` gets the phases `"compact: scan"` (bytes
+/// tested for zeros) and, unless a dry run, `"compact: move"` (bytes moved), and the
+/// chain's warnings; `cancel` stops between blocks, leaving a consistent file
+/// (`CompactReport::interrupted`).
+pub fn compact(
+    opts: &CompactOptions,
+    progress: &dyn Observer,
+    cancel: &AtomicBool,
+) -> Result<CompactReport> {
+    // A dry run writes nothing: the chain is opened as for a copy (shared locks that
+    // must be had, so nobody writes it meanwhile); a real run locks the top like a
+    // writable mount.
+    let intent = if opts.dry_run {
+        Intent::Copy
+    } else {
+        Intent::WriteTop
+    };
+    let (chain, top) = open_top(
+        &opts.image,
+        &ChainOptions {
+            intent,
+            ..opts.chain.clone()
+        },
+    )?;
+    for w in &chain.warnings {
+        progress.warning(w);
+    }
+    let info = chain.top().info()?;
+    progress.begin("compact: scan", info.allocated_blocks * info.block_size);
+    let ctl = Control {
+        dry_run: opts.dry_run,
+        cancel,
+        scanned: &|n| progress.advance(n),
+        moving: &|total| {
+            progress.end();
+            if !opts.dry_run && total > 0 {
+                progress.begin("compact: move", total);
+            }
+        },
+        moved: &|n| progress.advance(n),
+    };
+    let report = compact_chain(chain, &top, &ctl);
+    progress.end();
+    Ok(CompactReport {
+        allocated_blocks: info.allocated_blocks,
+        ..report?
+    })
 }
 
 /// A structure holding file space: an allocated block (payload or bitmap).
@@ -231,12 +296,17 @@ pub trait Compact {
 }
 
 /// What a compaction did (or, in a dry run, would do).
-#[derive(Debug, Clone, Default)]
-pub struct Report {
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    /// The file's length before, and after (dry run: what it would be).
     pub len_before: u64,
     pub len_after: u64,
+    /// Blocks the file held at the start, and how many of them read as zeros.
+    pub allocated_blocks: u64,
     pub zero_blocks: u64,
+    /// Zero blocks whose file space was (would be) released.
     pub released: u64,
+    /// Blocks (and bytes) moved toward the start of the file.
     pub moved: u64,
     pub moved_bytes: u64,
     /// Stopped by a signal before the end (what is done is durable).
@@ -290,14 +360,14 @@ fn range_is_zero(disk: &Disk, off: u64, len: u64, buf: &mut [u8]) -> Result<bool
 
 /// Compact `top`, the top file of `disk`'s chain; `parents` is the merged view of the
 /// chain below it (None for a base).
-pub fn compact(
+pub fn compact_file(
     top: &dyn Compact,
     disk: &Disk,
     parents: Option<&Disk>,
     ctl: &Control,
-) -> Result<Report> {
+) -> Result<CompactReport> {
     top.compactable()?;
-    let mut report = Report {
+    let mut report = CompactReport {
         len_before: top.file_len()?,
         ..Default::default()
     };
@@ -462,7 +532,7 @@ mod tests {
         v
     }
 
-    fn run(path: &Path) -> Result<Report> {
+    fn run(path: &Path) -> Result<CompactReport> {
         let (chain, top) = open_top(
             path,
             &ChainOptions {

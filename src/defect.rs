@@ -468,7 +468,9 @@ impl From<&str> for Feature {
 }
 
 /// A non-fatal finding of an open, kept in `LayerInfo::warnings` / `Chain::warnings`
-/// and logged (and `set-parent`'s `--ignore-id-mismatch`, logged). `Display` is the line `info` prints.
+/// and logged, or of a verb going on anyway (`merge --force`, `resize --force`,
+/// `set-parent --ignore-id-mismatch`), given to its `Observer`. `Display` is the line
+/// `info` prints.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Warning {
     /// One VHDX header copy is invalid (`copy` 1 at 64 KiB, 2 at 128 KiB); the other
@@ -523,6 +525,21 @@ pub enum Warning {
         id_name: &'static str,
         expected: Vec<Uuid>,
         id: Uuid,
+    },
+    /// `set-parent`: the VHD's dynamic disk header is torn (an earlier set-parent lost
+    /// power); the whole header is written again.
+    #[error("{}: the dynamic disk header's checksum does not match (power loss during an earlier set-parent leaves that; see docs/design.md): set-parent writes the whole header again", path.display())]
+    VhdHeaderRewritten { path: PathBuf },
+    /// `merge --force`: another disk depends on the ancestor or a merged layer.
+    #[error("{}: depends on {} and breaks with this merge (--force)", path.display(), parent.display())]
+    MergeBreaksDependent { path: PathBuf, parent: PathBuf },
+    /// `resize --force`: a shrink cuts a guest partition.
+    #[error("{}: guest partition {number} ends at byte {end}, past the new end {new} (--force)", path.display())]
+    ShrinkCutsPartition {
+        path: PathBuf,
+        number: u32,
+        end: u64,
+        new: u64,
     },
 }
 

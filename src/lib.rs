@@ -18,6 +18,15 @@
 //! - **Convert** the merged view into a new VHDX, VHD or raw file: [`convert`] with a
 //!   [`ConvertSpec`] (the file appears atomically, or not at all). [`azure_problems`]
 //!   lists what keeps Azure from taking a file ([`AzureProblem`]).
+//! - **Change images in place** (the verbs of the same names, each crash-safe, each one
+//!   function taking an options struct and returning a typed report of what it did, or
+//!   with `dry_run` would do): [`merge`] ([`MergeOptions`] → [`MergeReport`]: fold a
+//!   child and the layers above an ancestor into it), [`compact`] ([`CompactOptions`] →
+//!   [`CompactReport`]), [`resize`] ([`ResizeOptions`], [`NewSize`] →
+//!   [`ResizeReport`]), [`set_parent`] ([`SetParentOptions`] → [`SetParentReport`]).
+//!   Their `chain` field is a [`ChainOptions`] whose `intent` the verb sets itself. An
+//!   [`Observer`] (the progress handle; `&()` for none) hears of the phases of
+//!   byte-copying work and of warnings; `merge` and `compact` also take a cancel flag.
 //! - **Inside the guest**: [`guest::scan`] reads the partition table and probes file
 //!   systems through anything that implements [`guest::ReadAt`] (a [`Disk`] does).
 //! - **Errors**: [`Error`] and [`Result`]; damage and refusals are typed ([`Defect`],
@@ -47,6 +56,8 @@ pub(crate) mod layer;
 pub(crate) mod merge;
 pub(crate) mod paths;
 pub(crate) mod progress;
+pub(crate) mod resize;
+pub(crate) mod set_parent;
 pub(crate) mod sys;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -55,6 +66,7 @@ pub(crate) mod vfs;
 
 pub use chain::{Chain, ChainOptions, Intent, ParentFound, MAX_CHAIN_DEPTH};
 pub use commands::create::{create, CreateOptions};
+pub use compact::{compact, CompactOptions, CompactReport};
 pub use convert::{
     azure_problems, convert, ConvertReport, ConvertSpec, OutFormat, AZURE_MAX_SIZE, AZURE_MIN_SIZE,
 };
@@ -68,6 +80,10 @@ pub use disk::{Disk, DiskOptions};
 pub use error::{Error, Result};
 pub use image::open_layer;
 pub use layer::{Format, IfWritten, Layer, LayerInfo, OpenOptions, ParentRef, Run, WritableLayer};
+pub use merge::{merge, MergeDependent, MergeOptions, MergeOutcome, MergeReport};
+pub use progress::Observer;
+pub use resize::{resize, NewSize, ResizeOptions, ResizeReport};
+pub use set_parent::{set_parent, SetParentOptions, SetParentReport};
 
 /// The `vdiskfs` binary's `main` (the command line and the mount helper protocol).
 #[doc(hidden)]

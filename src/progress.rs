@@ -7,12 +7,80 @@
 //! A command makes one `Progress` with the total, calls `add` as bytes are done and
 //! `finish` at the end; if it returns early (an error), dropping the `Progress` leaves
 //! the bar where it stopped and the error line follows on a line of its own.
+//!
+//! The library's long verbs (`merge`, `compact`, `resize`, `set_parent`) report through
+//! an [`Observer`] instead (phases of bytes, warnings); `Bars` is the command line's
+//! observer, one `Progress` per phase.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
+
+use crate::defect::Warning;
+
+/// The progress handle of the library's verbs that take one (`merge`, `compact`,
+/// `resize`, `set_parent`): told of each phase of byte-copying work as it starts, of the
+/// bytes done, of its end, and of warnings as they arise (the work goes on). Every method
+/// does nothing by default; `&()` observes nothing.
+pub trait Observer: Sync {
+    /// A phase of `total` bytes starts (`"merge"`, `"compact: scan"`, `"compact: move"`).
+    fn begin(&self, _phase: &'static str, _total: u64) {}
+    /// `bytes` more of the current phase are done.
+    fn advance(&self, _bytes: u64) {}
+    /// The current phase is over (done, interrupted or failed).
+    fn end(&self) {}
+    /// Something the caller should know about what the verb goes on to do.
+    fn warning(&self, _warning: &Warning) {}
+}
+
+impl Observer for () {}
+
+/// The command line's observer: a `Progress` bar per phase, drawn per `mode`, and
+/// warnings handed to `warn` (each command prints them its way).
+pub struct Bars<'a> {
+    mode: Mode,
+    bar: Mutex<Option<Progress>>,
+    warn: &'a (dyn Fn(&Warning) + Sync),
+}
+
+impl<'a> Bars<'a> {
+    pub fn new(mode: Mode, warn: &'a (dyn Fn(&Warning) + Sync)) -> Bars<'a> {
+        Bars {
+            mode,
+            bar: Mutex::new(None),
+            warn,
+        }
+    }
+
+    fn bar(&self) -> std::sync::MutexGuard<'_, Option<Progress>> {
+        self.bar.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Observer for Bars<'_> {
+    fn begin(&self, phase: &'static str, total: u64) {
+        let mut bar = self.bar();
+        if let Some(p) = bar.take() {
+            p.finish();
+        }
+        *bar = Some(Progress::bytes(total, phase, self.mode));
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(p) = &*self.bar() {
+            p.add(bytes);
+        }
+    }
+    fn end(&self) {
+        if let Some(p) = self.bar().take() {
+            p.finish();
+        }
+    }
+    fn warning(&self, warning: &Warning) {
+        (self.warn)(warning)
+    }
+}
 
 /// When to show progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,61 +1,34 @@
-//! `vdiskfs compact`: policy only (locks, signals, progress, the report); the work is in
-//! `crate::compact` and the formats' `Compact` implementations.
+//! `vdiskfs compact`: the command line's adapter over `crate::compact::compact` (the
+//! policy and the work are there): options, signals, progress bars, the report.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::chain::Intent;
 use crate::cli::CompactArgs;
 use crate::commands::info::short_size;
-use crate::compact::{compact_chain, open_top, Control};
+use crate::compact::{compact, CompactOptions};
 use crate::error::{Error, Result};
-use crate::progress::{Mode, Progress};
+use crate::progress::{Bars, Mode};
 
 pub fn run(args: &CompactArgs) -> Result<i32> {
-    // A dry run writes nothing: the chain is opened as for a copy (shared locks that
-    // must be had, so nobody writes it meanwhile); a real run locks the top like a
-    // writable mount.
-    let intent = if args.dry_run {
-        Intent::Copy
-    } else {
-        Intent::WriteTop
+    let opts = CompactOptions {
+        image: args.image.clone(),
+        chain: args.chain.options(Intent::WriteTop),
+        dry_run: args.dry_run,
     };
-    let (chain, top) = open_top(&args.image, &args.chain.options(intent))?;
-    for w in &chain.warnings {
-        log::warn!("{w}");
-    }
-    let info = chain.top().info()?;
-    let scan_total = info.allocated_blocks * info.block_size;
     let cancel = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, cancel.clone())
             .map_err(|e| Error::file(&args.image, "install a signal handler", e))?;
     }
-    let mode = Mode::from_flags(args.progress.quiet, args.progress.progress);
-    let scan = Progress::bytes(scan_total, "compact: scan", mode);
-    let mover: Mutex<Option<Progress>> = Mutex::new(None);
-    let ctl = Control {
-        dry_run: args.dry_run,
-        cancel: &cancel,
-        scanned: &|n| scan.add(n),
-        moving: &|total| {
-            scan.finish();
-            if !args.dry_run && total > 0 {
-                *mover.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(Progress::bytes(total, "compact: move", mode));
-            }
-        },
-        moved: &|n| {
-            if let Some(p) = &*mover.lock().unwrap_or_else(|e| e.into_inner()) {
-                p.add(n)
-            }
-        },
-    };
-    let report = compact_chain(chain, &top, &ctl);
-    if let Some(p) = mover.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        p.finish();
-    }
-    let report = report?;
+    let warn = |w: &crate::defect::Warning| log::warn!("{w}");
+    let bars = Bars::new(
+        Mode::from_flags(args.progress.quiet, args.progress.progress),
+        &warn,
+    );
+    let report = compact(&opts, &bars, &cancel)?;
+    drop(bars);
     let path = args.image.display();
     let size = |n: u64| format!("{} ({n} bytes)", short_size(n));
     if args.dry_run {
@@ -65,7 +38,7 @@ pub fn run(args: &CompactArgs) -> Result<i32> {
             size(report.len_before),
             size(report.len_after),
             report.zero_blocks,
-            info.allocated_blocks,
+            report.allocated_blocks,
             report.released,
             report.moved
         );

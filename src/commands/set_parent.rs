@@ -1,134 +1,32 @@
-//! `vdiskfs set-parent CHILD NEW_PARENT`: make a differencing disk point at its parent's
-//! new place (Hyper-V's `Set-VHD -ParentPath`).
-//!
-//! Policy only: NEW_PARENT's chain is opened read-only with the locks of a child to be
-//! made over it (`Intent::CreateChild`: it must not be changing, and cannot start to
-//! until we are done; the chain options apply to it); CHILD alone is opened writable
-//! (`Intent::Rewrite(1)`: an exclusive lock, so nobody has it or a child of it open)
-//! without looking for its old parent. Identity first (format, sector size, size, the
-//! parent id CHILD records), then the format writes the locator `create` would write
-//! (`vhdx::create::parent_locator`, `vhd::create::ParentRecord`), crash-safe
-//! (`vhdx::set_parent`, `vhd::set_parent`).
+//! `vdiskfs set-parent CHILD NEW_PARENT`: the command line's adapter over
+//! `crate::set_parent::set_parent` (the policy and the checks are there): the old and
+//! the new locator entries as text.
 
-use std::path::Path;
-
-use uuid::Uuid;
-
-use super::create::open_parent_chain;
-use crate::chain::{file_id, Intent};
+use crate::chain::Intent;
 use crate::cli::SetParentArgs;
-use crate::error::{Defect, Error, Request, Result, VhdDefect, Warning};
-use crate::image::vhd::create::ParentRecord;
-use crate::image::vhd::Vhd;
-use crate::image::vhdx::Vhdx;
-use crate::image::{detect_format, vhdx};
-use crate::layer::{Format, Layer, OpenOptions};
+use crate::error::Result;
+use crate::progress::{Bars, Mode};
+use crate::set_parent::{set_parent, SetParentOptions};
 
 pub fn run(args: &SetParentArgs) -> Result<i32> {
-    let child = args.child.as_path();
-    let format = detect_format(child)?;
-    let parent_format = detect_format(&args.new_parent)?;
-    let name = |f: Option<Format>| f.map(Format::name).unwrap_or("neither VHDX nor VHD");
-    match (format, parent_format) {
-        (Some(Format::Vhdx), Some(Format::Vhdx)) => set_vhdx(args),
-        (Some(Format::Vhd), Some(Format::Vhd)) => set_vhd(args),
-        (Some(c @ (Format::Vhdx | Format::Vhd)), p) => Err(Error::Request(Request::FormatMix {
-            child: child.to_path_buf(),
-            child_format: c.name(),
-            parent: args.new_parent.clone(),
-            parent_format: name(p),
-        })),
-        (f, _) => Err(Error::Request(Request::SetParentFormat {
-            child: child.to_path_buf(),
-            format: name(f),
-        })),
-    }
-}
-
-/// How CHILD is opened: writable with an exclusive lock, or (`--dry-run`) read-only.
-fn child_options(args: &SetParentArgs) -> OpenOptions {
-    if args.dry_run {
-        Intent::Inspect.open_options(0)
+    let opts = SetParentOptions {
+        child: args.child.clone(),
+        new_parent: args.new_parent.clone(),
+        chain: args.chain.options(Intent::CreateChild),
+        ignore_id_mismatch: args.ignore_id_mismatch,
+        dry_run: args.dry_run,
+    };
+    let warn = |w: &crate::defect::Warning| log::warn!("{w}");
+    let r = set_parent(&opts, &Bars::new(Mode::Never, &warn))?;
+    let child = args.child.display();
+    print_entries(&format!("{child}: old parent locator"), &r.old_locator);
+    let title = if args.dry_run {
+        format!("{child}: new parent locator (--dry-run: not written)")
     } else {
-        Intent::Rewrite(1).open_options(0)
-    }
-}
-
-/// Refuse a NEW_PARENT whose chain holds CHILD (or is CHILD).
-fn refuse_cycle(child: &Path, parent: &Path, chain: &crate::chain::Chain) -> Result<()> {
-    let id = file_id(child)?;
-    for l in &chain.layers {
-        if file_id(l.path())? == id {
-            return Err(Error::Request(Request::ParentIsChild {
-                child: child.to_path_buf(),
-                parent: parent.to_path_buf(),
-                same: l.path().to_path_buf(),
-            }));
-        }
-    }
-    Ok(())
-}
-
-/// The identity check: sector size, size, and the parent id CHILD records. Returns
-/// whether the id matched (false: accepted with `--ignore-id-mismatch`, after a warning
-/// when `warn`).
-fn check_identity(
-    args: &SetParentArgs,
-    child: &dyn Layer,
-    parent: &dyn Layer,
-    warn: bool,
-) -> Result<bool> {
-    let Some(pref) = child.parent() else {
-        return Err(Error::Request(Request::NotDifferencing {
-            child: child.path().to_path_buf(),
-        }));
+        format!("{child}: new parent locator")
     };
-    if child.logical_sector_size() != parent.logical_sector_size() {
-        return Err(Error::Request(Request::SectorSize {
-            child: child.path().to_path_buf(),
-            child_size: child.logical_sector_size(),
-            parent: args.new_parent.clone(),
-            parent_size: parent.logical_sector_size(),
-        }));
-    }
-    if parent.virtual_size() > child.virtual_size() {
-        return Err(Error::Request(Request::ParentLarger {
-            child: child.path().to_path_buf(),
-            child_size: child.virtual_size(),
-            parent: args.new_parent.clone(),
-            parent_size: parent.virtual_size(),
-        }));
-    }
-    let id = parent.linkage_id().unwrap_or_else(Uuid::nil);
-    if pref.linkage.contains(&id) {
-        return Ok(true);
-    }
-    let expected = pref.linkage.clone();
-    let id_name = match parent.format() {
-        Format::Vhdx => "DataWriteGuid",
-        _ => "unique id",
-    };
-    if !args.ignore_id_mismatch {
-        return Err(Error::Request(Request::ParentIdMismatch {
-            child: child.path().to_path_buf(),
-            parent: args.new_parent.clone(),
-            id_name,
-            expected,
-            id,
-        }));
-    }
-    if !warn {
-        return Ok(false);
-    }
-    let w = Warning::IdMismatchIgnored {
-        child: child.path().to_path_buf(),
-        parent: args.new_parent.clone(),
-        id_name,
-        expected,
-        id,
-    };
-    log::warn!("{w}");
-    Ok(false)
+    print_entries(&title, &r.new_locator);
+    Ok(0)
 }
 
 fn print_entries(what: &str, entries: &[(String, String)]) {
@@ -136,99 +34,4 @@ fn print_entries(what: &str, entries: &[(String, String)]) {
     for (k, v) in entries {
         println!("  {k}: {v}");
     }
-}
-
-fn report(args: &SetParentArgs, old: &[(String, String)], new: &[(String, String)]) {
-    let child = args.child.display();
-    print_entries(&format!("{child}: old parent locator"), old);
-    let title = if args.dry_run {
-        format!("{child}: new parent locator (--dry-run: not written)")
-    } else {
-        format!("{child}: new parent locator")
-    };
-    print_entries(&title, new);
-}
-
-fn set_vhdx(args: &SetParentArgs) -> Result<i32> {
-    let opts = args.chain.options(Intent::CreateChild);
-    let (parent, parent_chain) = open_parent_chain(&args.new_parent, Vhdx::open, &opts)?;
-    refuse_cycle(&args.child, &args.new_parent, &parent_chain)?;
-    // Checked on a read-only open first, so a refusal changes no byte (a writable open
-    // replays a pending log), and again on the file as opened for writing.
-    check_identity(
-        args,
-        &Vhdx::open(&args.child, Intent::Inspect.open_options(0))?,
-        parent.as_ref(),
-        true,
-    )?;
-    let child = Vhdx::open(&args.child, child_options(args))?;
-    check_identity(args, &child, parent.as_ref(), false)?;
-    let new = vhdx::create::parent_locator(&args.child, &parent)?;
-    let old = child.metadata().parent_locator.clone();
-    if !args.dry_run {
-        child.set_parent_locator(&new)?;
-    }
-    report(args, &old, &new);
-    drop(parent_chain);
-    Ok(0)
-}
-
-/// A writable open refused only because the dynamic header's checksum does not match.
-fn is_torn_header(e: &Error) -> bool {
-    matches!(
-        e.defect(),
-        Some(Defect::Vhd(VhdDefect::ChecksumWritable {
-            structure: "dynamic disk header"
-        }))
-    )
-}
-
-fn set_vhd(args: &SetParentArgs) -> Result<i32> {
-    let opts = args.chain.options(Intent::CreateChild);
-    let (parent, parent_chain) = open_parent_chain(&args.new_parent, Vhd::open, &opts)?;
-    refuse_cycle(&args.child, &args.new_parent, &parent_chain)?;
-    check_identity(
-        args,
-        &Vhd::open(&args.child, Intent::Inspect.open_options(0))?,
-        parent.as_ref(),
-        true,
-    )?;
-    let child = match Vhd::open(&args.child, child_options(args)) {
-        Err(e) if is_torn_header(&e) => {
-            log::warn!(
-                "{}: the dynamic disk header's checksum does not match (power loss during an earlier set-parent leaves that; see docs/design.md): set-parent writes the whole header again",
-                args.child.display()
-            );
-            Vhd::open_rewriting_header(&args.child, child_options(args))?
-        }
-        r => r?,
-    };
-    let matched = check_identity(args, &child, parent.as_ref(), false)?;
-    let record = ParentRecord::new(&args.child, &parent)?;
-    let identity = (!matched).then(|| (parent.footer().unique_id, parent.footer().time_stamp));
-    let old = child.parent_record_entries();
-    let mut new: Vec<(String, String)> = vec![
-        ("W2ru".into(), record.relative.clone()),
-        ("W2ku".into(), record.absolute.clone()),
-        ("parent_unicode_name".into(), record.unicode_name.clone()),
-    ];
-    match identity {
-        Some((id, ts)) => {
-            new.push(("parent_unique_id".into(), Uuid::from_bytes(id).to_string()));
-            new.push(("parent_time_stamp".into(), ts.to_string()));
-        }
-        None => new.extend(
-            old.iter()
-                .filter(|(k, _)| k == "parent_unique_id" || k == "parent_time_stamp")
-                .cloned(),
-        ),
-    }
-    if !args.dry_run {
-        child.set_parent_locator(&record, identity)?;
-        // Closed (flushed, nothing reserved left over) before the report.
-        drop(child);
-    }
-    report(args, &old, &new);
-    drop(parent_chain);
-    Ok(0)
 }

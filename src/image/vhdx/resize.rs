@@ -10,7 +10,7 @@
 //!
 //! BAT indices do not depend on the size (payload index = b + b / chunk_ratio, sector
 //! bitmap entries after every chunk_ratio payload entries), so existing entries keep
-//! their places; only the count changes. The caller (`commands::resize`) has checked
+//! their places; only the count changes. The caller (`crate::resize`) has checked
 //! that nothing past the new end holds data when shrinking, and that no parent holds
 //! data in the new space when growing a differencing disk.
 
