@@ -1,14 +1,11 @@
 //! `vdiskfs compact`: the command line's adapter over `crate::compact::compact` (the
 //! policy and the work are there): options, signals, progress bars, the report.
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-
 use crate::chain::Intent;
 use crate::cli::CompactArgs;
 use crate::commands::info::short_size;
 use crate::compact::{compact, CompactOptions};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::progress::{Bars, Mode};
 
 pub fn run(args: &CompactArgs) -> Result<i32> {
@@ -17,11 +14,7 @@ pub fn run(args: &CompactArgs) -> Result<i32> {
         chain: args.chain.options(Intent::WriteTop),
         dry_run: args.dry_run,
     };
-    let cancel = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, cancel.clone())
-            .map_err(|e| Error::file(&args.image, "install a signal handler", e))?;
-    }
+    let cancel = super::cancel_on_signals(&args.image)?;
     let warn = |w: &crate::defect::Warning| log::warn!("{w}");
     let bars = Bars::new(
         Mode::from_flags(args.progress.quiet, args.progress.progress),

@@ -2,7 +2,6 @@
 //! disk.
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::chain::{Chain, Intent};
@@ -118,11 +117,7 @@ pub fn run(args: &ConvertArgs) -> Result<i32> {
     // Ctrl-C and SIGTERM stop the copy between blocks; the temporary file is removed
     // and OUTPUT never appears. (SIGKILL leaves the temporary file; the next run
     // removes it.)
-    let cancel = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, cancel.clone())
-            .map_err(|e| Error::file(&args.output, "install a signal handler", e))?;
-    }
+    let cancel = super::cancel_on_signals(&args.output)?;
     let total = source_data_bytes(&disk)?;
     let progress = crate::progress::Progress::bytes(
         total,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::chain::Intent;
 use crate::cli::MergeArgs;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::merge::{merge, MergeOptions, MergeOutcome, MergeReport};
 use crate::progress::{Bars, Mode};
 
@@ -23,13 +23,11 @@ pub fn run(args: &MergeArgs) -> Result<i32> {
     };
     // Ctrl-C and SIGTERM stop the copy between pieces (the records stay; the same
     // command finishes the merge).
-    let cancel = Arc::new(AtomicBool::new(false));
-    if !args.dry_run {
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register(sig, cancel.clone())
-                .map_err(|e| Error::file(&args.child, "install a signal handler", e))?;
-        }
-    }
+    let cancel = if args.dry_run {
+        Arc::new(AtomicBool::new(false))
+    } else {
+        super::cancel_on_signals(&args.child)?
+    };
     let warn = |w: &crate::defect::Warning| log::warn!("{w}");
     let bars = Bars::new(
         Mode::from_flags(args.progress.quiet, args.progress.progress),

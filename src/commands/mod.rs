@@ -13,8 +13,23 @@ pub mod mount_helper;
 pub mod resize;
 pub mod set_parent;
 
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use crate::cli::{Cli, Command};
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// A flag that SIGINT and SIGTERM set (the long verbs stop between pieces when it is);
+/// `path` names the file an error installing the handlers is reported against.
+fn cancel_on_signals(path: &Path) -> Result<Arc<AtomicBool>> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, cancel.clone())
+            .map_err(|e| Error::file(path, "install a signal handler", e))?;
+    }
+    Ok(cancel)
+}
 
 /// Run a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> Result<i32> {
