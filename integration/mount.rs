@@ -203,17 +203,14 @@ impl Drop for Loop {
     }
 }
 
-/// A guest file system mount, lazily unmounted on drop.
+/// A guest file system mount, unmounted on drop: `umount` retried while busy (another
+/// test thread's fork may hold a descriptor into it until it execs), lazily as the last
+/// resort (`common::umount_guest`).
 struct GuestMount(PathBuf);
 
 impl Drop for GuestMount {
     fn drop(&mut self) {
-        if mount_count(&self.0) > 0 {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-        if mount_count(&self.0) > 0 {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
+        common::umount_guest(&self.0);
     }
 }
 
@@ -391,7 +388,7 @@ fn ext4_guest(fmt: &str) {
     }
     assert_eq!(mount_count(&guest), 0);
 
-    run(Command::new(BIN).arg("umount").arg(&mnt));
+    common::vdiskfs_umount(&mnt);
     assert_eq!(mount_count(&mnt), 0, "still mounted after vdiskfs umount");
     drop(m);
 }
@@ -448,7 +445,7 @@ fn ntfs_guest_in_vhdx() {
         sh("ntfs-3g", &[&"-o", &"ro", &lo.0, &guest]);
         check_tree(&guest, &files);
     }
-    run(Command::new(BIN).arg("umount").arg(&mnt));
+    common::vdiskfs_umount(&mnt);
     assert_eq!(mount_count(&mnt), 0);
 }
 
@@ -538,7 +535,7 @@ fn gpt_disk_with_two_partitions() {
             }
         }
     }
-    run(Command::new(BIN).arg("umount").arg(&mnt));
+    common::vdiskfs_umount(&mnt);
     assert_eq!(mount_count(&mnt), 0);
     drop(m);
 }
@@ -718,7 +715,7 @@ fn writable_mount_modes_and_refusals() {
     // Contents unchanged.
     let got = fs::read(&disk).unwrap();
     assert!(got[..data.len()] == data[..]);
-    run(Command::new(BIN).arg("umount").arg(&mnt));
+    common::vdiskfs_umount(&mnt);
     assert_eq!(mount_count(&mnt), 0);
 }
 
@@ -756,7 +753,7 @@ fn chain_fixture_vhd() {
     parallel_odd_reads(&disk, &want);
     let stats = fs::read_to_string(m.file(".stats")).unwrap();
     assert!(stats.contains("layer1_bytes"), ".stats of a chain: {stats}");
-    run(Command::new(BIN).arg("umount").arg(&mnt));
+    common::vdiskfs_umount(&mnt);
     assert_eq!(mount_count(&mnt), 0);
 }
 
@@ -792,9 +789,9 @@ fn chain_write_and_read(ext: &str, qemu_fmt: &str) {
             fs::write(guest.join("new.bin"), &new_file).unwrap();
             fs::write(guest.join("hello.txt"), b"changed\n").unwrap();
             fs::remove_file(guest.join("docs/readme.md")).unwrap();
-            sh("umount", &[&guest]);
+            assert!(common::umount_guest(&guest), "umount {}", guest.display());
         }
-        run(Command::new(BIN).arg("umount").arg(&mnt));
+        common::vdiskfs_umount(&mnt);
         drop(m);
     }
     assert_eq!(mount_count(&mnt), 0);
@@ -817,7 +814,7 @@ fn chain_write_and_read(ext: &str, qemu_fmt: &str) {
         rest.remove(Path::new("docs/readme.md"));
         check_tree(&guest, &rest);
     }
-    run(Command::new(BIN).arg("umount").arg(&mnt));
+    common::vdiskfs_umount(&mnt);
     assert_eq!(mount_count(&mnt), 0);
     drop(m);
 }
@@ -891,7 +888,7 @@ fn odd_writes_match_a_model() {
         let stats = fs::read_to_string(m.file(".stats")).unwrap();
         assert!(!stats.contains("written_bytes 0\n"), "{stats}");
         drop(f);
-        run(Command::new(BIN).arg("umount").arg(&mnt));
+        common::vdiskfs_umount(&mnt);
     }
     assert_eq!(mount_count(&mnt), 0);
     let got = vdiskfs_cat(&child, &t.join("cat.raw"));
@@ -936,7 +933,7 @@ fn truncated_backing_file_gives_eio() {
     }
     assert!(saw_eio, "no read failed although half the image is gone");
     drop(f);
-    run(Command::new(BIN).arg("umount").arg(&mnt));
+    common::vdiskfs_umount(&mnt);
     drop(m);
     let log = fs::read_to_string(&log).unwrap_or_default();
     assert!(
@@ -1071,7 +1068,7 @@ fn log_file_is_opened_before_detaching() {
         &["-r", "-v", "--log-file", good.to_str().unwrap()],
     );
     // `vdiskfs umount` waits for the daemon to finish (and log its last line).
-    run(Command::new(BIN).arg("umount").arg(&mnt));
+    common::vdiskfs_umount(&mnt);
     drop(m);
     let log = fs::read_to_string(&good).unwrap();
     assert!(log.contains("unmounted"), "daemon log: {log}");
@@ -1183,14 +1180,9 @@ fn transports_uring_and_classic() {
     }
 }
 
-/// `vdiskfs umount MNT` (it must succeed), then qemu-img's view of `image` must be `data`.
+/// `vdiskfs umount MNT` (it must succeed; retried while busy), then qemu-img's view of `image` must be `data`.
 fn umount_then_judge(m: FuseMount, mnt: &Path, image: &Path, t: &TempDir, data: &[u8]) {
-    let out = Command::new(BIN).arg("umount").arg(mnt).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::vdiskfs_umount(mnt);
     drop(m);
     assert_eq!(
         qemu_raw(image, &t.join("after.raw")),
@@ -1230,6 +1222,9 @@ fn direct_io_reads_and_writes_bypass_the_page_cache() {
             n <= 16,
             "the default mount sent {n} requests for 64 cached reads"
         );
+        // `vdiskfs umount` waits for this read-only daemon to let go of the image: the
+        // writable mounts below need its lock (a lazy unmount on drop does not wait).
+        common::vdiskfs_umount(&mnt);
     }
     for flag in [&["--direct-io"][..], &["-o", "direct_io"][..]] {
         let m = mount(&image, &mnt, flag);
