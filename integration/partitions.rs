@@ -92,6 +92,9 @@ fn ntfs_image(d: &TempDir, name: &str, size: u64, label: &str, files: &[(&str, &
             std::fs::write(dir.join(f), data).unwrap();
         }
         drop(m);
+        // ntfs-3g finishes the volume (and closes the image) after the unmount returns:
+        // copy the image only once it has let go.
+        wait_until_closed(&img);
     }
     img
 }
@@ -454,14 +457,15 @@ fn write_through_partition(m: &Path, p: &serde_json::Value) {
     );
     // ... and so, once the invalidation has reached the kernel, does the descriptor
     // that had the old bytes cached.
+    // (The daemon's notifier thread sends it; on a loaded machine that can take a while:
+    // a generous deadline, not a count of tries.)
     let mut now = vec![0u8; 4096];
-    let mut tries = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         raw.read_exact_at(&mut now, start + size - 8192).unwrap();
-        if now == pattern || tries == 500 {
+        if now == pattern || std::time::Instant::now() > deadline {
             break;
         }
-        tries += 1;
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     assert!(now == pattern, "{name}: an open disk.raw kept stale pages");
