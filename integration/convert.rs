@@ -1592,9 +1592,12 @@ fn progress_flags() {
 struct ShmDir(PathBuf);
 
 impl ShmDir {
+    /// In /dev/shm when it has room for the big sources (two tests at a time, each with
+    /// a 256 MiB source and outputs: about 1.5 GiB; /dev/shm is half the memory by
+    /// default, so a small machine has less), else in the temporary directory.
     fn new(tag: &str) -> ShmDir {
         let base = Path::new("/dev/shm");
-        let root = if base.is_dir() {
+        let root = if base.is_dir() && free_bytes(base) >= 3 << 30 {
             base.to_path_buf()
         } else {
             std::env::temp_dir()
@@ -1606,6 +1609,20 @@ impl ShmDir {
     }
     fn join(&self, n: &str) -> PathBuf {
         self.0.join(n)
+    }
+}
+
+/// Bytes free for files on the file system holding `dir` (0 when `stat -f` fails).
+fn free_bytes(dir: &Path) -> u64 {
+    let o = run(Command::new("stat").args(["-f", "-c", "%a %S"]).arg(dir));
+    let v: Vec<u64> = o
+        .stdout_str()
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    match v[..] {
+        [blocks, size] if o.success() => blocks * size,
+        _ => 0,
     }
 }
 
