@@ -162,7 +162,7 @@ fn mount_helper_protocol() {
             .write(true)
             .open(mnt.join("disk.raw"));
         assert!(w.is_err(), "a ro mount must refuse writing");
-        vdiskfs([OsStr::new("umount"), mnt.as_os_str()]).assert_success();
+        vdiskfs_umount(&mnt);
     }
 
     // mount(8)'s external-helper form, by the program's name: mount.vdiskfs SPEC DIR
@@ -192,7 +192,7 @@ fn mount_helper_protocol() {
         f.write_all_at(&patch, 3 << 20).unwrap();
         f.sync_all().unwrap();
         drop(f);
-        vdiskfs([OsStr::new("umount"), mnt.as_os_str()]).assert_success();
+        vdiskfs_umount(&mnt);
     }
     // The write went into the child; the base did not change.
     patch_file(&c.raw, 3 << 20, &patch);
@@ -328,7 +328,11 @@ fn mount_8_and_fstab() {
         ]);
         o.assert_success();
         assert_vdiskfs_mount(&mnt, "disk.raw", &c.child, &c.raw, true);
-        run_ok(Command::new("umount").arg(&mnt));
+        assert!(
+            umount_retrying(&mnt),
+            "umount {} kept failing",
+            mnt.display()
+        );
         assert!(!is_mounted(&mnt), "umount {fstype}");
     }
 
@@ -356,7 +360,11 @@ fn mount_8_and_fstab() {
             1,
             "mount -a must not mount the entry again"
         );
-        run_ok(Command::new("umount").arg(&mnt));
+        assert!(
+            umount_retrying(&mnt),
+            "umount {} kept failing",
+            mnt.display()
+        );
         assert!(!is_mounted(&mnt));
     }
 }
@@ -663,7 +671,11 @@ fn debian_package() {
                 .arg(&mnt),
         );
         assert_vdiskfs_mount(&mnt, "disk.raw", &img, &raw, true);
-        run_ok(system_cmd("umount").arg(&mnt));
+        assert!(
+            umount_retrying(&mnt),
+            "umount {} kept failing",
+            mnt.display()
+        );
     }
 
     run_ok(Command::new("dpkg").args(["-r", "vdiskfs"]));

@@ -432,7 +432,7 @@ fn write_through_mount(d: &TempDir, img: &Path, writes: &[(u64, usize)], model: 
     }
     f.sync_all().unwrap();
     drop(f);
-    vdiskfs(["umount".to_string(), m.dir().display().to_string()]).assert_success();
+    vdiskfs_umount(m.dir());
     drop(m);
 }
 

@@ -182,7 +182,15 @@ fn fstrim_case(fmt: Fmt, child: bool) {
         let m = vdiskfs_mount(&base, &mnt, false);
         let mut lp = Loop::attach(&mnt.join("disk.raw"), false);
         lp.assert_discards();
-        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&lp.dev));
+        // Inode tables zeroed by mkfs, not by the kernel's ext4lazyinit thread at a
+        // random moment (0 to 5 s) after a read-write mount: that thread's zeroing would
+        // otherwise land, or not, between the allocation measurements around fstrim
+        // (in the child, its zeros over the parent's data take space).
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-E", "lazy_itable_init=0"])
+                .arg(&lp.dev),
+        );
         lp.mount(&guest, false);
         sums.push((
             "keep1.bin",

@@ -322,6 +322,10 @@ fn small_chain(t: &TempDir) -> (PathBuf, PathBuf, PathBuf) {
     (base, a, b)
 }
 
+/// What "did not hang" means for a command that takes milliseconds: generous, so that a
+/// loaded machine (the tests run in parallel with others) cannot reach it by itself.
+const NO_HANG: Duration = Duration::from_secs(60);
+
 #[test]
 fn parent_locators_pointing_at_each_other_are_a_clear_error() {
     let t = TempDir::new("hostile-cycle");
@@ -337,7 +341,8 @@ fn parent_locators_pointing_at_each_other_are_a_clear_error() {
     let started = Instant::now();
     let e = err(&[&"info", &"--ignore-linkage", &a]);
     assert!(e.contains("parent cycle"), "{e}");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    // Not a hang (it would never end): a bound a loaded machine cannot reach by itself.
+    assert!(started.elapsed() < NO_HANG);
 }
 
 #[test]
@@ -354,7 +359,7 @@ fn fifo_and_device_parents_are_refused_without_blocking() {
         e.contains("FIFO") && e.contains("--allow-device-parent"),
         "{e}"
     );
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(started.elapsed() < NO_HANG);
     // A character device (through a symlink): refused the same way.
     fs::remove_file(&base).unwrap();
     std::os::unix::fs::symlink("/dev/zero", &base).unwrap();

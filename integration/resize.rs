@@ -116,7 +116,7 @@ fn write_through_mount(d: &TempDir, img: &Path, model: &Path, writes: &[(u64, u6
     }
     f.sync_all().unwrap();
     drop(f);
-    vd(&[OsStr::new("umount"), mnt.as_os_str()]).assert_success();
+    vdiskfs_umount(&mnt);
 }
 
 /// A base of `size` bytes of random data, as `kind` ("fixed"/"dynamic") `ext`, made by
@@ -448,7 +448,7 @@ fn grown_gpt_partition_extended_with_sgdisk_and_resize2fs() {
                 .args(["-w", "-R"])
                 .arg(format!("write {} payload", payload.display()))
                 .arg(mnt.join("p1")));
-            vd(&[OsStr::new("umount"), mnt.as_os_str()]).assert_success();
+            vdiskfs_umount(&mnt);
         }
         resize(&img, "+40M", &[]).assert_success();
         check_clean(&img);
@@ -504,7 +504,7 @@ fn grown_gpt_partition_extended_with_sgdisk_and_resize2fs() {
                 .arg(format!("dump payload {}", out.display()))
                 .arg(&p1));
             assert_same_file(&out, &payload, "the file written before the resize");
-            vd(&[OsStr::new("umount"), mnt.as_os_str()]).assert_success();
+            vdiskfs_umount(&mnt);
         }
         check_clean(&img);
     }
@@ -669,7 +669,7 @@ fn shrinking_a_gpt_disk_moves_its_backup_table() {
                 .args(["-w", "-R"])
                 .arg(format!("write {} payload", payload.display()))
                 .arg(mnt.join("p1")));
-            vd(&[OsStr::new("umount"), mnt.as_os_str()]).assert_success();
+            vdiskfs_umount(&mnt);
         }
         let img = if child {
             let c = d.join("c.vhdx");

@@ -66,7 +66,7 @@ fn write_through_mount(
     }
     f.sync_all().unwrap();
     drop(f);
-    vdiskfs(["umount", &s(m.dir())]).assert_success();
+    vdiskfs_umount(m.dir());
     drop(m);
     done
 }

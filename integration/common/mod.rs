@@ -821,11 +821,18 @@ pub fn fuse_unmount(dir: &Path) -> bool {
     !is_mounted(dir)
 }
 
-/// `PROGRAM ARGS DIR` until `dir` is no longer a mount point, for up to 5 s (a mount is
-/// busy while another test thread's fork holds a descriptor into it, until that child
-/// execs). True when it was unmounted.
+/// How long an unmount is retried while the mount is busy. Generous on purpose: a mount
+/// is busy while another test thread's fork holds a descriptor into it (until that child
+/// execs), while a loop device or a guest's FUSE daemon lets go of a file in it, and
+/// while the kernel finishes a RELEASE; on a loaded machine each of these can take
+/// seconds. Retrying costs nothing when the first attempt works.
+pub const UNMOUNT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// `PROGRAM ARGS DIR` until `dir` is no longer a mount point, for up to
+/// `UNMOUNT_PATIENCE`. True when it was unmounted.
 fn unmount_retrying(dir: &Path, program: &str, args: &[&str]) -> bool {
-    for _ in 0..50 {
+    let deadline = Instant::now() + UNMOUNT_PATIENCE;
+    loop {
         if !is_mounted(dir) {
             return true;
         }
@@ -839,9 +846,71 @@ fn unmount_retrying(dir: &Path, program: &str, args: &[&str]) -> bool {
         if !is_mounted(dir) {
             return true;
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    false
+}
+
+/// `umount DIR` (the kernel's unmount, for any file system, FUSE ones included), retried
+/// while busy for up to `UNMOUNT_PATIENCE`; never lazy. True when it was unmounted. For
+/// tests that assert an unmount works.
+pub fn umount_retrying(dir: &Path) -> bool {
+    unmount_retrying(dir, "umount", &[])
+}
+
+/// The processes that have `path`, or anything below it, open (a descriptor, their
+/// current or root directory), as "PID (COMM): WHAT" lines, from /proc. For messages
+/// and for waiting until a daemon has let go of a file.
+pub fn processes_using(path: &Path) -> Vec<String> {
+    let path = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let dir = e.path();
+        let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let mut links: Vec<PathBuf> = vec![dir.join("cwd"), dir.join("root")];
+        if let Ok(fds) = fs::read_dir(dir.join("fd")) {
+            links.extend(fds.flatten().map(|f| f.path()));
+        }
+        for l in links {
+            if let Ok(target) = fs::read_link(&l) {
+                if target.starts_with(&path) {
+                    out.push(format!(
+                        "{pid} ({}): {} -> {}",
+                        comm.trim(),
+                        l.display(),
+                        target.display()
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Wait until no process has `path` open (`processes_using`), for up to 60 s; panics
+/// naming the holders otherwise. A FUSE daemon (ntfs-3g, vhdimount) keeps writing and
+/// holding its file for a while after `fusermount3 -u` returns: only the daemon's end
+/// says the file is complete.
+pub fn wait_until_closed(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let holders = processes_using(path);
+        if holders.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} is still open 60 s later:\n{}",
+            path.display(),
+            holders.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A FUSE mount made by some tool, unmounted when dropped (even when the test fails).
@@ -1021,18 +1090,16 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
 
 /// Unmount a kernel file system (a guest on a loop device): `umount`, retried while busy
 /// (another test thread's fork can hold a copy of a descriptor into the guest until it
-/// execs), then, naming the holders (`fuser -vm`) on stderr, a lazy `umount -l` as the
-/// last resort. Returns true when it was unmounted without the lazy fallback.
+/// execs), then, naming the holders (`processes_using`) on stderr, a lazy `umount -l` as
+/// the last resort. Returns true when it was unmounted without the lazy fallback.
 pub fn umount_guest(dir: &Path) -> bool {
-    if unmount_retrying(dir, "umount", &[]) {
+    if umount_retrying(dir) {
         return true;
     }
-    let holders = run(Command::new("fuser").arg("-vm").arg(dir));
     eprintln!(
-        "{} stayed busy for 5 s; holders:\n{}{}",
+        "{} stayed busy for {UNMOUNT_PATIENCE:?}; holders:\n{}",
         dir.display(),
-        holders.stdout_str(),
-        holders.stderr
+        processes_using(dir).join("\n")
     );
     let _ = Command::new("umount").arg("-l").arg(dir).status();
     false
@@ -1181,7 +1248,8 @@ impl Daemon {
     pub fn stop(mut self) {
         let mut child = self.child.take().unwrap();
         let mut ok = false;
-        for _ in 0..50 {
+        let deadline = Instant::now() + UNMOUNT_PATIENCE;
+        while Instant::now() < deadline {
             if vdiskfs([OsStr::new("umount"), self.mnt.as_os_str()]).success() {
                 ok = true;
                 break;
@@ -1271,10 +1339,16 @@ impl Loop {
         self.guest = Some(guest.to_path_buf());
     }
 
-    /// Unmount the guest and detach, asserting both work.
+    /// Unmount the guest (retried while busy: `umount_guest`) and detach, asserting both
+    /// work.
     pub fn finish(mut self) {
         if let Some(g) = self.guest.take() {
-            run_ok(Command::new("umount").arg(&g));
+            assert!(
+                umount_guest(&g),
+                "umount {} ({}) kept failing: busy",
+                g.display(),
+                self.dev
+            );
         }
         let mut ok = false;
         for _ in 0..50 {
@@ -1371,20 +1445,25 @@ pub fn check_ok_ctx(img: &Path, ctx: &str) {
     );
 }
 
-/// `vdiskfs umount MNT`, retried while busy (a detached loop device lets go of
-/// `disk.raw` asynchronously); fails the test when it keeps failing.
+/// `vdiskfs umount MNT`, retried while busy for up to `UNMOUNT_PATIENCE` (a detached
+/// loop device, or a guest's FUSE daemon such as ntfs-3g, lets go of `disk.raw`
+/// asynchronously); fails the test when it keeps failing.
 pub fn vdiskfs_umount(mnt: &Path) {
-    let mut last = None;
-    for _ in 0..50 {
+    let deadline = Instant::now() + UNMOUNT_PATIENCE;
+    loop {
         let o = vdiskfs([OsStr::new("umount"), mnt.as_os_str()]);
         if o.success() {
-            last = None;
-            break;
+            return;
         }
-        last = Some(o.stderr);
+        assert!(
+            Instant::now() < deadline,
+            "vdiskfs umount {} kept failing: {}\nholders:\n{}",
+            mnt.display(),
+            o.stderr,
+            processes_using(mnt).join("\n")
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(last.is_none(), "vdiskfs umount failed: {last:?}");
 }
 
 /// `e2fsck -fn` (a forced read-only check) finds the ext4 file system on `dev` (a device

@@ -673,7 +673,15 @@ fn vhdimount_read(image: &Path, t: &TmpDir) -> Vec<u8> {
         .last()
         .unwrap_or(1);
     let data = std::fs::read(mnt.join(format!("vhdi{top}")));
-    let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+    // Retried while busy (another test thread's fork may hold a copy of the descriptor
+    // until it execs), so that no mount is left behind.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while crate::test_support::is_mounted(&mnt) && std::time::Instant::now() < deadline {
+        let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+        if crate::test_support::is_mounted(&mnt) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
     data.unwrap()
 }
 
