@@ -577,14 +577,22 @@ pub fn umount(args: &UmountArgs) -> Result<i32> {
             if let Some(pid) = pid {
                 // Running = /proc/PID/stat exists and its state is not Z (a zombie has
                 // finished; its parent just has not reaped it yet).
+                // A zombie leader is finished only once its other threads are gone too:
+                // until the last of them exits, they share (and keep open) the descriptor
+                // table, the image and its lock included (seen under load with the
+                // io_uring transport's many threads).
                 let running = || {
-                    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                        .map(|s| {
-                            s.rsplit_once(')')
-                                .and_then(|(_, rest)| rest.trim_start().chars().next())
-                                .is_some_and(|c| c != 'Z')
-                        })
-                        .unwrap_or(false)
+                    let zombie = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                        Ok(s) => s
+                            .rsplit_once(')')
+                            .and_then(|(_, rest)| rest.trim_start().chars().next())
+                            .is_some_and(|c| c == 'Z'),
+                        Err(_) => return false,
+                    };
+                    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+                        .map(|d| d.count())
+                        .unwrap_or(0);
+                    !zombie || threads > 1
                 };
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
                 while running() && std::time::Instant::now() < deadline {
